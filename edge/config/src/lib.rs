@@ -1,0 +1,532 @@
+//! Typed configuration of the DAI edge daemon.
+//!
+//! The source of truth is `configs/performance_config.yaml`, embedded here as
+//! [`DEFAULT_CONFIG_YAML`]: every knob of the performance guide plus the
+//! daemon's own settings, each documented in that file with its default.
+//!
+//! Loading happens in two steps, once, before anything binds or loads:
+//! 1. *parse*: YAML -> [`Config`] with `deny_unknown_fields`; the error names
+//!    the key path (via `serde_path_to_error`) and what was expected;
+//! 2. *validate*: ranges and cross-field rules, [`ConfigError::Invalid`]
+//!    names the key, the value and what is allowed.
+//!
+//! Environment overrides ([`ENV_OVERRIDES`]) are merged into the YAML tree
+//! before step 1, so they are validated by exactly the same code.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The embedded default configuration (the documented file itself).
+pub const DEFAULT_CONFIG_YAML: &str = include_str!("../../../configs/performance_config.yaml");
+
+/// Environment variable -> key path overrides, applied on top of the file.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("DAI_LISTEN_ADDR", "daemon.listen_addr"),
+    ("DAI_DATA_DIR", "daemon.data_dir"),
+    ("DAI_MODELS_DIR", "daemon.models_dir"),
+    ("DAI_GPU_ENABLED", "gpu_enabled"),
+    ("DAI_CPU_LIMIT", "cpu_limit"),
+    ("DAI_MEMORY_LIMIT_MB", "memory_limit_mb"),
+    ("DAI_MAX_PARALLEL_AGENTS", "max_parallel_agents"),
+    ("DAI_BATCH_SIZE", "batch_size"),
+    ("DAI_NUM_EPOCHS", "num_epochs"),
+    ("DAI_LOAD_BALANCING_STRATEGY", "load_balancing_strategy"),
+    ("DAI_CACHING_ENABLED", "caching_enabled"),
+    ("DAI_CACHE_SIZE_MB", "cache_size_mb"),
+    ("DAI_CACHE_EVICTION_POLICY", "cache_eviction_policy"),
+    ("DAI_PROFILING_ENABLED", "profiling_enabled"),
+    ("DAI_LATENCY_THRESHOLD_MS", "latency_threshold_ms"),
+    ("DAI_THROUGHPUT_TARGET_RPS", "throughput_target_rps"),
+];
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// YAML syntax, unknown key, or a value of the wrong type / enum variant.
+    #[error("{origin}: key `{key}`: {message}")]
+    Parse {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    /// Well-formed but out of range or inconsistent.
+    #[error("{origin}: key `{key}` = {value}: {allowed}")]
+    Invalid {
+        origin: String,
+        key: String,
+        value: String,
+        allowed: String,
+    },
+}
+
+impl ConfigError {
+    /// The offending key path (e.g. `daemon.listen_addr`), when there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Io { .. } => None,
+            ConfigError::Parse { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
+        }
+    }
+}
+
+/// Request dispatch across inference workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancingStrategy {
+    RoundRobin,
+    LeastConnections,
+    IpHash,
+}
+
+impl LoadBalancingStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round_robin",
+            Self::LeastConnections => "least_connections",
+            Self::IpHash => "ip_hash",
+        }
+    }
+}
+
+/// Which cache entry is evicted first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EvictionPolicy {
+    #[serde(rename = "LRU", alias = "lru")]
+    Lru,
+    #[serde(rename = "LFU", alias = "lfu")]
+    Lfu,
+    #[serde(rename = "FIFO", alias = "fifo")]
+    Fifo,
+}
+
+impl EvictionPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lru => "LRU",
+            Self::Lfu => "LFU",
+            Self::Fifo => "FIFO",
+        }
+    }
+}
+
+/// The daemon's configuration; field docs live in the YAML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Train on a wgpu adapter when one exists.
+    pub gpu_enabled: bool,
+    /// Fraction of adapter memory the trainer may allocate, (0, 1].
+    pub gpu_memory_allocation: f64,
+    /// CPU cores the daemon may use.
+    pub cpu_limit: f64,
+    /// Memory budget for loaded models, MiB.
+    pub memory_limit_mb: u64,
+    /// Upper bound of inference workers.
+    pub max_parallel_agents: usize,
+    /// Largest inference batch and the training mini-batch.
+    pub batch_size: usize,
+    /// Training epochs per run.
+    pub num_epochs: u32,
+    /// Dispatch of requests to workers.
+    pub load_balancing_strategy: LoadBalancingStrategy,
+    /// Whether inference results are cached.
+    pub caching_enabled: bool,
+    /// Result cache budget, MiB.
+    pub cache_size_mb: u64,
+    /// Result cache eviction policy.
+    pub cache_eviction_policy: EvictionPolicy,
+    /// Network connection timeout, seconds.
+    pub connection_timeout_sec: u64,
+    /// Retry backoff base, seconds.
+    pub retry_delay_sec: u64,
+    /// Sample per-stage timings periodically.
+    pub profiling_enabled: bool,
+    /// Profiling sample period, seconds.
+    pub profiling_interval_sec: u64,
+    /// p95 latency alert threshold, milliseconds.
+    pub latency_threshold_ms: f64,
+    /// Expected sustained request rate, requests per second.
+    pub throughput_target_rps: f64,
+    /// The daemon's own settings.
+    pub daemon: DaemonConfig,
+}
+
+// The values of configs/performance_config.yaml; a unit test keeps the two equal.
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            gpu_enabled: false,
+            gpu_memory_allocation: 0.5,
+            cpu_limit: 2.0,
+            memory_limit_mb: 1024,
+            max_parallel_agents: 2,
+            batch_size: 8,
+            num_epochs: 5,
+            load_balancing_strategy: LoadBalancingStrategy::RoundRobin,
+            caching_enabled: true,
+            cache_size_mb: 64,
+            cache_eviction_policy: EvictionPolicy::Lru,
+            connection_timeout_sec: 10,
+            retry_delay_sec: 2,
+            profiling_enabled: true,
+            profiling_interval_sec: 5,
+            latency_threshold_ms: 100.0,
+            throughput_target_rps: 50.0,
+            daemon: DaemonConfig::default(),
+        }
+    }
+}
+
+/// Settings of the daemon process itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// HTTP API and status page address.
+    pub listen_addr: SocketAddr,
+    /// Directory for the SQLite store and runtime state.
+    pub data_dir: PathBuf,
+    /// Directory of model bundles.
+    pub models_dir: PathBuf,
+    /// Bundles to load (directory names); empty loads all.
+    pub models: Vec<String>,
+    /// Fetch missing model files from their pinned source at start.
+    pub fetch_missing_models: bool,
+    /// Longest wait for a batch to fill, milliseconds.
+    pub max_batch_wait_ms: u64,
+    /// Queued requests per worker before 503.
+    pub queue_capacity: usize,
+    /// Largest request body, MiB.
+    pub max_body_mb: u64,
+    /// Bundle change check period (hot reload), seconds; 0 disables.
+    pub hot_reload_interval_sec: u64,
+    /// Resource manager sampling period, seconds.
+    pub resource_interval_sec: u64,
+    /// Metrics snapshot period, seconds.
+    pub snapshot_interval_sec: u64,
+    /// Grace period for in-flight requests at shutdown, seconds.
+    pub shutdown_grace_sec: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            models_dir: PathBuf::from("models/zoo"),
+            models: Vec::new(),
+            fetch_missing_models: true,
+            max_batch_wait_ms: 2,
+            queue_capacity: 64,
+            max_body_mb: 16,
+            hot_reload_interval_sec: 2,
+            resource_interval_sec: 2,
+            snapshot_interval_sec: 60,
+            shutdown_grace_sec: 10,
+        }
+    }
+}
+
+impl Config {
+    /// Parse and validate YAML text; `origin` names the source in errors.
+    pub fn from_yaml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Self::load(text, origin, &[])
+    }
+
+    /// Read, parse and validate a file, without environment overrides.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = read(path)?;
+        Self::from_yaml_str(&text, &path.display().to_string())
+    }
+
+    /// The configuration the daemon runs with: `path` (or the embedded
+    /// default) plus the `DAI_*` environment overrides.
+    pub fn load_with_env(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (read(p)?, p.display().to_string()),
+            None => (DEFAULT_CONFIG_YAML.to_string(), "embedded default config".into()),
+        };
+        let env: Vec<(String, String)> = ENV_OVERRIDES
+            .iter()
+            .filter_map(|(var, _)| std::env::var(var).ok().map(|v| (var.to_string(), v)))
+            .collect();
+        Self::load(&text, &origin, &env)
+    }
+
+    /// Parse `text`, apply `(ENV_VAR, value)` overrides, validate.
+    pub fn load(text: &str, origin: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut tree: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+                origin: origin.to_string(),
+                key: ".".into(),
+                message: e.to_string(),
+            })?;
+        // A file of comments only is an empty mapping: all defaults.
+        if tree.is_null() {
+            tree = serde_yaml_ng::Value::Mapping(Default::default());
+        }
+        let mut overridden = Vec::new();
+        for (var, value) in env {
+            let Some((_, key)) = ENV_OVERRIDES.iter().find(|(v, _)| v == var) else {
+                continue;
+            };
+            set_path(&mut tree, key, yaml_scalar(value)).map_err(|message| ConfigError::Parse {
+                origin: origin.to_string(),
+                key: key.to_string(),
+                message,
+            })?;
+            overridden.push(format!("{var}={value}"));
+        }
+        let origin = if overridden.is_empty() {
+            origin.to_string()
+        } else {
+            format!("{origin} + environment ({})", overridden.join(", "))
+        };
+        let config: Config =
+            serde_path_to_error::deserialize(tree).map_err(|e| parse_error(&origin, e))?;
+        validate(&config, &origin)?;
+        Ok(config)
+    }
+
+    /// Worker threads the daemon may run for inference: bounded by
+    /// `max_parallel_agents`, `cpu_limit` and the cores the machine has.
+    pub fn worker_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let by_cpu = (self.cpu_limit.floor() as usize).max(1);
+        self.max_parallel_agents.min(by_cpu).min(cores.max(1))
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_error<E: std::fmt::Display>(origin: &str, e: serde_path_to_error::Error<E>) -> ConfigError {
+    let key = e.path().to_string();
+    ConfigError::Parse {
+        origin: origin.to_string(),
+        key: if key.is_empty() { ".".into() } else { key },
+        message: e.inner().to_string(),
+    }
+}
+
+/// An environment value is a YAML scalar: `true`, `4`, `0.5`, `LRU`.
+fn yaml_scalar(value: &str) -> serde_yaml_ng::Value {
+    match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(value) {
+        Ok(v @ (serde_yaml_ng::Value::Bool(_) | serde_yaml_ng::Value::Number(_))) => v,
+        _ => serde_yaml_ng::Value::String(value.to_string()),
+    }
+}
+
+fn set_path(
+    tree: &mut serde_yaml_ng::Value,
+    path: &str,
+    value: serde_yaml_ng::Value,
+) -> Result<(), String> {
+    let mut node = tree;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let map = node
+            .as_mapping_mut()
+            .ok_or_else(|| format!("expected a mapping above `{part}`"))?;
+        let key = serde_yaml_ng::Value::String(part.to_string());
+        if i + 1 == parts.len() {
+            map.insert(key, value);
+            return Ok(());
+        }
+        node = map
+            .entry(key)
+            .or_insert_with(|| serde_yaml_ng::Value::Mapping(Default::default()));
+    }
+    Ok(())
+}
+
+fn validate(c: &Config, origin: &str) -> Result<(), ConfigError> {
+    let bad = |key: &str, value: String, allowed: &str| ConfigError::Invalid {
+        origin: origin.to_string(),
+        key: key.to_string(),
+        value,
+        allowed: allowed.to_string(),
+    };
+    let finite_pos = |x: f64| x.is_finite() && x > 0.0;
+    if !(finite_pos(c.gpu_memory_allocation) && c.gpu_memory_allocation <= 1.0) {
+        return Err(bad(
+            "gpu_memory_allocation",
+            c.gpu_memory_allocation.to_string(),
+            "expected a fraction in (0, 1]",
+        ));
+    }
+    if !(finite_pos(c.cpu_limit) && c.cpu_limit <= 1024.0) {
+        return Err(bad(
+            "cpu_limit",
+            c.cpu_limit.to_string(),
+            "expected CPU cores in (0, 1024]",
+        ));
+    }
+    if !(16..=16_777_216).contains(&c.memory_limit_mb) {
+        return Err(bad(
+            "memory_limit_mb",
+            c.memory_limit_mb.to_string(),
+            "expected MiB in 16..=16777216",
+        ));
+    }
+    if !(1..=64).contains(&c.max_parallel_agents) {
+        return Err(bad(
+            "max_parallel_agents",
+            c.max_parallel_agents.to_string(),
+            "expected workers in 1..=64",
+        ));
+    }
+    if !(1..=1024).contains(&c.batch_size) {
+        return Err(bad(
+            "batch_size",
+            c.batch_size.to_string(),
+            "expected 1..=1024",
+        ));
+    }
+    if !(1..=10_000).contains(&c.num_epochs) {
+        return Err(bad(
+            "num_epochs",
+            c.num_epochs.to_string(),
+            "expected 1..=10000",
+        ));
+    }
+    if c.cache_size_mb > 65_536 {
+        return Err(bad(
+            "cache_size_mb",
+            c.cache_size_mb.to_string(),
+            "expected MiB in 0..=65536",
+        ));
+    }
+    if !(1..=3600).contains(&c.connection_timeout_sec) {
+        return Err(bad(
+            "connection_timeout_sec",
+            c.connection_timeout_sec.to_string(),
+            "expected seconds in 1..=3600",
+        ));
+    }
+    if c.retry_delay_sec > 3600 {
+        return Err(bad(
+            "retry_delay_sec",
+            c.retry_delay_sec.to_string(),
+            "expected seconds in 0..=3600",
+        ));
+    }
+    if !(1..=86_400).contains(&c.profiling_interval_sec) {
+        return Err(bad(
+            "profiling_interval_sec",
+            c.profiling_interval_sec.to_string(),
+            "expected seconds in 1..=86400",
+        ));
+    }
+    if !finite_pos(c.latency_threshold_ms) {
+        return Err(bad(
+            "latency_threshold_ms",
+            c.latency_threshold_ms.to_string(),
+            "expected milliseconds > 0",
+        ));
+    }
+    if !finite_pos(c.throughput_target_rps) {
+        return Err(bad(
+            "throughput_target_rps",
+            c.throughput_target_rps.to_string(),
+            "expected requests per second > 0",
+        ));
+    }
+    let d = &c.daemon;
+    if d.data_dir.as_os_str().is_empty() {
+        return Err(bad("daemon.data_dir", "\"\"".into(), "expected a directory path"));
+    }
+    if d.models_dir.as_os_str().is_empty() {
+        return Err(bad("daemon.models_dir", "\"\"".into(), "expected a directory path"));
+    }
+    for name in &d.models {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(bad(
+                "daemon.models",
+                format!("{name:?}"),
+                "expected bundle directory names inside models_dir",
+            ));
+        }
+    }
+    if d.max_batch_wait_ms > 1000 {
+        return Err(bad(
+            "daemon.max_batch_wait_ms",
+            d.max_batch_wait_ms.to_string(),
+            "expected milliseconds in 0..=1000",
+        ));
+    }
+    if !(1..=100_000).contains(&d.queue_capacity) {
+        return Err(bad(
+            "daemon.queue_capacity",
+            d.queue_capacity.to_string(),
+            "expected 1..=100000",
+        ));
+    }
+    if !(1..=1024).contains(&d.max_body_mb) {
+        return Err(bad(
+            "daemon.max_body_mb",
+            d.max_body_mb.to_string(),
+            "expected MiB in 1..=1024",
+        ));
+    }
+    if d.hot_reload_interval_sec > 86_400 {
+        return Err(bad(
+            "daemon.hot_reload_interval_sec",
+            d.hot_reload_interval_sec.to_string(),
+            "expected seconds in 0..=86400 (0 disables)",
+        ));
+    }
+    for (key, v) in [
+        ("daemon.resource_interval_sec", d.resource_interval_sec),
+        ("daemon.snapshot_interval_sec", d.snapshot_interval_sec),
+    ] {
+        if !(1..=86_400).contains(&v) {
+            return Err(bad(key, v.to_string(), "expected seconds in 1..=86400"));
+        }
+    }
+    if d.shutdown_grace_sec > 3600 {
+        return Err(bad(
+            "daemon.shutdown_grace_sec",
+            d.shutdown_grace_sec.to_string(),
+            "expected seconds in 0..=3600",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_complete() {
+        let c = Config::from_yaml_str(DEFAULT_CONFIG_YAML, "default").expect("valid default");
+        assert_eq!(c, Config::default());
+        // Every key of the struct is written in the documented file.
+        let tree: serde_yaml_ng::Value = serde_yaml_ng::from_str(DEFAULT_CONFIG_YAML).expect("yaml");
+        let written = serde_yaml_ng::to_value(&c).expect("to value");
+        for (k, v) in written.as_mapping().expect("map") {
+            assert!(tree.get(k).is_some(), "key {k:?} missing from the default file");
+            if let Some(inner) = v.as_mapping() {
+                for (k2, _) in inner {
+                    assert!(tree[k].get(k2).is_some(), "key {k2:?} missing under {k:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        assert_eq!(Config::from_yaml_str("", "t").expect("ok"), Config::default());
+    }
+}

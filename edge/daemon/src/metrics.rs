@@ -1,0 +1,343 @@
+//! Prometheus metrics and the rolling per-model figures of the status page.
+//!
+//! Two views of the same events: [`Metrics`] holds the Prometheus families
+//! (`/metrics`, scraped), [`ModelStats`] keeps a short window of recent
+//! latencies per model for live percentiles and throughput (status page,
+//! resource manager, alerts).
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelOutcome {
+    pub model: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelStage {
+    pub model: String,
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelVersion {
+    pub model: String,
+    pub version: String,
+    pub state: String,
+}
+
+type FGauge = Gauge<f64, AtomicU64>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~3.3 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 17))
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0])
+}
+
+/// The Prometheus families.
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<ModelOutcome, Counter>,
+    pub request_duration: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    pub stage_duration: Family<ModelStage, Histogram, fn() -> Histogram>,
+    pub batch_rows: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_evictions: Counter,
+    pub cache_bytes: Gauge,
+    pub cache_entries: Gauge,
+    pub queue_depth: Gauge,
+    pub queue_capacity: Gauge,
+    pub active_workers: Gauge,
+    pub max_workers: Gauge,
+    pub batch_size: Gauge,
+    pub cpu_percent: FGauge,
+    pub process_cpu_percent: FGauge,
+    pub memory_used_bytes: Gauge,
+    pub memory_total_bytes: Gauge,
+    pub rss_bytes: Gauge,
+    pub model_info: Family<ModelVersion, Gauge>,
+    pub profile_stage_seconds: Family<ModelStage, FGauge>,
+    pub latency_p95_seconds: Family<ModelLabel, FGauge>,
+    pub overloaded: Counter,
+    /// Evictions already copied from the cache's own counter.
+    pub evictions_seen: Mutex<u64>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("dai_edge");
+        let requests = Family::<ModelOutcome, Counter>::default();
+        registry.register(
+            "requests",
+            "Inference requests by model and outcome (ok, cached, bad_request, unknown_model, unavailable, overloaded, error)",
+            requests.clone(),
+        );
+        let request_duration = Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "End-to-end inference latency inside the daemon (body received to answer encoded)",
+            request_duration.clone(),
+        );
+        let stage_duration = Family::<ModelStage, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register(
+            "stage_duration_seconds",
+            "Per-stage latency (preprocess, queue, infer, postprocess); recorded when profiling_enabled",
+            stage_duration.clone(),
+        );
+        let batch_rows = Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(batch_histogram);
+        registry.register(
+            "batch_rows",
+            "Rows in the batch each request ran in (dynamic batching)",
+            batch_rows.clone(),
+        );
+        let m = Metrics {
+            requests,
+            request_duration,
+            stage_duration,
+            batch_rows,
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_evictions: Counter::default(),
+            cache_bytes: Gauge::default(),
+            cache_entries: Gauge::default(),
+            queue_depth: Gauge::default(),
+            queue_capacity: Gauge::default(),
+            active_workers: Gauge::default(),
+            max_workers: Gauge::default(),
+            batch_size: Gauge::default(),
+            cpu_percent: FGauge::default(),
+            process_cpu_percent: FGauge::default(),
+            memory_used_bytes: Gauge::default(),
+            memory_total_bytes: Gauge::default(),
+            rss_bytes: Gauge::default(),
+            model_info: Family::default(),
+            profile_stage_seconds: Family::default(),
+            latency_p95_seconds: Family::default(),
+            overloaded: Counter::default(),
+            evictions_seen: Mutex::new(0),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("cache_hits", "Result cache hits", m.cache_hits.clone());
+        r.register("cache_misses", "Result cache misses", m.cache_misses.clone());
+        r.register("cache_evictions", "Result cache evictions", m.cache_evictions.clone());
+        r.register("cache_used_bytes", "Bytes held by the result cache", m.cache_bytes.clone());
+        r.register("cache_entries", "Entries in the result cache", m.cache_entries.clone());
+        r.register("queue_depth", "Requests queued or running on inference workers", m.queue_depth.clone());
+        r.register("queue_capacity", "Total queue capacity of the inference workers", m.queue_capacity.clone());
+        r.register("active_workers", "Inference workers currently receiving requests", m.active_workers.clone());
+        r.register("max_workers", "Inference worker threads started", m.max_workers.clone());
+        r.register("batch_size_current", "Largest batch the resource manager currently allows", m.batch_size.clone());
+        r.register("cpu_usage_percent", "Whole-system CPU use, percent of all cores", m.cpu_percent.clone());
+        r.register("process_cpu_usage_percent", "This daemon's CPU use, percent of one core", m.process_cpu_percent.clone());
+        r.register("memory_used_bytes", "System memory in use", m.memory_used_bytes.clone());
+        r.register("memory_total_bytes", "System memory", m.memory_total_bytes.clone());
+        r.register("process_resident_memory_bytes", "This daemon's resident set size", m.rss_bytes.clone());
+        r.register("model_info", "Models in the registry (1 per name, version, state)", m.model_info.clone());
+        r.register(
+            "profile_stage_seconds",
+            "Mean stage time over the last profiling interval (profiling_enabled)",
+            m.profile_stage_seconds.clone(),
+        );
+        r.register(
+            "latency_p95_seconds",
+            "p95 end-to-end latency over the recent window",
+            m.latency_p95_seconds.clone(),
+        );
+        r.register("overloaded", "Requests refused with 503 because a queue was full", m.overloaded.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Percentiles {
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+const WINDOW: Duration = Duration::from_secs(60);
+const WINDOW_MAX: usize = 4096;
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Per-stage accumulator for profiling samples.
+#[derive(Debug, Default, Clone)]
+struct StageAcc {
+    sum: BTreeMap<&'static str, f64>,
+    count: u64,
+}
+
+#[derive(Debug, Default)]
+struct One {
+    requests: u64,
+    errors: u64,
+    recent: VecDeque<(Instant, f64)>,
+    stages: StageAcc,
+    stage_last_ms: BTreeMap<&'static str, f64>,
+}
+
+/// Rolling per-model figures.
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    inner: Mutex<HashMap<String, One>>,
+}
+
+/// A snapshot for the status page.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ModelFigures {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency_ms: Percentiles,
+    pub throughput_rps: f64,
+    pub stages_ms: BTreeMap<&'static str, f64>,
+}
+
+impl ModelStats {
+    pub fn record_ok(&self, model: &str, total: Duration, stages: &[(&'static str, Duration)]) {
+        let now = Instant::now();
+        let mut map = self.inner.lock();
+        let one = map.entry(model.to_string()).or_default();
+        one.requests += 1;
+        one.recent.push_back((now, total.as_secs_f64() * 1e3));
+        while one.recent.len() > WINDOW_MAX || one.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > WINDOW) {
+            one.recent.pop_front();
+        }
+        for (stage, d) in stages {
+            *one.stages.sum.entry(stage).or_default() += d.as_secs_f64() * 1e3;
+        }
+        one.stages.count += 1;
+    }
+
+    pub fn record_error(&self, model: &str) {
+        let mut map = self.inner.lock();
+        let one = map.entry(model.to_string()).or_default();
+        one.requests += 1;
+        one.errors += 1;
+    }
+
+    /// Mean stage times since the last call, per model (profiling sample).
+    pub fn take_stage_sample(&self) -> BTreeMap<String, BTreeMap<&'static str, f64>> {
+        let mut map = self.inner.lock();
+        let mut out = BTreeMap::new();
+        for (name, one) in map.iter_mut() {
+            let acc = std::mem::take(&mut one.stages);
+            if acc.count == 0 {
+                continue;
+            }
+            let means: BTreeMap<&'static str, f64> =
+                acc.sum.iter().map(|(k, v)| (*k, v / acc.count as f64)).collect();
+            one.stage_last_ms = means.clone();
+            out.insert(name.clone(), means);
+        }
+        out
+    }
+
+    pub fn figures(&self, model: &str) -> ModelFigures {
+        let now = Instant::now();
+        let map = self.inner.lock();
+        let Some(one) = map.get(model) else {
+            return ModelFigures::default();
+        };
+        let recent: Vec<f64> = one
+            .recent
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= WINDOW)
+            .map(|(_, v)| *v)
+            .collect();
+        let in_rate = one.recent.iter().filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW).count();
+        ModelFigures {
+            requests: one.requests,
+            errors: one.errors,
+            latency_ms: percentiles(recent),
+            throughput_rps: in_rate as f64 / RATE_WINDOW.as_secs_f64(),
+            stages_ms: one.stage_last_ms.clone(),
+        }
+    }
+
+    /// p95 over all models' recent requests, milliseconds.
+    pub fn overall_p95(&self) -> Option<f64> {
+        let now = Instant::now();
+        let map = self.inner.lock();
+        let all: Vec<f64> = map
+            .values()
+            .flat_map(|o| o.recent.iter())
+            .filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW)
+            .map(|(_, v)| *v)
+            .collect();
+        percentiles(all).p95
+    }
+
+    pub fn overall_rps(&self) -> f64 {
+        let now = Instant::now();
+        let map = self.inner.lock();
+        let n = map
+            .values()
+            .flat_map(|o| o.recent.iter())
+            .filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW)
+            .count();
+        n as f64 / RATE_WINDOW.as_secs_f64()
+    }
+}
+
+/// Nearest-rank percentiles.
+pub fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    if v.is_empty() {
+        return Percentiles::default();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| {
+        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        Some(v[rank - 1])
+    };
+    Percentiles {
+        p50: at(0.50),
+        p95: at(0.95),
+        p99: at(0.99),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let p = percentiles((1..=100).map(f64::from).collect());
+        assert_eq!((p.p50, p.p95, p.p99), (Some(50.0), Some(95.0), Some(99.0)));
+        assert!(percentiles(vec![]).p50.is_none());
+    }
+}

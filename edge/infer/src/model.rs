@@ -1,0 +1,348 @@
+//! A bundle loaded into tract: parsed once, optimised per batch size.
+//!
+//! The ONNX graph is parsed at load ([`LoadedModel::load`]), its outputs cut
+//! down to the ones the manifest names, and a plan for one request's shape
+//! is optimised eagerly (so a model that tract cannot run is refused at load,
+//! not at the first request). Batching models get further plans for batch
+//! sizes rounded up to a power of two, built on first use and kept; rows
+//! that do not fill a plan are zero-padded and dropped from the answer.
+
+use crate::bundle::{Bundle, Preprocess, TensorSpec};
+use crate::tensor::{DType, Data, TensorData};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// Why a model cannot be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{model}: tract cannot load {path}: {message}")]
+    Load {
+        model: String,
+        path: String,
+        message: String,
+    },
+    #[error("{model}: needs about {needed_mb} MiB but only {available_mb} MiB of memory_limit_mb={limit_mb} is left")]
+    OverMemory {
+        model: String,
+        needed_mb: u64,
+        available_mb: u64,
+        limit_mb: u64,
+    },
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{model}: inference failed: {message}")]
+    Run { model: String, message: String },
+}
+
+/// A model ready to run.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub bundle: Bundle,
+    /// Manifest input spec index -> position in tract's input list.
+    input_order: Vec<usize>,
+    graph: InferenceModel,
+    plans: Mutex<HashMap<usize, Plan>>,
+    /// Estimated resident size (bytes) used against memory_limit_mb.
+    pub estimated_bytes: u64,
+    pub max_batch: usize,
+}
+
+impl LoadedModel {
+    /// Rough resident size of a model: the parsed weights plus the optimised
+    /// copy (tract keeps both) plus working memory. Conservative on purpose.
+    pub fn estimate_bytes(bundle: &Bundle) -> u64 {
+        bundle.model_bytes * 2 + 8 * 1024 * 1024
+    }
+
+    /// Parse and optimise `bundle`. `max_batch` bounds batch plans.
+    pub fn load(bundle: Bundle, max_batch: usize) -> Result<LoadedModel, ModelError> {
+        let name = bundle.manifest.name.clone();
+        let path = bundle.model_path();
+        let load_err = |e: &dyn std::fmt::Display| ModelError::Load {
+            model: name.clone(),
+            path: path.display().to_string(),
+            message: format!("{e:#}"),
+        };
+        let mut graph = tract_onnx::onnx()
+            .with_ignore_value_info(bundle.manifest.model.ignore_value_info)
+            .model_for_path(&path)
+            .map_err(|e| load_err(&e))?;
+        let outputs: Vec<&str> = bundle.manifest.outputs.iter().map(TensorSpec::onnx_name).collect();
+        graph
+            .select_outputs_by_name(outputs.iter().copied())
+            .map_err(|e| load_err(&format!("selecting outputs {outputs:?}: {e}")))?;
+        let tract_inputs: Vec<String> = graph
+            .input_outlets()
+            .map_err(|e| load_err(&e))?
+            .iter()
+            .map(|o| graph.node(o.node).name.clone())
+            .collect();
+        if tract_inputs.len() != bundle.manifest.inputs.len() {
+            return Err(load_err(&format!(
+                "the ONNX graph has inputs {tract_inputs:?}, the manifest lists {}",
+                bundle.manifest.inputs.len()
+            )));
+        }
+        let mut input_order = Vec::new();
+        for spec in &bundle.manifest.inputs {
+            let pos = tract_inputs
+                .iter()
+                .position(|n| n == spec.onnx_name())
+                .ok_or_else(|| load_err(&format!(
+                    "manifest input {:?} is not a graph input (graph has {tract_inputs:?})",
+                    spec.onnx_name()
+                )))?;
+            input_order.push(pos);
+        }
+        let model = LoadedModel {
+            estimated_bytes: Self::estimate_bytes(&bundle),
+            bundle,
+            input_order,
+            graph,
+            plans: Mutex::new(HashMap::new()),
+            max_batch: max_batch.max(1),
+        };
+        model.plan(1)?;
+        Ok(model)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.bundle.manifest.name
+    }
+
+    pub fn version(&self) -> &str {
+        &self.bundle.manifest.version
+    }
+
+    pub fn batching(&self) -> bool {
+        self.bundle.manifest.batching
+    }
+
+    /// Plan for `rows` request rows (rounded up to a power of two).
+    fn plan(&self, rows: usize) -> Result<(Plan, usize), ModelError> {
+        let rows = if self.batching() {
+            rows.next_power_of_two()
+        } else {
+            1
+        };
+        if let Some(p) = self.plans.lock().get(&rows) {
+            return Ok((p.clone(), rows));
+        }
+        let plan = self.build_plan(rows)?;
+        self.plans.lock().insert(rows, plan.clone());
+        Ok((plan, rows))
+    }
+
+    fn build_plan(&self, rows: usize) -> Result<Plan, ModelError> {
+        let err = |e: TractError| ModelError::Load {
+            model: self.name().to_string(),
+            path: self.bundle.model_path().display().to_string(),
+            message: format!("optimising for batch {rows}: {e:#}"),
+        };
+        let mut g = self.graph.clone();
+        for (spec, &pos) in self.bundle.manifest.inputs.iter().zip(&self.input_order) {
+            let mut shape = spec.shape.clone();
+            if self.batching() {
+                shape[0] = rows;
+            }
+            g.set_input_fact(pos, InferenceFact::dt_shape(tract_dt(spec.dtype), shape))
+                .map_err(err)?;
+        }
+        g.into_optimized().map_err(err)?.into_runnable().map_err(err)
+    }
+
+    /// Check a request's inputs against the manifest (names, dtypes, shapes),
+    /// apply preprocessing, and return them in manifest order with the
+    /// request's row count.
+    pub fn prepare(&self, mut inputs: HashMap<String, TensorData>) -> Result<(Vec<TensorData>, usize), ModelError> {
+        let specs = &self.bundle.manifest.inputs;
+        if let Some(extra) = inputs.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
+            return Err(ModelError::BadInput(format!(
+                "unknown input {extra:?}; model {} takes {:?}",
+                self.name(),
+                specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+            )));
+        }
+        let mut rows = None;
+        let mut out = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let t = inputs.remove(&spec.name).ok_or_else(|| {
+                ModelError::BadInput(format!(
+                    "missing input {:?} ({} {:?})",
+                    spec.name, spec.dtype, spec.shape
+                ))
+            })?;
+            let t = self.preprocess(spec, t)?;
+            check_shape(self, spec, &t)?;
+            let r = if self.batching() { t.rows() } else { 1 };
+            if *rows.get_or_insert(r) != r {
+                return Err(ModelError::BadInput(format!(
+                    "input {:?} has {r} rows, earlier inputs had {}",
+                    spec.name,
+                    rows.unwrap_or(0)
+                )));
+            }
+            out.push(t);
+        }
+        Ok((out, rows.unwrap_or(1)))
+    }
+
+    fn preprocess(&self, spec: &TensorSpec, t: TensorData) -> Result<TensorData, ModelError> {
+        match (&self.bundle.manifest.preprocess, spec.dtype, &t.data) {
+            (
+                Some(Preprocess::Normalize {
+                    scale,
+                    mean,
+                    std,
+                    channel_axis,
+                }),
+                DType::F32,
+                Data::U8(px),
+            ) => {
+                if t.shape.len() != spec.shape.len() {
+                    return Err(ModelError::BadInput(format!(
+                        "input {:?}: shape {:?} has {} axes, expected {} ({:?})",
+                        spec.name,
+                        t.shape,
+                        t.shape.len(),
+                        spec.shape.len(),
+                        spec.shape
+                    )));
+                }
+                let inner: usize = t.shape[channel_axis + 1..].iter().product();
+                let channels = t.shape[*channel_axis];
+                if channels != mean.len() {
+                    return Err(ModelError::BadInput(format!(
+                        "input {:?}: axis {channel_axis} has {channels} channels, expected {}",
+                        spec.name,
+                        mean.len()
+                    )));
+                }
+                let data = px
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &p)| {
+                        let c = (i / inner) % channels;
+                        (p as f32 * scale - mean[c]) / std[c]
+                    })
+                    .collect();
+                TensorData::new(t.shape, Data::F32(data))
+                    .map_err(|e| ModelError::BadInput(format!("input {:?}: {e}", spec.name)))
+            }
+            _ => Ok(t),
+        }
+    }
+
+    /// Run prepared inputs that hold `rows` rows in total (already batched).
+    /// Returns outputs with exactly `rows` rows.
+    pub fn run(&self, inputs: &[&TensorData], rows: usize) -> Result<Vec<TensorData>, ModelError> {
+        let run_err = |message: String| ModelError::Run {
+            model: self.name().to_string(),
+            message,
+        };
+        let (plan, plan_rows) = self.plan(rows)?;
+        let mut tract_inputs: Vec<Option<TValue>> = vec![None; inputs.len()];
+        for (t, &pos) in inputs.iter().zip(&self.input_order) {
+            let padded;
+            let t = if self.batching() && t.rows() != plan_rows {
+                padded = TensorData::concat_rows(&[t], plan_rows).map_err(|e| run_err(e.0))?;
+                &padded
+            } else {
+                *t
+            };
+            tract_inputs[pos] = Some(to_tract(t).map_err(|e| run_err(format!("{e:#}")))?.into_tvalue());
+        }
+        let tract_inputs: TVec<TValue> = tract_inputs.into_iter().flatten().collect();
+        let outs = plan.run(tract_inputs).map_err(|e| run_err(format!("{e:#}")))?;
+        let mut result = Vec::with_capacity(outs.len());
+        for (spec, o) in self.bundle.manifest.outputs.iter().zip(outs.iter()) {
+            let t = from_tract(o).map_err(|e| run_err(format!("output {:?}: {e:#}", spec.name)))?;
+            let t = if self.batching() && t.rows() != rows {
+                t.slice_rows(0, rows).map_err(|e| run_err(e.0))?
+            } else {
+                t
+            };
+            result.push(t);
+        }
+        Ok(result)
+    }
+}
+
+fn check_shape(m: &LoadedModel, spec: &TensorSpec, t: &TensorData) -> Result<(), ModelError> {
+    if t.dtype() != spec.dtype {
+        return Err(ModelError::BadInput(format!(
+            "input {:?}: dtype {} but the model expects {}",
+            spec.name,
+            t.dtype(),
+            spec.dtype
+        )));
+    }
+    let ok = if m.batching() {
+        t.shape.len() == spec.shape.len() && t.shape[1..] == spec.shape[1..] && t.rows() >= 1
+    } else {
+        t.shape == spec.shape
+    };
+    if !ok {
+        let expected = if m.batching() {
+            let mut s: Vec<String> = spec.shape.iter().map(|d| d.to_string()).collect();
+            s[0] = "N".into();
+            format!("[{}]", s.join(", "))
+        } else {
+            format!("{:?}", spec.shape)
+        };
+        return Err(ModelError::BadInput(format!(
+            "input {:?}: shape {:?} but the model expects {expected}",
+            spec.name, t.shape
+        )));
+    }
+    if m.batching() && t.rows() > m.max_batch {
+        return Err(ModelError::BadInput(format!(
+            "input {:?}: {} rows exceed batch_size {}",
+            spec.name,
+            t.rows(),
+            m.max_batch
+        )));
+    }
+    Ok(())
+}
+
+fn tract_dt(dt: DType) -> DatumType {
+    match dt {
+        DType::F32 => DatumType::F32,
+        DType::I64 => DatumType::I64,
+        DType::I32 => DatumType::I32,
+        DType::U8 => DatumType::U8,
+        DType::I8 => DatumType::I8,
+    }
+}
+
+fn to_tract(t: &TensorData) -> TractResult<Tensor> {
+    match &t.data {
+        Data::F32(v) => Tensor::from_shape(&t.shape, v),
+        Data::I64(v) => Tensor::from_shape(&t.shape, v),
+        Data::I32(v) => Tensor::from_shape(&t.shape, v),
+        Data::U8(v) => Tensor::from_shape(&t.shape, v),
+        Data::I8(v) => Tensor::from_shape(&t.shape, v),
+    }
+}
+
+fn from_tract(t: &Tensor) -> TractResult<TensorData> {
+    let shape = t.shape().to_vec();
+    let data = match t.datum_type() {
+        DatumType::F32 => Data::F32(t.to_plain_array_view::<f32>()?.iter().copied().collect()),
+        DatumType::I64 => Data::I64(t.to_plain_array_view::<i64>()?.iter().copied().collect()),
+        DatumType::I32 => Data::I32(t.to_plain_array_view::<i32>()?.iter().copied().collect()),
+        DatumType::U8 => Data::U8(t.to_plain_array_view::<u8>()?.iter().copied().collect()),
+        DatumType::I8 => Data::I8(t.to_plain_array_view::<i8>()?.iter().copied().collect()),
+        other => {
+            let f = t.cast_to::<f32>()?;
+            tracing::debug!(?other, "casting output to f32");
+            Data::F32(f.to_plain_array_view::<f32>()?.iter().copied().collect())
+        }
+    };
+    TensorData::new(shape, data).map_err(|e| TractError::msg(e.0))
+}

@@ -1,0 +1,1 @@
+//! DAI tests live in tests/.
