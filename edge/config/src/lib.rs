@@ -250,7 +250,10 @@ impl Config {
     pub fn load_with_env(path: Option<&Path>) -> Result<Config, ConfigError> {
         let (text, origin) = match path {
             Some(p) => (read(p)?, p.display().to_string()),
-            None => (DEFAULT_CONFIG_YAML.to_string(), "embedded default config".into()),
+            None => (
+                DEFAULT_CONFIG_YAML.to_string(),
+                "embedded default config".into(),
+            ),
         };
         let env: Vec<(String, String)> = ENV_OVERRIDES
             .iter()
@@ -288,8 +291,8 @@ impl Config {
         } else {
             format!("{origin} + environment ({})", overridden.join(", "))
         };
-        let config: Config =
-            serde_path_to_error::deserialize(tree).map_err(|e| parse_error(&origin, e))?;
+        let config: Config = serde_path_to_error::deserialize(tree.clone())
+            .map_err(|e| parse_error(&origin, e, &tree))?;
         validate(&config, &origin)?;
         Ok(config)
     }
@@ -310,12 +313,28 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-fn parse_error<E: std::fmt::Display>(origin: &str, e: serde_path_to_error::Error<E>) -> ConfigError {
+fn parse_error<E: std::fmt::Display>(
+    origin: &str,
+    e: serde_path_to_error::Error<E>,
+    tree: &serde_yaml_ng::Value,
+) -> ConfigError {
     let key = e.path().to_string();
+    let mut message = e.inner().to_string();
+    // serde does not always quote the offending value; show it.
+    let mut node = Some(tree);
+    for part in key.split('.').filter(|p| !p.is_empty()) {
+        node = node.and_then(|n| n.get(part));
+    }
+    if let Some(Ok(text)) = node
+        .filter(|v| !v.is_mapping())
+        .map(serde_yaml_ng::to_string)
+    {
+        message = format!("{message} (got `{}`)", text.trim());
+    }
     ConfigError::Parse {
         origin: origin.to_string(),
         key: if key.is_empty() { ".".into() } else { key },
-        message: e.inner().to_string(),
+        message,
     }
 }
 
@@ -444,10 +463,18 @@ fn validate(c: &Config, origin: &str) -> Result<(), ConfigError> {
     }
     let d = &c.daemon;
     if d.data_dir.as_os_str().is_empty() {
-        return Err(bad("daemon.data_dir", "\"\"".into(), "expected a directory path"));
+        return Err(bad(
+            "daemon.data_dir",
+            "\"\"".into(),
+            "expected a directory path",
+        ));
     }
     if d.models_dir.as_os_str().is_empty() {
-        return Err(bad("daemon.models_dir", "\"\"".into(), "expected a directory path"));
+        return Err(bad(
+            "daemon.models_dir",
+            "\"\"".into(),
+            "expected a directory path",
+        ));
     }
     for name in &d.models {
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
@@ -513,10 +540,14 @@ mod tests {
         let c = Config::from_yaml_str(DEFAULT_CONFIG_YAML, "default").expect("valid default");
         assert_eq!(c, Config::default());
         // Every key of the struct is written in the documented file.
-        let tree: serde_yaml_ng::Value = serde_yaml_ng::from_str(DEFAULT_CONFIG_YAML).expect("yaml");
+        let tree: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(DEFAULT_CONFIG_YAML).expect("yaml");
         let written = serde_yaml_ng::to_value(&c).expect("to value");
         for (k, v) in written.as_mapping().expect("map") {
-            assert!(tree.get(k).is_some(), "key {k:?} missing from the default file");
+            assert!(
+                tree.get(k).is_some(),
+                "key {k:?} missing from the default file"
+            );
             if let Some(inner) = v.as_mapping() {
                 for (k2, _) in inner {
                     assert!(tree[k].get(k2).is_some(), "key {k2:?} missing under {k:?}");
@@ -527,6 +558,9 @@ mod tests {
 
     #[test]
     fn empty_file_means_defaults() {
-        assert_eq!(Config::from_yaml_str("", "t").expect("ok"), Config::default());
+        assert_eq!(
+            Config::from_yaml_str("", "t").expect("ok"),
+            Config::default()
+        );
     }
 }

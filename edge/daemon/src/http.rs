@@ -48,7 +48,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{name}", get(model_detail))
         .route("/v1/models/{name}/infer", post(infer))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint".into()) })
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint".into(),
+            )
+        })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -81,10 +87,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({ "error": { "code": self.code, "message": self.message } }));
         let mut resp = (self.status, body).into_response();
-        if let Some(s) = self.retry_after {
-            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
     }
@@ -104,16 +110,22 @@ impl ApiError {
 
 fn from_infer_error(e: InferError, retry_delay_sec: u64) -> ApiError {
     match e {
-        InferError::UnknownModel { .. } => ApiError::new(StatusCode::NOT_FOUND, "unknown_model", e.to_string()),
-        InferError::Unavailable { .. } => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", e.to_string())
+        InferError::UnknownModel { .. } => {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_model", e.to_string())
         }
+        InferError::Unavailable { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "model_unavailable",
+            e.to_string(),
+        ),
         InferError::BadInput(m) => ApiError::bad(m),
         InferError::Overloaded(_) => ApiError {
             retry_after: Some(retry_delay_sec.max(1)),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
         },
-        InferError::Failed(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", m),
+        InferError::Failed(m) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", m)
+        }
     }
 }
 
@@ -135,7 +147,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.shutting_down.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    let ready = state.runtime.models().iter().filter(|m| m.model.is_some()).count();
+    let ready = state
+        .runtime
+        .models()
+        .iter()
+        .filter(|m| m.model.is_some())
+        .count();
     if ready == 0 {
         return (StatusCode::SERVICE_UNAVAILABLE, "no model is ready\n").into_response();
     }
@@ -145,7 +162,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     sync_gauges(&state);
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()
@@ -170,7 +190,9 @@ fn sync_gauges(state: &AppState) {
     for info in state.runtime.models() {
         if let Some(p95) = state.stats.figures(&info.name).latency_ms.p95 {
             m.latency_p95_seconds
-                .get_or_create(&metrics::ModelLabel { model: info.name.clone() })
+                .get_or_create(&metrics::ModelLabel {
+                    model: info.name.clone(),
+                })
                 .set(p95 / 1e3);
         }
     }
@@ -216,7 +238,12 @@ fn model_json(state: &AppState, info: &dai_infer::ModelInfo) -> Value {
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let list: Vec<Value> = state.runtime.models().iter().map(|m| model_json(&state, m)).collect();
+    let list: Vec<Value> = state
+        .runtime
+        .models()
+        .iter()
+        .map(|m| model_json(&state, m))
+        .collect();
     Json(json!({ "models": list }))
 }
 
@@ -242,33 +269,44 @@ pub fn alerts(state: &AppState) -> Vec<crate::resources::Alert> {
         if m.model.is_none() {
             out.push(crate::resources::Alert {
                 level: "error",
-                message: format!("{} failed to load: {}", m.name, m.error.clone().unwrap_or_default()),
+                message: format!(
+                    "{} failed to load: {}",
+                    m.name,
+                    m.error.clone().unwrap_or_default()
+                ),
             });
             continue;
         }
         if let Some(e) = &m.error {
             out.push(crate::resources::Alert {
                 level: "warning",
-                message: format!("{}: reload failed, previous version still serving: {e}", m.name),
+                message: format!(
+                    "{}: reload failed, previous version still serving: {e}",
+                    m.name
+                ),
             });
         }
-        if let Some(p95) = state.stats.figures(&m.name).latency_ms.p95 {
-            if p95 > threshold {
-                out.push(crate::resources::Alert {
-                    level: "warning",
-                    message: format!("{} p95 {p95:.1} ms exceeds latency_threshold_ms {threshold}", m.name),
-                });
-            }
+        if let Some(p95) = state.stats.figures(&m.name).latency_ms.p95
+            && p95 > threshold
+        {
+            out.push(crate::resources::Alert {
+                level: "warning",
+                message: format!(
+                    "{} p95 {p95:.1} ms exceeds latency_threshold_ms {threshold}",
+                    m.name
+                ),
+            });
         }
     }
     let s = *state.sample.lock();
-    if let (Some(avail), Some(total)) = (s.memory_available_mb, s.memory_total_mb) {
-        if total > 0.0 && avail / total < 0.1 {
-            out.push(crate::resources::Alert {
-                level: "warning",
-                message: format!("memory pressure: {avail:.0} of {total:.0} MiB available"),
-            });
-        }
+    if let (Some(avail), Some(total)) = (s.memory_available_mb, s.memory_total_mb)
+        && total > 0.0
+        && avail / total < 0.1
+    {
+        out.push(crate::resources::Alert {
+            level: "warning",
+            message: format!("memory pressure: {avail:.0} of {total:.0} MiB available"),
+        });
     }
     out
 }
@@ -349,18 +387,31 @@ async fn status(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 /// Decode a JSON tensor; `spec_dtype` is used when the request gives none.
 fn tensor_from_json(name: &str, v: &Value, spec_dtype: DType) -> Result<TensorData, ApiError> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| ApiError::bad(format!("inputs.{name}: expected an object {{dtype, shape, data}}")))?;
-    if let Some(k) = obj.keys().find(|k| !matches!(k.as_str(), "dtype" | "shape" | "data")) {
-        return Err(ApiError::bad(format!("inputs.{name}: unknown field {k:?}; expected dtype, shape, data")));
+    let obj = v.as_object().ok_or_else(|| {
+        ApiError::bad(format!(
+            "inputs.{name}: expected an object {{dtype, shape, data}}"
+        ))
+    })?;
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "dtype" | "shape" | "data"))
+    {
+        return Err(ApiError::bad(format!(
+            "inputs.{name}: unknown field {k:?}; expected dtype, shape, data"
+        )));
     }
     let dtype = match obj.get("dtype") {
         None | Some(Value::Null) => spec_dtype,
         Some(Value::String(s)) => DType::parse(s).ok_or_else(|| {
-            ApiError::bad(format!("inputs.{name}.dtype: {s:?} is not one of f32, i64, i32, u8, i8"))
+            ApiError::bad(format!(
+                "inputs.{name}.dtype: {s:?} is not one of f32, i64, i32, u8, i8"
+            ))
         })?,
-        Some(other) => return Err(ApiError::bad(format!("inputs.{name}.dtype: expected a string, got {other}"))),
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "inputs.{name}.dtype: expected a string, got {other}"
+            )));
+        }
     };
     let shape: Vec<usize> = match obj.get("shape") {
         Some(Value::Array(dims)) => dims
@@ -368,19 +419,32 @@ fn tensor_from_json(name: &str, v: &Value, spec_dtype: DType) -> Result<TensorDa
             .enumerate()
             .map(|(i, d)| {
                 d.as_u64().map(|x| x as usize).ok_or_else(|| {
-                    ApiError::bad(format!("inputs.{name}.shape[{i}]: expected a non-negative integer, got {d}"))
+                    ApiError::bad(format!(
+                        "inputs.{name}.shape[{i}]: expected a non-negative integer, got {d}"
+                    ))
                 })
             })
             .collect::<Result<_, _>>()?,
-        _ => return Err(ApiError::bad(format!("inputs.{name}.shape: expected an array of integers"))),
+        _ => {
+            return Err(ApiError::bad(format!(
+                "inputs.{name}.shape: expected an array of integers"
+            )));
+        }
     };
     let items = match obj.get("data") {
         Some(Value::Array(a)) => a,
-        _ => return Err(ApiError::bad(format!("inputs.{name}.data: expected a flat array of numbers"))),
+        _ => {
+            return Err(ApiError::bad(format!(
+                "inputs.{name}.data: expected a flat array of numbers"
+            )));
+        }
     };
     let elem = |i: usize, x: &Value| -> Result<f64, ApiError> {
-        x.as_f64()
-            .ok_or_else(|| ApiError::bad(format!("inputs.{name}.data[{i}]: expected a number, got {x}")))
+        x.as_f64().ok_or_else(|| {
+            ApiError::bad(format!(
+                "inputs.{name}.data[{i}]: expected a number, got {x}"
+            ))
+        })
     };
     let int = |i: usize, x: &Value, lo: i64, hi: i64| -> Result<i64, ApiError> {
         match x.as_i64() {
@@ -391,8 +455,20 @@ fn tensor_from_json(name: &str, v: &Value, spec_dtype: DType) -> Result<TensorDa
         }
     };
     let data = match dtype {
-        DType::F32 => Data::F32(items.iter().enumerate().map(|(i, x)| elem(i, x).map(|v| v as f32)).collect::<Result<_, _>>()?),
-        DType::I64 => Data::I64(items.iter().enumerate().map(|(i, x)| int(i, x, i64::MIN, i64::MAX)).collect::<Result<_, _>>()?),
+        DType::F32 => Data::F32(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, x)| elem(i, x).map(|v| v as f32))
+                .collect::<Result<_, _>>()?,
+        ),
+        DType::I64 => Data::I64(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, x)| int(i, x, i64::MIN, i64::MAX))
+                .collect::<Result<_, _>>()?,
+        ),
         DType::I32 => Data::I32(
             items
                 .iter()
@@ -400,19 +476,38 @@ fn tensor_from_json(name: &str, v: &Value, spec_dtype: DType) -> Result<TensorDa
                 .map(|(i, x)| int(i, x, i32::MIN as i64, i32::MAX as i64).map(|v| v as i32))
                 .collect::<Result<_, _>>()?,
         ),
-        DType::U8 => Data::U8(items.iter().enumerate().map(|(i, x)| int(i, x, 0, 255).map(|v| v as u8)).collect::<Result<_, _>>()?),
-        DType::I8 => Data::I8(items.iter().enumerate().map(|(i, x)| int(i, x, -128, 127).map(|v| v as i8)).collect::<Result<_, _>>()?),
+        DType::U8 => Data::U8(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, x)| int(i, x, 0, 255).map(|v| v as u8))
+                .collect::<Result<_, _>>()?,
+        ),
+        DType::I8 => Data::I8(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, x)| int(i, x, -128, 127).map(|v| v as i8))
+                .collect::<Result<_, _>>()?,
+        ),
     };
     TensorData::new(shape, data).map_err(|e| ApiError::bad(format!("inputs.{name}: {e}")))
 }
 
-fn decode_json(state: &AppState, model: &str, body: &[u8]) -> Result<HashMap<String, TensorData>, ApiError> {
-    let manifest = state.runtime.manifest(model).map_err(|e| from_infer_error(e, 0))?;
-    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed JSON body: {e}")))?;
-    let inputs = v
-        .get("inputs")
-        .and_then(Value::as_object)
-        .ok_or_else(|| ApiError::bad("JSON body: expected {\"inputs\": {NAME: {dtype, shape, data}}}".into()))?;
+fn decode_json(
+    state: &AppState,
+    model: &str,
+    body: &[u8],
+) -> Result<HashMap<String, TensorData>, ApiError> {
+    let manifest = state
+        .runtime
+        .manifest(model)
+        .map_err(|e| from_infer_error(e, 0))?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("malformed JSON body: {e}")))?;
+    let inputs = v.get("inputs").and_then(Value::as_object).ok_or_else(|| {
+        ApiError::bad("JSON body: expected {\"inputs\": {NAME: {dtype, shape, data}}}".into())
+    })?;
     let mut out = HashMap::new();
     for (name, t) in inputs {
         let dtype = manifest
@@ -423,7 +518,11 @@ fn decode_json(state: &AppState, model: &str, body: &[u8]) -> Result<HashMap<Str
             .ok_or_else(|| {
                 ApiError::bad(format!(
                     "unknown input {name:?}; model {model} takes {:?}",
-                    manifest.inputs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+                    manifest
+                        .inputs
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
                 ))
             })?;
         out.insert(name.clone(), tensor_from_json(name, t, dtype)?);
@@ -431,9 +530,20 @@ fn decode_json(state: &AppState, model: &str, body: &[u8]) -> Result<HashMap<Str
     Ok(out)
 }
 
-fn decode_raw(state: &AppState, model: &str, body: &[u8]) -> Result<HashMap<String, TensorData>, ApiError> {
-    let manifest = state.runtime.manifest(model).map_err(|e| from_infer_error(e, 0))?;
-    let row_bytes: usize = manifest.inputs.iter().map(|s| s.row_elems() * s.dtype.size_of()).sum();
+fn decode_raw(
+    state: &AppState,
+    model: &str,
+    body: &[u8],
+) -> Result<HashMap<String, TensorData>, ApiError> {
+    let manifest = state
+        .runtime
+        .manifest(model)
+        .map_err(|e| from_infer_error(e, 0))?;
+    let row_bytes: usize = manifest
+        .inputs
+        .iter()
+        .map(|s| s.row_elems() * s.dtype.size_of())
+        .sum();
     let layout = manifest
         .inputs
         .iter()
@@ -441,7 +551,7 @@ fn decode_raw(state: &AppState, model: &str, body: &[u8]) -> Result<HashMap<Stri
         .collect::<Vec<_>>()
         .join(", ");
     let rows = if manifest.batching {
-        if body.is_empty() || body.len() % row_bytes != 0 {
+        if body.is_empty() || !body.len().is_multiple_of(row_bytes) {
             return Err(ApiError::bad(format!(
                 "raw body of {} bytes is not a whole number of rows of {row_bytes} bytes ({layout}, little-endian, in this order)",
                 body.len()
@@ -449,7 +559,11 @@ fn decode_raw(state: &AppState, model: &str, body: &[u8]) -> Result<HashMap<Stri
         }
         body.len() / row_bytes
     } else {
-        let expected: usize = manifest.inputs.iter().map(|s| s.elems() * s.dtype.size_of()).sum();
+        let expected: usize = manifest
+            .inputs
+            .iter()
+            .map(|s| s.elems() * s.dtype.size_of())
+            .sum();
         if body.len() != expected {
             return Err(ApiError::bad(format!(
                 "raw body of {} bytes, expected exactly {expected} bytes ({layout}, little-endian, in this order)",
@@ -466,9 +580,13 @@ fn decode_raw(state: &AppState, model: &str, body: &[u8]) -> Result<HashMap<Stri
             shape[0] = rows;
         }
         let n: usize = shape.iter().product::<usize>() * s.dtype.size_of();
-        let data = Data::from_le_bytes(s.dtype, &body[offset..offset + n]).map_err(|e| ApiError::bad(e.0))?;
+        let data = Data::from_le_bytes(s.dtype, &body[offset..offset + n])
+            .map_err(|e| ApiError::bad(e.0))?;
         offset += n;
-        out.insert(s.name.clone(), TensorData::new(shape, data).map_err(|e| ApiError::bad(e.0))?);
+        out.insert(
+            s.name.clone(),
+            TensorData::new(shape, data).map_err(|e| ApiError::bad(e.0))?,
+        );
     }
     Ok(out)
 }
@@ -499,7 +617,11 @@ async fn infer(
     match infer_inner(&state, &name, peer, &headers, body, started).await {
         Ok(resp) => resp,
         Err(e) => {
-            let model = if state.runtime.model(&name).is_ok() { name.as_str() } else { "_unknown" };
+            let model = if state.runtime.model(&name).is_ok() {
+                name.as_str()
+            } else {
+                "_unknown"
+            };
             state
                 .metrics
                 .requests
@@ -533,7 +655,10 @@ async fn infer_inner(
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
-                format!("request body larger than max_body_mb = {} MiB", state.config.daemon.max_body_mb),
+                format!(
+                    "request body larger than max_body_mb = {} MiB",
+                    state.config.daemon.max_body_mb
+                ),
             )
         } else {
             ApiError::bad(format!("cannot read request body: {e}"))
@@ -552,7 +677,9 @@ async fn infer_inner(
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            format!("content-type {ctype:?}: expected application/json or application/octet-stream"),
+            format!(
+                "content-type {ctype:?}: expected application/json or application/octet-stream"
+            ),
         ));
     };
     let decoded = started.elapsed();
@@ -579,7 +706,13 @@ async fn infer_inner(
     Ok(resp)
 }
 
-fn json_response(out: &InferOutcome, id: &str, decoded: Duration, started: Instant, t_post: Instant) -> Response {
+fn json_response(
+    out: &InferOutcome,
+    id: &str,
+    decoded: Duration,
+    started: Instant,
+    t_post: Instant,
+) -> Response {
     let outputs: serde_json::Map<String, Value> = out
         .output_names
         .iter()
@@ -615,7 +748,10 @@ fn raw_response(out: &InferOutcome, id: &str) -> Response {
     }
     let mut resp = (StatusCode::OK, bytes).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     if let Ok(v) = HeaderValue::from_str(&shapes.join(",")) {
         h.insert("x-dai-output-shapes", v);
     }
@@ -627,7 +763,9 @@ fn raw_response(out: &InferOutcome, id: &str) -> Response {
 
 fn record_ok(state: &AppState, out: &InferOutcome, pre: Duration, post: Duration, total: Duration) {
     let m = &state.metrics;
-    let model = metrics::ModelLabel { model: out.model.clone() };
+    let model = metrics::ModelLabel {
+        model: out.model.clone(),
+    };
     let outcome = if out.cached { "cached" } else { "ok" };
     m.requests
         .get_or_create(&metrics::ModelOutcome {
@@ -635,16 +773,22 @@ fn record_ok(state: &AppState, out: &InferOutcome, pre: Duration, post: Duration
             outcome: outcome.into(),
         })
         .inc();
-    m.request_duration.get_or_create(&model).observe(total.as_secs_f64());
+    m.request_duration
+        .get_or_create(&model)
+        .observe(total.as_secs_f64());
     if state.runtime.cache_stats().is_some() {
         if out.cached {
             m.cache_hits.inc();
         } else {
             m.cache_misses.inc();
-            m.batch_rows.get_or_create(&model).observe(out.batch_rows as f64);
+            m.batch_rows
+                .get_or_create(&model)
+                .observe(out.batch_rows as f64);
         }
     } else {
-        m.batch_rows.get_or_create(&model).observe(out.batch_rows as f64);
+        m.batch_rows
+            .get_or_create(&model)
+            .observe(out.batch_rows as f64);
     }
     let stages = [
         ("preprocess", pre),

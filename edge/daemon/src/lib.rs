@@ -78,7 +78,9 @@ pub struct Daemon {
 }
 
 pub(crate) fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn bundle_dirs(config: &Config) -> Result<Vec<PathBuf>, DaemonError> {
@@ -116,7 +118,9 @@ impl Daemon {
         let runtime = Runtime::new(&config);
         let metrics = metrics::Metrics::new();
         metrics.max_workers.set(runtime.pool().max_workers() as i64);
-        metrics.queue_capacity.set(runtime.pool().queue_capacity() as i64);
+        metrics
+            .queue_capacity
+            .set(runtime.pool().queue_capacity() as i64);
         let device = std::fs::read_to_string("/etc/hostname")
             .map(|s| s.trim().to_string())
             .ok()
@@ -135,7 +139,9 @@ impl Daemon {
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             request_seq: AtomicU64::new(0),
-            boot_id: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            boot_id: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             device,
             listen: Mutex::new(None),
             config,
@@ -143,10 +149,13 @@ impl Daemon {
         let st = state.clone();
         let load = tokio::task::spawn_blocking(move || {
             for dir in &dirs {
-                if st.config.daemon.fetch_missing_models {
-                    if let Err(e) = dai_infer::fetch::ensure_model(dir, &dai_infer::fetch::default_wheel_cache()) {
-                        tracing::error!(bundle = %dir.display(), error = %e, "cannot fetch model file");
-                    }
+                if st.config.daemon.fetch_missing_models
+                    && let Err(e) = dai_infer::fetch::ensure_model(
+                        dir,
+                        &dai_infer::fetch::default_wheel_cache(),
+                    )
+                {
+                    tracing::error!(bundle = %dir.display(), error = %e, "cannot fetch model file");
                 }
                 let event = st.runtime.load_bundle(dir);
                 record_load(&st, &event);
@@ -202,7 +211,10 @@ impl Daemon {
         for t in tasks {
             let _ = t.await;
         }
-        if let Err(e) = state.store.insert_snapshot(&http::snapshot(&state), SNAPSHOTS_KEPT) {
+        if let Err(e) = state
+            .store
+            .insert_snapshot(&http::snapshot(&state), SNAPSHOTS_KEPT)
+        {
             tracing::warn!(error = %e, "final metrics snapshot not stored");
         }
         result
@@ -221,7 +233,11 @@ fn record_load(state: &AppState, event: &LoadEvent) {
             load_ms,
         } => {
             tracing::info!(model = %name, %version, load_ms = format!("{load_ms:.0}"), "model loaded");
-            if let Err(e) = state.store.record_model_loaded(name, version, sha256, &dir.display().to_string()) {
+            if let Err(e) =
+                state
+                    .store
+                    .record_model_loaded(name, version, sha256, &dir.display().to_string())
+            {
                 tracing::warn!(error = %e, "model load not recorded in the store");
             }
         }
@@ -238,7 +254,14 @@ fn refresh_model_info(state: &AppState) {
     state.metrics.model_info.clear();
     for m in state.runtime.models() {
         let (version, st) = match &m.model {
-            Some(lm) => (lm.version().to_string(), if m.error.is_some() { "reload_failed" } else { "ready" }),
+            Some(lm) => (
+                lm.version().to_string(),
+                if m.error.is_some() {
+                    "reload_failed"
+                } else {
+                    "ready"
+                },
+            ),
             None => (String::new(), "failed"),
         };
         state
@@ -267,7 +290,9 @@ async fn hot_reload_task(state: Arc<AppState>, mut stop: tokio::sync::watch::Rec
     }
     while ticker(Duration::from_secs(secs), &mut stop).await {
         let st = state.clone();
-        let events = tokio::task::spawn_blocking(move || st.runtime.reload_changed()).await.unwrap_or_default();
+        let events = tokio::task::spawn_blocking(move || st.runtime.reload_changed())
+            .await
+            .unwrap_or_default();
         if !events.is_empty() {
             for e in &events {
                 record_load(&state, e);
@@ -355,7 +380,9 @@ async fn snapshot_task(state: Arc<AppState>, mut stop: tokio::sync::watch::Recei
     while ticker(period, &mut stop).await {
         let snap = http::snapshot(&state);
         let st = state.clone();
-        let r = tokio::task::spawn_blocking(move || st.store.insert_snapshot(&snap, SNAPSHOTS_KEPT)).await;
+        let r =
+            tokio::task::spawn_blocking(move || st.store.insert_snapshot(&snap, SNAPSHOTS_KEPT))
+                .await;
         if let Ok(Err(e)) = r {
             tracing::warn!(error = %e, "metrics snapshot not stored");
         }

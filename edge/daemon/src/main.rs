@@ -12,7 +12,11 @@ use std::process::ExitCode;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "dai-edge", version, about = "DAI edge daemon: local ONNX inference with a status page and metrics")]
+#[command(
+    name = "dai-edge",
+    version,
+    about = "DAI edge daemon: local ONNX inference with a status page and metrics"
+)]
 struct Cli {
     /// Configuration file (YAML); the embedded default when omitted.
     #[arg(long, short, global = true, env = "DAI_CONFIG")]
@@ -94,7 +98,13 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DAI_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 fn fetch(config: &Config) -> anyhow::Result<()> {
@@ -105,7 +115,9 @@ fn fetch(config: &Config) -> anyhow::Result<()> {
     for dir in dirs {
         match dai_infer::fetch::ensure_model(&dir, &cache) {
             Ok(outcome) => println!("{}: {outcome:?}", dir.display()),
-            Err(dai_infer::fetch::FetchError::NoSource(name)) => println!("{}: {name} has no [source]; skipped", dir.display()),
+            Err(dai_infer::fetch::FetchError::NoSource(name)) => {
+                println!("{}: {name} has no [source]; skipped", dir.display())
+            }
             Err(e) => {
                 failed += 1;
                 eprintln!("{}: {e}", dir.display());
@@ -129,12 +141,20 @@ fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         let addr = config.daemon.listen_addr;
-        let daemon = dai_edge::Daemon::build(config).await.context("starting the daemon")?;
+        let daemon = dai_edge::Daemon::build(config)
+            .await
+            .context("starting the daemon")?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        tracing::info!("dai-edge listening on http://{}", listener.local_addr().unwrap_or(addr));
-        daemon.serve(listener, shutdown_signal()).await.context("serving")?;
+        tracing::info!(
+            "dai-edge listening on http://{}",
+            listener.local_addr().unwrap_or(addr)
+        );
+        daemon
+            .serve(listener, shutdown_signal())
+            .await
+            .context("serving")?;
         tracing::info!("dai-edge stopped");
         Ok(())
     })

@@ -44,11 +44,15 @@ type FGauge = Gauge<f64, AtomicU64>;
 
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~3.3 s
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 17))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00005, 2.0, 17,
+    ))
 }
 
 fn batch_histogram() -> Histogram {
-    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0])
+    Histogram::new([
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+    ])
 }
 
 /// The Prometheus families.
@@ -91,19 +95,27 @@ impl Metrics {
             "Inference requests by model and outcome (ok, cached, bad_request, unknown_model, unavailable, overloaded, error)",
             requests.clone(),
         );
-        let request_duration = Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let request_duration =
+            Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
         registry.register(
             "request_duration_seconds",
             "End-to-end inference latency inside the daemon (body received to answer encoded)",
             request_duration.clone(),
         );
-        let stage_duration = Family::<ModelStage, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let stage_duration =
+            Family::<ModelStage, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
         registry.register(
             "stage_duration_seconds",
             "Per-stage latency (preprocess, queue, infer, postprocess); recorded when profiling_enabled",
             stage_duration.clone(),
         );
-        let batch_rows = Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(batch_histogram);
+        let batch_rows = Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            batch_histogram,
+        );
         registry.register(
             "batch_rows",
             "Rows in the batch each request ran in (dynamic batching)",
@@ -138,21 +150,81 @@ impl Metrics {
         };
         let r = &mut registry;
         r.register("cache_hits", "Result cache hits", m.cache_hits.clone());
-        r.register("cache_misses", "Result cache misses", m.cache_misses.clone());
-        r.register("cache_evictions", "Result cache evictions", m.cache_evictions.clone());
-        r.register("cache_used_bytes", "Bytes held by the result cache", m.cache_bytes.clone());
-        r.register("cache_entries", "Entries in the result cache", m.cache_entries.clone());
-        r.register("queue_depth", "Requests queued or running on inference workers", m.queue_depth.clone());
-        r.register("queue_capacity", "Total queue capacity of the inference workers", m.queue_capacity.clone());
-        r.register("active_workers", "Inference workers currently receiving requests", m.active_workers.clone());
-        r.register("max_workers", "Inference worker threads started", m.max_workers.clone());
-        r.register("batch_size_current", "Largest batch the resource manager currently allows", m.batch_size.clone());
-        r.register("cpu_usage_percent", "Whole-system CPU use, percent of all cores", m.cpu_percent.clone());
-        r.register("process_cpu_usage_percent", "This daemon's CPU use, percent of one core", m.process_cpu_percent.clone());
-        r.register("memory_used_bytes", "System memory in use", m.memory_used_bytes.clone());
-        r.register("memory_total_bytes", "System memory", m.memory_total_bytes.clone());
-        r.register("process_resident_memory_bytes", "This daemon's resident set size", m.rss_bytes.clone());
-        r.register("model_info", "Models in the registry (1 per name, version, state)", m.model_info.clone());
+        r.register(
+            "cache_misses",
+            "Result cache misses",
+            m.cache_misses.clone(),
+        );
+        r.register(
+            "cache_evictions",
+            "Result cache evictions",
+            m.cache_evictions.clone(),
+        );
+        r.register(
+            "cache_used_bytes",
+            "Bytes held by the result cache",
+            m.cache_bytes.clone(),
+        );
+        r.register(
+            "cache_entries",
+            "Entries in the result cache",
+            m.cache_entries.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Requests queued or running on inference workers",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "queue_capacity",
+            "Total queue capacity of the inference workers",
+            m.queue_capacity.clone(),
+        );
+        r.register(
+            "active_workers",
+            "Inference workers currently receiving requests",
+            m.active_workers.clone(),
+        );
+        r.register(
+            "max_workers",
+            "Inference worker threads started",
+            m.max_workers.clone(),
+        );
+        r.register(
+            "batch_size_current",
+            "Largest batch the resource manager currently allows",
+            m.batch_size.clone(),
+        );
+        r.register(
+            "cpu_usage_percent",
+            "Whole-system CPU use, percent of all cores",
+            m.cpu_percent.clone(),
+        );
+        r.register(
+            "process_cpu_usage_percent",
+            "This daemon's CPU use, percent of one core",
+            m.process_cpu_percent.clone(),
+        );
+        r.register(
+            "memory_used_bytes",
+            "System memory in use",
+            m.memory_used_bytes.clone(),
+        );
+        r.register(
+            "memory_total_bytes",
+            "System memory",
+            m.memory_total_bytes.clone(),
+        );
+        r.register(
+            "process_resident_memory_bytes",
+            "This daemon's resident set size",
+            m.rss_bytes.clone(),
+        );
+        r.register(
+            "model_info",
+            "Models in the registry (1 per name, version, state)",
+            m.model_info.clone(),
+        );
         r.register(
             "profile_stage_seconds",
             "Mean stage time over the last profiling interval (profiling_enabled)",
@@ -163,7 +235,11 @@ impl Metrics {
             "p95 end-to-end latency over the recent window",
             m.latency_p95_seconds.clone(),
         );
-        r.register("overloaded", "Requests refused with 503 because a queue was full", m.overloaded.clone());
+        r.register(
+            "overloaded",
+            "Requests refused with 503 because a queue was full",
+            m.overloaded.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -233,7 +309,12 @@ impl ModelStats {
         let one = map.entry(model.to_string()).or_default();
         one.requests += 1;
         one.recent.push_back((now, total.as_secs_f64() * 1e3));
-        while one.recent.len() > WINDOW_MAX || one.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > WINDOW) {
+        while one.recent.len() > WINDOW_MAX
+            || one
+                .recent
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > WINDOW)
+        {
             one.recent.pop_front();
         }
         for (stage, d) in stages {
@@ -258,8 +339,11 @@ impl ModelStats {
             if acc.count == 0 {
                 continue;
             }
-            let means: BTreeMap<&'static str, f64> =
-                acc.sum.iter().map(|(k, v)| (*k, v / acc.count as f64)).collect();
+            let means: BTreeMap<&'static str, f64> = acc
+                .sum
+                .iter()
+                .map(|(k, v)| (*k, v / acc.count as f64))
+                .collect();
             one.stage_last_ms = means.clone();
             out.insert(name.clone(), means);
         }
@@ -278,7 +362,11 @@ impl ModelStats {
             .filter(|(t, _)| now.duration_since(*t) <= WINDOW)
             .map(|(_, v)| *v)
             .collect();
-        let in_rate = one.recent.iter().filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW).count();
+        let in_rate = one
+            .recent
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW)
+            .count();
         ModelFigures {
             requests: one.requests,
             errors: one.errors,

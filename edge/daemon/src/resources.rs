@@ -57,7 +57,9 @@ impl std::fmt::Debug for Sampler {
 
 impl Sampler {
     pub fn new() -> Sampler {
-        let sys = System::new().map_err(|e| tracing::warn!(error = %e, "sysinfo unavailable: no resource figures")).ok();
+        let sys = System::new()
+            .map_err(|e| tracing::warn!(error = %e, "sysinfo unavailable: no resource figures"))
+            .ok();
         Sampler {
             sys,
             pid: sysinfo::get_current_pid().ok(),
@@ -173,7 +175,9 @@ impl DecisionLog {
 
     pub fn push(&self, message: String) {
         tracing::info!(target: "dai_edge::resources", "{message}");
-        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         let mut items = self.items.lock();
         items.push_back(Decision { ts, message });
         while items.len() > Self::KEEP {
@@ -214,7 +218,10 @@ mod tests {
 
     #[test]
     fn backlog_adds_a_worker_within_limits() {
-        let p = decide(&Observation { queue_depth: 5, ..obs() });
+        let p = decide(&Observation {
+            queue_depth: 5,
+            ..obs()
+        });
         assert_eq!(p.workers, Some(2));
         let p = decide(&Observation {
             queue_depth: 5,
@@ -234,7 +241,10 @@ mod tests {
 
     #[test]
     fn slow_p95_halves_batch_and_fast_backlog_doubles_it() {
-        let p = decide(&Observation { p95_ms: Some(150.0), ..obs() });
+        let p = decide(&Observation {
+            p95_ms: Some(150.0),
+            ..obs()
+        });
         assert_eq!(p.batch_size, Some(4));
         let p = decide(&Observation {
             batch_size: 2,

@@ -155,7 +155,9 @@ impl Bundle {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        manifest.check().map_err(|message| BundleError::Manifest { path, message })?;
+        manifest
+            .check()
+            .map_err(|message| BundleError::Manifest { path, message })?;
         Ok(manifest)
     }
 
@@ -207,7 +209,8 @@ impl Manifest {
         let valid_name = |n: &str| {
             !n.is_empty()
                 && n.len() <= 64
-                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         };
         if !valid_name(&self.name) {
             return Err(format!(
@@ -218,7 +221,9 @@ impl Manifest {
         if self.version.is_empty() {
             return Err("version: must not be empty".into());
         }
-        if self.model.sha256.len() != 64 || !self.model.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        if self.model.sha256.len() != 64
+            || !self.model.sha256.chars().all(|c| c.is_ascii_hexdigit())
+        {
             return Err(format!(
                 "model.sha256 {:?}: expected 64 hex digits",
                 self.model.sha256

@@ -173,7 +173,12 @@ impl ResultCache {
 
     /// Drop every entry of `model` (a new version was loaded).
     pub fn invalidate_model(&mut self, model: &str) {
-        let victims: Vec<CacheKey> = self.map.keys().filter(|k| k.model == model).cloned().collect();
+        let victims: Vec<CacheKey> = self
+            .map
+            .keys()
+            .filter(|k| k.model == model)
+            .cloned()
+            .collect();
         for k in victims {
             if let Some(e) = self.map.remove(&k) {
                 self.index.remove(&e.order);
@@ -196,7 +201,9 @@ mod tests {
     use crate::tensor::Data;
 
     fn val(n: usize) -> Arc<Vec<TensorData>> {
-        Arc::new(vec![TensorData::new(vec![n], Data::U8(vec![0; n])).expect("t")])
+        Arc::new(vec![
+            TensorData::new(vec![n], Data::U8(vec![0; n])).expect("t"),
+        ])
     }
 
     fn key(i: u8) -> CacheKey {
@@ -266,6 +273,9 @@ mod tests {
         assert!(s.used_bytes <= s.capacity_bytes);
         assert_eq!(s.evictions, 2);
         c.insert(key(10), val(10_000));
-        assert!(c.get(&key(10)).is_none(), "larger than the budget: not cached");
+        assert!(
+            c.get(&key(10)).is_none(),
+            "larger than the budget: not cached"
+        );
     }
 }

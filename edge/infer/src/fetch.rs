@@ -147,7 +147,12 @@ fn pip_download(package: &str, version: &str, dest: &Path) -> Result<(), FetchEr
     Ok(())
 }
 
-fn extract_member(wheel: &Path, member: &str, target: &Path, manifest: &Manifest) -> Result<(), FetchError> {
+fn extract_member(
+    wheel: &Path,
+    member: &str,
+    target: &Path,
+    manifest: &Manifest,
+) -> Result<(), FetchError> {
     let archive_err = |message: String| FetchError::Archive {
         wheel: wheel.to_path_buf(),
         message,
@@ -156,17 +161,21 @@ fn extract_member(wheel: &Path, member: &str, target: &Path, manifest: &Manifest
         context: format!("opening {}", wheel.display()),
         source,
     })?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| archive_err(format!("not a zip archive: {e}")))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| archive_err(format!("not a zip archive: {e}")))?;
     let mut entry = zip
         .by_name(member)
         .map_err(|e| archive_err(format!("no member {member}: {e}")))?;
     let tmp = target.with_extension(format!("part-{}", std::process::id()));
     let io = |context: String| move |source| FetchError::Io { context, source };
     {
-        let mut out = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+        let mut out =
+            std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
         std::io::copy(&mut entry, &mut out).map_err(io(format!("extracting {member}")))?;
-        out.flush().map_err(io(format!("writing {}", tmp.display())))?;
-        out.sync_all().map_err(io(format!("syncing {}", tmp.display())))?;
+        out.flush()
+            .map_err(io(format!("writing {}", tmp.display())))?;
+        out.sync_all()
+            .map_err(io(format!("syncing {}", tmp.display())))?;
     }
     let (actual, _) = sha256_file(&tmp)?;
     if !actual.eq_ignore_ascii_case(&manifest.model.sha256) {

@@ -25,7 +25,9 @@ pub enum ModelError {
         path: String,
         message: String,
     },
-    #[error("{model}: needs about {needed_mb} MiB but only {available_mb} MiB of memory_limit_mb={limit_mb} is left")]
+    #[error(
+        "{model}: needs about {needed_mb} MiB but only {available_mb} MiB of memory_limit_mb={limit_mb} is left"
+    )]
     OverMemory {
         model: String,
         needed_mb: u64,
@@ -71,7 +73,12 @@ impl LoadedModel {
             .with_ignore_value_info(bundle.manifest.model.ignore_value_info)
             .model_for_path(&path)
             .map_err(|e| load_err(&e))?;
-        let outputs: Vec<&str> = bundle.manifest.outputs.iter().map(TensorSpec::onnx_name).collect();
+        let outputs: Vec<&str> = bundle
+            .manifest
+            .outputs
+            .iter()
+            .map(TensorSpec::onnx_name)
+            .collect();
         graph
             .select_outputs_by_name(outputs.iter().copied())
             .map_err(|e| load_err(&format!("selecting outputs {outputs:?}: {e}")))?;
@@ -92,10 +99,12 @@ impl LoadedModel {
             let pos = tract_inputs
                 .iter()
                 .position(|n| n == spec.onnx_name())
-                .ok_or_else(|| load_err(&format!(
-                    "manifest input {:?} is not a graph input (graph has {tract_inputs:?})",
-                    spec.onnx_name()
-                )))?;
+                .ok_or_else(|| {
+                    load_err(&format!(
+                        "manifest input {:?} is not a graph input (graph has {tract_inputs:?})",
+                        spec.onnx_name()
+                    ))
+                })?;
             input_order.push(pos);
         }
         let model = LoadedModel {
@@ -152,13 +161,19 @@ impl LoadedModel {
             g.set_input_fact(pos, InferenceFact::dt_shape(tract_dt(spec.dtype), shape))
                 .map_err(err)?;
         }
-        g.into_optimized().map_err(err)?.into_runnable().map_err(err)
+        g.into_optimized()
+            .map_err(err)?
+            .into_runnable()
+            .map_err(err)
     }
 
     /// Check a request's inputs against the manifest (names, dtypes, shapes),
     /// apply preprocessing, and return them in manifest order with the
     /// request's row count.
-    pub fn prepare(&self, mut inputs: HashMap<String, TensorData>) -> Result<(Vec<TensorData>, usize), ModelError> {
+    pub fn prepare(
+        &self,
+        mut inputs: HashMap<String, TensorData>,
+    ) -> Result<(Vec<TensorData>, usize), ModelError> {
         let specs = &self.bundle.manifest.inputs;
         if let Some(extra) = inputs.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
             return Err(ModelError::BadInput(format!(
@@ -254,10 +269,16 @@ impl LoadedModel {
             } else {
                 *t
             };
-            tract_inputs[pos] = Some(to_tract(t).map_err(|e| run_err(format!("{e:#}")))?.into_tvalue());
+            tract_inputs[pos] = Some(
+                to_tract(t)
+                    .map_err(|e| run_err(format!("{e:#}")))?
+                    .into_tvalue(),
+            );
         }
         let tract_inputs: TVec<TValue> = tract_inputs.into_iter().flatten().collect();
-        let outs = plan.run(tract_inputs).map_err(|e| run_err(format!("{e:#}")))?;
+        let outs = plan
+            .run(tract_inputs)
+            .map_err(|e| run_err(format!("{e:#}")))?;
         let mut result = Vec::with_capacity(outs.len());
         for (spec, o) in self.bundle.manifest.outputs.iter().zip(outs.iter()) {
             let t = from_tract(o).map_err(|e| run_err(format!("output {:?}: {e:#}", spec.name)))?;

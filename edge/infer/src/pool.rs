@@ -194,7 +194,8 @@ impl Pool {
     }
 
     pub fn set_active(&self, n: usize) {
-        self.active.store(n.clamp(1, self.workers.len().max(1)), Ordering::Relaxed);
+        self.active
+            .store(n.clamp(1, self.workers.len().max(1)), Ordering::Relaxed);
     }
 
     pub fn batch_size(&self) -> usize {
@@ -250,7 +251,9 @@ impl Pool {
 
     /// Stop accepting work, let workers finish their queues, join them.
     pub fn shutdown(self) {
-        let Pool { workers, threads, .. } = self;
+        let Pool {
+            workers, threads, ..
+        } = self;
         drop(workers);
         let threads = threads.into_inner().unwrap_or_else(|p| p.into_inner());
         for t in threads {
@@ -285,7 +288,10 @@ impl WorkerCtx {
     }
 
     fn gather(&self, first: Job, deferred: &mut VecDeque<Job>) -> Vec<Job> {
-        let limit = self.batch_size.load(Ordering::Relaxed).min(first.model.max_batch);
+        let limit = self
+            .batch_size
+            .load(Ordering::Relaxed)
+            .min(first.model.max_batch);
         let mut rows = first.rows;
         let mut batch = vec![first];
         if !batch[0].model.batching() || rows >= limit {
@@ -418,7 +424,11 @@ fn run_batch(model: &LoadedModel, batch: &[Job], rows: usize) -> Result<BatchRes
 mod tests {
     use super::*;
 
-    fn counts(strategy: LoadBalancingStrategy, clients: &[Option<IpAddr>], loads: &[usize]) -> Vec<usize> {
+    fn counts(
+        strategy: LoadBalancingStrategy,
+        clients: &[Option<IpAddr>],
+        loads: &[usize],
+    ) -> Vec<usize> {
         let b = Balancer::new(strategy);
         let mut c = vec![0; loads.len()];
         for client in clients {
@@ -430,13 +440,23 @@ mod tests {
     #[test]
     fn round_robin_spreads_evenly() {
         let clients = vec![None; 300];
-        assert_eq!(counts(LoadBalancingStrategy::RoundRobin, &clients, &[0, 0, 0]), vec![100, 100, 100]);
+        assert_eq!(
+            counts(LoadBalancingStrategy::RoundRobin, &clients, &[0, 0, 0]),
+            vec![100, 100, 100]
+        );
     }
 
     #[test]
     fn least_connections_prefers_the_idle_worker() {
         let clients = vec![None; 50];
-        assert_eq!(counts(LoadBalancingStrategy::LeastConnections, &clients, &[5, 0, 3]), vec![0, 50, 0]);
+        assert_eq!(
+            counts(
+                LoadBalancingStrategy::LeastConnections,
+                &clients,
+                &[5, 0, 3]
+            ),
+            vec![0, 50, 0]
+        );
         // Equal loads rotate.
         let c = counts(LoadBalancingStrategy::LeastConnections, &clients, &[1, 1]);
         assert_eq!(c, vec![25, 25]);
@@ -445,9 +465,15 @@ mod tests {
     #[test]
     fn ip_hash_is_sticky_per_client_and_spreads_clients() {
         let a: IpAddr = "127.0.0.2".parse().expect("ip");
-        let c = counts(LoadBalancingStrategy::IpHash, &vec![Some(a); 40], &[0, 0, 0, 0]);
+        let c = counts(
+            LoadBalancingStrategy::IpHash,
+            &vec![Some(a); 40],
+            &[0, 0, 0, 0],
+        );
         assert_eq!(c.iter().filter(|&&n| n == 40).count(), 1, "{c:?}");
-        let many: Vec<Option<IpAddr>> = (1..=200u8).map(|i| Some(IpAddr::from([10, 0, 0, i]))).collect();
+        let many: Vec<Option<IpAddr>> = (1..=200u8)
+            .map(|i| Some(IpAddr::from([10, 0, 0, i])))
+            .collect();
         let c = counts(LoadBalancingStrategy::IpHash, &many, &[0, 0, 0, 0]);
         assert!(c.iter().all(|&n| n >= 25), "uneven: {c:?}");
     }

@@ -69,7 +69,9 @@ impl Fingerprint {
             files
                 .into_iter()
                 .map(|p| {
-                    let meta = std::fs::metadata(&p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+                    let meta = std::fs::metadata(&p)
+                        .ok()
+                        .and_then(|m| Some((m.modified().ok()?, m.len())));
                     (p, meta)
                 })
                 .collect(),
@@ -107,8 +109,18 @@ pub struct ModelInfo {
 /// An event of the registry, for logs and the store.
 #[derive(Debug, Clone)]
 pub enum LoadEvent {
-    Loaded { name: String, version: String, sha256: String, dir: PathBuf, load_ms: f64 },
-    Failed { name: String, dir: PathBuf, error: String },
+    Loaded {
+        name: String,
+        version: String,
+        sha256: String,
+        dir: PathBuf,
+        load_ms: f64,
+    },
+    Failed {
+        name: String,
+        dir: PathBuf,
+        error: String,
+    },
 }
 
 /// Models, cache and workers.
@@ -182,7 +194,12 @@ impl Runtime {
         let started = Instant::now();
         let name_guess = Bundle::read_manifest(dir)
             .map(|m| m.name)
-            .unwrap_or_else(|_| dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned()));
+            .unwrap_or_else(|_| {
+                dir.file_name().map_or_else(
+                    || dir.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                )
+            });
         let result = self.try_load(dir, &name_guess);
         let mut slots = self.slots.write();
         match result {
@@ -328,7 +345,13 @@ impl Runtime {
             ModelError::BadInput(m) => InferError::BadInput(m),
             other => InferError::Failed(other.to_string()),
         })?;
-        let output_names: Vec<String> = model.bundle.manifest.outputs.iter().map(|s| s.name.clone()).collect();
+        let output_names: Vec<String> = model
+            .bundle
+            .manifest
+            .outputs
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
         let key = self.cache.as_ref().map(|_| {
             let named: Vec<(&str, &TensorData)> = model
                 .bundle
@@ -340,8 +363,12 @@ impl Runtime {
                 .collect();
             CacheKey::new(model.name(), model.version(), &named)
         });
-        if let (Some(cache), Some(key)) = (&self.cache, &key) {
-            if let Some(outputs) = cache.lock().get(key) {
+        let hit = match (&self.cache, &key) {
+            (Some(cache), Some(key)) => cache.lock().get(key),
+            _ => None,
+        };
+        if let Some(outputs) = hit {
+            {
                 return Ok(InferOutcome {
                     prepare: t_prepare.elapsed(),
                     model: model.name().to_string(),
@@ -367,10 +394,14 @@ impl Runtime {
             enqueued: Instant::now(),
             reply: tx,
         };
-        self.pool.submit(job, client).map_err(InferError::Overloaded)?;
+        self.pool
+            .submit(job, client)
+            .map_err(InferError::Overloaded)?;
         let out = rx
             .await
-            .map_err(|_| InferError::Failed("the inference worker stopped before answering".into()))?
+            .map_err(|_| {
+                InferError::Failed("the inference worker stopped before answering".into())
+            })?
             .map_err(|e| InferError::Failed(e.to_string()))?;
         let outputs = Arc::new(out.outputs);
         if let (Some(cache), Some(key)) = (&self.cache, key) {

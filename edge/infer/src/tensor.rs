@@ -103,7 +103,7 @@ impl Data {
 
     /// Decode little-endian bytes of `dtype`.
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Result<Data, TensorError> {
-        if bytes.len() % dtype.size_of() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size_of()) {
             return Err(TensorError(format!(
                 "{} bytes is not a whole number of {dtype} elements ({} bytes each)",
                 bytes.len(),
@@ -225,7 +225,10 @@ impl TensorData {
     }
 
     /// Concatenate along axis 0, then pad with zero rows up to `total_rows`.
-    pub fn concat_rows(parts: &[&TensorData], total_rows: usize) -> Result<TensorData, TensorError> {
+    pub fn concat_rows(
+        parts: &[&TensorData],
+        total_rows: usize,
+    ) -> Result<TensorData, TensorError> {
         let first = parts
             .first()
             .ok_or_else(|| TensorError("nothing to concatenate".into()))?;
@@ -242,7 +245,10 @@ impl TensorData {
             rows += p.rows();
         }
         if total_rows > rows {
-            data.extend(&Data::zeros(first.dtype(), (total_rows - rows) * first.row_len()))?;
+            data.extend(&Data::zeros(
+                first.dtype(),
+                (total_rows - rows) * first.row_len(),
+            ))?;
             rows = total_rows;
         }
         let mut shape = first.shape.clone();

