@@ -25,6 +25,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MODELS: &[&str] = &["pp-ocr-cls", "silero-vad", "minilm-l3"];
+const BATCH: usize = 8;
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k)
@@ -108,6 +109,9 @@ struct Row {
     ort_p50: Vec<f64>,
     ort_p95: Vec<f64>,
     ort_version: String,
+    /// Per-row p50 at batch 8 (batching models only).
+    tract_b8_row: Vec<f64>,
+    ort_b8_row: Vec<f64>,
 }
 
 fn time_tract(
@@ -117,13 +121,17 @@ fn time_tract(
     iters: usize,
 ) -> (f64, f64) {
     let refs: Vec<&TensorData> = inputs.iter().map(|(_, t)| t).collect();
+    let rows = match inputs.first() {
+        Some((_, t)) if model.batching() => t.rows(),
+        _ => 1,
+    };
     for _ in 0..warmup {
-        model.run(&refs, 1).expect("run");
+        model.run(&refs, rows).expect("run");
     }
     let mut ms = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
-        model.run(&refs, 1).expect("run");
+        model.run(&refs, rows).expect("run");
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     (percentile(&mut ms, 0.5), percentile(&mut ms, 0.95))
@@ -344,13 +352,28 @@ fn main() {
             .collect();
         let outputs = outputs.join(",");
         let model_path = bundle.model_path();
-        let model = LoadedModel::load(bundle, 1).expect("load");
+        let batching = bundle.manifest.batching;
+        let model = LoadedModel::load(bundle, BATCH).expect("load");
         let _ = runtime.load_bundle(&dir);
-        loaded.push((*name, model, ins, path, outputs, model_path));
+        let b8 = batching.then(|| {
+            let ins8: Vec<(String, TensorData)> = ins
+                .iter()
+                .map(|(n, t)| {
+                    (
+                        n.clone(),
+                        TensorData::concat_rows(&[t; BATCH], BATCH).expect("batch"),
+                    )
+                })
+                .collect();
+            let p8 = tmp.path().join(format!("{name}-b{BATCH}.safetensors"));
+            write_inputs(&p8, &ins8);
+            (ins8, p8)
+        });
+        loaded.push((*name, model, ins, path, outputs, model_path, b8));
     }
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
-        for (name, model, ins, path, outputs, model_path) in &loaded {
+        for (name, model, ins, path, outputs, model_path, b8) in &loaded {
             let row = rows.entry(name).or_default();
             let (p50, p95) = time_tract(model, ins, warmup, iters);
             row.tract_p50.push(p50);
@@ -362,6 +385,12 @@ fn main() {
             row.ort_p50.push(p50);
             row.ort_p95.push(p95);
             row.ort_version = v;
+            if let Some((ins8, p8)) = b8 {
+                let (t50, _) = time_tract(model, ins8, warmup / 4, iters / 4);
+                let (o50, _, _) = time_ort(model_path, p8, outputs, warmup / 4, iters / 4);
+                row.tract_b8_row.push(t50 / BATCH as f64);
+                row.ort_b8_row.push(o50 / BATCH as f64);
+            }
         }
     }
     let mut http = Vec::new();
@@ -403,7 +432,24 @@ fn main() {
         ));
     }
     md.push_str(&format!(
-        "\n### End-to-end HTTP throughput\n\n{concurrency} concurrent keep-alive clients for {http_secs} s per model, JSON bodies, cache off, dynamic batching on (batch_size 8, 2 workers), client and daemon on the same 2 cores.\n\n\
+        "\n### Batching: per-row latency at batch {BATCH}\n\nSame row repeated {BATCH} times, one run, time divided by {BATCH} (p50, ms per row).\n\n\
+         | model | tract per row @{BATCH} | ORT per row @{BATCH} | ratio | tract speed-up vs batch 1 |\n|---|---|---|---|---|\n"
+    ));
+    for name in MODELS {
+        let r = &rows[name];
+        if r.tract_b8_row.is_empty() {
+            md.push_str(&format!("| {name} | no batch axis (stateful) | | | |\n"));
+            continue;
+        }
+        let (t, o) = (median(r.tract_b8_row.clone()), median(r.ort_b8_row.clone()));
+        md.push_str(&format!(
+            "| {name} | {t:.3} | {o:.3} | {:.2} | {:.2}x |\n",
+            t / o,
+            median(r.tract_p50.clone()) / t
+        ));
+    }
+    md.push_str(&format!(
+        "\n### End-to-end HTTP throughput\n\n{concurrency} concurrent keep-alive clients for {http_secs} s per model, JSON bodies, cache off, dynamic batching as each manifest says (off for pp-ocr-cls), batch_size 8, 2 workers, client and daemon on the same 2 cores.\n\n\
          | model | requests | throughput (req/s) | client p50 ms | client p95 ms | mean requests per batch |\n|---|---|---|---|---|---|\n"
     ));
     for (name, h) in &http {

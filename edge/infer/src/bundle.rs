@@ -120,6 +120,11 @@ pub struct Manifest {
     /// Axis 0 of every input and output is a batch axis.
     #[serde(default)]
     pub batching: bool,
+    /// With `batching`, may the daemon merge concurrent requests into one
+    /// run? Off where the runtime is slower per row at larger batches
+    /// (measured in docs/benchmarks.md). Requests may still carry many rows.
+    #[serde(default = "yes")]
+    pub dynamic_batching: bool,
     pub model: ModelFile,
     #[serde(default)]
     pub source: Option<Source>,

@@ -294,7 +294,8 @@ impl WorkerCtx {
             .min(first.model.max_batch);
         let mut rows = first.rows;
         let mut batch = vec![first];
-        if !batch[0].model.batching() || rows >= limit {
+        let manifest = &batch[0].model.bundle.manifest;
+        if !manifest.batching || !manifest.dynamic_batching || rows >= limit {
             return batch;
         }
         let deadline = Instant::now() + self.max_wait;
