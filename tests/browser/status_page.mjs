@@ -2,10 +2,13 @@
 // Real-browser check of the DAI daemon status page.
 //
 // usage: node tests/browser/status_page.mjs --url http://127.0.0.1:PORT/ \
-//          --expect-models a,b,c --screenshot PATH [--timeout-ms 15000] [--chromium /usr/bin/chromium]
+//          --expect-models a,b,c --screenshot PATH [--expect-training MODEL ...] [--timeout-ms 15000]
+//          [--chromium /usr/bin/chromium]
 //
 // Loads the page in headless Chromium (through playwright-core, no bundled browser), waits until
-// every expected model is rendered ready with a numeric p95 and requests > 0, then waits for one
+// every expected model is rendered ready with a numeric p95 and requests > 0 (and, for each
+// --expect-training model, the on-device training card shows exactly one visible
+// [data-training-model=MODEL] row whose [data-field="head_version"] has a value), then waits for one
 // more successful poll (#last-update changes), takes a full-page screenshot and prints a one-line
 // JSON summary on stdout. Exit status 0 only when every check passed and the page logged no console
 // error or warning and threw no page error; 1 otherwise (including bad arguments). Every wait is
@@ -30,7 +33,7 @@ function usage(msg) {
   if (msg) process.stderr.write(`status_page: ${msg}\n`);
   process.stderr.write(
     'usage: node status_page.mjs --url URL --expect-models a,b,c --screenshot PATH ' +
-      '[--timeout-ms 15000] [--chromium /usr/bin/chromium]\n',
+      '[--expect-training MODEL (repeatable, or a,b)] [--timeout-ms 15000] [--chromium /usr/bin/chromium]\n',
   );
   process.exit(1);
 }
@@ -41,6 +44,7 @@ try {
     options: {
       url: { type: 'string' },
       'expect-models': { type: 'string', default: '' },
+      'expect-training': { type: 'string', multiple: true, default: [] },
       screenshot: { type: 'string' },
       'timeout-ms': { type: 'string', default: '15000' },
       chromium: { type: 'string', default: '/usr/bin/chromium' },
@@ -62,6 +66,10 @@ try {
   usage(`not a URL: ${opts.url}`);
 }
 const expected = opts['expect-models'].split(',').map((s) => s.trim()).filter(Boolean);
+const expectedTraining = opts['expect-training']
+  .flatMap((v) => v.split(','))
+  .map((s) => s.trim())
+  .filter(Boolean);
 const readyTimeoutMs = Number(opts['timeout-ms']);
 if (!Number.isFinite(readyTimeoutMs) || readyTimeoutMs <= 0) usage('--timeout-ms must be a positive number');
 const screenshotPath = resolve(opts.screenshot);
@@ -80,7 +88,9 @@ const summary = {
   ok: false,
   url: pageUrl.href,
   expected_models: expected,
+  expected_training: expectedTraining,
   models: {},
+  training: {},
   extra_models: [],
   last_update: [],
   checks: {},
@@ -103,7 +113,8 @@ function finish(code) {
     process.stderr.write('status_page: FAILED\n');
     for (const f of failures) process.stderr.write(`  - ${f}\n`);
   } else {
-    process.stderr.write(`status_page: OK (${expected.length} models, ${summary.elapsed_ms} ms)\n`);
+    const tr = expectedTraining.length ? `, ${expectedTraining.length} training` : '';
+    process.stderr.write(`status_page: OK (${expected.length} models${tr}, ${summary.elapsed_ms} ms)\n`);
   }
   return code;
 }
@@ -118,7 +129,7 @@ const watchdog = setTimeout(() => {
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // Runs in the page: what the status page shows right now.
-function inspectPage(expectedNames) {
+function inspectPage({ models: expectedNames, training: expectedTrainingNames }) {
   const text = (el) => (el ? el.textContent.replace(/\s+/g, ' ').trim() : null);
   const num = (cell) => {
     if (!cell) return null;
@@ -159,6 +170,39 @@ function inspectPage(expectedNames) {
     if (!(m.requests > 0)) problems.push(`model ${name}: requests is ${JSON.stringify(m.requests)}, expected > 0`);
     if (!m.version) problems.push(`model ${name}: empty version cell`);
   }
+  // On-device training card: one row per model, [data-training-model=NAME] with data-field cells.
+  const training = {};
+  const trainingCounts = {};
+  for (const tr of document.querySelectorAll('[data-training-model]')) {
+    const name = tr.getAttribute('data-training-model');
+    trainingCounts[name] = (trainingCounts[name] || 0) + 1;
+    const cell = (f) => tr.querySelector(`[data-field="${f}"]`);
+    const chart = cell('loss_chart');
+    const line = chart ? chart.querySelector('polyline') : null;
+    training[name] = {
+      visible: tr.getClientRects().length > 0,
+      head_version: text(cell('head_version')),
+      state: text(cell('state')),
+      samples: text(cell('samples')),
+      outbox: text(cell('outbox')),
+      last_outcome: text(cell('last_outcome')),
+      val: text(cell('val')),
+      loss_chart: chart ? { polyline: !!line, points: line ? line.getAttribute('points') : null } : null,
+    };
+  }
+  for (const name of expectedTrainingNames) {
+    const t = training[name];
+    if (!t) {
+      problems.push(`training ${name}: no [data-training-model] element`);
+      continue;
+    }
+    if (trainingCounts[name] !== 1) problems.push(`training ${name}: ${trainingCounts[name]} elements, expected 1`);
+    if (!t.visible) problems.push(`training ${name}: element is not visible`);
+    // Empty or the page's placeholder dash means no head version was reported.
+    if (!t.head_version || t.head_version === '\u2014') {
+      problems.push(`training ${name}: [data-field="head_version"] shows ${JSON.stringify(t.head_version)}, expected a version`);
+    }
+  }
   if (banner && !banner.hidden) problems.push(`#conn-banner is shown: ${text(banner)}`);
   const alerts = document.getElementById('alerts');
   return {
@@ -166,6 +210,7 @@ function inspectPage(expectedNames) {
     seq: lu ? lu.getAttribute('data-seq') : null,
     bannerVisible: !!banner && !banner.hidden && banner.getClientRects().length > 0,
     models,
+    training,
     problems,
     panels: {
       cache_hit_ratio: text(document.getElementById('cache-hit-ratio')),
@@ -183,7 +228,7 @@ async function pollPage(page, predicate, timeoutMs) {
   const deadline = Date.now() + timeoutMs;
   let snap = null;
   for (;;) {
-    snap = await page.evaluate(inspectPage, expected);
+    snap = await page.evaluate(inspectPage, { models: expected, training: expectedTraining });
     if (predicate(snap)) return { ok: true, snap };
     if (Date.now() >= deadline) return { ok: false, snap };
     await sleep(150);
@@ -256,9 +301,11 @@ async function main() {
     if (!/^text\/html\b/i.test(ct)) failures.push(`GET ${pageUrl.href} has Content-Type ${JSON.stringify(ct)}, expected text/html`);
   }
 
-  // 1. First successful poll with every expected model ready, numeric p95, requests > 0.
+  // 1. First successful poll with every expected model ready, numeric p95, requests > 0, and every
+  //    --expect-training model shown with a head version.
   const first = await pollPage(page, (s) => s.problems.length === 0, readyTimeoutMs);
   summary.models = first.snap.models;
+  summary.training = first.snap.training;
   summary.extra_models = Object.keys(first.snap.models).filter((n) => !expected.includes(n));
   summary.last_update.push(first.snap.lastUpdate);
   summary.checks.ready_within_ms = first.ok ? Date.now() - started : null;
@@ -276,6 +323,7 @@ async function main() {
     );
     summary.last_update.push(live.snap.lastUpdate);
     summary.models = live.snap.models;
+    summary.training = live.snap.training;
     summary.checks.live_update = live.ok;
     if (!live.ok) {
       failures.push(`#last-update did not change within ${LIVE_TIMEOUT_MS} ms (stayed ${JSON.stringify(before)})`);

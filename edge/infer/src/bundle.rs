@@ -107,6 +107,30 @@ pub enum Preprocess {
     },
 }
 
+/// A trainable head on top of the ONNX graph (`head.safetensors`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadRef {
+    pub file: String,
+    pub sha256: String,
+    /// The manifest output (of the ONNX graph) the head consumes.
+    pub input: String,
+    /// API name of the head's output.
+    pub output: String,
+    /// `softmax` turns a cross-entropy head's logits into probabilities.
+    #[serde(default)]
+    pub transform: HeadTransform,
+}
+
+/// Post-processing of the head's output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadTransform {
+    #[default]
+    None,
+    Softmax,
+}
+
 /// `manifest.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +154,12 @@ pub struct Manifest {
     pub source: Option<Source>,
     #[serde(default)]
     pub preprocess: Option<Preprocess>,
+    /// Trainable head: inference runs ONNX graph -> head.
+    #[serde(default)]
+    pub head: Option<HeadRef>,
+    /// Figures measured when the bundle was made (e.g. test_accuracy).
+    #[serde(default)]
+    pub metrics: std::collections::BTreeMap<String, f64>,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
 }
@@ -190,6 +220,25 @@ impl Bundle {
                 expected: manifest.model.sha256.clone(),
                 actual,
             });
+        }
+        let mut model_bytes = model_bytes;
+        if let Some(h) = &manifest.head {
+            let path = dir.join(&h.file);
+            if !path.exists() {
+                return Err(BundleError::Missing {
+                    path,
+                    hint: String::new(),
+                });
+            }
+            let (sum, bytes) = sha256_file(&path)?;
+            if !sum.eq_ignore_ascii_case(&h.sha256) {
+                return Err(BundleError::Checksum {
+                    path,
+                    expected: h.sha256.clone(),
+                    actual: sum,
+                });
+            }
+            model_bytes += bytes;
         }
         Ok(Bundle {
             dir: dir.to_path_buf(),
@@ -281,6 +330,21 @@ impl Manifest {
                         mean.len()
                     ));
                 }
+            }
+        }
+        if let Some(h) = &self.head {
+            if !self.outputs.iter().any(|o| o.name == h.input) {
+                return Err(format!(
+                    "head.input {:?}: not one of the outputs {:?}",
+                    h.input,
+                    self.outputs
+                        .iter()
+                        .map(|o| o.name.as_str())
+                        .collect::<Vec<_>>()
+                ));
+            }
+            if h.file.contains("..") || h.sha256.len() != 64 {
+                return Err("head: file must be inside the bundle and sha256 64 hex digits".into());
             }
         }
         if let Some(src) = &self.source {

@@ -40,9 +40,22 @@ pub enum ModelError {
     Run { model: String, message: String },
 }
 
+/// The trainable head currently serving, swapped atomically after training.
+#[derive(Debug, Clone)]
+pub struct HeadState {
+    pub head: dai_train::Head,
+    /// 0 = the head shipped in the bundle; n = the n-th accepted local head.
+    pub version: i64,
+}
+
 /// A model ready to run.
 #[derive(Debug)]
 pub struct LoadedModel {
+    /// The bundle's trainable head, if any; `None` for plain ONNX models.
+    pub head: Option<arc_swap::ArcSwap<HeadState>>,
+    /// The head as shipped in the bundle (the base local training starts from
+    /// when no trained head exists yet).
+    pub shipped_head: Option<dai_train::Head>,
     pub bundle: Bundle,
     /// Manifest input spec index -> position in tract's input list.
     input_order: Vec<usize>,
@@ -107,7 +120,33 @@ impl LoadedModel {
                 })?;
             input_order.push(pos);
         }
+        let shipped_head = match &bundle.manifest.head {
+            Some(h) => {
+                let (head, _) =
+                    dai_train::Head::load(&bundle.dir.join(&h.file)).map_err(|e| load_err(&e))?;
+                let feeds = bundle
+                    .manifest
+                    .outputs
+                    .iter()
+                    .find(|o| o.name == h.input)
+                    .map(TensorSpec::row_elems)
+                    .unwrap_or(0);
+                if head.spec.inputs() != feeds {
+                    return Err(load_err(&format!(
+                        "head takes {} inputs but output {:?} has {feeds} per row",
+                        head.spec.inputs(),
+                        h.input
+                    )));
+                }
+                Some(head)
+            }
+            None => None,
+        };
         let model = LoadedModel {
+            head: shipped_head
+                .clone()
+                .map(|head| arc_swap::ArcSwap::from_pointee(HeadState { head, version: 0 })),
+            shipped_head,
             estimated_bytes: Self::estimate_bytes(&bundle),
             bundle,
             input_order,
@@ -125,6 +164,66 @@ impl LoadedModel {
 
     pub fn version(&self) -> &str {
         &self.bundle.manifest.version
+    }
+
+    /// Version string that identifies what answers this model gives: the
+    /// bundle version plus the serving head version.
+    pub fn answer_version(&self) -> String {
+        match &self.head {
+            Some(h) => format!("{}+head.{}", self.version(), h.load().version),
+            None => self.version().to_string(),
+        }
+    }
+
+    /// Apply the head to the backbone outputs: returns (head output, head input).
+    pub fn apply_head(
+        &self,
+        backbone: &[TensorData],
+    ) -> Result<Option<(TensorData, TensorData)>, ModelError> {
+        let (Some(state), Some(href)) = (&self.head, &self.bundle.manifest.head) else {
+            return Ok(None);
+        };
+        let err = |message: String| ModelError::Run {
+            model: self.name().to_string(),
+            message,
+        };
+        let idx = self
+            .bundle
+            .manifest
+            .outputs
+            .iter()
+            .position(|o| o.name == href.input)
+            .ok_or_else(|| err(format!("no output {:?} for the head", href.input)))?;
+        let emb = backbone
+            .get(idx)
+            .ok_or_else(|| err("backbone output missing".into()))?
+            .clone();
+        let Data::F32(x) = &emb.data else {
+            return Err(err(format!(
+                "head input {:?} is {}, expected f32",
+                href.input,
+                emb.dtype()
+            )));
+        };
+        let rows = emb.rows();
+        let state = state.load();
+        let mut out = dai_train::predict(&state.head, x, rows).map_err(|e| err(e.to_string()))?;
+        let k = state.head.spec.outputs();
+        if href.transform == crate::bundle::HeadTransform::Softmax {
+            for row in out.chunks_mut(k) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                for v in row.iter_mut() {
+                    *v /= sum;
+                }
+            }
+        }
+        let t = TensorData::new(vec![rows, k], Data::F32(out)).map_err(|e| err(e.0))?;
+        Ok(Some((t, emb)))
     }
 
     pub fn batching(&self) -> bool {

@@ -52,6 +52,21 @@ pub struct InferOutcome {
     pub batch_requests: usize,
     /// Output specs, in order.
     pub output_names: Vec<String>,
+    /// For models with a head: the head's input rows (the embedding), kept
+    /// so feedback can become a training sample without rerunning the backbone.
+    pub head_input: Option<TensorData>,
+}
+
+/// Cached or fresh results of a head model are `[head output, head input]`.
+fn split_head(
+    model: &LoadedModel,
+    full: Arc<Vec<TensorData>>,
+) -> (Arc<Vec<TensorData>>, Option<TensorData>) {
+    if model.head.is_some() && full.len() == 2 {
+        (Arc::new(vec![full[0].clone()]), Some(full[1].clone()))
+    } else {
+        (full, None)
+    }
 }
 
 /// Identity of the files of a bundle, to notice changes.
@@ -345,13 +360,17 @@ impl Runtime {
             ModelError::BadInput(m) => InferError::BadInput(m),
             other => InferError::Failed(other.to_string()),
         })?;
-        let output_names: Vec<String> = model
-            .bundle
-            .manifest
-            .outputs
-            .iter()
-            .map(|s| s.name.clone())
-            .collect();
+        let output_names: Vec<String> = match &model.bundle.manifest.head {
+            Some(h) => vec![h.output.clone()],
+            None => model
+                .bundle
+                .manifest
+                .outputs
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
+        };
+        let answer_version = model.answer_version();
         let key = self.cache.as_ref().map(|_| {
             let named: Vec<(&str, &TensorData)> = model
                 .bundle
@@ -361,15 +380,17 @@ impl Runtime {
                 .map(|s| s.name.as_str())
                 .zip(prepared.iter())
                 .collect();
-            CacheKey::new(model.name(), model.version(), &named)
+            CacheKey::new(model.name(), &answer_version, &named)
         });
         let hit = match (&self.cache, &key) {
             (Some(cache), Some(key)) => cache.lock().get(key),
             _ => None,
         };
-        if let Some(outputs) = hit {
+        if let Some(cached) = hit {
             {
+                let (outputs, head_input) = split_head(&model, cached);
                 return Ok(InferOutcome {
+                    head_input,
                     prepare: t_prepare.elapsed(),
                     model: model.name().to_string(),
                     version: model.version().to_string(),
@@ -403,10 +424,17 @@ impl Runtime {
                 InferError::Failed("the inference worker stopped before answering".into())
             })?
             .map_err(|e| InferError::Failed(e.to_string()))?;
-        let outputs = Arc::new(out.outputs);
+        let full = match model
+            .apply_head(&out.outputs)
+            .map_err(|e| InferError::Failed(e.to_string()))?
+        {
+            Some((head_out, emb)) => Arc::new(vec![head_out, emb]),
+            None => Arc::new(out.outputs),
+        };
         if let (Some(cache), Some(key)) = (&self.cache, key) {
-            cache.lock().insert(key, outputs.clone());
+            cache.lock().insert(key, full.clone());
         }
+        let (outputs, head_input) = split_head(&model, full);
         Ok(InferOutcome {
             model: model.name().to_string(),
             version: model.version().to_string(),
@@ -420,7 +448,33 @@ impl Runtime {
             batch_rows: out.batch_rows,
             batch_requests: out.batch_requests,
             output_names,
+            head_input,
         })
+    }
+
+    /// Serve `head` as `version` for `name` from now on (atomic swap).
+    pub fn set_head(
+        &self,
+        name: &str,
+        head: dai_train::Head,
+        version: i64,
+    ) -> Result<(), InferError> {
+        let model = self.model(name)?;
+        let slot = model
+            .head
+            .as_ref()
+            .ok_or_else(|| InferError::BadInput(format!("model {name} has no trainable head")))?;
+        let current = slot.load();
+        if current.head.spec != head.spec {
+            return Err(InferError::BadInput(format!(
+                "head for {name} has a different architecture"
+            )));
+        }
+        slot.store(Arc::new(crate::model::HeadState { head, version }));
+        if let Some(c) = &self.cache {
+            c.lock().invalidate_model(name);
+        }
+        Ok(())
     }
 
     /// Stop the workers after they finish what is queued.

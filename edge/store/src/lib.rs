@@ -5,10 +5,14 @@
 //! versioned with `PRAGMA user_version`; [`MIGRATIONS`] run in order inside
 //! one transaction each, so an interrupted upgrade leaves the old version.
 //!
-//! Tables today: `models` (every version ever loaded, with its checksum and
-//! load result), `model_events` (load / reload / failure history) and
-//! `metric_snapshots` (periodic JSON snapshots of the daemon's figures).
-//! Samples and the update outbox join in later migrations.
+//! Tables: `models` (every version ever loaded, with its checksum),
+//! `model_events` (load / reload / failure history), `metric_snapshots`
+//! (periodic JSON snapshots of the daemon's figures), and for on-device
+//! training `samples` (head input vectors + labels, train/holdout split,
+//! bounded per model), `heads` (every accepted head version, one active),
+//! `training_runs`, and `outbox` (updates waiting for cloud sync). A new
+//! head, its outbox row and its run's outcome are written in one
+//! transaction ([`Store::accept_head`]).
 
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -62,7 +66,129 @@ pub const MIGRATIONS: &[&str] = &[
         snapshot TEXT NOT NULL
     );
     CREATE INDEX metric_snapshots_ts ON metric_snapshots (ts);",
+    // 2: on-device training: samples, head versions, runs, the update outbox
+    "CREATE TABLE samples (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        model TEXT NOT NULL,
+        base_version TEXT NOT NULL,
+        features BLOB NOT NULL,
+        label INTEGER NOT NULL,
+        split TEXT NOT NULL CHECK (split IN ('train', 'holdout')),
+        source TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX samples_model ON samples (model, id);
+    CREATE TABLE heads (
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        base_version TEXT NOT NULL,
+        base_head_version INTEGER NOT NULL,
+        weights BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        active INTEGER NOT NULL DEFAULT 0,
+        run_id INTEGER,
+        PRIMARY KEY (model, version)
+    );
+    CREATE TABLE training_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        model TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        outcome TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        samples INTEGER NOT NULL,
+        epochs TEXT NOT NULL DEFAULT '[]',
+        val_acc_before REAL,
+        val_acc_after REAL,
+        reason TEXT
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        update_id TEXT NOT NULL UNIQUE,
+        model TEXT NOT NULL,
+        base_version TEXT NOT NULL,
+        head_version INTEGER NOT NULL,
+        sample_count INTEGER NOT NULL,
+        loss REAL NOT NULL,
+        encoding TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );",
 ];
+
+/// A stored training sample (the head's input vector and its label).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub id: i64,
+    pub features: Vec<f32>,
+    pub label: u32,
+    pub holdout: bool,
+}
+
+/// A sample to store.
+#[derive(Debug, Clone, Copy)]
+pub struct NewSample<'a> {
+    pub model: &'a str,
+    pub base_version: &'a str,
+    pub features: &'a [f32],
+    pub label: u32,
+    /// `api`, `feedback` or `sensor`.
+    pub source: &'a str,
+}
+
+/// A training run as recorded.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub model: String,
+    pub started_at: f64,
+    pub finished_at: Option<f64>,
+    pub outcome: String,
+    pub backend: String,
+    pub samples: i64,
+    pub epochs: serde_json::Value,
+    pub val_acc_before: Option<f64>,
+    pub val_acc_after: Option<f64>,
+    pub reason: Option<String>,
+}
+
+/// What a finished run hands to the store in one transaction.
+#[derive(Debug, Clone)]
+pub struct AcceptedHead<'a> {
+    pub model: &'a str,
+    pub base_version: &'a str,
+    pub weights: &'a [u8],
+    /// The update for cloud sync: a delta against the base head.
+    pub update_id: &'a str,
+    pub delta_payload: &'a [u8],
+    pub encoding: &'a str,
+    pub sample_count: i64,
+    pub loss: f64,
+}
+
+/// A pending update in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub update_id: String,
+    pub model: String,
+    pub base_version: String,
+    pub head_version: i64,
+    pub sample_count: i64,
+    pub loss: f64,
+    pub encoding: String,
+    pub payload: Vec<u8>,
+}
+
+fn f32_blob(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn blob_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
 
 /// A model version as recorded.
 #[derive(Debug, Clone, PartialEq)]
@@ -253,6 +379,240 @@ impl Store {
                 serde_json::from_str(&s).unwrap_or(serde_json::Value::Null),
             )
         }))
+    }
+
+    /// Store a labelled sample; every `holdout_every`-th sample of a model
+    /// (by id) is kept for validation. Keeps at most `max_per_model` samples
+    /// per model, deleting the oldest. Returns the sample id.
+    pub fn insert_sample(
+        &self,
+        sample: &NewSample<'_>,
+        holdout_every: i64,
+        max_per_model: i64,
+    ) -> Result<i64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let next: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM samples", [], |r| {
+            r.get(0)
+        })?;
+        let split = if holdout_every > 0 && next % holdout_every == 0 {
+            "holdout"
+        } else {
+            "train"
+        };
+        tx.execute(
+            "INSERT INTO samples (model, base_version, features, label, split, source, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                sample.model,
+                sample.base_version,
+                f32_blob(sample.features),
+                sample.label,
+                split,
+                sample.source,
+                now()
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "DELETE FROM samples WHERE model = ?1 AND id <= (
+                SELECT id FROM samples WHERE model = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            params![sample.model, max_per_model],
+        )?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Samples of `model` taken with `base_version`, oldest first.
+    pub fn samples(&self, model: &str, base_version: &str) -> Result<Vec<Sample>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, features, label, split FROM samples WHERE model = ?1 AND base_version = ?2 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![model, base_version], |r| {
+            Ok(Sample {
+                id: r.get(0)?,
+                features: blob_f32(&r.get::<_, Vec<u8>>(1)?),
+                label: r.get(2)?,
+                holdout: r.get::<_, String>(3)? == "holdout",
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// (train, holdout, newest id) counts of a model's samples.
+    pub fn sample_counts(&self, model: &str) -> Result<(i64, i64, i64), StoreError> {
+        Ok(self.conn().query_row(
+            "SELECT COALESCE(SUM(split = 'train'), 0), COALESCE(SUM(split = 'holdout'), 0), COALESCE(MAX(id), 0)
+             FROM samples WHERE model = ?1",
+            params![model],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?)
+    }
+
+    /// The active trained head of `model` for `base_version`: (version, weights).
+    pub fn active_head(
+        &self,
+        model: &str,
+        base_version: &str,
+    ) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT version, weights FROM heads WHERE model = ?1 AND base_version = ?2 AND active = 1",
+                params![model, base_version],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Start a run; returns its id.
+    pub fn start_run(&self, model: &str, backend: &str, samples: i64) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO training_runs (model, started_at, outcome, backend, samples) VALUES (?1, ?2, 'running', ?3, ?4)",
+            params![model, now(), backend, samples],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Finish a run that did not produce a new head.
+    pub fn finish_run(
+        &self,
+        run: i64,
+        outcome: &str,
+        epochs: &serde_json::Value,
+        before: Option<f64>,
+        after: Option<f64>,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE training_runs SET finished_at = ?2, outcome = ?3, epochs = ?4, val_acc_before = ?5,
+             val_acc_after = ?6, reason = ?7 WHERE id = ?1",
+            params![run, now(), outcome, epochs.to_string(), before, after, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Accept a new head: in ONE transaction record it as the active version,
+    /// queue its delta in the outbox and close the run. Either all of it is
+    /// stored or none (a crash mid-way leaves the previous head active and
+    /// no half-written outbox row). Returns the new head version.
+    pub fn accept_head(
+        &self,
+        run: i64,
+        head: &AcceptedHead<'_>,
+        epochs: &serde_json::Value,
+        before: f64,
+        after: f64,
+    ) -> Result<i64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ts = now();
+        let (version, base_head): (i64, i64) = tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) + 1,
+                    COALESCE((SELECT version FROM heads WHERE model = ?1 AND base_version = ?2 AND active = 1), 0)
+             FROM heads WHERE model = ?1",
+            params![head.model, head.base_version],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        tx.execute(
+            "UPDATE heads SET active = 0 WHERE model = ?1",
+            params![head.model],
+        )?;
+        tx.execute(
+            "INSERT INTO heads (model, version, base_version, base_head_version, weights, created_at, active, run_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
+            params![head.model, version, head.base_version, base_head, head.weights, ts, run],
+        )?;
+        tx.execute(
+            "INSERT INTO outbox (update_id, model, base_version, head_version, sample_count, loss, encoding, payload, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                head.update_id,
+                head.model,
+                head.base_version,
+                version,
+                head.sample_count,
+                head.loss,
+                head.encoding,
+                head.delta_payload,
+                ts
+            ],
+        )?;
+        tx.execute(
+            "UPDATE training_runs SET finished_at = ?2, outcome = 'accepted', epochs = ?3, val_acc_before = ?4,
+             val_acc_after = ?5 WHERE id = ?1",
+            params![run, ts, epochs.to_string(), before, after],
+        )?;
+        tx.commit()?;
+        Ok(version)
+    }
+
+    /// Runs of a model, newest first.
+    pub fn runs(&self, model: &str, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, model, started_at, finished_at, outcome, backend, samples, epochs, val_acc_before, val_acc_after, reason
+             FROM training_runs WHERE model = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![model, limit as i64], |r| {
+            Ok(RunRecord {
+                id: r.get(0)?,
+                model: r.get(1)?,
+                started_at: r.get(2)?,
+                finished_at: r.get(3)?,
+                outcome: r.get(4)?,
+                backend: r.get(5)?,
+                samples: r.get(6)?,
+                epochs: serde_json::from_str(&r.get::<_, String>(7)?)
+                    .unwrap_or(serde_json::Value::Null),
+                val_acc_before: r.get(8)?,
+                val_acc_after: r.get(9)?,
+                reason: r.get(10)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Runs left `running` by a crash: mark them `interrupted`.
+    pub fn close_interrupted_runs(&self) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE training_runs SET outcome = 'interrupted', finished_at = ?1,
+             reason = 'the daemon stopped during the run' WHERE outcome = 'running'",
+            params![now()],
+        )?)
+    }
+
+    /// Pending outbox rows, oldest first.
+    pub fn outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, update_id, model, base_version, head_version, sample_count, loss, encoding, payload
+             FROM outbox ORDER BY id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit as i64], |r| {
+            Ok(OutboxRow {
+                id: r.get(0)?,
+                update_id: r.get(1)?,
+                model: r.get(2)?,
+                base_version: r.get(3)?,
+                head_version: r.get(4)?,
+                sample_count: r.get(5)?,
+                loss: r.get(6)?,
+                encoding: r.get(7)?,
+                payload: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn outbox_count(&self, model: &str) -> Result<i64, StoreError> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM outbox WHERE model = ?1",
+            params![model],
+            |r| r.get(0),
+        )?)
     }
 
     pub fn snapshot_count(&self) -> Result<i64, StoreError> {

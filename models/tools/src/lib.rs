@@ -1,0 +1,29 @@
+//! `dai-models`: tools that make and convert model bundles.
+//!
+//! Layout:
+//! - [`digits`]: the UCI digits data set shipped in `models/data`;
+//! - [`onnx`]: writes dense layers as a standard ONNX graph (Mul for input
+//!   scaling, Gemm + activation per layer) with tract's protobuf types;
+//! - [`train_digits`]: trains the MLP with the same trainer the daemon uses,
+//!   exports the first layers as `backbone.onnx` and the rest as
+//!   `head.safetensors`, verifies the export in tract, and writes the
+//!   `digits` bundle with its test accuracy.
+
+pub mod digits;
+pub mod onnx;
+pub mod train_digits;
+
+/// Tool errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("{path}: {message}")]
+    Data { path: String, message: String },
+    #[error("cannot export: {0}")]
+    Export(String),
+    #[error(transparent)]
+    Train(#[from] dai_train::TrainError),
+    #[error("{0}")]
+    Io(String),
+    #[error("verification failed: {0}")]
+    Verify(String),
+}

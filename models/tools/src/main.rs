@@ -1,0 +1,114 @@
+//! `dai-models` binary: thin CLI over the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dai-models",
+    version,
+    about = "Make, convert and inspect DAI model bundles"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model the project ships.
+    Train {
+        #[command(subcommand)]
+        model: TrainModel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TrainModel {
+    /// The UCI digits MLP -> models/zoo/digits (backbone.onnx + head.safetensors).
+    Digits {
+        #[arg(long, default_value = "models/data/digits.csv.gz")]
+        data: PathBuf,
+        #[arg(long, short, default_value = "models/zoo/digits")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 40)]
+        epochs: usize,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 0.003)]
+        lr: f32,
+        /// Train on the GPU (wgpu) when an adapter exists.
+        #[arg(long)]
+        gpu: bool,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DAI_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Train {
+            model:
+                TrainModel::Digits {
+                    data,
+                    out,
+                    epochs,
+                    batch_size,
+                    lr,
+                    gpu,
+                    seed,
+                    json,
+                },
+        } => {
+            let opts = dai_models::train_digits::DigitsOptions {
+                data,
+                out: out.clone(),
+                epochs,
+                batch_size,
+                lr,
+                gpu,
+                seed,
+            };
+            let report = dai_models::train_digits::run(&opts, |epoch, loss| {
+                if !json {
+                    eprintln!("epoch {epoch:>3}  loss {loss:.4}");
+                }
+            })
+            .context("training digits")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "digits: backend {}{}, {} train / {} test samples, final loss {:.4}, test accuracy {:.2}% \
+                     (bundle through tract: {:.2}%, max |dp| {:.1e}), {:.1} s -> {}",
+                    report.backend,
+                    report
+                        .fallback_reason
+                        .as_ref()
+                        .map(|r| format!(" (GPU fallback: {r})"))
+                        .unwrap_or_default(),
+                    report.train_samples,
+                    report.test_samples,
+                    report.final_loss,
+                    report.test_accuracy * 100.0,
+                    report.bundle_test_accuracy * 100.0,
+                    report.max_abs_diff_vs_trainer,
+                    report.seconds,
+                    out.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
