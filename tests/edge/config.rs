@@ -20,6 +20,16 @@ profiling_enabled: false
 profiling_interval_sec: 20
 latency_threshold_ms: 42.5
 throughput_target_rps: 120
+training:
+  enabled: false
+  min_new_samples: 3
+  max_cpu_percent: 55.5
+  check_interval_sec: 9
+  optimizer: sgd
+  learning_rate: 0.5
+  momentum: 0.5
+  max_samples_per_model: 77
+  holdout_every: 4
 daemon:
   listen_addr: 0.0.0.0:9000
   data_dir: /var/lib/dai
@@ -55,6 +65,16 @@ fn every_key_is_parsed() {
     assert_eq!(c.profiling_interval_sec, 20);
     assert_eq!(c.latency_threshold_ms, 42.5);
     assert_eq!(c.throughput_target_rps, 120.0);
+    let t = &c.training;
+    assert!(!t.enabled);
+    assert_eq!(t.min_new_samples, 3);
+    assert_eq!(t.max_cpu_percent, 55.5);
+    assert_eq!(t.check_interval_sec, 9);
+    assert_eq!(t.optimizer, dai_config::OptimizerChoice::Sgd);
+    assert_eq!(t.learning_rate, 0.5);
+    assert_eq!(t.momentum, 0.5);
+    assert_eq!(t.max_samples_per_model, 77);
+    assert_eq!(t.holdout_every, 4);
     let d = &c.daemon;
     assert_eq!(d.listen_addr.to_string(), "0.0.0.0:9000");
     assert_eq!(d.data_dir.to_str(), Some("/var/lib/dai"));
@@ -91,6 +111,15 @@ const BAD: &[(&str, &str, &str)] = &[
     ("profiling_interval_sec", "0", "1..=86400"),
     ("latency_threshold_ms", "-5", "> 0"),
     ("throughput_target_rps", "0", "> 0"),
+    ("training.enabled", "yes please", "invalid type"),
+    ("training.min_new_samples", "0", "1..=1000000"),
+    ("training.max_cpu_percent", "150", "(0, 100]"),
+    ("training.check_interval_sec", "0", "1..=86400"),
+    ("training.optimizer", "rmsprop", "adam"),
+    ("training.learning_rate", "0", "(0, 10]"),
+    ("training.momentum", "1.5", "[0, 1)"),
+    ("training.max_samples_per_model", "0", "1..=10000000"),
+    ("training.holdout_every", "1", "2..=100"),
     ("daemon.listen_addr", "nowhere", "socket address"),
     ("daemon.data_dir", "''", "directory path"),
     ("daemon.models_dir", "''", "directory path"),
@@ -114,7 +143,7 @@ fn yaml_with(key: &str, value: &str) -> String {
 
 #[test]
 fn every_key_refuses_a_bad_value_naming_key_and_value() {
-    assert_eq!(BAD.len(), 29, "one case per key");
+    assert_eq!(BAD.len(), 38, "one case per key");
     for (key, value, expect) in BAD {
         let err = Config::from_yaml_str(&yaml_with(key, value), "test.yaml").expect_err(key);
         let text = err.to_string();

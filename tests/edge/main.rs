@@ -10,3 +10,4 @@ mod inference;
 mod lifecycle;
 mod metrics;
 mod support;
+mod training;

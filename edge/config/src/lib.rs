@@ -38,6 +38,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("DAI_PROFILING_ENABLED", "profiling_enabled"),
     ("DAI_LATENCY_THRESHOLD_MS", "latency_threshold_ms"),
     ("DAI_THROUGHPUT_TARGET_RPS", "throughput_target_rps"),
+    ("DAI_TRAINING_ENABLED", "training.enabled"),
 ];
 
 /// Why a configuration was refused.
@@ -154,8 +155,58 @@ pub struct Config {
     pub latency_threshold_ms: f64,
     /// Expected sustained request rate, requests per second.
     pub throughput_target_rps: f64,
+    /// On-device training.
+    pub training: TrainingConfig,
     /// The daemon's own settings.
     pub daemon: DaemonConfig,
+}
+
+/// Optimiser for on-device training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerChoice {
+    Sgd,
+    Adam,
+}
+
+/// On-device training settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Fine-tune models with a trainable head.
+    pub enabled: bool,
+    /// New samples needed before a run.
+    pub min_new_samples: u64,
+    /// Train only while machine CPU use is below this, percent.
+    pub max_cpu_percent: f64,
+    /// Scheduler period, seconds.
+    pub check_interval_sec: u64,
+    /// sgd | adam.
+    pub optimizer: OptimizerChoice,
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Samples kept per model.
+    pub max_samples_per_model: u64,
+    /// Every n-th sample is held out for validation.
+    pub holdout_every: u64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            enabled: true,
+            min_new_samples: 20,
+            max_cpu_percent: 80.0,
+            check_interval_sec: 5,
+            optimizer: OptimizerChoice::Adam,
+            learning_rate: 0.003,
+            momentum: 0.9,
+            max_samples_per_model: 10_000,
+            holdout_every: 5,
+        }
+    }
 }
 
 // The values of configs/performance_config.yaml; a unit test keeps the two equal.
@@ -179,6 +230,7 @@ impl Default for Config {
             profiling_interval_sec: 5,
             latency_threshold_ms: 100.0,
             throughput_target_rps: 50.0,
+            training: TrainingConfig::default(),
             daemon: DaemonConfig::default(),
         }
     }
@@ -459,6 +511,56 @@ fn validate(c: &Config, origin: &str) -> Result<(), ConfigError> {
             "throughput_target_rps",
             c.throughput_target_rps.to_string(),
             "expected requests per second > 0",
+        ));
+    }
+    let t = &c.training;
+    if !(1..=1_000_000).contains(&t.min_new_samples) {
+        return Err(bad(
+            "training.min_new_samples",
+            t.min_new_samples.to_string(),
+            "expected 1..=1000000",
+        ));
+    }
+    if !(t.max_cpu_percent.is_finite() && t.max_cpu_percent > 0.0 && t.max_cpu_percent <= 100.0) {
+        return Err(bad(
+            "training.max_cpu_percent",
+            t.max_cpu_percent.to_string(),
+            "expected percent in (0, 100]",
+        ));
+    }
+    if !(1..=86_400).contains(&t.check_interval_sec) {
+        return Err(bad(
+            "training.check_interval_sec",
+            t.check_interval_sec.to_string(),
+            "expected seconds in 1..=86400",
+        ));
+    }
+    if !(t.learning_rate.is_finite() && t.learning_rate > 0.0 && t.learning_rate <= 10.0) {
+        return Err(bad(
+            "training.learning_rate",
+            t.learning_rate.to_string(),
+            "expected (0, 10]",
+        ));
+    }
+    if !(t.momentum.is_finite() && (0.0..1.0).contains(&t.momentum)) {
+        return Err(bad(
+            "training.momentum",
+            t.momentum.to_string(),
+            "expected [0, 1)",
+        ));
+    }
+    if !(1..=10_000_000).contains(&t.max_samples_per_model) {
+        return Err(bad(
+            "training.max_samples_per_model",
+            t.max_samples_per_model.to_string(),
+            "expected 1..=10000000",
+        ));
+    }
+    if !(2..=100).contains(&t.holdout_every) {
+        return Err(bad(
+            "training.holdout_every",
+            t.holdout_every.to_string(),
+            "expected 2..=100",
         ));
     }
     let d = &c.daemon;

@@ -48,6 +48,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{name}", get(model_detail))
         .route("/v1/models/{name}/infer", post(infer))
+        .route("/v1/models/{name}/samples", post(samples))
+        .route("/v1/models/{name}/train", post(train_now))
+        .route("/v1/feedback", post(feedback))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -378,6 +381,7 @@ pub fn snapshot(state: &AppState) -> Value {
         "latency_threshold_ms": state.config.latency_threshold_ms,
         "throughput_target_rps": state.config.throughput_target_rps,
         "throughput_rps": state.stats.overall_rps(),
+        "training": crate::training::status(state),
     })
 }
 
@@ -691,6 +695,17 @@ async fn infer_inner(
     let t_post = Instant::now();
     let seq = state.request_seq.fetch_add(1, Ordering::Relaxed);
     let id = format!("{:x}-{seq:x}", state.boot_id);
+    if let Some(emb) = &out.head_input
+        && let Data::F32(features) = &emb.data
+    {
+        state.training.feedback.lock().put(
+            id.clone(),
+            out.model.clone(),
+            out.version.clone(),
+            features.clone(),
+            emb.rows(),
+        );
+    }
     let want_raw = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -725,6 +740,7 @@ fn json_response(
         "version": out.version,
         "cached": out.cached,
         "worker": out.worker,
+        "head_version": out.head_version,
         "batch": { "rows": out.batch_rows, "requests": out.batch_requests },
         "timings_ms": {
             "preprocess": ms(decoded + out.prepare),
@@ -808,5 +824,153 @@ fn record_ok(state: &AppState, out: &InferOutcome, pre: Duration, post: Duration
         state.stats.record_ok(&out.model, total, &stages);
     } else {
         state.stats.record_ok(&out.model, total, &[]);
+    }
+}
+
+fn from_training_error(e: crate::training::TrainingError) -> ApiError {
+    use crate::training::TrainingError as T;
+    match e {
+        T::BadInput(m) => ApiError::bad(m),
+        T::NoHead(_) => ApiError::new(StatusCode::CONFLICT, "no_head", e.to_string()),
+        T::Busy(_) => ApiError::new(StatusCode::CONFLICT, "training_busy", e.to_string()),
+        T::Store(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        ),
+        T::Failed(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "training_failed", m),
+    }
+}
+
+/// `"label": N` or `"labels": [N, ...]`.
+fn labels_of(v: &Value) -> Result<Vec<i64>, ApiError> {
+    let as_int = |x: &Value, at: &str| {
+        x.as_i64()
+            .ok_or_else(|| ApiError::bad(format!("{at}: expected an integer class label, got {x}")))
+    };
+    match (v.get("label"), v.get("labels")) {
+        (Some(l), None) => Ok(vec![as_int(l, "label")?]),
+        (None, Some(Value::Array(a))) => a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| as_int(x, &format!("labels[{i}]")))
+            .collect(),
+        _ => Err(ApiError::bad(
+            "expected \"label\": N or \"labels\": [N, ...]".into(),
+        )),
+    }
+}
+
+async fn samples(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let run = async {
+        let body = body.map_err(|e| ApiError::bad(format!("cannot read request body: {e}")))?;
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("malformed JSON body: {e}")))?;
+        let labels = labels_of(&v)?;
+        let inputs = decode_json(&state, &name, &body)?;
+        for (n, t) in &inputs {
+            if let Data::F32(x) = &t.data
+                && x.iter().any(|v| !v.is_finite())
+            {
+                return Err(ApiError::bad(format!(
+                    "inputs.{n}: NaN or infinite values are not valid samples"
+                )));
+            }
+        }
+        let out = state
+            .runtime
+            .infer(&name, inputs, Some(peer.ip()))
+            .await
+            .map_err(|e| from_infer_error(e, state.config.retry_delay_sec))?;
+        let emb = out.head_input.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "no_head",
+                format!("model {name} has no trainable head"),
+            )
+        })?;
+        let Data::F32(features) = &emb.data else {
+            return Err(ApiError::bad("the head input is not f32".into()));
+        };
+        let st = state.clone();
+        let (features, rows) = (features.clone(), emb.rows());
+        let ids = tokio::task::spawn_blocking(move || {
+            crate::training::store_sample(&st, &name, &features, rows, &labels, "api")
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(from_training_error)?;
+        Ok::<_, ApiError>(Json(json!({ "stored": ids.len(), "ids": ids })).into_response())
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn feedback(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let run = async {
+        let body = body.map_err(|e| ApiError::bad(format!("cannot read request body: {e}")))?;
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("malformed JSON body: {e}")))?;
+        let id = v
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                ApiError::bad("expected \"id\": the id of an earlier inference answer".into())
+            })?
+            .to_string();
+        let labels = labels_of(&v)?;
+        let entry = state.training.feedback.lock().get(&id).cloned();
+        let (model, version, features, rows) = entry.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_inference",
+                format!("no recent inference with id {id:?} (only answers of models with a trainable head are kept, the last 10000)"),
+            )
+        })?;
+        let current = state
+            .runtime
+            .model(&model)
+            .map_err(|e| from_infer_error(e, 0))?;
+        if current.version() != version {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "stale_inference",
+                format!(
+                    "inference {id} used {model} {version}; {} is loaded now",
+                    current.version()
+                ),
+            ));
+        }
+        let st = state.clone();
+        let m2 = model.clone();
+        let ids = tokio::task::spawn_blocking(move || {
+            crate::training::store_sample(&st, &m2, &features, rows, &labels, "feedback")
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(from_training_error)?;
+        Ok::<_, ApiError>(
+            Json(json!({ "stored": ids.len(), "ids": ids, "model": model })).into_response(),
+        )
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn train_now(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    let st = state.clone();
+    let result =
+        tokio::task::spawn_blocking(move || crate::training::run_training(&st, &name)).await;
+    match result {
+        Ok(Ok(run)) => Json(json!({ "run": run })).into_response(),
+        Ok(Err(e)) => from_training_error(e).into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            .into_response(),
     }
 }

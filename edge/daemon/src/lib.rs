@@ -16,6 +16,7 @@
 pub mod http;
 pub mod metrics;
 pub mod resources;
+pub mod training;
 
 use dai_config::Config;
 use dai_infer::{LoadEvent, Runtime};
@@ -69,6 +70,7 @@ pub struct AppState {
     pub boot_id: u64,
     pub device: String,
     pub listen: Mutex<Option<std::net::SocketAddr>>,
+    pub training: training::TrainingState,
 }
 
 /// A built daemon, ready to serve.
@@ -144,6 +146,7 @@ impl Daemon {
                 .map_or(0, |d| d.as_secs()),
             device,
             listen: Mutex::new(None),
+            training: Default::default(),
             config,
         });
         let st = state.clone();
@@ -165,6 +168,10 @@ impl Daemon {
             tracing::error!(error = %e, "model loading task failed");
         }
         refresh_model_info(&state);
+        let st = state.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || training::restore_heads(&st)).await {
+            tracing::error!(error = %e, "restoring trained heads failed");
+        }
         Ok(Daemon { state })
     }
 
@@ -181,6 +188,7 @@ impl Daemon {
             tokio::spawn(hot_reload_task(state.clone(), stop_rx.clone())),
             tokio::spawn(resource_task(state.clone(), stop_rx.clone())),
             tokio::spawn(snapshot_task(state.clone(), stop_rx.clone())),
+            tokio::spawn(training::scheduler_task(state.clone(), stop_rx.clone())),
         ];
         let grace = Duration::from_secs(state.config.daemon.shutdown_grace_sec);
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();

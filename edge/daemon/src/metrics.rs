@@ -34,6 +34,18 @@ pub struct ModelStage {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelSource {
+    pub model: String,
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelWhen {
+    pub model: String,
+    pub when: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelVersion {
     pub model: String,
     pub version: String,
@@ -82,6 +94,11 @@ pub struct Metrics {
     pub profile_stage_seconds: Family<ModelStage, FGauge>,
     pub latency_p95_seconds: Family<ModelLabel, FGauge>,
     pub overloaded: Counter,
+    pub samples: Family<ModelSource, Counter>,
+    pub training_runs: Family<ModelOutcome, Counter>,
+    pub training_loss: Family<ModelLabel, FGauge>,
+    pub training_val_accuracy: Family<ModelWhen, FGauge>,
+    pub training_diverged: Counter,
     /// Evictions already copied from the cache's own counter.
     pub evictions_seen: Mutex<u64>,
 }
@@ -145,6 +162,11 @@ impl Metrics {
             profile_stage_seconds: Family::default(),
             latency_p95_seconds: Family::default(),
             overloaded: Counter::default(),
+            samples: Family::default(),
+            training_runs: Family::default(),
+            training_loss: Family::default(),
+            training_val_accuracy: Family::default(),
+            training_diverged: Counter::default(),
             evictions_seen: Mutex::new(0),
             registry: Registry::default(),
         };
@@ -239,6 +261,31 @@ impl Metrics {
             "overloaded",
             "Requests refused with 503 because a queue was full",
             m.overloaded.clone(),
+        );
+        r.register(
+            "samples",
+            "Training samples stored, by model and source (api, feedback)",
+            m.samples.clone(),
+        );
+        r.register(
+            "training_runs",
+            "Training runs by model and outcome (accepted, rejected, aborted, diverged, failed)",
+            m.training_runs.clone(),
+        );
+        r.register(
+            "training_epoch_loss",
+            "Mean training loss of the latest epoch",
+            m.training_loss.clone(),
+        );
+        r.register(
+            "training_validation_accuracy",
+            "Hold-out accuracy before and after the latest completed run",
+            m.training_val_accuracy.clone(),
+        );
+        r.register(
+            "training_diverged",
+            "Training runs aborted because the loss became NaN or infinite",
+            m.training_diverged.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -55,6 +55,8 @@ pub struct InferOutcome {
     /// For models with a head: the head's input rows (the embedding), kept
     /// so feedback can become a training sample without rerunning the backbone.
     pub head_input: Option<TensorData>,
+    /// The serving head's version (0 = shipped), for models with a head.
+    pub head_version: Option<i64>,
 }
 
 /// Cached or fresh results of a head model are `[head output, head input]`.
@@ -390,6 +392,7 @@ impl Runtime {
             {
                 let (outputs, head_input) = split_head(&model, cached);
                 return Ok(InferOutcome {
+                    head_version: model.head.as_ref().map(|h| h.load().version),
                     head_input,
                     prepare: t_prepare.elapsed(),
                     model: model.name().to_string(),
@@ -449,6 +452,7 @@ impl Runtime {
             batch_requests: out.batch_requests,
             output_names,
             head_input,
+            head_version: model.head.as_ref().map(|h| h.load().version),
         })
     }
 

@@ -1,0 +1,621 @@
+//! On-device fine-tuning: samples in, better heads out.
+//!
+//! - [`store_sample`] turns a labelled inference (its head input, the
+//!   embedding) into a stored sample (train or hold-out split, bounded).
+//! - The scheduler ([`scheduler_task`]) starts a run for a model when enough
+//!   new samples exist, machine CPU is under `training.max_cpu_percent` and
+//!   no inference is queued; [`run_training`] also serves
+//!   `POST /v1/models/{name}/train`.
+//! - A run trains a copy of the serving head on the train split (GPU when
+//!   `gpu_enabled` and an adapter exists, else CPU; a GPU failure mid-run
+//!   falls back to the CPU), pausing between epochs while inference is
+//!   queued. It is accepted only if hold-out accuracy does not fall; then
+//!   the new head, its delta against the shipped (global) base in the
+//!   outbox, and the run record are written in one SQLite transaction, and
+//!   only after that commit is the head swapped into the runtime.
+
+use crate::{AppState, unix_now};
+use dai_train::{Dataset, Head, Optimizer, TrainConfig, TrainError};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Why a sample or a run was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainingError {
+    #[error("{0}")]
+    BadInput(String),
+    #[error("model {0} has no trainable head")]
+    NoHead(String),
+    #[error("a training run for {0} is already in progress")]
+    Busy(String),
+    #[error("store: {0}")]
+    Store(#[from] dai_store::StoreError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Recent inference answers' head inputs, so feedback can reuse them.
+#[derive(Debug, Default)]
+pub struct FeedbackCache {
+    map: HashMap<String, (String, String, Vec<f32>, usize)>,
+    order: VecDeque<String>,
+}
+
+const FEEDBACK_KEEP: usize = 10_000;
+
+impl FeedbackCache {
+    pub fn put(
+        &mut self,
+        id: String,
+        model: String,
+        base_version: String,
+        features: Vec<f32>,
+        rows: usize,
+    ) {
+        self.order.push_back(id.clone());
+        self.map.insert(id, (model, base_version, features, rows));
+        while self.order.len() > FEEDBACK_KEEP {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&(String, String, Vec<f32>, usize)> {
+        self.map.get(id)
+    }
+}
+
+/// Live per-model training state for the status page.
+#[derive(Debug, Default, Clone)]
+pub struct ModelTraining {
+    pub state: String,
+    pub running_epochs: Vec<Value>,
+}
+
+/// Shared training state.
+#[derive(Debug, Default)]
+pub struct TrainingState {
+    pub models: Mutex<BTreeMap<String, ModelTraining>>,
+    pub running: Mutex<std::collections::HashSet<String>>,
+    pub diverged: AtomicU64,
+    pub backend: Mutex<Option<(String, Option<String>)>>,
+    pub feedback: Mutex<FeedbackCache>,
+}
+
+fn set_state(state: &AppState, model: &str, s: &str) {
+    state
+        .training
+        .models
+        .lock()
+        .entry(model.to_string())
+        .or_default()
+        .state = s.to_string();
+}
+
+/// Store labelled rows of head inputs for `model`.
+pub fn store_sample(
+    state: &AppState,
+    model: &str,
+    features: &[f32],
+    rows: usize,
+    labels: &[i64],
+    source: &str,
+) -> Result<Vec<i64>, TrainingError> {
+    let m = state
+        .runtime
+        .model(model)
+        .map_err(|e| TrainingError::BadInput(e.to_string()))?;
+    let head = m
+        .head
+        .as_ref()
+        .ok_or_else(|| TrainingError::NoHead(model.to_string()))?
+        .load();
+    let k = head.head.spec.outputs() as i64;
+    if labels.len() != rows {
+        return Err(TrainingError::BadInput(format!(
+            "{} labels for {rows} input rows",
+            labels.len()
+        )));
+    }
+    if let Some(bad) = labels.iter().find(|&&l| !(0..k).contains(&l)) {
+        return Err(TrainingError::BadInput(format!(
+            "label {bad} out of range 0..{k} for model {model}"
+        )));
+    }
+    if features.iter().any(|v| !v.is_finite()) {
+        return Err(TrainingError::BadInput(
+            "the input produced non-finite features (NaN or infinity)".into(),
+        ));
+    }
+    let f = features.len() / rows.max(1);
+    let t = &state.config.training;
+    let mut ids = Vec::with_capacity(rows);
+    for (r, &label) in labels.iter().enumerate() {
+        let id = state.store.insert_sample(
+            &dai_store::NewSample {
+                model,
+                base_version: m.version(),
+                features: &features[r * f..(r + 1) * f],
+                label: label as u32,
+                source,
+            },
+            t.holdout_every as i64,
+            t.max_samples_per_model as i64,
+        )?;
+        ids.push(id);
+    }
+    state
+        .metrics
+        .samples
+        .get_or_create(&crate::metrics::ModelSource {
+            model: model.to_string(),
+            source: source.to_string(),
+        })
+        .inc_by(rows as u64);
+    Ok(ids)
+}
+
+/// Restore the active trained head of every head model from the store.
+pub fn restore_heads(state: &AppState) {
+    match state.store.close_interrupted_runs() {
+        Ok(n) if n > 0 => tracing::warn!(
+            runs = n,
+            "training runs interrupted by the last stop were marked"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot close interrupted runs"),
+    }
+    for info in state.runtime.models() {
+        let Some(m) = info.model else { continue };
+        if m.head.is_none() {
+            continue;
+        }
+        match state.store.active_head(m.name(), m.version()) {
+            Ok(Some((version, bytes))) => match Head::from_bytes(&bytes) {
+                Ok((head, _)) => match state.runtime.set_head(m.name(), head, version) {
+                    Ok(()) => {
+                        tracing::info!(model = %m.name(), head_version = version, "trained head restored")
+                    }
+                    Err(e) => {
+                        tracing::error!(model = %m.name(), error = %e, "stored head does not fit; serving the shipped head")
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(model = %m.name(), error = %e, "stored head unreadable; serving the shipped head")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => tracing::error!(model = %m.name(), error = %e, "cannot read stored heads"),
+        }
+        set_state(state, m.name(), "idle");
+    }
+}
+
+fn dataset(
+    samples: &[dai_store::Sample],
+    holdout: bool,
+    features: usize,
+    outputs: usize,
+) -> Dataset {
+    let mut d = Dataset {
+        features,
+        outputs,
+        ..Default::default()
+    };
+    for s in samples
+        .iter()
+        .filter(|s| s.holdout == holdout && s.features.len() == features)
+    {
+        d.x.extend_from_slice(&s.features);
+        d.classes.push(s.label);
+    }
+    d
+}
+
+fn delta_payload(
+    model: &str,
+    base_version: &str,
+    update_id: &str,
+    samples: usize,
+    loss: f32,
+    delta: &dai_train::Params,
+) -> Result<Vec<u8>, TrainingError> {
+    let mut meta = HashMap::new();
+    meta.insert("model".to_string(), model.to_string());
+    meta.insert("base_version".to_string(), base_version.to_string());
+    meta.insert("update_id".to_string(), update_id.to_string());
+    meta.insert("sample_count".to_string(), samples.to_string());
+    meta.insert("loss".to_string(), loss.to_string());
+    meta.insert("encoding".to_string(), "f32".to_string());
+    let mut owned = Vec::new();
+    for (i, (w, b)) in delta.weights.iter().zip(&delta.biases).enumerate() {
+        owned.push((
+            format!("layers.{i}.weight"),
+            w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            w.len(),
+        ));
+        owned.push((
+            format!("layers.{i}.bias"),
+            b.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            b.len(),
+        ));
+    }
+    let views = owned
+        .iter()
+        .map(|(n, bytes, len)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], bytes)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| TrainingError::Failed(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, Some(meta)).map_err(|e| TrainingError::Failed(e.to_string()))
+}
+
+/// Run one training round for `model` now (blocking). Returns the run record.
+pub fn run_training(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError> {
+    if !state.training.running.lock().insert(model.to_string()) {
+        return Err(TrainingError::Busy(model.to_string()));
+    }
+    let result = run_inner(state, model);
+    state.training.running.lock().remove(model);
+    set_state(state, model, "idle");
+    result
+}
+
+fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError> {
+    let m = state
+        .runtime
+        .model(model)
+        .map_err(|e| TrainingError::BadInput(e.to_string()))?;
+    let slot = m
+        .head
+        .as_ref()
+        .ok_or_else(|| TrainingError::NoHead(model.to_string()))?;
+    let serving = slot.load_full();
+    let shipped = m
+        .shipped_head
+        .clone()
+        .ok_or_else(|| TrainingError::NoHead(model.to_string()))?;
+    let spec = serving.head.spec.clone();
+    let samples = state.store.samples(model, m.version())?;
+    let train_set = dataset(&samples, false, spec.inputs(), spec.outputs());
+    let mut holdout = dataset(&samples, true, spec.inputs(), spec.outputs());
+    if train_set.is_empty() {
+        return Err(TrainingError::BadInput(format!(
+            "model {model} has no training samples yet"
+        )));
+    }
+    if holdout.is_empty() {
+        holdout = train_set.clone();
+    }
+    let cfg = &state.config;
+    let optimizer = match cfg.training.optimizer {
+        dai_config::OptimizerChoice::Adam => Optimizer::adam(cfg.training.learning_rate as f32),
+        dai_config::OptimizerChoice::Sgd => Optimizer::sgd(
+            cfg.training.learning_rate as f32,
+            cfg.training.momentum as f32,
+        ),
+    };
+    let tc = TrainConfig {
+        optimizer,
+        batch_size: cfg.batch_size,
+        epochs: cfg.num_epochs as usize,
+        seed: samples.len() as u64,
+    };
+    let mut choice = dai_train::select_backend(
+        cfg.gpu_enabled,
+        cfg.gpu_memory_allocation,
+        &serving.head,
+        cfg.batch_size,
+    );
+    *state.training.backend.lock() = Some((choice.backend.name(), choice.fallback_reason.clone()));
+    let before = dai_train::accuracy(&serving.head, &holdout)
+        .map_err(|e| TrainingError::Failed(e.to_string()))?;
+    let run = state
+        .store
+        .start_run(model, &choice.backend.name(), samples.len() as i64)?;
+    set_state(state, model, "training");
+    state
+        .training
+        .models
+        .lock()
+        .entry(model.to_string())
+        .or_default()
+        .running_epochs
+        .clear();
+    let mut head = serving.head.clone();
+    let progress = |e: &dai_train::EpochReport| -> bool {
+        state
+            .training
+            .models
+            .lock()
+            .entry(model.to_string())
+            .or_default()
+            .running_epochs
+            .push(json!({"epoch": e.epoch, "loss": e.loss}));
+        state
+            .metrics
+            .training_loss
+            .get_or_create(&crate::metrics::ModelLabel {
+                model: model.to_string(),
+            })
+            .set(e.loss as f64);
+        // Inference has priority: wait (bounded) while requests are queued.
+        let until = Instant::now() + Duration::from_secs(5);
+        while state.runtime.pool().queue_depth() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        !state.shutting_down.load(Ordering::SeqCst) && state.runtime.pool().queue_depth() == 0
+    };
+    let mut result = dai_train::train(
+        choice.backend.as_mut(),
+        &mut head,
+        &train_set,
+        &tc,
+        progress,
+    );
+    if let Err(TrainError::Gpu(reason) | TrainError::NoGpu(reason)) = &result {
+        tracing::warn!(%reason, "GPU failed during training; rerunning on the CPU");
+        *state.training.backend.lock() =
+            Some(("cpu".into(), Some(format!("GPU failed mid-run: {reason}"))));
+        head = serving.head.clone();
+        state
+            .training
+            .models
+            .lock()
+            .entry(model.to_string())
+            .or_default()
+            .running_epochs
+            .clear();
+        result = dai_train::train(
+            &mut dai_train::cpu::CpuBackend::new(),
+            &mut head,
+            &train_set,
+            &tc,
+            progress,
+        );
+    }
+    let epochs_json = |r: &dai_train::TrainReport| json!(r.epochs);
+    let outcome_metric = |outcome: &str| {
+        state
+            .metrics
+            .training_runs
+            .get_or_create(&crate::metrics::ModelOutcome {
+                model: model.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    };
+    let report = match result {
+        Ok(r) => r,
+        Err(TrainError::Diverged { epoch, loss }) => {
+            state.training.diverged.fetch_add(1, Ordering::Relaxed);
+            state.metrics.training_diverged.inc();
+            let reason = format!("loss {loss} at epoch {epoch}; the previous head is kept");
+            tracing::error!(%model, %reason, "training diverged");
+            state.store.finish_run(
+                run,
+                "diverged",
+                &json!([]),
+                Some(before),
+                None,
+                Some(&reason),
+            )?;
+            outcome_metric("diverged");
+            return Ok(run_json(state, model, run));
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            state
+                .store
+                .finish_run(run, "failed", &json!([]), Some(before), None, Some(&reason))?;
+            outcome_metric("failed");
+            return Err(TrainingError::Failed(reason));
+        }
+    };
+    if report.epochs.len() < tc.epochs {
+        let reason = format!(
+            "stopped after {} of {} epochs: inference had priority or the daemon is stopping",
+            report.epochs.len(),
+            tc.epochs
+        );
+        state.store.finish_run(
+            run,
+            "aborted",
+            &epochs_json(&report),
+            Some(before),
+            None,
+            Some(&reason),
+        )?;
+        outcome_metric("aborted");
+        return Ok(run_json(state, model, run));
+    }
+    let after =
+        dai_train::accuracy(&head, &holdout).map_err(|e| TrainingError::Failed(e.to_string()))?;
+    let acc = |when: &str, v: f64| {
+        state
+            .metrics
+            .training_val_accuracy
+            .get_or_create(&crate::metrics::ModelWhen {
+                model: model.to_string(),
+                when: when.to_string(),
+            })
+            .set(v);
+    };
+    acc("before", before);
+    acc("after", after);
+    if after < before {
+        let reason = format!(
+            "hold-out accuracy would fall from {before:.4} to {after:.4}; the current head is kept"
+        );
+        state.store.finish_run(
+            run,
+            "rejected",
+            &epochs_json(&report),
+            Some(before),
+            Some(after),
+            Some(&reason),
+        )?;
+        outcome_metric("rejected");
+        return Ok(run_json(state, model, run));
+    }
+    let loss = report.final_loss().unwrap_or(f32::NAN);
+    let update_id = format!("{}:{model}:{:x}:{run}", state.device, state.boot_id);
+    let delta = head.params.minus(&shipped.params);
+    let payload = delta_payload(
+        model,
+        m.version(),
+        &update_id,
+        train_set.len(),
+        loss,
+        &delta,
+    )?;
+    let mut meta = HashMap::new();
+    meta.insert("base_version".to_string(), m.version().to_string());
+    meta.insert("run".to_string(), run.to_string());
+    let weights = head
+        .to_bytes(&meta)
+        .map_err(|e| TrainingError::Failed(e.to_string()))?;
+    let version = state.store.accept_head(
+        run,
+        &dai_store::AcceptedHead {
+            model,
+            base_version: m.version(),
+            weights: &weights,
+            update_id: &update_id,
+            delta_payload: &payload,
+            encoding: "f32",
+            sample_count: train_set.len() as i64,
+            loss: loss as f64,
+        },
+        &epochs_json(&report),
+        before,
+        after,
+    )?;
+    state
+        .runtime
+        .set_head(model, head, version)
+        .map_err(|e| TrainingError::Failed(e.to_string()))?;
+    outcome_metric("accepted");
+    tracing::info!(%model, head_version = version, before, after, backend = %report.backend, "new head accepted");
+    Ok(run_json(state, model, run))
+}
+
+fn run_json(state: &AppState, model: &str, run: i64) -> Value {
+    match state.store.runs(model, 20) {
+        Ok(runs) => runs
+            .into_iter()
+            .find(|r| r.id == run)
+            .map(|r| json!(r))
+            .unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// The `training` section of `/v1/status`.
+pub fn status(state: &AppState) -> Value {
+    let t = &state.config.training;
+    let mut models = Vec::new();
+    for info in state.runtime.models() {
+        let Some(m) = info.model else { continue };
+        let Some(slot) = &m.head else { continue };
+        let live = state
+            .training
+            .models
+            .lock()
+            .get(m.name())
+            .cloned()
+            .unwrap_or_default();
+        let (train, holdout, _) = state.store.sample_counts(m.name()).unwrap_or((0, 0, 0));
+        let runs = state.store.runs(m.name(), 1).unwrap_or_default();
+        let last_samples = runs.first().map_or(0, |r| r.samples);
+        let mut last = runs.first().map(|r| json!(r)).unwrap_or(Value::Null);
+        if live.state == "training"
+            && let Some(obj) = last.as_object_mut()
+        {
+            obj.insert("outcome".into(), json!("running"));
+            obj.insert("epochs".into(), json!(live.running_epochs));
+        }
+        models.push(json!({
+            "model": m.name(),
+            "head_version": slot.load().version,
+            "base_version": m.version(),
+            "state": if live.state.is_empty() { "idle".to_string() } else { live.state.clone() },
+            "samples": {
+                "train": train, "holdout": holdout,
+                "new_since_last_run": (train + holdout - last_samples).max(0),
+                "min_new_samples": t.min_new_samples,
+            },
+            "outbox_pending": state.store.outbox_count(m.name()).unwrap_or(0),
+            "last_run": last,
+        }));
+    }
+    let backend = state.training.backend.lock().clone();
+    json!({
+        "enabled": t.enabled,
+        "backend": backend.as_ref().map(|b| b.0.clone()).unwrap_or_else(|| if state.config.gpu_enabled { "gpu (selected at first run)".into() } else { "cpu".into() }),
+        "fallback_reason": backend.and_then(|b| b.1),
+        "diverged_total": state.training.diverged.load(Ordering::Relaxed),
+        "models": models,
+    })
+}
+
+/// Start runs when enough new samples exist and the device is not busy.
+pub async fn scheduler_task(state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let t = state.config.training.clone();
+    if !t.enabled {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(t.check_interval_sec)) => {}
+            _ = stop.changed() => return,
+        }
+        for info in state.runtime.models() {
+            let Some(m) = info.model else { continue };
+            if m.head.is_none() {
+                continue;
+            }
+            let name = m.name().to_string();
+            let (train, holdout, _) = state.store.sample_counts(&name).unwrap_or((0, 0, 0));
+            let last = state
+                .store
+                .runs(&name, 1)
+                .ok()
+                .and_then(|r| r.first().map(|r| r.samples))
+                .unwrap_or(0);
+            if ((train + holdout - last).max(0) as u64) < t.min_new_samples {
+                continue;
+            }
+            let cpu = state.sample.lock().cpu_percent.unwrap_or(0.0);
+            if cpu > t.max_cpu_percent {
+                set_state(
+                    &state,
+                    &name,
+                    &format!(
+                        "waiting: CPU {cpu:.0}% over max_cpu_percent {}",
+                        t.max_cpu_percent
+                    ),
+                );
+                continue;
+            }
+            if state.runtime.pool().queue_depth() > 0 {
+                set_state(&state, &name, "waiting: inference queued");
+                continue;
+            }
+            let st = state.clone();
+            let result = tokio::task::spawn_blocking(move || run_training(&st, &name)).await;
+            match result {
+                Ok(Ok(run)) => tracing::info!(run = %run, "training run finished"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "training run not done"),
+                Err(e) => tracing::error!(error = %e, "training task failed"),
+            }
+        }
+        let _ = unix_now();
+    }
+}

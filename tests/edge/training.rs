@@ -1,0 +1,274 @@
+//! On-device fine-tuning through the HTTP API on the digits bundle.
+
+use crate::support::*;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+/// A personalised user: writes 1/7 and 3/8 with each other's labels.
+fn personal(label: u32) -> u32 {
+    match label {
+        1 => 7,
+        7 => 1,
+        3 => 8,
+        8 => 3,
+        l => l,
+    }
+}
+
+fn digits() -> Vec<([f32; 64], u32)> {
+    dai_models::digits::load(&repo().join("models/data/digits.csv.gz")).expect("digits data")
+}
+
+fn config(c: &mut dai_config::Config) {
+    c.daemon.models = vec!["digits".into()];
+    c.training.enabled = false; // runs are started explicitly below
+    c.num_epochs = 40;
+    c.batch_size = 16;
+    c.training.learning_rate = 0.003;
+    c.caching_enabled = false;
+}
+
+/// Requests carry at most batch_size (16) rows.
+async fn accuracy(d: &TestDaemon, rows: &[([f32; 64], u32)]) -> f64 {
+    let mut probs = Vec::new();
+    for chunk in rows.chunks(16) {
+        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
+        let body = json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}});
+        let (s, b) = d.infer("digits", &body).await;
+        assert_eq!(s, 200, "{b}");
+        probs.extend(floats(&b["outputs"]["probs"]["data"]));
+    }
+    let correct = rows
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| {
+            let row = &probs[i * 10..(i + 1) * 10];
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(k, _)| k);
+            best as u32 == personal(r.1)
+        })
+        .count();
+    correct as f64 / rows.len() as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fine_tuning_on_personal_labels_raises_held_out_accuracy_and_survives_restart() {
+    ensure_zoo();
+    let data = tempfile::tempdir().expect("tmp");
+    let mut c = test_config(data.path());
+    config(&mut c);
+    let rows = digits();
+    let (train_rows, eval_rows) = (&rows[..400], &rows[1200..1500]);
+
+    let d = TestDaemon::start_with(c.clone(), tempfile::tempdir().expect("unused")).await;
+    let before = accuracy(&d, eval_rows).await;
+
+    // 350 samples through /samples (in batches), 50 through inference + /feedback.
+    for chunk in train_rows[..350].chunks(16) {
+        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
+        let labels: Vec<u32> = chunk.iter().map(|r| personal(r.1)).collect();
+        let r = d
+            .client
+            .post(d.url("/v1/models/digits/samples"))
+            .json(&json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}, "labels": labels}))
+            .send()
+            .await
+            .expect("samples");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+    for r in &train_rows[350..] {
+        let (s, b) = d
+            .infer(
+                "digits",
+                &json!({"inputs": {"pixels": {"shape": [1, 64], "data": r.0.to_vec()}}}),
+            )
+            .await;
+        assert_eq!(s, 200);
+        let id = b["id"].as_str().expect("id").to_string();
+        let fb = d
+            .client
+            .post(d.url("/v1/feedback"))
+            .json(&json!({"id": id, "label": personal(r.1)}))
+            .send()
+            .await
+            .expect("feedback");
+        assert_eq!(fb.status(), 200, "{}", fb.text().await.unwrap_or_default());
+    }
+    let (train_n, holdout_n, _) = d.state.store.sample_counts("digits").expect("counts");
+    assert_eq!(train_n + holdout_n, 400);
+    assert!(holdout_n >= 60, "a hold-out split is kept: {holdout_n}");
+
+    let r = d
+        .client
+        .post(d.url("/v1/models/digits/train"))
+        .send()
+        .await
+        .expect("train");
+    assert_eq!(r.status(), 200);
+    let run: Value = r.json().await.expect("json");
+    assert_eq!(run["run"]["outcome"], "accepted", "{run}");
+    let epochs = run["run"]["epochs"].as_array().expect("epochs");
+    assert_eq!(epochs.len(), 40);
+    assert!(
+        run["run"]["val_acc_after"].as_f64() > run["run"]["val_acc_before"].as_f64(),
+        "{run}"
+    );
+
+    let after = accuracy(&d, eval_rows).await;
+    eprintln!("held-out personal accuracy {before:.3} -> {after:.3}");
+    assert!(
+        after >= before + 0.15,
+        "held-out personal accuracy {before:.3} -> {after:.3}"
+    );
+    let status = d.get_json("/v1/status").await;
+    let t = &status["training"]["models"][0];
+    assert_eq!(t["model"], "digits");
+    assert_eq!(t["head_version"], 1);
+    assert_eq!(t["outbox_pending"], 1);
+
+    // The outbox row is a readable safetensors delta with its metadata.
+    let outbox = d.state.store.outbox(10).expect("outbox");
+    assert_eq!(outbox.len(), 1);
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&outbox[0].payload).expect("safetensors");
+    let meta = meta.metadata().clone().expect("metadata");
+    assert_eq!(meta["model"], "digits");
+    assert_eq!(meta["base_version"], "1.0.0");
+    assert_eq!(meta["sample_count"], train_n.to_string());
+    d.stop().await;
+
+    // Restart on the same data dir: the trained head is served again.
+    let d = TestDaemon::start_with(c, tempfile::tempdir().expect("unused")).await;
+    let (_, b) = d
+        .infer(
+            "digits",
+            &json!({"inputs": {"pixels": {"shape": [1, 64], "data": eval_rows[0].0.to_vec()}}}),
+        )
+        .await;
+    assert_eq!(b["head_version"], 1);
+    let again = accuracy(&d, eval_rows).await;
+    assert!(
+        (again - after).abs() < 1e-9,
+        "restored head answers differently: {after} vs {again}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_mid_training_keeps_samples_and_the_last_good_head() {
+    ensure_zoo();
+    let data = tempfile::tempdir().expect("tmp");
+    let mut c = test_config(data.path());
+    config(&mut c);
+    c.num_epochs = 100_000; // far longer than the test waits
+    let rows = digits();
+    let d = TestDaemon::start_with(c.clone(), tempfile::tempdir().expect("unused")).await;
+    for chunk in rows[..200].chunks(16) {
+        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
+        let labels: Vec<u32> = chunk.iter().map(|r| r.1).collect();
+        let r = d
+            .client
+            .post(d.url("/v1/models/digits/samples"))
+            .json(&json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}, "labels": labels}))
+            .send()
+            .await
+            .expect("samples");
+        assert_eq!(r.status(), 200);
+    }
+    let client = d.client.clone();
+    let url = d.url("/v1/models/digits/train");
+    let run =
+        tokio::spawn(async move { client.post(url).send().await.map(|r| r.status().as_u16()) });
+    // Wait until the run is under way, then stop the daemon.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = d.get_json("/v1/status").await;
+        if s["training"]["models"][0]["state"] == "training" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "run never started: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store_path = data.path().to_path_buf();
+    d.stop().await;
+    let _ = run.await;
+
+    let store = dai_store::Store::open_in(&store_path).expect("store");
+    let (t, h, _) = store.sample_counts("digits").expect("counts");
+    assert_eq!(t + h, 200, "samples survive");
+    assert_eq!(
+        store.active_head("digits", "1.0.0").expect("q"),
+        None,
+        "no half-trained head became active"
+    );
+    assert!(
+        store.outbox(10).expect("outbox").is_empty(),
+        "no outbox row for an unfinished run"
+    );
+    let runs = store.runs("digits", 5).expect("runs");
+    assert!(
+        matches!(runs[0].outcome.as_str(), "aborted" | "interrupted"),
+        "{runs:?}"
+    );
+    drop(store);
+
+    // And it restarts cleanly, serving the shipped head.
+    let d = TestDaemon::start_with(c, tempfile::tempdir().expect("unused")).await;
+    let (s, b) = d
+        .infer(
+            "digits",
+            &json!({"inputs": {"pixels": {"shape": [1, 64], "data": rows[0].0.to_vec()}}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(b["head_version"], 0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_samples_are_refused() {
+    let d = TestDaemon::start(config).await;
+    let px = vec![1.0f32; 64];
+    let post = |body: Value, path: &'static str| {
+        let client = d.client.clone();
+        let url = d.url(path);
+        async move {
+            let r = client.post(url).json(&body).send().await.expect("post");
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (s, b) = post(
+        json!({"inputs": {"pixels": {"shape": [1, 64], "data": px}}, "label": 12}),
+        "/v1/models/digits/samples",
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .expect("msg")
+            .contains("label 12 out of range 0..10"),
+        "{b}"
+    );
+    let (s, b) = post(
+        json!({"inputs": {"pixels": {"shape": [1, 64], "data": px}}}),
+        "/v1/models/digits/samples",
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = post(json!({"id": "nope", "label": 1}), "/v1/feedback").await;
+    assert_eq!(s, 404, "{b}");
+    let (s, _) = post(
+        json!({"inputs": {"input": {"shape": [1, 576], "data": vec![0.0; 576]}}, "label": 0}),
+        "/v1/models/silero-vad/samples",
+    )
+    .await;
+    assert_eq!(s, 404, "silero-vad is not loaded in this daemon");
+    let (t, h, _) = d.state.store.sample_counts("digits").expect("counts");
+    assert_eq!(t + h, 0);
+    d.stop().await;
+}
