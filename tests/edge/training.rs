@@ -272,3 +272,45 @@ async fn bad_samples_are_refused() {
     assert_eq!(t + h, 0);
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_database_refuses_new_samples_and_loses_none() {
+    let d = TestDaemon::start(config).await;
+    let rows = digits();
+    let post = |r: &([f32; 64], u32)| {
+        let body =
+            json!({"inputs": {"pixels": {"shape": [1, 64], "data": r.0.to_vec()}}, "label": r.1});
+        let (client, url) = (d.client.clone(), d.url("/v1/models/digits/samples"));
+        async move {
+            let resp = client.post(url).json(&body).send().await.expect("post");
+            let s = resp.status().as_u16();
+            (s, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    for r in &rows[..5] {
+        assert_eq!(post(r).await.0, 200);
+    }
+    // Another process-like writer holds the database exclusively for longer
+    // than the store's busy timeout.
+    let path = d.state.store.path().to_path_buf();
+    let locker = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(path).expect("open");
+        conn.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+        std::thread::sleep(Duration::from_secs(7));
+        conn.execute_batch("COMMIT").expect("unlock");
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, b) = post(&rows[5]).await;
+    assert_eq!(s, 503, "{b}");
+    assert_eq!(b["error"]["code"], "store_unavailable");
+    locker.join().expect("locker");
+    let (s, _) = post(&rows[6]).await;
+    assert_eq!(s, 200, "the store recovers once the lock is gone");
+    let (t, h, _) = d.state.store.sample_counts("digits").expect("counts");
+    assert_eq!(
+        t + h,
+        6,
+        "the five earlier samples and the one after the lock are all there"
+    );
+    d.stop().await;
+}
