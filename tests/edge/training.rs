@@ -129,15 +129,15 @@ async fn fine_tuning_on_personal_labels_raises_held_out_accuracy_and_survives_re
     assert_eq!(t["head_version"], 1);
     assert_eq!(t["outbox_pending"], 1);
 
-    // The outbox row is a readable safetensors delta with its metadata.
+    // The outbox row is a wire-format update (zstd safetensors) with its metadata.
     let outbox = d.state.store.outbox(10).expect("outbox");
     assert_eq!(outbox.len(), 1);
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&outbox[0].payload).expect("safetensors");
-    let meta = meta.metadata().clone().expect("metadata");
-    assert_eq!(meta["model"], "digits");
-    assert_eq!(meta["base_version"], "1.0.0");
-    assert_eq!(meta["sample_count"], train_n.to_string());
+    let update = dai_protocol::update::Update::decode(&outbox[0].payload).expect("wire update");
+    assert_eq!(update.meta.model, "digits");
+    assert_eq!(update.meta.base_version, "1.0.0");
+    assert_eq!(update.meta.sample_count, train_n as u64);
+    assert_eq!(update.meta.update_id, outbox[0].update_id);
+    assert!(update.norm() > 0.0, "a trained head differs from its base");
     d.stop().await;
 
     // Restart on the same data dir: the trained head is served again.

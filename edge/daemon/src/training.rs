@@ -217,43 +217,31 @@ fn dataset(
     d
 }
 
+/// The outbox payload: the wire form of `dai_protocol::update` (zstd'd
+/// safetensors), so cloud sync publishes the row's bytes as they are.
 fn delta_payload(
-    model: &str,
-    base_version: &str,
-    update_id: &str,
-    samples: usize,
-    loss: f32,
+    meta: dai_protocol::update::UpdateMeta,
     delta: &dai_train::Params,
+    spec: &dai_train::HeadSpec,
 ) -> Result<Vec<u8>, TrainingError> {
-    let mut meta = HashMap::new();
-    meta.insert("model".to_string(), model.to_string());
-    meta.insert("base_version".to_string(), base_version.to_string());
-    meta.insert("update_id".to_string(), update_id.to_string());
-    meta.insert("sample_count".to_string(), samples.to_string());
-    meta.insert("loss".to_string(), loss.to_string());
-    meta.insert("encoding".to_string(), "f32".to_string());
-    let mut owned = Vec::new();
-    for (i, (w, b)) in delta.weights.iter().zip(&delta.biases).enumerate() {
-        owned.push((
-            format!("layers.{i}.weight"),
-            w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
-            w.len(),
-        ));
-        owned.push((
-            format!("layers.{i}.bias"),
-            b.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
-            b.len(),
-        ));
+    use dai_protocol::update::{Tensor, Update};
+    let mut tensors = Vec::new();
+    for (i, l) in spec.layers.iter().enumerate() {
+        tensors.push(Tensor {
+            name: format!("layers.{i}.weight"),
+            shape: vec![l.outputs, l.inputs],
+            values: delta.weights[i].clone(),
+        });
+        tensors.push(Tensor {
+            name: format!("layers.{i}.bias"),
+            shape: vec![l.outputs],
+            values: delta.biases[i].clone(),
+        });
     }
-    let views = owned
-        .iter()
-        .map(|(n, bytes, len)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], bytes)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| TrainingError::Failed(e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize(views, Some(meta)).map_err(|e| TrainingError::Failed(e.to_string()))
+    let update = Update { meta, tensors };
+    update
+        .encode()
+        .map_err(|e| TrainingError::Failed(e.to_string()))
 }
 
 /// Run one training round for `model` now (blocking). Returns the run record.
@@ -467,14 +455,16 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
     let loss = report.final_loss().unwrap_or(f32::NAN);
     let update_id = format!("{}:{model}:{:x}:{run}", state.device, state.boot_id);
     let delta = head.params.minus(&shipped.params);
-    let payload = delta_payload(
-        model,
-        m.version(),
-        &update_id,
-        train_set.len(),
+    let meta = dai_protocol::update::UpdateMeta {
+        device: state.device.clone(),
+        model: model.to_string(),
+        base_version: m.version().to_string(),
+        update_id: update_id.clone(),
+        sample_count: train_set.len() as u64,
         loss,
-        &delta,
-    )?;
+        encoding: dai_protocol::update::Encoding::F32,
+    };
+    let payload = delta_payload(meta, &delta, &spec)?;
     let mut meta = HashMap::new();
     meta.insert("base_version".to_string(), m.version().to_string());
     meta.insert("run".to_string(), run.to_string());

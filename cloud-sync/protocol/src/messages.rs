@@ -1,0 +1,67 @@
+//! JSON messages: the aggregator's ack for one update, and the edge's
+//! retained status heartbeat (its last will is the same shape, "offline").
+
+use serde::{Deserialize, Serialize};
+
+/// Outcome of one update, sent on `.../dev/{device}/ack`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    pub update_id: String,
+    /// `accepted` (persisted; safe to delete from the outbox) or `rejected`.
+    pub status: AckStatus,
+    /// Why it was rejected (or a note), for logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The global version the update will be folded into, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckStatus {
+    Accepted,
+    Rejected,
+}
+
+/// Retained heartbeat on `.../dev/{device}/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub device: String,
+    /// `online` or `offline` (the last will).
+    pub state: String,
+    pub ts: f64,
+    /// Model -> serving global version.
+    #[serde(default)]
+    pub models: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub outbox_pending: u64,
+}
+
+impl Ack {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<Ack, crate::ProtocolError> {
+        serde_json::from_slice(b).map_err(|e| crate::ProtocolError::Format(format!("ack: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_round_trip_and_refusal() {
+        let a = Ack {
+            update_id: "u1".into(),
+            status: AckStatus::Rejected,
+            reason: Some("stale base".into()),
+            round: None,
+        };
+        assert_eq!(Ack::from_bytes(&a.to_bytes()).expect("ack"), a);
+        assert!(Ack::from_bytes(br#"{"update_id":"u","status":"maybe"}"#).is_err());
+    }
+}

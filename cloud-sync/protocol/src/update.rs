@@ -1,0 +1,397 @@
+//! The update an edge sends: a head delta.
+//!
+//! Wire form: `zstd(safetensors)`. Tensors keep their names (`layers.0.weight`,
+//! ...). With `f32` and `f16` each tensor is stored in that dtype; with `int8`
+//! a tensor of shape `[rows, cols]` (a 1-D tensor is one row) is stored as I8
+//! plus `{name}.scale`, F32 `[rows]`, where `value = int8 * scale` and
+//! `scale = max|row| / 127`. `__metadata__` carries device, model,
+//! base_version, update_id, sample_count, loss and encoding.
+//! `cloud-sync/protocol/decode_update.py` reads it with `safetensors` and
+//! `zstandard` alone.
+
+use crate::{ProtocolError, compress, decompress};
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::HashMap;
+
+/// How delta values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    F32,
+    F16,
+    Int8,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::F32 => "f32",
+            Encoding::F16 => "f16",
+            Encoding::Int8 => "int8",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Encoding> {
+        Some(match s {
+            "f32" => Encoding::F32,
+            "f16" => Encoding::F16,
+            "int8" => Encoding::Int8,
+            _ => return None,
+        })
+    }
+}
+
+/// Who sent what, from which base.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateMeta {
+    pub device: String,
+    pub model: String,
+    pub base_version: String,
+    pub update_id: String,
+    pub sample_count: u64,
+    pub loss: f32,
+    pub encoding: Encoding,
+}
+
+/// A decoded (f32) tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// An update: metadata and delta tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub meta: UpdateMeta,
+    pub tensors: Vec<Tensor>,
+}
+
+/// Largest compressed update accepted by default (8 MiB).
+pub const MAX_WIRE_BYTES: usize = 8 << 20;
+/// Largest decompressed update accepted by default (64 MiB).
+pub const MAX_RAW_BYTES: usize = 64 << 20;
+
+fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (1, *n),
+        [r, rest @ ..] => (*r, rest.iter().product()),
+    }
+}
+
+impl Update {
+    /// Serialise and compress with `meta.encoding`.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        let m = &self.meta;
+        let mut meta = HashMap::new();
+        meta.insert("device".to_string(), m.device.clone());
+        meta.insert("model".to_string(), m.model.clone());
+        meta.insert("base_version".to_string(), m.base_version.clone());
+        meta.insert("update_id".to_string(), m.update_id.clone());
+        meta.insert("sample_count".to_string(), m.sample_count.to_string());
+        meta.insert("loss".to_string(), m.loss.to_string());
+        meta.insert("encoding".to_string(), m.encoding.as_str().to_string());
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for t in &self.tensors {
+            if t.values.len() != t.shape.iter().product::<usize>() {
+                return Err(ProtocolError::Tensor {
+                    name: t.name.clone(),
+                    reason: format!("{} values for shape {:?}", t.values.len(), t.shape),
+                });
+            }
+            match m.encoding {
+                Encoding::F32 => owned.push((
+                    t.name.clone(),
+                    Dtype::F32,
+                    t.shape.clone(),
+                    t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                )),
+                Encoding::F16 => owned.push((
+                    t.name.clone(),
+                    Dtype::F16,
+                    t.shape.clone(),
+                    t.values
+                        .iter()
+                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                )),
+                Encoding::Int8 => {
+                    let (rows, cols) = rows_cols(&t.shape);
+                    let mut q = Vec::with_capacity(t.values.len());
+                    let mut scales = Vec::with_capacity(rows);
+                    for row in t.values.chunks(cols.max(1)) {
+                        let max = row.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+                        scales.push(scale);
+                        q.extend(
+                            row.iter()
+                                .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8),
+                        );
+                    }
+                    owned.push((t.name.clone(), Dtype::I8, t.shape.clone(), q));
+                    owned.push((
+                        format!("{}.scale", t.name),
+                        Dtype::F32,
+                        vec![rows],
+                        scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    ));
+                }
+            }
+        }
+        let views = owned
+            .iter()
+            .map(|(n, dt, s, b)| {
+                TensorView::new(*dt, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| ProtocolError::Format(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let raw = safetensors::serialize(views, Some(meta))
+            .map_err(|e| ProtocolError::Format(e.to_string()))?;
+        Ok(compress(&raw, 3))
+    }
+
+    /// Decompress, parse and dequantise, with size bounds.
+    pub fn decode(bytes: &[u8]) -> Result<Update, ProtocolError> {
+        Self::decode_with_limits(bytes, MAX_WIRE_BYTES, MAX_RAW_BYTES)
+    }
+
+    pub fn decode_with_limits(
+        bytes: &[u8],
+        wire_limit: usize,
+        raw_limit: usize,
+    ) -> Result<Update, ProtocolError> {
+        if bytes.len() > wire_limit {
+            return Err(ProtocolError::TooLarge {
+                size: bytes.len(),
+                limit: wire_limit,
+            });
+        }
+        let raw = decompress(bytes, raw_limit)?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&raw)
+            .map_err(|e| ProtocolError::Format(e.to_string()))?;
+        let md = header.metadata().clone().unwrap_or_default();
+        let get = |k: &str| {
+            md.get(k)
+                .cloned()
+                .ok_or_else(|| ProtocolError::Metadata(format!("missing `{k}`")))
+        };
+        let encoding = Encoding::parse(&get("encoding")?).ok_or_else(|| {
+            ProtocolError::Metadata(format!(
+                "encoding {:?}: expected f32, f16 or int8",
+                md.get("encoding")
+            ))
+        })?;
+        let meta = UpdateMeta {
+            device: get("device")?,
+            model: get("model")?,
+            base_version: get("base_version")?,
+            update_id: get("update_id")?,
+            sample_count: get("sample_count")?
+                .parse()
+                .map_err(|e| ProtocolError::Metadata(format!("sample_count: {e}")))?,
+            loss: get("loss")?
+                .parse()
+                .map_err(|e| ProtocolError::Metadata(format!("loss: {e}")))?,
+            encoding,
+        };
+        if meta.update_id.is_empty() || meta.update_id.len() > 256 {
+            return Err(ProtocolError::Metadata(
+                "update_id must be 1-256 characters".into(),
+            ));
+        }
+        let st = safetensors::SafeTensors::deserialize(&raw)
+            .map_err(|e| ProtocolError::Format(e.to_string()))?;
+        let mut names: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| !n.ends_with(".scale"))
+            .map(|s| s.to_string())
+            .collect();
+        names.sort();
+        let mut tensors = Vec::with_capacity(names.len());
+        for name in names {
+            let bad = |reason: String| ProtocolError::Tensor {
+                name: name.clone(),
+                reason,
+            };
+            let v = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
+            let shape = v.shape().to_vec();
+            let values: Vec<f32> = match (encoding, v.dtype()) {
+                (Encoding::F32, Dtype::F32) => v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                (Encoding::F16, Dtype::F16) => v
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                (Encoding::Int8, Dtype::I8) => {
+                    let s = st
+                        .tensor(&format!("{name}.scale"))
+                        .map_err(|_| bad("int8 tensor without its .scale".into()))?;
+                    let (rows, cols) = rows_cols(&shape);
+                    if s.dtype() != Dtype::F32 || s.shape() != [rows] {
+                        return Err(bad(format!("scale must be f32 [{rows}]")));
+                    }
+                    let scales: Vec<f32> = s
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    v.data()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &q)| (q as i8) as f32 * scales[i / cols.max(1)])
+                        .collect()
+                }
+                (e, dt) => {
+                    return Err(bad(format!(
+                        "dtype {dt:?} does not match encoding {}",
+                        e.as_str()
+                    )));
+                }
+            };
+            if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+                return Err(bad(format!("value {i} is not finite")));
+            }
+            tensors.push(Tensor {
+                name,
+                shape,
+                values,
+            });
+        }
+        Ok(Update { meta, tensors })
+    }
+
+    /// L2 norm of the delta.
+    pub fn norm(&self) -> f64 {
+        self.tensors
+            .iter()
+            .flat_map(|t| t.values.iter())
+            .map(|&v| (v as f64) * (v as f64))
+            .sum::<f64>()
+            .sqrt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample(encoding: Encoding) -> Update {
+        Update {
+            meta: UpdateMeta {
+                device: "edge-1".into(),
+                model: "digits".into(),
+                base_version: "1.0.0".into(),
+                update_id: "edge-1:digits:1".into(),
+                sample_count: 320,
+                loss: 0.25,
+                encoding,
+            },
+            tensors: vec![
+                Tensor {
+                    name: "layers.0.weight".into(),
+                    shape: vec![3, 4],
+                    values: (0..12).map(|i| (i as f32 - 5.5) * 0.01).collect(),
+                },
+                Tensor {
+                    name: "layers.0.bias".into(),
+                    shape: vec![3],
+                    values: vec![0.5, -0.25, 0.0],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trips_in_every_encoding_within_its_precision() {
+        for (enc, tol) in [
+            (Encoding::F32, 0.0),
+            (Encoding::F16, 1e-3),
+            (Encoding::Int8, 0.005),
+        ] {
+            let u = sample(enc);
+            let back = Update::decode(&u.encode().expect("encode")).expect("decode");
+            assert_eq!(back.meta, u.meta);
+            let mut want = u.tensors.clone();
+            want.sort_by(|a, b| a.name.cmp(&b.name));
+            for (a, b) in back.tensors.iter().zip(&want) {
+                assert_eq!((a.name.as_str(), &a.shape), (b.name.as_str(), &b.shape));
+                for (x, y) in a.values.iter().zip(&b.values) {
+                    assert!(
+                        (x - y).abs() <= tol * y.abs().max(1.0),
+                        "{enc:?} {}: {x} vs {y}",
+                        a.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_bad_payloads_precisely() {
+        let good = sample(Encoding::F32).encode().expect("encode");
+        assert!(matches!(
+            Update::decode(b"not zstd at all"),
+            Err(ProtocolError::Compression(_))
+        ));
+        assert!(matches!(
+            Update::decode(&good[..good.len() / 2]),
+            Err(ProtocolError::Compression(_))
+        ));
+        assert!(matches!(
+            Update::decode_with_limits(&good, 10, 1000),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            Update::decode_with_limits(&good, 1 << 20, 16),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            Update::decode(&compress(b"{}", 3)),
+            Err(ProtocolError::Format(_))
+        ));
+        let mut nan = sample(Encoding::F32);
+        nan.tensors[0].values[3] = f32::NAN;
+        let err = Update::decode(&nan.encode().expect("encode")).expect_err("nan");
+        assert!(err.to_string().contains("not finite"), "{err}");
+    }
+
+    /// Deterministic noise, like a real delta (repetitive data would flatter f32 under zstd).
+    fn noise(n: usize) -> Vec<f32> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+            })
+            .collect()
+    }
+
+    #[test]
+    fn int8_and_f16_are_smaller() {
+        let mut u = sample(Encoding::F32);
+        u.tensors[0] = Tensor {
+            name: "w".into(),
+            shape: vec![64, 64],
+            values: noise(4096),
+        };
+        let f32b = u.encode().expect("f32").len();
+        u.meta.encoding = Encoding::F16;
+        let f16b = u.encode().expect("f16").len();
+        u.meta.encoding = Encoding::Int8;
+        let i8b = u.encode().expect("int8").len();
+        assert!(
+            f16b < f32b && i8b < f16b,
+            "f32 {f32b}, f16 {f16b}, int8 {i8b}"
+        );
+    }
+}
