@@ -314,3 +314,107 @@ async fn locked_database_refuses_new_samples_and_loses_none() {
     );
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_trains_by_itself_and_a_reload_keeps_the_trained_head() {
+    let models = tempfile::tempdir().expect("tmp");
+    let bundle = copy_bundle("digits", models.path());
+    let dir = models.path().to_path_buf();
+    let d = TestDaemon::start(move |c| {
+        config(c);
+        c.daemon.models_dir = dir;
+        c.daemon.hot_reload_interval_sec = 1;
+        c.training.enabled = true;
+        c.training.check_interval_sec = 1;
+        c.training.min_new_samples = 20;
+        c.training.max_cpu_percent = 100.0;
+        c.num_epochs = 10;
+    })
+    .await;
+    let rows = digits();
+    for chunk in rows[..96].chunks(16) {
+        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
+        let labels: Vec<u32> = chunk.iter().map(|r| personal(r.1)).collect();
+        let r = d
+            .client
+            .post(d.url("/v1/models/digits/samples"))
+            .json(&json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}, "labels": labels}))
+            .send()
+            .await
+            .expect("samples");
+        assert_eq!(r.status(), 200);
+    }
+    let head_version = |s: &Value| {
+        s["training"]["models"][0]["head_version"]
+            .as_i64()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = d.get_json("/v1/status").await;
+        let last = &s["training"]["models"][0]["last_run"];
+        if last["outcome"].is_string() && last["outcome"] != "running" {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scheduler never ran: {}",
+            s["training"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let trained = head_version(&status);
+    assert_eq!(
+        status["training"]["models"][0]["last_run"]["outcome"], "accepted",
+        "{}",
+        status["training"]
+    );
+    assert_eq!(trained, 1);
+    assert_eq!(
+        status["training"]["models"][0]["samples"]["new_since_last_run"],
+        0
+    );
+
+    // Touch the bundle: it is reloaded, and the trained head is served again.
+    let loaded_at = d.get_json("/v1/models/digits").await["loaded_at"]
+        .as_f64()
+        .expect("loaded_at");
+    let manifest = std::fs::read(bundle.join("manifest.toml")).expect("read");
+    std::fs::write(
+        bundle.join("manifest.toml"),
+        [manifest.as_slice(), b"\n"].concat(),
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = d.get_json("/v1/models/digits").await;
+        if m["loaded_at"].as_f64().expect("loaded_at") > loaded_at {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bundle never reloaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, b) = d
+        .infer(
+            "digits",
+            &json!({"inputs": {"pixels": {"shape": [1, 64], "data": rows[0].0.to_vec()}}}),
+        )
+        .await;
+    assert_eq!(
+        b["head_version"], trained,
+        "a reload must not fall back to the shipped head"
+    );
+    // An answer can be labelled once.
+    let id = b["id"].as_str().expect("id").to_string();
+    for expect in [200, 404] {
+        let r = d
+            .client
+            .post(d.url("/v1/feedback"))
+            .json(&json!({"id": id, "label": 1}))
+            .send()
+            .await
+            .expect("feedback");
+        assert_eq!(r.status().as_u16(), expect);
+    }
+    d.stop().await;
+}

@@ -386,7 +386,13 @@ pub fn snapshot(state: &AppState) -> Value {
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(snapshot(&state))
+    // The snapshot reads the SQLite store: keep it off the async threads.
+    let st = state.clone();
+    Json(
+        tokio::task::spawn_blocking(move || snapshot(&st))
+            .await
+            .unwrap_or(Value::Null),
+    )
 }
 
 /// Decode a JSON tensor; `spec_dtype` is used when the request gives none.
@@ -827,10 +833,26 @@ fn record_ok(state: &AppState, out: &InferOutcome, pre: Duration, post: Duration
     }
 }
 
+fn body_error(state: &AppState, e: axum::extract::rejection::BytesRejection) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "request body larger than max_body_mb = {} MiB",
+                state.config.daemon.max_body_mb
+            ),
+        )
+    } else {
+        ApiError::bad(format!("cannot read request body: {e}"))
+    }
+}
+
 fn from_training_error(e: crate::training::TrainingError) -> ApiError {
     use crate::training::TrainingError as T;
     match e {
         T::BadInput(m) => ApiError::bad(m),
+        T::Model(e) => from_infer_error(e, 0),
         T::NoHead(_) => ApiError::new(StatusCode::CONFLICT, "no_head", e.to_string()),
         T::Busy(_) => ApiError::new(StatusCode::CONFLICT, "training_busy", e.to_string()),
         T::Store(_) => ApiError::new(
@@ -868,7 +890,7 @@ async fn samples(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let run = async {
-        let body = body.map_err(|e| ApiError::bad(format!("cannot read request body: {e}")))?;
+        let body = body.map_err(|e| body_error(&state, e))?;
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad(format!("malformed JSON body: {e}")))?;
         let labels = labels_of(&v)?;
@@ -915,7 +937,7 @@ async fn feedback(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let run = async {
-        let body = body.map_err(|e| ApiError::bad(format!("cannot read request body: {e}")))?;
+        let body = body.map_err(|e| body_error(&state, e))?;
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad(format!("malformed JSON body: {e}")))?;
         let id = v
@@ -926,7 +948,8 @@ async fn feedback(
             })?
             .to_string();
         let labels = labels_of(&v)?;
-        let entry = state.training.feedback.lock().get(&id).cloned();
+        // An answer can be labelled once: the entry is taken out.
+        let entry = state.training.feedback.lock().take(&id);
         let (model, version, features, rows) = entry.ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,

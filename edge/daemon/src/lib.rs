@@ -298,13 +298,21 @@ async fn hot_reload_task(state: Arc<AppState>, mut stop: tokio::sync::watch::Rec
     }
     while ticker(Duration::from_secs(secs), &mut stop).await {
         let st = state.clone();
-        let events = tokio::task::spawn_blocking(move || st.runtime.reload_changed())
-            .await
-            .unwrap_or_default();
-        if !events.is_empty() {
+        let changed = tokio::task::spawn_blocking(move || {
+            let events = st.runtime.reload_changed();
             for e in &events {
-                record_load(&state, e);
+                record_load(&st, e);
+                // A reloaded bundle starts from its shipped head: serve the
+                // store's active trained head for that version again.
+                if let LoadEvent::Loaded { name, .. } = e {
+                    training::restore_head(&st, name);
+                }
             }
+            !events.is_empty()
+        })
+        .await
+        .unwrap_or(false);
+        if changed {
             refresh_model_info(&state);
         }
     }
@@ -386,11 +394,12 @@ async fn resource_task(state: Arc<AppState>, mut stop: tokio::sync::watch::Recei
 async fn snapshot_task(state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let period = Duration::from_secs(state.config.daemon.snapshot_interval_sec);
     while ticker(period, &mut stop).await {
-        let snap = http::snapshot(&state);
         let st = state.clone();
-        let r =
-            tokio::task::spawn_blocking(move || st.store.insert_snapshot(&snap, SNAPSHOTS_KEPT))
-                .await;
+        let r = tokio::task::spawn_blocking(move || {
+            st.store
+                .insert_snapshot(&http::snapshot(&st), SNAPSHOTS_KEPT)
+        })
+        .await;
         if let Ok(Err(e)) = r {
             tracing::warn!(error = %e, "metrics snapshot not stored");
         }

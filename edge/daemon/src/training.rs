@@ -14,7 +14,7 @@
 //!   outbox, and the run record are written in one SQLite transaction, and
 //!   only after that commit is the head swapped into the runtime.
 
-use crate::{AppState, unix_now};
+use crate::AppState;
 use dai_train::{Dataset, Head, Optimizer, TrainConfig, TrainError};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 pub enum TrainingError {
     #[error("{0}")]
     BadInput(String),
+    #[error(transparent)]
+    Model(dai_infer::InferError),
     #[error("model {0} has no trainable head")]
     NoHead(String),
     #[error("a training run for {0} is already in progress")]
@@ -39,13 +41,17 @@ pub enum TrainingError {
 }
 
 /// Recent inference answers' head inputs, so feedback can reuse them.
+/// Bounded by entries and by bytes, oldest out first.
 #[derive(Debug, Default)]
 pub struct FeedbackCache {
     map: HashMap<String, (String, String, Vec<f32>, usize)>,
     order: VecDeque<String>,
+    floats: usize,
 }
 
 const FEEDBACK_KEEP: usize = 10_000;
+/// 64 MiB of f32 features at most.
+const FEEDBACK_MAX_FLOATS: usize = 16 << 20;
 
 impl FeedbackCache {
     pub fn put(
@@ -56,17 +62,31 @@ impl FeedbackCache {
         features: Vec<f32>,
         rows: usize,
     ) {
+        if features.len() > FEEDBACK_MAX_FLOATS {
+            return;
+        }
+        self.floats += features.len();
         self.order.push_back(id.clone());
         self.map.insert(id, (model, base_version, features, rows));
-        while self.order.len() > FEEDBACK_KEEP {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
+        while self.order.len() > FEEDBACK_KEEP || self.floats > FEEDBACK_MAX_FLOATS {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(e) = self.map.remove(&old) {
+                self.floats -= e.2.len();
             }
         }
     }
 
     pub fn get(&self, id: &str) -> Option<&(String, String, Vec<f32>, usize)> {
         self.map.get(id)
+    }
+
+    /// Remove and return an entry (its id stays in `order` until it ages out).
+    pub fn take(&mut self, id: &str) -> Option<(String, String, Vec<f32>, usize)> {
+        let e = self.map.remove(id)?;
+        self.floats -= e.2.len();
+        Some(e)
     }
 }
 
@@ -106,10 +126,7 @@ pub fn store_sample(
     labels: &[i64],
     source: &str,
 ) -> Result<Vec<i64>, TrainingError> {
-    let m = state
-        .runtime
-        .model(model)
-        .map_err(|e| TrainingError::BadInput(e.to_string()))?;
+    let m = state.runtime.model(model).map_err(TrainingError::Model)?;
     let head = m
         .head
         .as_ref()
@@ -133,22 +150,30 @@ pub fn store_sample(
         ));
     }
     let f = features.len() / rows.max(1);
-    let t = &state.config.training;
-    let mut ids = Vec::with_capacity(rows);
-    for (r, &label) in labels.iter().enumerate() {
-        let id = state.store.insert_sample(
-            &dai_store::NewSample {
-                model,
-                base_version: m.version(),
-                features: &features[r * f..(r + 1) * f],
-                label: label as u32,
-                source,
-            },
-            t.holdout_every as i64,
-            t.max_samples_per_model as i64,
-        )?;
-        ids.push(id);
+    if f * rows != features.len() || f != head.head.spec.inputs() {
+        return Err(TrainingError::BadInput(format!(
+            "{} feature values for {rows} rows; the head takes {} per row",
+            features.len(),
+            head.head.spec.inputs()
+        )));
     }
+    let t = &state.config.training;
+    let batch: Vec<dai_store::NewSample<'_>> = labels
+        .iter()
+        .enumerate()
+        .map(|(r, &label)| dai_store::NewSample {
+            model,
+            base_version: m.version(),
+            features: &features[r * f..(r + 1) * f],
+            label: label as u32,
+            source,
+        })
+        .collect();
+    let ids = state.store.insert_samples(
+        &batch,
+        t.holdout_every as i64,
+        t.max_samples_per_model as i64,
+    )?;
     state
         .metrics
         .samples
@@ -175,23 +200,7 @@ pub fn restore_heads(state: &AppState) {
         if m.head.is_none() {
             continue;
         }
-        match state.store.active_head(m.name(), m.version()) {
-            Ok(Some((version, bytes))) => match Head::from_bytes(&bytes) {
-                Ok((head, _)) => match state.runtime.set_head(m.name(), head, version) {
-                    Ok(()) => {
-                        tracing::info!(model = %m.name(), head_version = version, "trained head restored")
-                    }
-                    Err(e) => {
-                        tracing::error!(model = %m.name(), error = %e, "stored head does not fit; serving the shipped head")
-                    }
-                },
-                Err(e) => {
-                    tracing::error!(model = %m.name(), error = %e, "stored head unreadable; serving the shipped head")
-                }
-            },
-            Ok(None) => {}
-            Err(e) => tracing::error!(model = %m.name(), error = %e, "cannot read stored heads"),
-        }
+        restore_head(state, m.name());
         set_state(state, m.name(), "idle");
     }
 }
@@ -244,22 +253,63 @@ fn delta_payload(
         .map_err(|e| TrainingError::Failed(e.to_string()))
 }
 
+fn cfg_holdout(state: &AppState) -> u64 {
+    state.config.training.holdout_every
+}
+
+/// Serve the store's active head for `name` (after start or a hot reload).
+pub fn restore_head(state: &AppState, name: &str) {
+    let Ok(m) = state.runtime.model(name) else {
+        return;
+    };
+    if m.head.is_none() {
+        return;
+    }
+    match state.store.active_head(m.name(), m.version()) {
+        Ok(Some((version, bytes))) => match Head::from_bytes(&bytes) {
+            Ok((head, _)) => match state.runtime.set_head_if_current(&m, head, version) {
+                Ok(_) => {
+                    tracing::info!(model = %m.name(), head_version = version, "trained head restored")
+                }
+                Err(e) => {
+                    tracing::error!(model = %m.name(), error = %e, "stored head does not fit; serving the shipped head")
+                }
+            },
+            Err(e) => {
+                tracing::error!(model = %m.name(), error = %e, "stored head unreadable; serving the shipped head")
+            }
+        },
+        Ok(None) => {}
+        Err(e) => tracing::error!(model = %m.name(), error = %e, "cannot read stored heads"),
+    }
+}
+
 /// Run one training round for `model` now (blocking). Returns the run record.
 pub fn run_training(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError> {
+    /// Clears the "running" mark even if the run panics.
+    struct Running<'a>(&'a AppState, &'a str);
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.training.running.lock().remove(self.1);
+            set_state(self.0, self.1, "idle");
+        }
+    }
     if !state.training.running.lock().insert(model.to_string()) {
         return Err(TrainingError::Busy(model.to_string()));
     }
+    let _running = Running(state, model);
     let result = run_inner(state, model);
-    state.training.running.lock().remove(model);
-    set_state(state, model, "idle");
+    if let Err(e) = &result {
+        // A run row left "running" by an error path is closed as failed.
+        if let Err(se) = state.store.fail_running(model, &e.to_string()) {
+            tracing::warn!(error = %se, "cannot close the failed run");
+        }
+    }
     result
 }
 
 fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError> {
-    let m = state
-        .runtime
-        .model(model)
-        .map_err(|e| TrainingError::BadInput(e.to_string()))?;
+    let m = state.runtime.model(model).map_err(TrainingError::Model)?;
     let slot = m
         .head
         .as_ref()
@@ -272,15 +322,19 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
     let spec = serving.head.spec.clone();
     let samples = state.store.samples(model, m.version())?;
     let train_set = dataset(&samples, false, spec.inputs(), spec.outputs());
-    let mut holdout = dataset(&samples, true, spec.inputs(), spec.outputs());
-    if train_set.is_empty() {
+    let holdout = dataset(&samples, true, spec.inputs(), spec.outputs());
+    if train_set.is_empty() || holdout.is_empty() {
         return Err(TrainingError::BadInput(format!(
-            "model {model} has no training samples yet"
+            "model {model} has {} training and {} hold-out samples of {} features for base {}; a run needs both \
+             (about 1 in {} samples is held out)",
+            train_set.len(),
+            holdout.len(),
+            spec.inputs(),
+            m.version(),
+            cfg_holdout(state)
         )));
     }
-    if holdout.is_empty() {
-        holdout = train_set.clone();
-    }
+    let last_sample_id = samples.iter().map(|s| s.id).max().unwrap_or(0);
     let cfg = &state.config;
     let optimizer = match cfg.training.optimizer {
         dai_config::OptimizerChoice::Adam => Optimizer::adam(cfg.training.learning_rate as f32),
@@ -307,6 +361,7 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
     let run = state
         .store
         .start_run(model, &choice.backend.name(), samples.len() as i64)?;
+    state.store.set_run_last_sample(run, last_sample_id)?;
     set_state(state, model, "training");
     state
         .training
@@ -487,10 +542,15 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
         before,
         after,
     )?;
-    state
-        .runtime
-        .set_head(model, head, version)
-        .map_err(|e| TrainingError::Failed(e.to_string()))?;
+    // The store is the truth from here on; if the bundle was reloaded during
+    // the run, the reload path restores the active head for its version.
+    match state.runtime.set_head_if_current(&m, head, version) {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(%model, "bundle reloaded during the run; the new head is stored for base {}", m.version())
+        }
+        Err(e) => tracing::error!(%model, error = %e, "new head stored but not swapped in"),
+    }
     outcome_metric("accepted");
     tracing::info!(%model, head_version = version, before, after, backend = %report.backend, "new head accepted");
     Ok(run_json(state, model, run))
@@ -523,7 +583,11 @@ pub fn status(state: &AppState) -> Value {
             .unwrap_or_default();
         let (train, holdout, _) = state.store.sample_counts(m.name()).unwrap_or((0, 0, 0));
         let runs = state.store.runs(m.name(), 1).unwrap_or_default();
-        let last_samples = runs.first().map_or(0, |r| r.samples);
+        let consumed = state.store.last_consumed_sample(m.name()).unwrap_or(0);
+        let new_since = state
+            .store
+            .samples_since(m.name(), m.version(), consumed)
+            .unwrap_or(0);
         let mut last = runs.first().map(|r| json!(r)).unwrap_or(Value::Null);
         if live.state == "training"
             && let Some(obj) = last.as_object_mut()
@@ -538,7 +602,7 @@ pub fn status(state: &AppState) -> Value {
             "state": if live.state.is_empty() { "idle".to_string() } else { live.state.clone() },
             "samples": {
                 "train": train, "holdout": holdout,
-                "new_since_last_run": (train + holdout - last_samples).max(0),
+                "new_since_last_run": new_since,
                 "min_new_samples": t.min_new_samples,
             },
             "outbox_pending": state.store.outbox_count(m.name()).unwrap_or(0),
@@ -572,15 +636,24 @@ pub async fn scheduler_task(state: Arc<AppState>, mut stop: tokio::sync::watch::
                 continue;
             }
             let name = m.name().to_string();
-            let (train, holdout, _) = state.store.sample_counts(&name).unwrap_or((0, 0, 0));
-            let last = state
-                .store
-                .runs(&name, 1)
-                .ok()
-                .and_then(|r| r.first().map(|r| r.samples))
-                .unwrap_or(0);
-            if ((train + holdout - last).max(0) as u64) < t.min_new_samples {
-                continue;
+            // Store calls block: keep them off the async threads.
+            let (st, n2, base) = (state.clone(), name.clone(), m.version().to_string());
+            let new = tokio::task::spawn_blocking(move || {
+                let consumed = st.store.last_consumed_sample(&n2)?;
+                st.store.samples_since(&n2, &base, consumed)
+            })
+            .await;
+            match new {
+                Ok(Ok(n)) if n as u64 >= t.min_new_samples => {}
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => {
+                    tracing::warn!(model = %name, error = %e, "cannot count new samples");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "sample count task failed");
+                    continue;
+                }
             }
             let cpu = state.sample.lock().cpu_percent.unwrap_or(0.0);
             if cpu > t.max_cpu_percent {
@@ -606,6 +679,5 @@ pub async fn scheduler_task(state: Arc<AppState>, mut stop: tokio::sync::watch::
                 Err(e) => tracing::error!(error = %e, "training task failed"),
             }
         }
-        let _ = unix_now();
     }
 }

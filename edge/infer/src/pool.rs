@@ -304,8 +304,9 @@ impl WorkerCtx {
                 Ok(j) => j,
                 Err(TryRecvError::Disconnected) => break,
                 Err(TryRecvError::Empty) => {
-                    // Waiting only pays when other requests exist right now.
-                    let others = self.in_flight.load(Ordering::Relaxed) > batch.len();
+                    // Waiting only pays when more requests for this worker
+                    // exist right now (queued ones count in its in_flight).
+                    let others = self.stats.in_flight.load(Ordering::Relaxed) > batch.len();
                     let now = Instant::now();
                     if !others || now >= deadline {
                         break;

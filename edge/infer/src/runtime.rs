@@ -456,6 +456,23 @@ impl Runtime {
         })
     }
 
+    /// Like [`Runtime::set_head`], but only if `model` is still the loaded
+    /// version of its name (a hot reload may have replaced it meanwhile).
+    /// Returns whether the head was swapped in.
+    pub fn set_head_if_current(
+        &self,
+        model: &Arc<LoadedModel>,
+        head: dai_train::Head,
+        version: i64,
+    ) -> Result<bool, InferError> {
+        let current = self.model(model.name())?;
+        if !Arc::ptr_eq(&current, model) {
+            return Ok(false);
+        }
+        self.set_head(model.name(), head, version)?;
+        Ok(true)
+    }
+
     /// Serve `head` as `version` for `name` from now on (atomic swap).
     pub fn set_head(
         &self,

@@ -197,7 +197,11 @@ impl Data {
 
 impl TensorData {
     pub fn new(shape: Vec<usize>, data: Data) -> Result<TensorData, TensorError> {
-        let expected: usize = shape.iter().product();
+        let expected = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .filter(|&n| n <= u32::MAX as usize)
+            .ok_or_else(|| TensorError(format!("shape {shape:?} is too large")))?;
         if expected != data.len() {
             return Err(TensorError(format!(
                 "shape {shape:?} needs {expected} elements, got {}",

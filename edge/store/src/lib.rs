@@ -114,6 +114,9 @@ pub const MIGRATIONS: &[&str] = &[
         payload BLOB NOT NULL,
         created_at REAL NOT NULL
     );",
+    // 3: a run remembers the newest sample it saw, so "new samples" is
+    // counted by id (retention pruning keeps counts flat).
+    "ALTER TABLE training_runs ADD COLUMN last_sample_id INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// A stored training sample (the head's input vector and its label).
@@ -178,6 +181,14 @@ pub struct OutboxRow {
     pub loss: f64,
     pub encoding: String,
     pub payload: Vec<u8>,
+}
+
+/// splitmix64 of a row id: spreads the hold-out choice evenly.
+fn holdout_hash(id: i64) -> u64 {
+    let mut z = (id as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 fn f32_blob(v: &[f32]) -> Vec<u8> {
@@ -381,46 +392,103 @@ impl Store {
         }))
     }
 
-    /// Store a labelled sample; every `holdout_every`-th sample of a model
-    /// (by id) is kept for validation. Keeps at most `max_per_model` samples
-    /// per model, deleting the oldest. Returns the sample id.
-    pub fn insert_sample(
+    /// Store labelled samples in ONE transaction (all or none). About one
+    /// in `holdout_every` is kept for validation, chosen by a hash of the
+    /// row id so that every model gets its share however requests of
+    /// different models interleave. Keeps at most `max_per_model` samples
+    /// per model, deleting the oldest. Returns the sample ids.
+    pub fn insert_samples(
         &self,
-        sample: &NewSample<'_>,
+        samples: &[NewSample<'_>],
         holdout_every: i64,
         max_per_model: i64,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<Vec<i64>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let next: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM samples", [], |r| {
-            r.get(0)
-        })?;
-        let split = if holdout_every > 0 && next % holdout_every == 0 {
-            "holdout"
-        } else {
-            "train"
-        };
-        tx.execute(
-            "INSERT INTO samples (model, base_version, features, label, split, source, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                sample.model,
-                sample.base_version,
-                f32_blob(sample.features),
-                sample.label,
-                split,
-                sample.source,
-                now()
-            ],
-        )?;
-        let id = tx.last_insert_rowid();
-        tx.execute(
-            "DELETE FROM samples WHERE model = ?1 AND id <= (
-                SELECT id FROM samples WHERE model = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-            params![sample.model, max_per_model],
-        )?;
+        let mut ids = Vec::with_capacity(samples.len());
+        let ts = now();
+        for sample in samples {
+            let next: i64 =
+                tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM samples", [], |r| {
+                    r.get(0)
+                })?;
+            let split =
+                if holdout_every > 0 && holdout_hash(next).is_multiple_of(holdout_every as u64) {
+                    "holdout"
+                } else {
+                    "train"
+                };
+            tx.execute(
+                "INSERT INTO samples (id, model, base_version, features, label, split, source, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    next,
+                    sample.model,
+                    sample.base_version,
+                    f32_blob(sample.features),
+                    sample.label,
+                    split,
+                    sample.source,
+                    ts
+                ],
+            )?;
+            ids.push(next);
+        }
+        let mut models: Vec<&str> = samples.iter().map(|s| s.model).collect();
+        models.dedup();
+        for model in models {
+            tx.execute(
+                "DELETE FROM samples WHERE model = ?1 AND id <= (
+                    SELECT id FROM samples WHERE model = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                params![model, max_per_model],
+            )?;
+        }
         tx.commit()?;
-        Ok(id)
+        Ok(ids)
+    }
+
+    /// Samples of `model`/`base_version` newer than sample id `after`.
+    pub fn samples_since(
+        &self,
+        model: &str,
+        base_version: &str,
+        after: i64,
+    ) -> Result<i64, StoreError> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM samples WHERE model = ?1 AND base_version = ?2 AND id > ?3",
+            params![model, base_version, after],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Newest sample id the last completed run of `model` consumed (runs
+    /// that were aborted, interrupted or failed do not count: their samples
+    /// are still new).
+    pub fn last_consumed_sample(&self, model: &str) -> Result<i64, StoreError> {
+        Ok(self.conn().query_row(
+            "SELECT COALESCE(MAX(last_sample_id), 0) FROM training_runs
+             WHERE model = ?1 AND outcome IN ('accepted', 'rejected', 'diverged')",
+            params![model],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Record the newest sample id a run trained on.
+    pub fn set_run_last_sample(&self, run: i64, last_sample_id: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE training_runs SET last_sample_id = ?2 WHERE id = ?1",
+            params![run, last_sample_id],
+        )?;
+        Ok(())
+    }
+
+    /// Close a run that ended with an error (it stays visible as failed).
+    pub fn fail_running(&self, model: &str, reason: &str) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE training_runs SET outcome = 'failed', finished_at = ?2, reason = ?3
+             WHERE model = ?1 AND outcome = 'running'",
+            params![model, now(), reason],
+        )?)
     }
 
     /// Samples of `model` taken with `base_version`, oldest first.
