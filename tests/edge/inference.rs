@@ -146,3 +146,48 @@ async fn concurrent_requests_are_batched_and_split_correctly() {
     assert!(largest >= 2, "six concurrent requests never shared a batch");
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_request_does_not_fail_the_batch_it_joined() {
+    // Token id 999999 is outside MiniLM's vocabulary: tract fails on it.
+    let d = TestDaemon::start(|c| {
+        c.max_parallel_agents = 1;
+        c.caching_enabled = false;
+        c.daemon.max_batch_wait_ms = 20;
+        c.latency_threshold_ms = 1e6;
+        c.daemon.models = vec!["minilm-l3".into()];
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..6i64 {
+        let ids: Vec<i64> = if i == 3 {
+            vec![999_999; 128]
+        } else {
+            (0..128)
+                .map(|j| if j < 10 { 1000 + i + j } else { 0 })
+                .collect()
+        };
+        let mask: Vec<i64> = (0..128).map(|j| i64::from(j < 10)).collect();
+        let body = json!({"inputs": {"input_ids": {"shape": [1, 128], "data": ids}, "attention_mask": {"shape": [1, 128], "data": mask}}});
+        let client = d.client.clone();
+        let url = d.url("/v1/models/minilm-l3/infer");
+        tasks.push(tokio::spawn(async move {
+            (
+                i,
+                client
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("post")
+                    .status()
+                    .as_u16(),
+            )
+        }));
+    }
+    for t in tasks {
+        let (i, status) = t.await.expect("task");
+        assert_eq!(status, if i == 3 { 500 } else { 200 }, "request {i}");
+    }
+    d.stop().await;
+}

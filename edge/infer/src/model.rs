@@ -17,7 +17,7 @@ use tract_onnx::prelude::*;
 type Plan = Arc<TypedRunnableModel>;
 
 /// Why a model cannot be loaded or run.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
     #[error("{model}: tract cannot load {path}: {message}")]
     Load {

@@ -358,14 +358,16 @@ impl WorkerCtx {
                     self.finish(job.reply, Ok(out));
                 }
             }
-            Err(e) => {
-                let message = e.to_string();
+            // One bad request must not fail the others it was merged
+            // with: rerun each job alone so only the culprit gets the error.
+            Err(_) if n > 1 => {
                 for job in batch {
-                    let err = ModelError::Run {
-                        model: model.name().to_string(),
-                        message: message.clone(),
-                    };
-                    self.finish(job.reply, Err(err));
+                    self.execute(vec![job]);
+                }
+            }
+            Err(e) => {
+                for job in batch {
+                    self.finish(job.reply, Err(e.clone()));
                 }
             }
         }
