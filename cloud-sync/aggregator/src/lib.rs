@@ -1,0 +1,468 @@
+//! `dai-cloud`: the federated aggregator (library part).
+//!
+//! Built so far — the pure logic every transport will call:
+//! - [`validate`]: an update decoded by `dai-protocol` is checked against the
+//!   model's tensor layout (names, shapes), for finite values, a norm bound,
+//!   staleness of its base version and duplicate ids, and becomes a
+//!   [`Contribution`] or a [`Rejection`] with the reason the ack carries;
+//! - [`aggregate`]: sample-count-weighted mean (FedAvg), optionally with
+//!   per-update norm clipping, or a robust coordinate-wise trimmed mean or
+//!   median; [`staleness_weight`] for buffered asynchronous aggregation
+//!   (FedBuff);
+//! - [`FedAdam`]: the server optimiser applied to the aggregated delta.
+//!
+//! Not built yet: the MQTT side (embedded rumqttd or an external broker),
+//! SQLite state, the registry and the `dai-cloud` binary.
+
+use dai_protocol::update::Update;
+
+/// The tensors a model's head has, in a fixed order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelLayout {
+    pub model: String,
+    pub tensors: Vec<(String, Vec<usize>)>,
+}
+
+/// A validated update, tensors in layout order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contribution {
+    pub update_id: String,
+    pub device: String,
+    pub base_version: u64,
+    pub sample_count: u64,
+    pub tensors: Vec<Vec<f32>>,
+}
+
+/// Why an update was refused (sent back in the ack).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("unknown model {0:?}")]
+    UnknownModel(String),
+    #[error("tensor layout differs: {0}")]
+    Layout(String),
+    #[error("base version {0:?} is not a global version of this model")]
+    BadBase(String),
+    #[error("base version {base} is {staleness} versions behind {current} (max_staleness {max})")]
+    Stale {
+        base: u64,
+        current: u64,
+        staleness: u64,
+        max: u64,
+    },
+    #[error("base version {base} is newer than the current global version {current}")]
+    FromTheFuture { base: u64, current: u64 },
+    #[error("update norm {norm:.4} exceeds the bound {bound}")]
+    NormTooLarge { norm: f64, bound: f64 },
+    #[error("sample_count must be at least 1")]
+    NoSamples,
+    #[error("update id {0:?} was already received")]
+    Duplicate(String),
+}
+
+/// Limits applied to every update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub current_version: u64,
+    pub max_staleness: u64,
+    /// Updates with a larger L2 norm are rejected (clipping happens later).
+    pub reject_norm: f64,
+}
+
+/// Check `update` against `layout` and `limits`. `base_of` maps the
+/// update's `base_version` string to a global version; `seen` tells
+/// whether an update id was already received.
+pub fn validate(
+    update: &Update,
+    layout: &ModelLayout,
+    limits: &Limits,
+    base_of: impl Fn(&str) -> Option<u64>,
+    seen: impl Fn(&str) -> bool,
+) -> Result<Contribution, Rejection> {
+    let m = &update.meta;
+    if m.model != layout.model {
+        return Err(Rejection::UnknownModel(m.model.clone()));
+    }
+    if seen(&m.update_id) {
+        return Err(Rejection::Duplicate(m.update_id.clone()));
+    }
+    if m.sample_count == 0 {
+        return Err(Rejection::NoSamples);
+    }
+    let base =
+        base_of(&m.base_version).ok_or_else(|| Rejection::BadBase(m.base_version.clone()))?;
+    if base > limits.current_version {
+        return Err(Rejection::FromTheFuture {
+            base,
+            current: limits.current_version,
+        });
+    }
+    let staleness = limits.current_version - base;
+    if staleness > limits.max_staleness {
+        return Err(Rejection::Stale {
+            base,
+            current: limits.current_version,
+            staleness,
+            max: limits.max_staleness,
+        });
+    }
+    let mut tensors = Vec::with_capacity(layout.tensors.len());
+    for (name, shape) in &layout.tensors {
+        let t = update
+            .tensors
+            .iter()
+            .find(|t| &t.name == name)
+            .ok_or_else(|| Rejection::Layout(format!("missing tensor {name}")))?;
+        if &t.shape != shape {
+            return Err(Rejection::Layout(format!(
+                "{name}: shape {:?}, expected {shape:?}",
+                t.shape
+            )));
+        }
+        tensors.push(t.values.clone());
+    }
+    if update.tensors.len() != layout.tensors.len() {
+        return Err(Rejection::Layout(format!(
+            "{} tensors, expected {}",
+            update.tensors.len(),
+            layout.tensors.len()
+        )));
+    }
+    // The protocol decoder already refused non-finite values.
+    let norm = norm(&tensors);
+    if norm > limits.reject_norm {
+        return Err(Rejection::NormTooLarge {
+            norm,
+            bound: limits.reject_norm,
+        });
+    }
+    Ok(Contribution {
+        update_id: m.update_id.clone(),
+        device: m.device.clone(),
+        base_version: base,
+        sample_count: m.sample_count,
+        tensors,
+    })
+}
+
+/// L2 norm over all tensors.
+pub fn norm(tensors: &[Vec<f32>]) -> f64 {
+    tensors
+        .iter()
+        .flat_map(|t| t.iter())
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// FedBuff's staleness discount: `1 / sqrt(1 + staleness)`.
+pub fn staleness_weight(staleness: u64) -> f64 {
+    1.0 / (1.0 + staleness as f64).sqrt()
+}
+
+/// How contributions are combined.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Robust {
+    /// Weighted mean (FedAvg).
+    Mean,
+    /// Drop the `fraction` largest and smallest values per coordinate, then average.
+    TrimmedMean { fraction: f64 },
+    /// Coordinate-wise median.
+    Median,
+}
+
+/// Aggregation settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Aggregation {
+    /// Scale each update down to this L2 norm first (differential-privacy
+    /// style clipping); `None` leaves them as they are.
+    pub clip_norm: Option<f64>,
+    pub robust: Robust,
+}
+
+/// Combine `contribs` with `weights` (e.g. sample counts x staleness
+/// weights). Returns the aggregated delta in layout order, or `None` when
+/// there is nothing to aggregate.
+pub fn aggregate(
+    contribs: &[Contribution],
+    weights: &[f64],
+    agg: &Aggregation,
+) -> Option<Vec<Vec<f32>>> {
+    if contribs.is_empty() || contribs.len() != weights.len() {
+        return None;
+    }
+    let scale: Vec<f64> = contribs
+        .iter()
+        .map(|c| match agg.clip_norm {
+            Some(bound) => {
+                let n = norm(&c.tensors);
+                if n > bound && n > 0.0 { bound / n } else { 1.0 }
+            }
+            None => 1.0,
+        })
+        .collect();
+    let total: f64 = weights.iter().sum();
+    if total <= 0.0 || !total.is_finite() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(contribs[0].tensors.len());
+    for t in 0..contribs[0].tensors.len() {
+        let len = contribs[0].tensors[t].len();
+        let mut agg_t = vec![0.0f32; len];
+        let mut column = Vec::with_capacity(contribs.len());
+        for (i, slot) in agg_t.iter_mut().enumerate() {
+            match agg.robust {
+                Robust::Mean => {
+                    let mut acc = 0.0f64;
+                    for (c, (w, s)) in contribs.iter().zip(weights.iter().zip(&scale)) {
+                        acc += c.tensors[t][i] as f64 * s * w;
+                    }
+                    *slot = (acc / total) as f32;
+                }
+                Robust::TrimmedMean { .. } | Robust::Median => {
+                    column.clear();
+                    column.extend(
+                        contribs
+                            .iter()
+                            .zip(&scale)
+                            .map(|(c, s)| c.tensors[t][i] as f64 * s),
+                    );
+                    column.sort_by(|a, b| a.total_cmp(b));
+                    *slot = match agg.robust {
+                        Robust::Median => {
+                            let n = column.len();
+                            if n % 2 == 1 {
+                                column[n / 2]
+                            } else {
+                                (column[n / 2 - 1] + column[n / 2]) / 2.0
+                            }
+                        }
+                        Robust::TrimmedMean { fraction } => {
+                            let k = ((column.len() as f64) * fraction.clamp(0.0, 0.49)).floor()
+                                as usize;
+                            let kept = &column[k..column.len() - k];
+                            kept.iter().sum::<f64>() / kept.len() as f64
+                        }
+                        Robust::Mean => 0.0,
+                    } as f32;
+                }
+            }
+        }
+        out.push(agg_t);
+    }
+    Some(out)
+}
+
+/// FedAdam (Reddi et al., "Adaptive Federated Optimization"): the
+/// aggregated delta is treated as a pseudo-gradient step direction.
+#[derive(Debug, Clone)]
+pub struct FedAdam {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    /// Adaptivity (tau in the paper).
+    pub tau: f32,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl FedAdam {
+    pub fn new(lr: f32, beta1: f32, beta2: f32, tau: f32) -> FedAdam {
+        FedAdam {
+            lr,
+            beta1,
+            beta2,
+            tau,
+            m: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+
+    /// `global += lr * m / (sqrt(v) + tau)` with `m`, `v` tracking `delta`.
+    pub fn apply(&mut self, global: &mut [Vec<f32>], delta: &[Vec<f32>]) {
+        if self.m.len() != delta.len() {
+            self.m = delta.iter().map(|d| vec![0.0; d.len()]).collect();
+            self.v = delta.iter().map(|d| vec![0.0; d.len()]).collect();
+        }
+        for (t, d) in delta.iter().enumerate() {
+            for (i, &g) in d.iter().enumerate() {
+                let m = self.beta1 * self.m[t][i] + (1.0 - self.beta1) * g;
+                let v = self.beta2 * self.v[t][i] + (1.0 - self.beta2) * g * g;
+                self.m[t][i] = m;
+                self.v[t][i] = v;
+                global[t][i] += self.lr * m / (v.sqrt() + self.tau);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dai_protocol::update::{Encoding, Tensor, UpdateMeta};
+
+    fn layout() -> ModelLayout {
+        ModelLayout {
+            model: "digits".into(),
+            tensors: vec![("b".into(), vec![2]), ("w".into(), vec![2, 2])],
+        }
+    }
+
+    fn update(id: &str, base: &str, samples: u64, w: [f32; 4], b: [f32; 2]) -> Update {
+        Update {
+            meta: UpdateMeta {
+                device: "d".into(),
+                model: "digits".into(),
+                base_version: base.into(),
+                update_id: id.into(),
+                sample_count: samples,
+                loss: 0.1,
+                encoding: Encoding::F32,
+            },
+            tensors: vec![
+                Tensor {
+                    name: "w".into(),
+                    shape: vec![2, 2],
+                    values: w.to_vec(),
+                },
+                Tensor {
+                    name: "b".into(),
+                    shape: vec![2],
+                    values: b.to_vec(),
+                },
+            ],
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        current_version: 5,
+        max_staleness: 2,
+        reject_norm: 100.0,
+    };
+
+    fn ok(u: &Update) -> Result<Contribution, Rejection> {
+        validate(u, &layout(), &LIMITS, |b| b.parse().ok(), |id| id == "seen")
+    }
+
+    #[test]
+    fn validation_accepts_good_and_names_each_problem() {
+        let c = ok(&update("u1", "4", 10, [1.0, 2.0, 3.0, 4.0], [0.5, 0.5])).expect("ok");
+        assert_eq!(
+            c.tensors,
+            vec![vec![0.5, 0.5], vec![1.0, 2.0, 3.0, 4.0]],
+            "layout order"
+        );
+        assert_eq!(
+            ok(&update("seen", "5", 1, [0.0; 4], [0.0; 2])),
+            Err(Rejection::Duplicate("seen".into()))
+        );
+        assert!(matches!(
+            ok(&update("u", "1", 1, [0.0; 4], [0.0; 2])),
+            Err(Rejection::Stale { staleness: 4, .. })
+        ));
+        assert!(matches!(
+            ok(&update("u", "9", 1, [0.0; 4], [0.0; 2])),
+            Err(Rejection::FromTheFuture { .. })
+        ));
+        assert!(matches!(
+            ok(&update("u", "x", 1, [0.0; 4], [0.0; 2])),
+            Err(Rejection::BadBase(_))
+        ));
+        assert!(matches!(
+            ok(&update("u", "5", 0, [0.0; 4], [0.0; 2])),
+            Err(Rejection::NoSamples)
+        ));
+        assert!(matches!(
+            ok(&update("u", "5", 1, [100.0; 4], [0.0; 2])),
+            Err(Rejection::NormTooLarge { .. })
+        ));
+        let mut wrong = update("u", "5", 1, [0.0; 4], [0.0; 2]);
+        wrong.tensors[0].shape = vec![4];
+        assert!(matches!(ok(&wrong), Err(Rejection::Layout(_))));
+        let mut other = update("u", "5", 1, [0.0; 4], [0.0; 2]);
+        other.meta.model = "cats".into();
+        assert!(matches!(ok(&other), Err(Rejection::UnknownModel(_))));
+    }
+
+    fn contrib(v: f32, samples: u64) -> Contribution {
+        Contribution {
+            update_id: format!("{v}"),
+            device: "d".into(),
+            base_version: 5,
+            sample_count: samples,
+            tensors: vec![vec![v, -v]],
+        }
+    }
+
+    #[test]
+    fn fedavg_weights_by_samples_and_robust_options_resist_outliers() {
+        let cs = vec![contrib(1.0, 1), contrib(2.0, 3)];
+        let mean = Aggregation {
+            clip_norm: None,
+            robust: Robust::Mean,
+        };
+        let w: Vec<f64> = cs.iter().map(|c| c.sample_count as f64).collect();
+        assert_eq!(
+            aggregate(&cs, &w, &mean).expect("agg"),
+            vec![vec![1.75, -1.75]]
+        );
+
+        let mut with_outlier = vec![
+            contrib(1.0, 1),
+            contrib(1.1, 1),
+            contrib(0.9, 1),
+            contrib(1.0, 1),
+            contrib(1000.0, 1),
+        ];
+        let ones = vec![1.0; with_outlier.len()];
+        let med = aggregate(
+            &with_outlier,
+            &ones,
+            &Aggregation {
+                clip_norm: None,
+                robust: Robust::Median,
+            },
+        )
+        .expect("median");
+        assert_eq!(med[0][0], 1.0);
+        let trimmed = aggregate(
+            &with_outlier,
+            &ones,
+            &Aggregation {
+                clip_norm: None,
+                robust: Robust::TrimmedMean { fraction: 0.2 },
+            },
+        )
+        .expect("trim");
+        assert!((trimmed[0][0] - 1.0333).abs() < 1e-3, "{trimmed:?}");
+        let plain = aggregate(&with_outlier, &ones, &mean).expect("mean");
+        assert!(
+            plain[0][0] > 100.0,
+            "the plain mean is dragged by the outlier"
+        );
+        // Clipping bounds each update's influence.
+        with_outlier.truncate(5);
+        let clipped = aggregate(
+            &with_outlier,
+            &ones,
+            &Aggregation {
+                clip_norm: Some(2.0_f64.sqrt()),
+                robust: Robust::Mean,
+            },
+        )
+        .expect("clip");
+        assert!(clipped[0][0] <= 1.0001, "{clipped:?}");
+        assert!(aggregate(&[], &[], &mean).is_none());
+    }
+
+    #[test]
+    fn staleness_discount_and_fedadam_move_toward_the_delta() {
+        assert_eq!(staleness_weight(0), 1.0);
+        assert!((staleness_weight(3) - 0.5).abs() < 1e-12);
+        let mut g = vec![vec![0.0f32; 2]];
+        let mut opt = FedAdam::new(0.1, 0.9, 0.99, 1e-3);
+        for _ in 0..3 {
+            opt.apply(&mut g, &[vec![1.0, -1.0]]);
+        }
+        assert!(g[0][0] > 0.0 && g[0][1] < 0.0, "{g:?}");
+    }
+}
