@@ -11,10 +11,16 @@
 //!   (FedBuff);
 //! - [`FedAdam`]: the server optimiser applied to the aggregated delta.
 //!
+//! - [`state`]: durable SQLite state — seen ids, the pending buffer and the
+//!   registry of global versions; ingest and aggregation are transactions,
+//!   so duplicates count once and a restart continues where it stopped.
+//!
 //! Not built yet: the MQTT side (embedded rumqttd or an external broker),
-//! SQLite state, the registry and the `dai-cloud` binary.
+//! signing and publishing, and the `dai-cloud` binary.
 
 use dai_protocol::update::Update;
+
+pub mod state;
 
 /// The tensors a model's head has, in a fixed order.
 #[derive(Debug, Clone, PartialEq, Eq)]
