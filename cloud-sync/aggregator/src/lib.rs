@@ -15,11 +15,17 @@
 //!   registry of global versions; ingest and aggregation are transactions,
 //!   so duplicates count once and a restart continues where it stopped.
 //!
-//! Not built yet: the MQTT side (embedded rumqttd or an external broker),
-//! signing and publishing, and the `dai-cloud` binary.
+//! - [`service`]: the MQTT side — an embedded rumqttd broker or an external
+//!   one, one task owning the rumqttc event loop: updates in, acks out, new
+//!   globals signed (ed25519) and published retained.
+//!
+//! Not built yet: the `dai-cloud` binary (keygen, models list/promote/
+//! rollback), FedAdam/robust options wired to configuration, status page
+//! and metrics.
 
 use dai_protocol::update::Update;
 
+pub mod service;
 pub mod state;
 
 /// The tensors a model's head has, in a fixed order.

@@ -1,0 +1,225 @@
+//! The aggregator over MQTT: an embedded broker (rumqttd) or an external one,
+//! one task owning the rumqttc event loop.
+//!
+//! Per update on `dai/v1/{fleet}/dev/{device}/update`: decode (size-bounded),
+//! [`crate::state::State::ingest`] (validated, recorded once), ack on
+//! `.../dev/{device}/ack`, then aggregate when the strategy says so (or the
+//! round timed out) and publish the signed new global, retained, on
+//! `dai/v1/{fleet}/model/{model}/global`.
+
+use crate::state::{Settings, State};
+use dai_protocol::messages::{Ack, AckStatus};
+use dai_protocol::topics::{self, Topic};
+use dai_protocol::update::Update;
+use ed25519_dalek::SigningKey;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Service errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+/// Where the broker is.
+#[derive(Debug, Clone)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+/// Service settings.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub fleet: String,
+    pub broker: BrokerAddr,
+    pub client_id: String,
+    pub state_path: PathBuf,
+    /// (model, base head file) registered as version 0.
+    pub models: Vec<(String, Vec<u8>)>,
+    pub settings: Settings,
+    pub round_timeout: Duration,
+    pub signing_key: SigningKey,
+}
+
+/// Figures of a finished run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub globals_published: u64,
+}
+
+/// Start rumqttd on `addr` in its own thread (MQTT 3.1.1). Keeps nothing
+/// on disk: durability is the aggregator's SQLite and the edges' outboxes.
+pub fn start_embedded_broker(addr: SocketAddr) -> Result<(), ServiceError> {
+    let mut v4 = std::collections::HashMap::new();
+    v4.insert(
+        "v4".to_string(),
+        rumqttd::ServerSettings {
+            name: "v4".into(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections: rumqttd::ConnectionSettings {
+                connection_timeout_ms: 60_000,
+                max_payload_size: 16 << 20,
+                max_inflight_count: 200,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        },
+    );
+    let config = rumqttd::Config {
+        router: rumqttd::RouterConfig {
+            max_connections: 10_000,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 100 << 20,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        v4: Some(v4),
+        ..Default::default()
+    };
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::Builder::new()
+        .name("dai-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(|e| ServiceError::Broker(e.to_string()))?;
+    Ok(())
+}
+
+/// `"1.0.0"` (a bundle version: the shipped head) is global 0;
+/// `"1.0.0+g7"` is global 7.
+pub fn base_of(base_version: &str) -> Option<u64> {
+    match base_version.rsplit_once("+g") {
+        Some((_, g)) => g.parse().ok(),
+        None => (!base_version.is_empty()).then_some(0),
+    }
+}
+
+/// Run until `shutdown` resolves.
+pub async fn run(
+    cfg: ServiceConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<ServiceStats, ServiceError> {
+    let mut state = State::open(&cfg.state_path)?;
+    for (model, head) in &cfg.models {
+        state.register(model, head)?;
+    }
+    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.broker.host, cfg.broker.port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_clean_session(false);
+    opts.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut events) = AsyncClient::new(opts, 256);
+    let mut stats = ServiceStats::default();
+    let mut round_started: Option<Instant> = None;
+    let mut adam = None;
+    // Publish the current global of each model (retained) so late joiners get it.
+    for (model, _) in &cfg.models {
+        let (version, head) = state.current(model)?;
+        if version > 0 {
+            publish_global(&client, &cfg, model, &head).await;
+        }
+    }
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {
+                if let Some(started) = round_started
+                    && started.elapsed() >= cfg.round_timeout
+                {
+                    for (model, _) in &cfg.models {
+                        if let Some(g) = state.aggregate(model, &cfg.settings, true, &mut adam)? {
+                            tracing::info!(model = %g.model, version = g.version, updates = g.contributors.len(), "round timed out; global published");
+                            publish_global(&client, &cfg, &g.model, &g.head_file).await;
+                            stats.globals_published += 1;
+                        }
+                    }
+                    round_started = None;
+                }
+            }
+            ev = events.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    if let Err(e) = client.subscribe(topics::all_updates(&cfg.fleet), QoS::AtLeastOnce).await {
+                        tracing::error!(error = %e, "subscribe failed");
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(Topic::Update { device, .. }) = Topic::parse(&p.topic) else {
+                        tracing::warn!(topic = %p.topic, "ignoring a message on an unexpected topic");
+                        continue;
+                    };
+                    let ack = match Update::decode(&p.payload) {
+                        Ok(update) => {
+                            let ack = state.ingest(&update, &cfg.settings, base_of)?;
+                            if ack.status == AckStatus::Accepted && ack.reason.is_none() {
+                                stats.accepted += 1;
+                                round_started.get_or_insert_with(Instant::now);
+                                if let Some(g) = state.aggregate(&update.meta.model, &cfg.settings, false, &mut adam)? {
+                                    tracing::info!(model = %g.model, version = g.version, updates = g.contributors.len(), "global published");
+                                    publish_global(&client, &cfg, &g.model, &g.head_file).await;
+                                    stats.globals_published += 1;
+                                    round_started = None;
+                                }
+                            } else if ack.status == AckStatus::Rejected {
+                                stats.rejected += 1;
+                                tracing::warn!(%device, update = %ack.update_id, reason = ?ack.reason, "update rejected");
+                            }
+                            ack
+                        }
+                        Err(e) => {
+                            stats.rejected += 1;
+                            tracing::warn!(%device, error = %e, "undecodable update");
+                            Ack { update_id: String::new(), status: AckStatus::Rejected, reason: Some(format!("undecodable update: {e}")), round: None }
+                        }
+                    };
+                    let topic = Topic::Ack { fleet: cfg.fleet.clone(), device }.build();
+                    if let Ok(topic) = topic
+                        && let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, ack.to_bytes()).await
+                    {
+                        tracing::error!(error = %e, "ack not queued");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection lost");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+    Ok(stats)
+}
+
+async fn publish_global(client: &AsyncClient, cfg: &ServiceConfig, model: &str, head_file: &[u8]) {
+    let wire = dai_protocol::global::sign(head_file, &cfg.signing_key);
+    match (Topic::Global {
+        fleet: cfg.fleet.clone(),
+        model: model.to_string(),
+    })
+    .build()
+    {
+        Ok(topic) => {
+            if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, wire).await {
+                tracing::error!(error = %e, "global not queued");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "bad global topic"),
+    }
+}
