@@ -59,6 +59,9 @@ pub struct NewGlobal {
     pub contributors: Vec<String>,
 }
 
+/// A registry row: (model, version, parent, contributing update ids, created_at).
+pub type VersionRow = (String, u64, Option<u64>, Vec<String>, f64);
+
 /// The durable state.
 #[derive(Debug)]
 pub struct State {
@@ -231,6 +234,23 @@ impl State {
         };
         tx.commit()?;
         Ok(ack)
+    }
+
+    /// Every global version: (model, version, parent, contributors, created_at).
+    pub fn versions(&self) -> Result<Vec<VersionRow>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT model, version, parent, contributors, created_at FROM versions ORDER BY model, version")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, Option<i64>>(2)?.map(|p| p as u64),
+                serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+                r.get::<_, f64>(4)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn pending_count(&self, model: &str) -> Result<usize, StateError> {
