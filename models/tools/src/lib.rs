@@ -11,6 +11,7 @@
 
 pub mod digits;
 pub mod onnx;
+pub mod shard;
 pub mod train_digits;
 
 /// Tool errors.
