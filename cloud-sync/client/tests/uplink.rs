@@ -1,0 +1,183 @@
+//! The uplink against the real aggregator through a real (embedded) broker:
+//! outbox rows leave only on the aggregator's ack, a signed global arrives
+//! and is applied, and a broker that is not up yet is waited for.
+
+use dai_cloud::service::{BrokerAddr, ServiceConfig, start_embedded_broker};
+use dai_cloud::state::{Settings, Strategy};
+use dai_cloud::{Aggregation, Robust};
+use dai_protocol::global::GlobalModel;
+use dai_protocol::messages::{Ack, AckStatus, Status};
+use dai_protocol::update::{Encoding, Tensor, Update, UpdateMeta};
+use dai_sync::{Edge, UplinkConfig, run};
+use dai_train::{Activation, Head, HeadSpec, Loss};
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Default)]
+struct FakeEdge {
+    outbox: Mutex<Vec<(String, Vec<u8>)>>,
+    acks: Mutex<Vec<Ack>>,
+    globals: Mutex<Vec<GlobalModel>>,
+}
+
+impl Edge for FakeEdge {
+    fn outbox(&self, limit: usize) -> Vec<(String, Vec<u8>)> {
+        self.outbox.lock().iter().take(limit).cloned().collect()
+    }
+    fn acked(&self, ack: &Ack) {
+        self.outbox.lock().retain(|(id, _)| id != &ack.update_id);
+        self.acks.lock().push(ack.clone());
+    }
+    fn models(&self) -> Vec<String> {
+        vec!["m".into()]
+    }
+    fn global_version(&self, _: &str) -> u64 {
+        self.globals.lock().last().map_or(0, |g| g.version)
+    }
+    fn apply_global(&self, g: GlobalModel) -> Result<(), String> {
+        self.globals.lock().push(g);
+        Ok(())
+    }
+    fn status(&self) -> Status {
+        Status {
+            device: "edge-a".into(),
+            state: "online".into(),
+            ts: 0.0,
+            models: Default::default(),
+            outbox_pending: self.outbox.lock().len() as u64,
+        }
+    }
+}
+
+fn update(id: &str, v: f32) -> (String, Vec<u8>) {
+    let u = Update {
+        meta: UpdateMeta {
+            device: "edge-a".into(),
+            model: "m".into(),
+            base_version: "1.0.0".into(),
+            update_id: id.into(),
+            sample_count: 10,
+            loss: 0.2,
+            encoding: Encoding::F16,
+        },
+        tensors: vec![
+            Tensor {
+                name: "layers.0.weight".into(),
+                shape: vec![2, 3],
+                values: vec![v; 6],
+            },
+            Tensor {
+                name: "layers.0.bias".into(),
+                shape: vec![2],
+                values: vec![v; 2],
+            },
+        ],
+    };
+    (id.to_string(), u.encode().expect("encode"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_drains_on_acks_and_the_global_arrives_even_if_the_broker_comes_late() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("a")
+        .port();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]);
+    let edge = Arc::new(FakeEdge::default());
+    edge.outbox
+        .lock()
+        .extend([update("a-1", 0.25), update("a-2", 0.75)]);
+    let cfg = UplinkConfig {
+        fleet: "lab".into(),
+        device: "edge-a".into(),
+        host: "127.0.0.1".into(),
+        port,
+        aggregator_key: key.verifying_key(),
+        retry_delay: Duration::from_millis(100),
+        connection_timeout: Duration::from_secs(1),
+        heartbeat: Duration::from_secs(1),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let uplink = tokio::spawn(run(cfg, edge.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    // The broker is not there yet: the uplink retries with backoff.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(edge.outbox.lock().len(), 2, "nothing leaves without an ack");
+
+    start_embedded_broker(format!("127.0.0.1:{port}").parse().expect("addr")).expect("broker");
+    let dir = tempfile::tempdir().expect("tmp");
+    let base = Head::init(
+        HeadSpec::new(&[3, 2], &[Activation::None], Loss::SoftmaxCrossEntropy).expect("spec"),
+        3,
+    );
+    let (agg_stop, agg_rx) = tokio::sync::oneshot::channel::<()>();
+    let aggregator = tokio::spawn(dai_cloud::service::run(
+        ServiceConfig {
+            fleet: "lab".into(),
+            broker: BrokerAddr {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            client_id: "dai-cloud".into(),
+            state_path: dir.path().join("agg.sqlite"),
+            models: vec![(
+                "m".into(),
+                base.to_bytes(&Default::default()).expect("bytes"),
+            )],
+            settings: Settings {
+                strategy: Strategy::FedAvg { min_updates: 2 },
+                aggregation: Aggregation {
+                    clip_norm: None,
+                    robust: Robust::Mean,
+                },
+                max_staleness: 3,
+                reject_norm: 1e6,
+            },
+            round_timeout: Duration::from_secs(60),
+            signing_key: key.clone(),
+        },
+        async move {
+            let _ = agg_rx.await;
+        },
+    ));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while (edge.globals.lock().is_empty() || !edge.outbox.lock().is_empty())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(edge.outbox.lock().is_empty(), "acked rows leave the outbox");
+    let acks = edge.acks.lock().clone();
+    assert!(
+        acks.iter()
+            .any(|a| a.update_id == "a-1" && a.status == AckStatus::Accepted),
+        "{acks:?}"
+    );
+    assert!(
+        acks.iter()
+            .any(|a| a.update_id == "a-2" && a.status == AckStatus::Accepted),
+        "{acks:?}"
+    );
+    let globals = edge.globals.lock().clone();
+    assert_eq!(globals.len(), 1, "one verified global applied");
+    assert_eq!(globals[0].version, 1);
+    let (head, _) = Head::from_bytes(&globals[0].head_file).expect("head");
+    for (a, b) in head.params.weights[0].iter().zip(&base.params.weights[0]) {
+        assert!(
+            (a - b - 0.5).abs() < 1e-3,
+            "FedAvg of 0.25 and 0.75: {a} - {b}"
+        );
+    }
+    let _ = stop_tx.send(());
+    let stats = uplink.await.expect("uplink");
+    assert!(
+        stats.published >= 2 && stats.globals_applied == 1,
+        "{stats:?}"
+    );
+    let _ = agg_stop.send(());
+    let _ = aggregator.await;
+}
