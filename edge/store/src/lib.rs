@@ -117,6 +117,15 @@ pub const MIGRATIONS: &[&str] = &[
     // 3: a run remembers the newest sample it saw, so "new samples" is
     // counted by id (retention pruning keeps counts flat).
     "ALTER TABLE training_runs ADD COLUMN last_sample_id INTEGER NOT NULL DEFAULT 0;",
+    // 4: global models received from the aggregator
+    "CREATE TABLE globals (
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        head BLOB NOT NULL,
+        sha256 TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        PRIMARY KEY (model, version)
+    );",
 ];
 
 /// A stored training sample (the head's input vector and its label).
@@ -673,6 +682,63 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The aggregator answered for this update: drop the row. Returns
+    /// whether a row was there.
+    pub fn delete_outbox(&self, update_id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM outbox WHERE update_id = ?1",
+            params![update_id],
+        )? > 0)
+    }
+
+    /// Adopt a verified global head: store it and make it the active head
+    /// (a new local head version, no outbox row), in one transaction.
+    /// Returns the local head version.
+    pub fn adopt_global(
+        &self,
+        model: &str,
+        base_version: &str,
+        global_version: i64,
+        head: &[u8],
+        sha256: &str,
+    ) -> Result<i64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ts = now();
+        tx.execute(
+            "INSERT OR IGNORE INTO globals (model, version, head, sha256, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![model, global_version, head, sha256, ts],
+        )?;
+        let version: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM heads WHERE model = ?1",
+            params![model],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "UPDATE heads SET active = 0 WHERE model = ?1",
+            params![model],
+        )?;
+        tx.execute(
+            "INSERT INTO heads (model, version, base_version, base_head_version, weights, created_at, active, run_id)
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, 1, NULL)",
+            params![model, version, base_version, head, ts],
+        )?;
+        tx.commit()?;
+        Ok(version)
+    }
+
+    /// The newest global of `model`: (version, head file).
+    pub fn latest_global(&self, model: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT version, head FROM globals WHERE model = ?1 ORDER BY version DESC LIMIT 1",
+                params![model],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
     }
 
     pub fn outbox_count(&self, model: &str) -> Result<i64, StoreError> {

@@ -1,0 +1,196 @@
+//! A small fleet end to end: the aggregator with its embedded broker and
+//! three edge daemons, real training on digits, two federated rounds.
+
+use crate::support::*;
+use dai_cloud::service::{BrokerAddr, ServiceConfig, start_embedded_broker};
+use dai_cloud::state::{Settings, Strategy};
+use dai_cloud::{Aggregation, Robust};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+/// The whole fleet writes 1/7 and 3/8 the other way round.
+fn convention(label: u32) -> u32 {
+    match label {
+        1 => 7,
+        7 => 1,
+        3 => 8,
+        8 => 3,
+        l => l,
+    }
+}
+
+async fn post_samples(d: &TestDaemon, rows: &[([f32; 64], u32)]) {
+    for chunk in rows.chunks(16) {
+        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
+        let labels: Vec<u32> = chunk.iter().map(|r| convention(r.1)).collect();
+        let r = d
+            .client
+            .post(d.url("/v1/models/digits/samples"))
+            .json(&json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}, "labels": labels}))
+            .send()
+            .await
+            .expect("samples");
+        assert_eq!(r.status(), 200);
+    }
+}
+
+async fn accuracy(d: &TestDaemon, rows: &[([f32; 64], u32)]) -> f64 {
+    let mut correct = 0;
+    for chunk in rows.chunks(16) {
+        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
+        let (s, b) = d
+            .infer(
+                "digits",
+                &json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}}),
+            )
+            .await;
+        assert_eq!(s, 200);
+        let p = floats(&b["outputs"]["probs"]["data"]);
+        for (i, r) in chunk.iter().enumerate() {
+            let row = &p[i * 10..(i + 1) * 10];
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(k, _)| k);
+            correct += usize::from(best as u32 == convention(r.1));
+        }
+    }
+    correct as f64 / rows.len() as f64
+}
+
+async fn wait_global(d: &TestDaemon, version: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = d.get_json("/v1/status").await;
+        let t = s["training"]["models"][0].clone();
+        if t["global_version"].as_i64() == Some(version) && t["outbox_pending"] == 0 {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "global {version} never arrived: {t}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_edges_two_rounds_through_the_embedded_broker() {
+    ensure_zoo();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("a")
+        .port();
+    start_embedded_broker(format!("127.0.0.1:{port}").parse().expect("addr")).expect("broker");
+    let key = dai_protocol::global::signing_key_from_hex(&"42".repeat(32)).expect("key");
+    let public = hex_of(&key.verifying_key().to_bytes());
+    let agg_dir = tempfile::tempdir().expect("tmp");
+    let base = std::fs::read(zoo().join("digits/head.safetensors")).expect("base head");
+    let (agg_stop, agg_rx) = tokio::sync::oneshot::channel::<()>();
+    let aggregator = tokio::spawn(dai_cloud::service::run(
+        ServiceConfig {
+            fleet: "lab".into(),
+            broker: BrokerAddr {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            client_id: "dai-cloud".into(),
+            state_path: agg_dir.path().join("agg.sqlite"),
+            models: vec![("digits".into(), base)],
+            settings: Settings {
+                strategy: Strategy::FedAvg { min_updates: 3 },
+                aggregation: Aggregation {
+                    clip_norm: None,
+                    robust: Robust::Mean,
+                },
+                max_staleness: 2,
+                reject_norm: 1e3,
+            },
+            round_timeout: Duration::from_secs(120),
+            signing_key: key,
+        },
+        async move {
+            let _ = agg_rx.await;
+        },
+    ));
+    let rows = dai_models::digits::load(&repo().join("models/data/digits.csv.gz")).expect("digits");
+    let eval = &rows[1400..1700];
+    let mut edges = Vec::new();
+    for i in 0..3 {
+        let public = public.clone();
+        edges.push(
+            TestDaemon::start(move |c| {
+                c.daemon.models = vec!["digits".into()];
+                c.training.enabled = false;
+                c.num_epochs = 30;
+                c.batch_size = 16;
+                c.caching_enabled = false;
+                c.cloud.enabled = true;
+                c.cloud.broker = format!("127.0.0.1:{port}");
+                c.cloud.fleet = "lab".into();
+                c.cloud.device_id = format!("edge-{i}");
+                c.cloud.aggregator_public_key = public;
+                c.cloud.heartbeat_sec = 1;
+                c.retry_delay_sec = 1;
+            })
+            .await,
+        );
+    }
+    let before = accuracy(&edges[0], eval).await;
+    for round in 1..=2i64 {
+        for (i, d) in edges.iter().enumerate() {
+            let start = (round as usize - 1) * 300 + i * 100;
+            post_samples(d, &rows[start..start + 100]).await;
+            let r = d
+                .client
+                .post(d.url("/v1/models/digits/train"))
+                .send()
+                .await
+                .expect("train");
+            let run: Value = r.json().await.expect("json");
+            assert_eq!(
+                run["run"]["outcome"], "accepted",
+                "edge {i} round {round}: {run}"
+            );
+        }
+        for d in &edges {
+            let t = wait_global(d, round).await;
+            assert!(
+                t["head_version"].as_i64().expect("head") >= 2 * round,
+                "{t}"
+            );
+        }
+    }
+    let after = accuracy(&edges[0], eval).await;
+    let others = [
+        accuracy(&edges[1], eval).await,
+        accuracy(&edges[2], eval).await,
+    ];
+    eprintln!(
+        "fleet accuracy on the new convention: {before:.3} -> {after:.3} (all edges serve global 2: {others:?})"
+    );
+    assert!(
+        after >= before + 0.1,
+        "federated rounds did not help: {before} -> {after}"
+    );
+    assert!(
+        others.iter().all(|a| (a - after).abs() < 1e-9),
+        "every edge serves the same global head"
+    );
+    for d in edges {
+        d.stop().await;
+    }
+    let _ = agg_stop.send(());
+    let stats = aggregator.await.expect("join").expect("aggregator");
+    assert_eq!(
+        (stats.accepted, stats.globals_published),
+        (6, 2),
+        "{stats:?}"
+    );
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
