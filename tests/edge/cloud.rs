@@ -77,13 +77,37 @@ async fn wait_global(d: &TestDaemon, version: i64) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_edges_two_rounds_through_the_embedded_broker() {
-    ensure_zoo();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("a")
         .port();
     start_embedded_broker(format!("127.0.0.1:{port}").parse().expect("addr")).expect("broker");
+    fleet_rounds(port, "lab").await;
+}
+
+/// The same fleet through a real Mosquitto server. CI installs and starts
+/// one and sets DAI_MOSQUITTO_PORT; without it the test says it skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_edges_two_rounds_through_mosquitto() {
+    let Some(port) = std::env::var("DAI_MOSQUITTO_PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+    else {
+        eprintln!(
+            "SKIPPED three_edges_two_rounds_through_mosquitto: set DAI_MOSQUITTO_PORT to a running Mosquitto (.ci/run starts one)"
+        );
+        return;
+    };
+    // A fresh fleet name: the server may hold retained globals of earlier runs.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    fleet_rounds(port, &format!("ci{nanos:x}")).await;
+}
+
+async fn fleet_rounds(port: u16, fleet: &str) {
+    ensure_zoo();
     let key = dai_protocol::global::signing_key_from_hex(&"42".repeat(32)).expect("key");
     let public = hex_of(&key.verifying_key().to_bytes());
     let agg_dir = tempfile::tempdir().expect("tmp");
@@ -91,7 +115,7 @@ async fn three_edges_two_rounds_through_the_embedded_broker() {
     let (agg_stop, agg_rx) = tokio::sync::oneshot::channel::<()>();
     let aggregator = tokio::spawn(dai_cloud::service::run(
         ServiceConfig {
-            fleet: "lab".into(),
+            fleet: fleet.into(),
             broker: BrokerAddr {
                 host: "127.0.0.1".into(),
                 port,
@@ -120,6 +144,7 @@ async fn three_edges_two_rounds_through_the_embedded_broker() {
     let mut edges = Vec::new();
     for i in 0..3 {
         let public = public.clone();
+        let fleet = fleet.to_string();
         edges.push(
             TestDaemon::start(move |c| {
                 c.daemon.models = vec!["digits".into()];
@@ -129,7 +154,7 @@ async fn three_edges_two_rounds_through_the_embedded_broker() {
                 c.caching_enabled = false;
                 c.cloud.enabled = true;
                 c.cloud.broker = format!("127.0.0.1:{port}");
-                c.cloud.fleet = "lab".into();
+                c.cloud.fleet = fleet;
                 c.cloud.device_id = format!("edge-{i}");
                 c.cloud.aggregator_public_key = public;
                 c.cloud.heartbeat_sec = 1;
