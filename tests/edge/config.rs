@@ -37,6 +37,8 @@ cloud:
   device_id: cam.7
   aggregator_public_key: 00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff
   heartbeat_sec: 12
+  update_encoding: f16
+  max_outbox_rows: 5
 daemon:
   listen_addr: 0.0.0.0:9000
   data_dir: /var/lib/dai
@@ -89,6 +91,8 @@ fn every_key_is_parsed() {
     assert_eq!(k.device_id, "cam.7");
     assert!(k.aggregator_public_key.starts_with("0011"));
     assert_eq!(k.heartbeat_sec, 12);
+    assert_eq!(k.update_encoding, dai_config::UpdateEncoding::F16);
+    assert_eq!(k.max_outbox_rows, 5);
     let d = &c.daemon;
     assert_eq!(d.listen_addr.to_string(), "0.0.0.0:9000");
     assert_eq!(d.data_dir.to_str(), Some("/var/lib/dai"));
@@ -140,6 +144,8 @@ const BAD: &[(&str, &str, &str)] = &[
     ("cloud.device_id", "x+y", "[A-Za-z0-9._-]"),
     ("cloud.aggregator_public_key", "abc", "64 hex digits"),
     ("cloud.heartbeat_sec", "0", "1..=3600"),
+    ("cloud.update_encoding", "bf16", "int8"),
+    ("cloud.max_outbox_rows", "0", "1..=1000000"),
     ("daemon.listen_addr", "nowhere", "socket address"),
     ("daemon.data_dir", "''", "directory path"),
     ("daemon.models_dir", "''", "directory path"),
@@ -163,7 +169,7 @@ fn yaml_with(key: &str, value: &str) -> String {
 
 #[test]
 fn every_key_refuses_a_bad_value_naming_key_and_value() {
-    assert_eq!(BAD.len(), 44, "one case per key");
+    assert_eq!(BAD.len(), 46, "one case per key");
     for (key, value, expect) in BAD {
         let err = Config::from_yaml_str(&yaml_with(key, value), "test.yaml").expect_err(key);
         let text = err.to_string();

@@ -179,6 +179,19 @@ pub struct CloudConfig {
     pub aggregator_public_key: String,
     /// Heartbeat period, seconds.
     pub heartbeat_sec: u64,
+    /// f32 | f16 | int8.
+    pub update_encoding: UpdateEncoding,
+    /// Outbox bound while offline.
+    pub max_outbox_rows: u64,
+}
+
+/// Encoding of uplinked head deltas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateEncoding {
+    F32,
+    F16,
+    Int8,
 }
 
 impl Default for CloudConfig {
@@ -190,6 +203,8 @@ impl Default for CloudConfig {
             device_id: String::new(),
             aggregator_public_key: String::new(),
             heartbeat_sec: 30,
+            update_encoding: UpdateEncoding::Int8,
+            max_outbox_rows: 1000,
         }
     }
 }
@@ -639,6 +654,13 @@ fn validate(c: &Config, origin: &str) -> Result<(), ConfigError> {
             "cloud.aggregator_public_key",
             format!("{:?}", k.aggregator_public_key),
             "expected 64 hex digits (dai-cloud keygen writes it); required when cloud.enabled",
+        ));
+    }
+    if !(1..=1_000_000).contains(&k.max_outbox_rows) {
+        return Err(bad(
+            "cloud.max_outbox_rows",
+            k.max_outbox_rows.to_string(),
+            "expected 1..=1000000",
         ));
     }
     if !(1..=3600).contains(&k.heartbeat_sec) {

@@ -106,6 +106,7 @@ pub struct Metrics {
     pub training_diverged: Counter,
     pub sync_acks: Family<Outcome, Counter>,
     pub sync_globals: Counter,
+    pub outbox_evicted: Counter,
     /// Evictions already copied from the cache's own counter.
     pub evictions_seen: Mutex<u64>,
 }
@@ -176,6 +177,7 @@ impl Metrics {
             training_diverged: Counter::default(),
             sync_acks: Family::default(),
             sync_globals: Counter::default(),
+            outbox_evicted: Counter::default(),
             evictions_seen: Mutex::new(0),
             registry: Registry::default(),
         };

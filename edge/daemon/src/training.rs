@@ -543,8 +543,13 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
         update_id: update_id.clone(),
         sample_count: train_set.len() as u64,
         loss,
-        encoding: dai_protocol::update::Encoding::F32,
+        encoding: match state.config.cloud.update_encoding {
+            dai_config::UpdateEncoding::F32 => dai_protocol::update::Encoding::F32,
+            dai_config::UpdateEncoding::F16 => dai_protocol::update::Encoding::F16,
+            dai_config::UpdateEncoding::Int8 => dai_protocol::update::Encoding::Int8,
+        },
     };
+    let meta_encoding = meta.encoding.as_str();
     let payload = delta_payload(meta, &delta, &spec)?;
     let mut meta = HashMap::new();
     meta.insert("base_version".to_string(), m.version().to_string());
@@ -560,7 +565,7 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
             weights: &weights,
             update_id: &update_id,
             delta_payload: &payload,
-            encoding: "f32",
+            encoding: meta_encoding,
             sample_count: train_set.len() as i64,
             loss: loss as f64,
         },
@@ -578,6 +583,18 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
         Err(e) => tracing::error!(%model, error = %e, "new head stored but not swapped in"),
     }
     outcome_metric("accepted");
+    // Offline for long: the outbox stays bounded, and what goes is counted.
+    match state
+        .store
+        .trim_outbox(state.config.cloud.max_outbox_rows as i64)
+    {
+        Ok(dropped) if !dropped.is_empty() => {
+            state.metrics.outbox_evicted.inc_by(dropped.len() as u64);
+            tracing::warn!(count = dropped.len(), oldest = %dropped[0], "outbox full: oldest updates dropped");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot trim the outbox"),
+    }
     tracing::info!(%model, head_version = version, before, after, backend = %report.backend, "new head accepted");
     Ok(run_json(state, model, run))
 }

@@ -684,6 +684,26 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Keep at most `max` outbox rows, dropping the oldest; returns the
+    /// dropped update ids (the caller counts and logs them).
+    pub fn trim_outbox(&self, max: i64) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ids: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT update_id FROM outbox WHERE id <= (SELECT id FROM outbox ORDER BY id DESC LIMIT 1 OFFSET ?1) ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![max], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        tx.execute(
+            "DELETE FROM outbox WHERE id <= (SELECT id FROM outbox ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+            params![max],
+        )?;
+        tx.commit()?;
+        Ok(ids)
+    }
+
     /// The aggregator answered for this update: drop the row. Returns
     /// whether a row was there.
     pub fn delete_outbox(&self, update_id: &str) -> Result<bool, StoreError> {
@@ -795,6 +815,56 @@ mod tests {
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .expect("wal");
         assert_eq!(journal, "wal");
+    }
+
+    #[test]
+    fn outbox_is_bounded_oldest_first_and_globals_are_adopted() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open_in(dir.path()).expect("open");
+        for i in 0..3 {
+            let run = s.start_run("m", "cpu", 10).expect("run");
+            let id = format!("u{i}");
+            s.accept_head(
+                run,
+                &AcceptedHead {
+                    model: "m",
+                    base_version: "1",
+                    weights: b"w",
+                    update_id: &id,
+                    delta_payload: b"p",
+                    encoding: "f32",
+                    sample_count: 10,
+                    loss: 0.5,
+                },
+                &serde_json::json!([]),
+                0.5,
+                0.6,
+            )
+            .expect("accept");
+        }
+        assert_eq!(s.trim_outbox(2).expect("trim"), vec!["u0".to_string()]);
+        assert_eq!(
+            s.outbox(10)
+                .expect("outbox")
+                .iter()
+                .map(|r| r.update_id.as_str())
+                .collect::<Vec<_>>(),
+            ["u1", "u2"]
+        );
+        assert!(s.delete_outbox("u1").expect("delete"));
+        assert!(!s.delete_outbox("u1").expect("again"));
+        let v = s
+            .adopt_global("m", "1", 4, b"global-head", "abc")
+            .expect("adopt");
+        assert_eq!(
+            v, 4,
+            "local head versions continue after the three trained ones"
+        );
+        assert_eq!(
+            s.active_head("m", "1").expect("active"),
+            Some((4, b"global-head".to_vec()))
+        );
+        assert_eq!(s.latest_global("m").expect("global").map(|g| g.0), Some(4));
     }
 
     #[test]
