@@ -19,21 +19,6 @@ fn convention(label: u32) -> u32 {
     }
 }
 
-async fn post_samples(d: &TestDaemon, rows: &[([f32; 64], u32)]) {
-    for chunk in rows.chunks(16) {
-        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
-        let labels: Vec<u32> = chunk.iter().map(|r| convention(r.1)).collect();
-        let r = d
-            .client
-            .post(d.url("/v1/models/digits/samples"))
-            .json(&json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}, "labels": labels}))
-            .send()
-            .await
-            .expect("samples");
-        assert_eq!(r.status(), 200);
-    }
-}
-
 async fn accuracy(d: &TestDaemon, rows: &[([f32; 64], u32)]) -> f64 {
     let mut correct = 0;
     for chunk in rows.chunks(16) {
@@ -167,7 +152,7 @@ async fn fleet_rounds(port: u16, fleet: &str) {
     for round in 1..=2i64 {
         for (i, d) in edges.iter().enumerate() {
             let start = (round as usize - 1) * 300 + i * 100;
-            post_samples(d, &rows[start..start + 100]).await;
+            post_digit_samples(d, &rows[start..start + 100], convention).await;
             let r = d
                 .client
                 .post(d.url("/v1/models/digits/train"))

@@ -232,3 +232,24 @@ pub fn silero_request(seed: u32) -> Value {
         "state": { "shape": [2, 1, 128], "data": vec![0.0f32; 256] },
     }})
 }
+
+/// POST digits rows as labelled samples (chunks of 16, the batch_size the
+/// training tests use), labels mapped through `label`.
+pub async fn post_digit_samples(
+    d: &TestDaemon,
+    rows: &[([f32; 64], u32)],
+    label: impl Fn(u32) -> u32,
+) {
+    for chunk in rows.chunks(16) {
+        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
+        let labels: Vec<u32> = chunk.iter().map(|r| label(r.1)).collect();
+        let r = d
+            .client
+            .post(d.url("/v1/models/digits/samples"))
+            .json(&json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}, "labels": labels}))
+            .send()
+            .await
+            .expect("samples");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+}

@@ -67,18 +67,7 @@ async fn fine_tuning_on_personal_labels_raises_held_out_accuracy_and_survives_re
     let before = accuracy(&d, eval_rows).await;
 
     // 350 samples through /samples (in batches), 50 through inference + /feedback.
-    for chunk in train_rows[..350].chunks(16) {
-        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
-        let labels: Vec<u32> = chunk.iter().map(|r| personal(r.1)).collect();
-        let r = d
-            .client
-            .post(d.url("/v1/models/digits/samples"))
-            .json(&json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}, "labels": labels}))
-            .send()
-            .await
-            .expect("samples");
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
-    }
+    post_digit_samples(&d, &train_rows[..350], personal).await;
     for r in &train_rows[350..] {
         let (s, b) = d
             .infer(
@@ -166,18 +155,7 @@ async fn stopping_mid_training_keeps_samples_and_the_last_good_head() {
     c.num_epochs = 100_000; // far longer than the test waits
     let rows = digits();
     let d = TestDaemon::start_with(c.clone(), tempfile::tempdir().expect("unused")).await;
-    for chunk in rows[..200].chunks(16) {
-        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
-        let labels: Vec<u32> = chunk.iter().map(|r| r.1).collect();
-        let r = d
-            .client
-            .post(d.url("/v1/models/digits/samples"))
-            .json(&json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}, "labels": labels}))
-            .send()
-            .await
-            .expect("samples");
-        assert_eq!(r.status(), 200);
-    }
+    post_digit_samples(&d, &rows[..200], |l| l).await;
     let client = d.client.clone();
     let url = d.url("/v1/models/digits/train");
     let run =
@@ -332,18 +310,7 @@ async fn scheduler_trains_by_itself_and_a_reload_keeps_the_trained_head() {
     })
     .await;
     let rows = digits();
-    for chunk in rows[..96].chunks(16) {
-        let px: Vec<f32> = chunk.iter().flat_map(|r| r.0).collect();
-        let labels: Vec<u32> = chunk.iter().map(|r| personal(r.1)).collect();
-        let r = d
-            .client
-            .post(d.url("/v1/models/digits/samples"))
-            .json(&json!({"inputs": {"pixels": {"shape": [chunk.len(), 64], "data": px}}, "labels": labels}))
-            .send()
-            .await
-            .expect("samples");
-        assert_eq!(r.status(), 200);
-    }
+    post_digit_samples(&d, &rows[..96], personal).await;
     let head_version = |s: &Value| {
         s["training"]["models"][0]["head_version"]
             .as_i64()

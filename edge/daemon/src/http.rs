@@ -660,20 +660,7 @@ async fn infer_inner(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!(
-                    "request body larger than max_body_mb = {} MiB",
-                    state.config.daemon.max_body_mb
-                ),
-            )
-        } else {
-            ApiError::bad(format!("cannot read request body: {e}"))
-        }
-    })?;
+    let body = body.map_err(|e| body_error(state, e))?;
     let ctype = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
