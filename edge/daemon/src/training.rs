@@ -108,14 +108,18 @@ pub struct TrainingState {
     pub feedback: Mutex<FeedbackCache>,
 }
 
-fn set_state(state: &AppState, model: &str, s: &str) {
-    state
+/// Change the live training figures of `model` (status page).
+fn with_live(state: &AppState, model: &str, f: impl FnOnce(&mut ModelTraining)) {
+    f(state
         .training
         .models
         .lock()
         .entry(model.to_string())
-        .or_default()
-        .state = s.to_string();
+        .or_default());
+}
+
+fn set_state(state: &AppState, model: &str, s: &str) {
+    with_live(state, model, |m| m.state = s.to_string());
 }
 
 /// Store labelled rows of head inputs for `model`.
@@ -364,24 +368,13 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
         .start_run(model, &choice.backend.name(), samples.len() as i64)?;
     state.store.set_run_last_sample(run, last_sample_id)?;
     set_state(state, model, "training");
-    state
-        .training
-        .models
-        .lock()
-        .entry(model.to_string())
-        .or_default()
-        .running_epochs
-        .clear();
+    with_live(state, model, |m| m.running_epochs.clear());
     let mut head = serving.head.clone();
     let progress = |e: &dai_train::EpochReport| -> bool {
-        state
-            .training
-            .models
-            .lock()
-            .entry(model.to_string())
-            .or_default()
-            .running_epochs
-            .push(json!({"epoch": e.epoch, "loss": e.loss}));
+        with_live(state, model, |m| {
+            m.running_epochs
+                .push(json!({"epoch": e.epoch, "loss": e.loss}))
+        });
         state
             .metrics
             .training_loss
@@ -408,14 +401,7 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
         *state.training.backend.lock() =
             Some(("cpu".into(), Some(format!("GPU failed mid-run: {reason}"))));
         head = serving.head.clone();
-        state
-            .training
-            .models
-            .lock()
-            .entry(model.to_string())
-            .or_default()
-            .running_epochs
-            .clear();
+        with_live(state, model, |m| m.running_epochs.clear());
         result = dai_train::train(
             &mut dai_train::cpu::CpuBackend::new(),
             &mut head,
