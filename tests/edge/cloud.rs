@@ -119,6 +119,7 @@ async fn fleet_rounds(port: u16, fleet: &str) {
             },
             round_timeout: Duration::from_secs(120),
             signing_key: key,
+            server_optimizer: None,
         },
         async move {
             let _ = agg_rx.await;

@@ -25,6 +25,8 @@
 
 use dai_protocol::update::Update;
 
+pub mod http;
+pub mod monitor;
 pub mod service;
 pub mod state;
 

@@ -3,7 +3,8 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use dai_cloud::service::{BrokerAddr, ServiceConfig, run, start_embedded_broker};
+use dai_cloud::monitor::Monitor;
+use dai_cloud::service::{BrokerAddr, ServiceConfig, run_monitored, start_embedded_broker};
 use dai_cloud::state::{Settings, State, Strategy};
 use dai_cloud::{Aggregation, Robust};
 use std::path::PathBuf;
@@ -62,12 +63,46 @@ enum Command {
         /// mean | median | trimmed:FRACTION
         #[arg(long, default_value = "mean")]
         robust: String,
+        /// Server optimiser: none (add the aggregated delta) or fedadam.
+        #[arg(long, default_value = "none")]
+        server_opt: String,
+        /// FedAdam server learning rate.
+        #[arg(long, default_value_t = 0.01)]
+        server_lr: f32,
+        /// FedAdam adaptivity (tau).
+        #[arg(long, default_value_t = 1e-3)]
+        server_tau: f32,
+        /// Serve the status page, /api/status and /metrics here.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        http: String,
     },
-    /// The version registry.
+    /// The version registry: list, promote a version, roll back.
     Models {
-        #[arg(long, default_value = "dai-cloud.sqlite")]
+        #[arg(long, default_value = "dai-cloud.sqlite", global = true)]
         state: PathBuf,
+        #[command(subcommand)]
+        action: Option<ModelsAction>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsAction {
+    /// Every version of every model (the default).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the weights of VERSION again, as a new version (a running
+    /// aggregator on the same state file publishes it within a second).
+    Promote {
+        model: String,
+        version: u64,
+        #[arg(long, default_value = "promoted by an operator")]
+        reason: String,
+    },
+    /// Undo the newest version of MODEL: serve its parent's weights again.
+    Rollback { model: String },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,18 +139,66 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Models { state } => {
-            let s = State::open(&state).with_context(|| format!("opening {}", state.display()))?;
-            println!(
-                "{:<16} {:>8} {:>8} {:>13}  contributors",
-                "model", "version", "parent", "created_at"
-            );
-            for (model, version, parent, contributors, created) in s.versions()? {
-                println!(
-                    "{model:<16} {version:>8} {:>8} {created:>13.0}  {}",
-                    parent.map_or("-".into(), |p| p.to_string()),
-                    contributors.len()
+        Command::Models { state, action } => {
+            if !state.is_file() {
+                bail!(
+                    "{}: no such state file (pass --state, the file `dai-cloud run` writes)",
+                    state.display()
                 );
+            }
+            let mut s =
+                State::open(&state).with_context(|| format!("opening {}", state.display()))?;
+            match action.unwrap_or(ModelsAction::List { json: false }) {
+                ModelsAction::List { json: true } => {
+                    println!("{}", serde_json::to_string_pretty(&s.versions()?)?);
+                }
+                ModelsAction::List { json: false } => {
+                    println!(
+                        "{:<16} {:>8} {:>8} {:>20} {:>8} {:>8} {:>9}  note",
+                        "model", "version", "parent", "created (UTC)", "updates", "samples", "loss"
+                    );
+                    for v in s.versions()? {
+                        let m = &v.metrics;
+                        let note = match m.get("promoted_from") {
+                            Some(from) => format!(
+                                "weights of v{from}: {}",
+                                m["reason"].as_str().unwrap_or("")
+                            ),
+                            None if v.parent.is_none() => "base".into(),
+                            None => String::new(),
+                        };
+                        println!(
+                            "{:<16} {:>8} {:>8} {:>20} {:>8} {:>8} {:>9}  {note}",
+                            v.model,
+                            v.version,
+                            v.parent.map_or("-".into(), |p| p.to_string()),
+                            utc(v.created_at),
+                            v.contributors.len(),
+                            m.get("samples").map_or("-".into(), |x| x.to_string()),
+                            m.get("mean_loss")
+                                .and_then(|x| x.as_f64())
+                                .map_or("-".into(), |x| format!("{x:.4}")),
+                        );
+                    }
+                }
+                ModelsAction::Promote {
+                    model,
+                    version,
+                    reason,
+                } => {
+                    let g = s.promote(&model, version, &reason)?;
+                    println!(
+                        "{model}: version {} now carries the weights of version {version} (parent {})",
+                        g.version, g.parent
+                    );
+                }
+                ModelsAction::Rollback { model } => {
+                    let g = s.rollback(&model)?;
+                    println!(
+                        "{model}: rolled back; version {} carries the weights of version {}",
+                        g.version, g.metrics["promoted_from"]
+                    );
+                }
             }
             Ok(())
         }
@@ -133,6 +216,10 @@ fn main() -> anyhow::Result<()> {
             reject_norm,
             clip_norm,
             robust,
+            server_opt,
+            server_lr,
+            server_tau,
+            http,
         } => {
             let secret = std::fs::read_to_string(&key)
                 .with_context(|| format!("reading {}", key.display()))?;
@@ -168,6 +255,17 @@ fn main() -> anyhow::Result<()> {
                     ),
                 },
             };
+            let server_optimizer = match server_opt.as_str() {
+                "none" => None,
+                "fedadam" => {
+                    if !(server_lr > 0.0 && server_lr.is_finite()) || !(server_tau > 0.0) {
+                        bail!("--server-lr and --server-tau must be positive");
+                    }
+                    Some(dai_cloud::FedAdam::new(server_lr, 0.9, 0.99, server_tau))
+                }
+                other => bail!("--server-opt {other:?}: expected none or fedadam"),
+            };
+            let http: std::net::SocketAddr = http.parse().context("--http: expected ip:port")?;
             let (host, port) = match &broker {
                 Some(b) => {
                     let (h, p) = b.rsplit_once(':').context("--broker: expected host:port")?;
@@ -195,12 +293,26 @@ fn main() -> anyhow::Result<()> {
                 },
                 round_timeout: Duration::from_secs(round_timeout_sec),
                 signing_key,
+                server_optimizer,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            let stats = rt.block_on(run(cfg, shutdown_signal()))?;
+            let stats = rt.block_on(async move {
+                let monitor = std::sync::Arc::new(Monitor::new());
+                let listener = tokio::net::TcpListener::bind(http)
+                    .await
+                    .with_context(|| format!("--http: binding {http}"))?;
+                tracing::info!("status page on http://{}", listener.local_addr().unwrap_or(http));
+                let app = dai_cloud::http::router(monitor.clone(), cfg.state_path.clone(), cfg.fleet.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!(error = %e, "HTTP server stopped");
+                    }
+                });
+                anyhow::Ok(run_monitored(cfg, monitor, shutdown_signal()).await?)
+            })?;
             tracing::info!(?stats, "dai-cloud stopped");
             Ok(())
         }
@@ -227,4 +339,26 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// `2026-11-27 04:28:00` from Unix seconds (UTC, no time-zone database).
+fn utc(ts: f64) -> String {
+    let secs = ts.max(0.0) as i64;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

@@ -7,15 +7,22 @@
 //! round timed out) and publish the signed new global, retained, on
 //! `dai/v1/{fleet}/model/{model}/global`.
 
-use crate::state::{Settings, State};
-use dai_protocol::messages::{Ack, AckStatus};
+use crate::FedAdam;
+use crate::monitor::{DeviceView, Monitor, RecentUpdate};
+use crate::state::{NewGlobal, Settings, State, Strategy};
+use dai_protocol::messages::{Ack, AckStatus, Status};
 use dai_protocol::topics::{self, Topic};
 use dai_protocol::update::Update;
 use ed25519_dalek::SigningKey;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The reason a redelivered update's ack carries (see [`State::ingest`]).
+pub const DUPLICATE: &str = crate::state::DUPLICATE_REASON;
 
 /// Service errors.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +52,8 @@ pub struct ServiceConfig {
     pub settings: Settings,
     pub round_timeout: Duration,
     pub signing_key: SigningKey,
+    /// Server optimiser (FedAdam); `None` adds the aggregated delta as is.
+    pub server_optimizer: Option<FedAdam>,
 }
 
 /// Figures of a finished run.
@@ -52,6 +61,8 @@ pub struct ServiceConfig {
 pub struct ServiceStats {
     pub accepted: u64,
     pub rejected: u64,
+    /// Redeliveries of an id already recorded (acked again, counted once).
+    pub duplicates: u64,
     pub globals_published: u64,
 }
 
@@ -108,14 +119,43 @@ pub fn base_of(base_version: &str) -> Option<u64> {
     }
 }
 
-/// Run until `shutdown` resolves.
+/// Run until `shutdown` resolves, with a private [`Monitor`].
 pub async fn run(
     cfg: ServiceConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<ServiceStats, ServiceError> {
+    run_monitored(cfg, Arc::new(Monitor::new()), shutdown).await
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Run until `shutdown` resolves, reporting to `monitor` (metrics and the
+/// status page).
+pub async fn run_monitored(
+    cfg: ServiceConfig,
+    monitor: Arc<Monitor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<ServiceStats, ServiceError> {
     let mut state = State::open(&cfg.state_path)?;
     for (model, head) in &cfg.models {
         state.register(model, head)?;
+    }
+    {
+        let mut live = monitor.live.lock();
+        live.broker = format!("{}:{}", cfg.broker.host, cfg.broker.port);
+        live.strategy = match cfg.settings.strategy {
+            Strategy::FedAvg { min_updates } => format!("fedavg (min {min_updates} updates per round)"),
+            Strategy::FedBuff { k } => format!("fedbuff (K = {k})"),
+        } + match (&cfg.server_optimizer, cfg.settings.aggregation.robust) {
+            (Some(_), _) => ", FedAdam",
+            (None, crate::Robust::Median) => ", median",
+            (None, crate::Robust::TrimmedMean { .. }) => ", trimmed mean",
+            (None, crate::Robust::Mean) => "",
+        };
     }
     let mut opts = MqttOptions::new(&cfg.client_id, &cfg.broker.host, cfg.broker.port);
     opts.set_keep_alive(Duration::from_secs(10));
@@ -124,17 +164,32 @@ pub async fn run(
     let (client, mut events) = AsyncClient::new(opts, 256);
     let mut stats = ServiceStats::default();
     let mut round_started: Option<Instant> = None;
-    let mut adam = None;
-    // Publish the current global of each model (retained) so late joiners get it.
+    let mut adam = cfg.server_optimizer.clone();
+    // What was last published per model; a newer version in the state file
+    // (made by `dai-cloud models promote|rollback` in another process) is
+    // published on the next tick.
+    let mut published: HashMap<String, u64> = HashMap::new();
     for (model, _) in &cfg.models {
         let (version, head) = state.current(model)?;
+        monitor.global(model, version, now());
+        monitor.pending(model, state.pending_count(model)?);
+        // The current global (retained) for late joiners.
         if version > 0 {
             publish_global(&client, &cfg, model, &head).await;
         }
+        published.insert(model.clone(), version);
     }
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut backoff = Duration::from_millis(100);
+    let aggregate = |state: &mut State, model: &str, force: bool, adam: &mut Option<FedAdam>| {
+        let t = Instant::now();
+        let g = state.aggregate(model, &cfg.settings, force, adam)?;
+        if g.is_some() {
+            monitor.aggregation_seconds.observe(t.elapsed().as_secs_f64());
+        }
+        Ok::<_, ServiceError>(g)
+    };
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -143,51 +198,103 @@ pub async fn run(
                     && started.elapsed() >= cfg.round_timeout
                 {
                     for (model, _) in &cfg.models {
-                        if let Some(g) = state.aggregate(model, &cfg.settings, true, &mut adam)? {
+                        if let Some(g) = aggregate(&mut state, model, true, &mut adam)? {
                             tracing::info!(model = %g.model, version = g.version, updates = g.contributors.len(), "round timed out; global published");
-                            publish_global(&client, &cfg, &g.model, &g.head_file).await;
+                            publish_new(&client, &cfg, &monitor, &g).await;
+                            published.insert(g.model.clone(), g.version);
                             stats.globals_published += 1;
                         }
+                        monitor.pending(model, state.pending_count(model)?);
                     }
                     round_started = None;
+                }
+                for (model, _) in &cfg.models {
+                    let (version, head) = state.current(model)?;
+                    if published.get(model).is_none_or(|&p| p < version) {
+                        tracing::info!(%model, version, "publishing a version made outside this process (promote or rollback)");
+                        publish_global(&client, &cfg, model, &head).await;
+                        monitor.global(model, version, now());
+                        published.insert(model.clone(), version);
+                    }
                 }
             }
             ev = events.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
-                    if let Err(e) = client.subscribe(topics::all_updates(&cfg.fleet), QoS::AtLeastOnce).await {
-                        tracing::error!(error = %e, "subscribe failed");
+                    monitor.broker_connected.set(1);
+                    monitor.live.lock().broker_connected = true;
+                    for filter in [topics::all_updates(&cfg.fleet), topics::all_status(&cfg.fleet)] {
+                        if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                            tracing::error!(error = %e, "subscribe failed");
+                        }
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Ok(Topic::Update { device, .. }) = Topic::parse(&p.topic) else {
-                        tracing::warn!(topic = %p.topic, "ignoring a message on an unexpected topic");
-                        continue;
+                    let (device, topic_kind) = match Topic::parse(&p.topic) {
+                        Ok(Topic::Update { device, .. }) => (device, "update"),
+                        Ok(Topic::Status { device, .. }) => (device, "status"),
+                        _ => {
+                            tracing::warn!(topic = %p.topic, "ignoring a message on an unexpected topic");
+                            continue;
+                        }
                     };
-                    let ack = match Update::decode(&p.payload) {
+                    if topic_kind == "status" {
+                        let view = if p.payload.is_empty() {
+                            None
+                        } else {
+                            match serde_json::from_slice::<Status>(&p.payload) {
+                                Ok(s) => Some(DeviceView { state: s.state, models: s.models, outbox_pending: s.outbox_pending, ts: s.ts }),
+                                Err(e) => {
+                                    tracing::warn!(%device, error = %e, "unreadable heartbeat");
+                                    continue;
+                                }
+                            }
+                        };
+                        monitor.heartbeat(device, view);
+                        continue;
+                    }
+                    monitor.update_bytes.inc_by(p.payload.len() as u64);
+                    let (ack, outcome) = match Update::decode(&p.payload) {
                         Ok(update) => {
                             let ack = state.ingest(&update, &cfg.settings, base_of)?;
-                            if ack.status == AckStatus::Accepted && ack.reason.is_none() {
+                            let outcome = if ack.status == AckStatus::Accepted && ack.reason.is_none() {
                                 stats.accepted += 1;
                                 round_started.get_or_insert_with(Instant::now);
-                                if let Some(g) = state.aggregate(&update.meta.model, &cfg.settings, false, &mut adam)? {
+                                if let Some(g) = aggregate(&mut state, &update.meta.model, false, &mut adam)? {
                                     tracing::info!(model = %g.model, version = g.version, updates = g.contributors.len(), "global published");
-                                    publish_global(&client, &cfg, &g.model, &g.head_file).await;
+                                    publish_new(&client, &cfg, &monitor, &g).await;
+                                    published.insert(g.model.clone(), g.version);
                                     stats.globals_published += 1;
                                     round_started = None;
                                 }
-                            } else if ack.status == AckStatus::Rejected {
+                                monitor.pending(&update.meta.model, state.pending_count(&update.meta.model)?);
+                                "accepted"
+                            } else if ack.status == AckStatus::Rejected && ack.reason.as_deref() != Some(DUPLICATE) {
                                 stats.rejected += 1;
                                 tracing::warn!(%device, update = %ack.update_id, reason = ?ack.reason, "update rejected");
-                            }
-                            ack
+                                "rejected"
+                            } else {
+                                stats.duplicates += 1;
+                                tracing::info!(%device, update = %ack.update_id, "duplicate delivery acked again; counted once");
+                                "duplicate"
+                            };
+                            (ack, outcome)
                         }
                         Err(e) => {
                             stats.rejected += 1;
-                            tracing::warn!(%device, error = %e, "undecodable update");
-                            Ack { update_id: String::new(), status: AckStatus::Rejected, reason: Some(format!("undecodable update: {e}")), round: None }
+                            tracing::warn!(%device, bytes = p.payload.len(), error = %e, "undecodable update");
+                            (Ack { update_id: String::new(), status: AckStatus::Rejected, reason: Some(format!("undecodable update: {e}")), round: None }, "undecodable")
                         }
                     };
+                    monitor.count(outcome);
+                    monitor.record(RecentUpdate {
+                        ts: now(),
+                        device: device.clone(),
+                        update_id: ack.update_id.clone(),
+                        bytes: p.payload.len(),
+                        status: outcome.into(),
+                        reason: ack.reason.clone(),
+                    });
                     let topic = Topic::Ack { fleet: cfg.fleet.clone(), device }.build();
                     if let Ok(topic) = topic
                         && let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, ack.to_bytes()).await
@@ -197,6 +304,11 @@ pub async fn run(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    if monitor.live.lock().broker_connected {
+                        monitor.broker_disconnects.inc();
+                    }
+                    monitor.broker_connected.set(0);
+                    monitor.live.lock().broker_connected = false;
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection lost");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -205,6 +317,15 @@ pub async fn run(
         }
     }
     Ok(stats)
+}
+
+async fn publish_new(client: &AsyncClient, cfg: &ServiceConfig, monitor: &Monitor, g: &NewGlobal) {
+    publish_global(client, cfg, &g.model, &g.head_file).await;
+    monitor
+        .globals_published
+        .get_or_create(&crate::monitor::ModelLabel { model: g.model.clone() })
+        .inc();
+    monitor.global(&g.model, g.version, now());
 }
 
 async fn publish_global(client: &AsyncClient, cfg: &ServiceConfig, model: &str, head_file: &[u8]) {

@@ -27,6 +27,16 @@ pub enum StateError {
     UnknownModel(String),
     #[error("stored head: {0}")]
     Head(String),
+    #[error("model {model:?} has no version {version} (the newest is {current})")]
+    UnknownVersion {
+        model: String,
+        version: u64,
+        current: u64,
+    },
+    #[error("version {version} of {model:?} is already the current one")]
+    AlreadyCurrent { model: String, version: u64 },
+    #[error("version {version} of {model:?} has no parent to roll back to")]
+    NoParent { model: String, version: u64 },
 }
 
 /// How pending updates become a global version.
@@ -49,6 +59,9 @@ pub struct Settings {
     pub reject_norm: f64,
 }
 
+/// The reason in the ack of a redelivered update id.
+pub const DUPLICATE_REASON: &str = "duplicate delivery; counted once";
+
 /// A new global version, ready to sign and publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewGlobal {
@@ -57,10 +70,23 @@ pub struct NewGlobal {
     pub parent: u64,
     pub head_file: Vec<u8>,
     pub contributors: Vec<String>,
+    /// What the registry records about it (updates, samples, mean loss, or
+    /// where a promoted version came from).
+    pub metrics: serde_json::Value,
 }
 
-/// A registry row: (model, version, parent, contributing update ids, created_at).
-pub type VersionRow = (String, u64, Option<u64>, Vec<String>, f64);
+/// A registry row.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VersionRow {
+    pub model: String,
+    pub version: u64,
+    pub parent: Option<u64>,
+    /// Update ids folded into this version (empty for a base or a promotion).
+    pub contributors: Vec<String>,
+    pub metrics: serde_json::Value,
+    /// Unix seconds.
+    pub created_at: f64,
+}
 
 /// The durable state.
 #[derive(Debug)]
@@ -83,7 +109,8 @@ CREATE TABLE IF NOT EXISTS pending (
     device TEXT NOT NULL,
     base_version INTEGER NOT NULL,
     sample_count INTEGER NOT NULL,
-    tensors TEXT NOT NULL
+    tensors TEXT NOT NULL,
+    loss REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS versions (
     model TEXT NOT NULL,
@@ -92,8 +119,16 @@ CREATE TABLE IF NOT EXISTS versions (
     head BLOB NOT NULL,
     contributors TEXT NOT NULL,
     created_at REAL NOT NULL,
+    metrics TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (model, version)
 );";
+
+/// Columns added after the first schema: (table, column, definition).
+/// State files written before them gain the column on open.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("pending", "loss", "REAL NOT NULL DEFAULT 0"),
+    ("versions", "metrics", "TEXT NOT NULL DEFAULT '{}'"),
+];
 
 fn now() -> f64 {
     std::time::SystemTime::now()
@@ -107,6 +142,14 @@ impl State {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.execute_batch(SCHEMA)?;
+        for (table, column, def) in ADDED_COLUMNS {
+            let present: bool = conn
+                .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+                .exists(params![column])?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+            }
+        }
         Ok(State { conn })
     }
 
@@ -190,8 +233,8 @@ impl State {
                     params![c.update_id, c.device, m.model, now()],
                 )?;
                 tx.execute(
-                    "INSERT INTO pending (update_id, model, device, base_version, sample_count, tensors) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![c.update_id, m.model, c.device, c.base_version as i64, c.sample_count as i64, serde_json::to_string(&c.tensors).unwrap_or_default()],
+                    "INSERT INTO pending (update_id, model, device, base_version, sample_count, tensors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![c.update_id, m.model, c.device, c.base_version as i64, c.sample_count as i64, serde_json::to_string(&c.tensors).unwrap_or_default(), if m.loss.is_finite() { m.loss as f64 } else { 0.0 }],
                 )?;
                 Ack {
                     update_id: c.update_id,
@@ -215,7 +258,7 @@ impl State {
                     } else {
                         AckStatus::Rejected
                     },
-                    reason: Some("duplicate delivery; counted once".into()),
+                    reason: Some(DUPLICATE_REASON.into()),
                     round: None,
                 }
             }
@@ -236,21 +279,112 @@ impl State {
         Ok(ack)
     }
 
-    /// Every global version: (model, version, parent, contributors, created_at).
+    /// Every global version, by model then version.
     pub fn versions(&self) -> Result<Vec<VersionRow>, StateError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT model, version, parent, contributors, created_at FROM versions ORDER BY model, version")?;
+            .prepare("SELECT model, version, parent, contributors, created_at, metrics FROM versions ORDER BY model, version")?;
         let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, Option<i64>>(2)?.map(|p| p as u64),
-                serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
-                r.get::<_, f64>(4)?,
-            ))
+            Ok(VersionRow {
+                model: r.get(0)?,
+                version: r.get::<_, i64>(1)? as u64,
+                parent: r.get::<_, Option<i64>>(2)?.map(|p| p as u64),
+                contributors: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+                created_at: r.get(4)?,
+                metrics: serde_json::from_str(&r.get::<_, String>(5)?)
+                    .unwrap_or(serde_json::Value::Null),
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Registered model names.
+    pub fn models(&self) -> Result<Vec<String>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT DISTINCT model FROM versions ORDER BY model")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Number of update ids seen, by status (`accepted`, `rejected`).
+    pub fn seen_counts(&self) -> Result<(u64, u64), StateError> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(SUM(status = 'accepted'), 0), COALESCE(SUM(status = 'rejected'), 0) FROM seen",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
+    /// Make the weights of `version` the served global again. Versions only
+    /// move forward (edges ignore a global that is not newer than theirs),
+    /// so this writes a NEW version `current + 1` carrying those weights,
+    /// with `metrics.promoted_from` saying where they came from.
+    pub fn promote(
+        &mut self,
+        model: &str,
+        version: u64,
+        reason: &str,
+    ) -> Result<NewGlobal, StateError> {
+        let tx = self.conn.transaction()?;
+        let (current, _): (u64, Vec<u8>) = tx
+            .query_row(
+                "SELECT version, head FROM versions WHERE model = ?1 ORDER BY version DESC LIMIT 1",
+                params![model],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StateError::UnknownModel(model.to_string()))?;
+        let source: Vec<u8> = tx
+            .query_row(
+                "SELECT head FROM versions WHERE model = ?1 AND version = ?2",
+                params![model, version as i64],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| StateError::UnknownVersion {
+                model: model.to_string(),
+                version,
+                current,
+            })?;
+        if version == current {
+            return Err(StateError::AlreadyCurrent {
+                model: model.to_string(),
+                version,
+            });
+        }
+        let (head, _) = Head::from_bytes(&source).map_err(|e| StateError::Head(e.to_string()))?;
+        let new_version = current + 1;
+        let file = stamped_head(&head, model, new_version, current)?;
+        let metrics = serde_json::json!({"promoted_from": version, "reason": reason});
+        tx.execute(
+            "INSERT INTO versions (model, version, parent, head, contributors, created_at, metrics) VALUES (?1, ?2, ?3, ?4, '[]', ?5, ?6)",
+            params![model, new_version as i64, current as i64, file, now(), metrics.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(NewGlobal {
+            model: model.to_string(),
+            version: new_version,
+            parent: current,
+            head_file: file,
+            contributors: Vec::new(),
+            metrics,
+        })
+    }
+
+    /// Undo the newest version: promote its parent's weights.
+    pub fn rollback(&mut self, model: &str) -> Result<NewGlobal, StateError> {
+        let (current, _) = self.current(model)?;
+        let parent: Option<i64> = self.conn.query_row(
+            "SELECT parent FROM versions WHERE model = ?1 AND version = ?2",
+            params![model, current as i64],
+            |r| r.get(0),
+        )?;
+        let parent = parent.ok_or_else(|| StateError::NoParent {
+            model: model.to_string(),
+            version: current,
+        })?;
+        self.promote(model, parent as u64, &format!("rollback of version {current}"))
     }
 
     pub fn pending_count(&self, model: &str) -> Result<usize, StateError> {
@@ -286,19 +420,39 @@ impl State {
             params![model],
             |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
         )?;
-        let mut stmt = tx.prepare("SELECT update_id, device, base_version, sample_count, tensors FROM pending WHERE model = ?1 ORDER BY rowid")?;
-        let contribs: Vec<Contribution> = stmt
+        let mut stmt = tx.prepare("SELECT update_id, device, base_version, sample_count, tensors, loss FROM pending WHERE model = ?1 ORDER BY rowid")?;
+        let rows: Vec<(Contribution, f64)> = stmt
             .query_map(params![model], |r| {
-                Ok(Contribution {
-                    update_id: r.get(0)?,
-                    device: r.get(1)?,
-                    base_version: r.get::<_, i64>(2)? as u64,
-                    sample_count: r.get::<_, i64>(3)? as u64,
-                    tensors: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
-                })
+                Ok((
+                    Contribution {
+                        update_id: r.get(0)?,
+                        device: r.get(1)?,
+                        base_version: r.get::<_, i64>(2)? as u64,
+                        sample_count: r.get::<_, i64>(3)? as u64,
+                        tensors: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+                    },
+                    r.get(5)?,
+                ))
             })?
             .collect::<Result<_, _>>()?;
         drop(stmt);
+        let samples: u64 = rows.iter().map(|(c, _)| c.sample_count).sum();
+        let mean_loss = rows
+            .iter()
+            .map(|(c, l)| l * c.sample_count as f64)
+            .sum::<f64>()
+            / (samples.max(1) as f64);
+        let mut devices: Vec<&str> = rows.iter().map(|(c, _)| c.device.as_str()).collect();
+        devices.sort_unstable();
+        devices.dedup();
+        let metrics = serde_json::json!({
+            "updates": rows.len(),
+            "devices": devices.len(),
+            "samples": samples,
+            "mean_loss": mean_loss,
+            "max_staleness": rows.iter().map(|(c, _)| version.saturating_sub(c.base_version)).max().unwrap_or(0),
+        });
+        let contribs: Vec<Contribution> = rows.into_iter().map(|(c, _)| c).collect();
         let weights: Vec<f64> = contribs
             .iter()
             .map(|c| {
@@ -337,18 +491,11 @@ impl State {
             set_tensor(&mut head, name, values);
         }
         let new_version = version + 1;
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("model".to_string(), model.to_string());
-        meta.insert("version".to_string(), new_version.to_string());
-        meta.insert("parent".to_string(), version.to_string());
-        meta.insert("created_at".to_string(), now().to_string());
-        let new_file = head
-            .to_bytes(&meta)
-            .map_err(|e| StateError::Head(e.to_string()))?;
+        let new_file = stamped_head(&head, model, new_version, version)?;
         let contributors: Vec<String> = contribs.iter().map(|c| c.update_id.clone()).collect();
         tx.execute(
-            "INSERT INTO versions (model, version, parent, head, contributors, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![model, new_version as i64, version as i64, new_file, serde_json::to_string(&contributors).unwrap_or_default(), now()],
+            "INSERT INTO versions (model, version, parent, head, contributors, created_at, metrics) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![model, new_version as i64, version as i64, new_file, serde_json::to_string(&contributors).unwrap_or_default(), now(), metrics.to_string()],
         )?;
         tx.execute("DELETE FROM pending WHERE model = ?1", params![model])?;
         tx.commit()?;
@@ -358,8 +505,21 @@ impl State {
             parent: version,
             head_file: new_file,
             contributors,
+            metrics,
         }))
     }
+}
+
+/// A head file stamped with its global version (edges read the version
+/// from `__metadata__`).
+fn stamped_head(head: &Head, model: &str, version: u64, parent: u64) -> Result<Vec<u8>, StateError> {
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("model".to_string(), model.to_string());
+    meta.insert("version".to_string(), version.to_string());
+    meta.insert("parent".to_string(), parent.to_string());
+    meta.insert("created_at".to_string(), now().to_string());
+    head.to_bytes(&meta)
+        .map_err(|e| StateError::Head(e.to_string()))
 }
 
 fn tensor_of(head: &Head, name: &str) -> Vec<f32> {

@@ -79,6 +79,7 @@ async fn updates_are_acked_and_a_signed_global_is_published() {
         },
         round_timeout: Duration::from_secs(60),
         signing_key: key.clone(),
+        server_optimizer: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let service = tokio::spawn(run(cfg, async move {

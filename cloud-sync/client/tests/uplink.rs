@@ -138,6 +138,7 @@ async fn outbox_drains_on_acks_and_the_global_arrives_even_if_the_broker_comes_l
             },
             round_timeout: Duration::from_secs(60),
             signing_key: key.clone(),
+            server_optimizer: None,
         },
         async move {
             let _ = agg_rx.await;

@@ -100,6 +100,10 @@ pub fn all_updates(fleet: &str) -> String {
     format!("{PREFIX}/{fleet}/dev/+/update")
 }
 
+pub fn all_status(fleet: &str) -> String {
+    format!("{PREFIX}/{fleet}/dev/+/status")
+}
+
 pub fn all_globals(fleet: &str) -> String {
     format!("{PREFIX}/{fleet}/model/+/global")
 }

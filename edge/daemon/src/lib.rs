@@ -44,6 +44,72 @@ pub enum DaemonError {
     MissingBundle { name: String, dir: PathBuf },
     #[error("serving HTTP: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("starting the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The whole daemon process: build, bind `daemon.listen_addr`, serve until
+/// SIGINT or SIGTERM, drain. The `dai-edge` binary is this call; the fleet
+/// demo runs it in each of its edge processes.
+pub fn run_until_signal(config: Config) -> Result<(), DaemonError> {
+    // Inference runs on our own worker threads; the async side only parses
+    // HTTP and waits, so it gets at most two threads within cpu_limit.
+    let async_threads = (config.cpu_limit.floor() as usize).clamp(1, 2);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(async_threads)
+        .max_blocking_threads(4)
+        .enable_all()
+        .thread_name("dai-edge")
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    rt.block_on(async move {
+        let addr = config.daemon.listen_addr;
+        let daemon = Daemon::build(config).await?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Bind { addr, source })?;
+        tracing::info!(
+            "dai-edge listening on http://{}",
+            listener.local_addr().unwrap_or(addr)
+        );
+        daemon.serve(listener, shutdown_signal()).await?;
+        tracing::info!("dai-edge stopped");
+        Ok(())
+    })
+}
+
+/// SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }
 
 /// The latest profiling sample.

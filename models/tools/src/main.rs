@@ -143,16 +143,7 @@ fn shard(
 ) -> anyhow::Result<()> {
     use dai_models::shard::Scheme;
     use std::io::Write;
-    let scheme = match scheme.split_once(':') {
-        None if scheme == "iid" => Scheme::Iid,
-        Some(("dirichlet", a)) => Scheme::Dirichlet {
-            alpha: a.parse().context("dirichlet:ALPHA needs a number")?,
-        },
-        Some(("labels", n)) => Scheme::LabelsPerDevice {
-            n: n.parse().context("labels:N needs an integer")?,
-        },
-        _ => anyhow::bail!("--scheme {scheme:?}: expected iid, dirichlet:ALPHA or labels:N"),
-    };
+    let scheme: Scheme = scheme.parse().map_err(|e| anyhow::anyhow!("--{e}"))?;
     let rows = dai_models::digits::load(data).context("reading the data set")?;
     let labels: Vec<u32> = rows.iter().map(|r| r.1).collect();
     let shards = dai_models::shard::shard(&labels, devices, scheme, seed);

@@ -15,6 +15,27 @@ pub enum Scheme {
     LabelsPerDevice { n: usize },
 }
 
+impl std::str::FromStr for Scheme {
+    type Err = String;
+
+    /// `iid`, `dirichlet:ALPHA` (ALPHA > 0) or `labels:N` (N >= 1).
+    fn from_str(s: &str) -> Result<Scheme, String> {
+        let bad = || format!("scheme {s:?}: expected iid, dirichlet:ALPHA (ALPHA > 0) or labels:N (N >= 1)");
+        match s.split_once(':') {
+            None if s == "iid" => Ok(Scheme::Iid),
+            Some(("dirichlet", a)) => match a.parse::<f64>() {
+                Ok(alpha) if alpha > 0.0 && alpha.is_finite() => Ok(Scheme::Dirichlet { alpha }),
+                _ => Err(bad()),
+            },
+            Some(("labels", n)) => match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(Scheme::LabelsPerDevice { n }),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// Gamma(shape, 1) sample (Marsaglia-Tsang; boosted for shape < 1).
 fn gamma(rng: &mut Rng, shape: f64) -> f64 {
     if shape < 1.0 {

@@ -1,0 +1,251 @@
+//! What the aggregator shows: Prometheus metrics (`/metrics`) and the live
+//! view behind the status page (`/api/status`).
+//!
+//! The service loop is the only writer; HTTP handlers read. Durable facts
+//! (the version registry, seen ids) are read from SQLite by the handlers,
+//! so the page is right even for versions made by `dai-cloud models
+//! promote` in another process.
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+type FGauge = Gauge<f64, AtomicU64>;
+
+/// How many recent update outcomes the status page lists.
+const RECENT: usize = 50;
+
+/// One update's outcome, for the page.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentUpdate {
+    pub ts: f64,
+    pub device: String,
+    pub update_id: String,
+    pub bytes: usize,
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+/// A device as its retained heartbeat describes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceView {
+    pub state: String,
+    pub models: BTreeMap<String, u64>,
+    pub outbox_pending: u64,
+    /// The heartbeat's own timestamp (Unix seconds).
+    pub ts: f64,
+}
+
+/// The live part of the status page.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct LiveView {
+    pub broker: String,
+    pub broker_connected: bool,
+    pub strategy: String,
+    pub devices: BTreeMap<String, DeviceView>,
+    pub recent: VecDeque<RecentUpdate>,
+    /// Model -> Unix seconds of the last new global.
+    pub last_global: BTreeMap<String, f64>,
+    /// Model -> updates waiting for the next aggregation.
+    pub pending: BTreeMap<String, usize>,
+}
+
+/// Metrics and the live view, shared by the service loop and HTTP.
+pub struct Monitor {
+    pub registry: Registry,
+    /// Updates received, by outcome: accepted, duplicate, rejected, undecodable.
+    pub updates: Family<OutcomeLabel, Counter>,
+    /// Compressed payload bytes received on update topics.
+    pub update_bytes: Counter,
+    pub globals_published: Family<ModelLabel, Counter>,
+    pub global_version: Family<ModelLabel, Gauge>,
+    pub pending_updates: Family<ModelLabel, Gauge>,
+    /// Unix seconds of the last new global, per model (alert: aggregation stalled).
+    pub last_aggregation: Family<ModelLabel, FGauge>,
+    pub aggregation_seconds: Histogram,
+    pub devices_online: Gauge,
+    pub devices_known: Gauge,
+    /// Sum of the outbox backlogs the devices report in their heartbeats.
+    pub devices_outbox: Gauge,
+    pub broker_connected: Gauge,
+    pub broker_disconnects: Counter,
+    pub live: Mutex<LiveView>,
+    pub started: Instant,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor").finish_non_exhaustive()
+    }
+}
+
+impl Default for Monitor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Monitor {
+    pub fn new() -> Monitor {
+        let mut registry = Registry::with_prefix("dai_cloud");
+        let m = Monitor {
+            registry: Registry::default(),
+            updates: Family::default(),
+            update_bytes: Counter::default(),
+            globals_published: Family::default(),
+            global_version: Family::default(),
+            pending_updates: Family::default(),
+            last_aggregation: Family::default(),
+            aggregation_seconds: Histogram::new(
+                [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0].into_iter(),
+            ),
+            devices_online: Gauge::default(),
+            devices_known: Gauge::default(),
+            devices_outbox: Gauge::default(),
+            broker_connected: Gauge::default(),
+            broker_disconnects: Counter::default(),
+            live: Mutex::new(LiveView::default()),
+            started: Instant::now(),
+        };
+        let r = &mut registry;
+        r.register(
+            "updates",
+            "Updates received, by outcome (accepted, duplicate, rejected, undecodable)",
+            m.updates.clone(),
+        );
+        r.register(
+            "update_bytes",
+            "Compressed update payload bytes received",
+            m.update_bytes.clone(),
+        );
+        r.register(
+            "globals_published",
+            "New global versions signed and published",
+            m.globals_published.clone(),
+        );
+        r.register(
+            "global_version",
+            "Newest global version per model",
+            m.global_version.clone(),
+        );
+        r.register(
+            "pending_updates",
+            "Accepted updates waiting for the next aggregation",
+            m.pending_updates.clone(),
+        );
+        r.register(
+            "last_aggregation_timestamp_seconds",
+            "Unix time of the newest global version per model",
+            m.last_aggregation.clone(),
+        );
+        r.register(
+            "aggregation_seconds",
+            "Time to fold the pending buffer into a new global",
+            m.aggregation_seconds.clone(),
+        );
+        r.register(
+            "devices_online",
+            "Devices whose retained heartbeat says online",
+            m.devices_online.clone(),
+        );
+        r.register(
+            "devices_known",
+            "Devices that ever sent a heartbeat",
+            m.devices_known.clone(),
+        );
+        r.register(
+            "devices_outbox_pending",
+            "Updates waiting in the devices' outboxes, as their heartbeats report",
+            m.devices_outbox.clone(),
+        );
+        r.register(
+            "broker_connected",
+            "1 while the aggregator is connected to its MQTT broker",
+            m.broker_connected.clone(),
+        );
+        r.register(
+            "broker_disconnects",
+            "Lost broker connections",
+            m.broker_disconnects.clone(),
+        );
+        Monitor { registry, ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+
+    pub(crate) fn count(&self, outcome: &str) {
+        self.updates
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn record(&self, update: RecentUpdate) {
+        let mut live = self.live.lock();
+        if live.recent.len() >= RECENT {
+            live.recent.pop_back();
+        }
+        live.recent.push_front(update);
+    }
+
+    pub(crate) fn heartbeat(&self, device: String, view: Option<DeviceView>) {
+        let mut live = self.live.lock();
+        match view {
+            Some(v) => {
+                live.devices.insert(device, v);
+            }
+            // An empty retained message clears the device.
+            None => {
+                live.devices.remove(&device);
+            }
+        }
+        let online = live.devices.values().filter(|d| d.state == "online").count();
+        let outbox: u64 = live.devices.values().map(|d| d.outbox_pending).sum();
+        self.devices_online.set(online as i64);
+        self.devices_known.set(live.devices.len() as i64);
+        self.devices_outbox.set(outbox as i64);
+    }
+
+    pub(crate) fn pending(&self, model: &str, n: usize) {
+        self.pending_updates
+            .get_or_create(&ModelLabel {
+                model: model.into(),
+            })
+            .set(n as i64);
+        self.live.lock().pending.insert(model.into(), n);
+    }
+
+    pub(crate) fn global(&self, model: &str, version: u64, ts: f64) {
+        let label = ModelLabel {
+            model: model.into(),
+        };
+        self.global_version.get_or_create(&label).set(version as i64);
+        self.last_aggregation.get_or_create(&label).set(ts);
+        self.live.lock().last_global.insert(model.into(), ts);
+    }
+}
