@@ -240,7 +240,10 @@ async fn post_json(http: &reqwest::Client, url: String, body: &Value) -> anyhow:
         .await
         .with_context(|| format!("POST {url}"))?;
     let status = r.status();
-    let v: Value = r.json().await.with_context(|| format!("POST {url}: body"))?;
+    let v: Value = r
+        .json()
+        .await
+        .with_context(|| format!("POST {url}: body"))?;
     if !status.is_success() {
         bail!("POST {url}: {status}: {v}");
     }
@@ -323,10 +326,11 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
     let (train_idx, test_idx) = dai_models::digits::split(&rows, 0.2, 7);
     let test: Vec<Row> = test_idx.iter().map(|&i| rows[i]).collect();
     let labels: Vec<u32> = train_idx.iter().map(|&i| rows[i].1).collect();
-    let shards: Vec<Vec<&Row>> = dai_models::shard::shard(&labels, opts.devices, opts.scheme, opts.seed)
-        .into_iter()
-        .map(|s| s.into_iter().map(|k| &rows[train_idx[k]]).collect())
-        .collect();
+    let shards: Vec<Vec<&Row>> =
+        dai_models::shard::shard(&labels, opts.devices, opts.scheme, opts.seed)
+            .into_iter()
+            .map(|s| s.into_iter().map(|k| &rows[train_idx[k]]).collect())
+            .collect();
     let base = fresh_bundle(&opts.bundle, &dir, opts.seed)?;
 
     // Aggregator: embedded broker, status page, FedAvg over all devices.

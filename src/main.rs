@@ -15,7 +15,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "dai", version, about = "DAI: edge inference and federated fine-tuning")]
+#[command(
+    name = "dai",
+    version,
+    about = "DAI: edge inference and federated fine-tuning"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -74,9 +78,9 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or_else(|| {
-        Command::Demo(DemoArgs::parse_from(["demo"]))
-    });
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Demo(DemoArgs::parse_from(["demo"])));
     match command {
         Command::Edge { config } => {
             let config = match dai_config::Config::load_with_env(config.as_deref()) {

@@ -205,3 +205,151 @@ async fn fleet_rounds(port: u16, fleet: &str) {
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+fn mosquitto(port: u16) -> std::process::Child {
+    let bin = ["/usr/sbin/mosquitto", "mosquitto"]
+        .into_iter()
+        .find(|b| std::path::Path::new(b).exists() || *b == "mosquitto")
+        .unwrap_or("mosquitto");
+    std::process::Command::new(bin)
+        .args(["-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto starts (CI installs it)")
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The broker (a Mosquitto without persistence, so in-flight messages die
+/// with it) stops while an edge holds two updates, then comes back: both
+/// arrive, each counted once, and the global they make reaches the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_delivers_each_update_exactly_once() {
+    if std::env::var("DAI_MOSQUITTO_PORT").is_err() {
+        eprintln!(
+            "SKIPPED broker_restart_delivers_each_update_exactly_once: needs the mosquitto binary; set DAI_MOSQUITTO_PORT (.ci/run does)"
+        );
+        return;
+    }
+    ensure_zoo();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("a")
+        .port();
+    let mut broker = mosquitto(port);
+    wait_port(port);
+    let key = dai_protocol::global::signing_key_from_hex(&"43".repeat(32)).expect("key");
+    let public = hex_of(&key.verifying_key().to_bytes());
+    let agg_dir = tempfile::tempdir().expect("tmp");
+    let base = std::fs::read(zoo().join("digits/head.safetensors")).expect("base head");
+    let monitor = std::sync::Arc::new(dai_cloud::monitor::Monitor::new());
+    let (agg_stop, agg_rx) = tokio::sync::oneshot::channel::<()>();
+    let aggregator = tokio::spawn(dai_cloud::service::run_monitored(
+        ServiceConfig {
+            fleet: "restart".into(),
+            broker: BrokerAddr {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            client_id: "dai-cloud".into(),
+            state_path: agg_dir.path().join("agg.sqlite"),
+            models: vec![("digits".into(), base)],
+            settings: Settings {
+                strategy: Strategy::FedAvg { min_updates: 2 },
+                aggregation: Aggregation {
+                    clip_norm: None,
+                    robust: Robust::Mean,
+                },
+                max_staleness: 2,
+                reject_norm: 1e3,
+            },
+            round_timeout: Duration::from_secs(300),
+            signing_key: key,
+            server_optimizer: None,
+        },
+        monitor.clone(),
+        async move {
+            let _ = agg_rx.await;
+        },
+    ));
+    let edge = TestDaemon::start(move |c| {
+        c.daemon.models = vec!["digits".into()];
+        c.training.enabled = false;
+        c.num_epochs = 5;
+        c.batch_size = 16;
+        c.cloud.enabled = true;
+        c.cloud.broker = format!("127.0.0.1:{port}");
+        c.cloud.fleet = "restart".into();
+        c.cloud.device_id = "edge-r".into();
+        c.cloud.aggregator_public_key = public;
+        c.cloud.heartbeat_sec = 1;
+        c.retry_delay_sec = 1;
+        c.connection_timeout_sec = 2;
+    })
+    .await;
+    // Both ends connected: the aggregator has seen the edge's heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while monitor
+        .live
+        .lock()
+        .devices
+        .get("edge-r")
+        .is_none_or(|d| d.state != "online")
+    {
+        assert!(Instant::now() < deadline, "edge never connected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = broker.kill();
+    let _ = broker.wait();
+
+    let rows = dai_models::digits::load(&repo().join("models/data/digits.csv.gz")).expect("digits");
+    for part in [&rows[0..100], &rows[100..160]] {
+        post_digit_samples(&edge, part, convention).await;
+        let run: Value = edge
+            .client
+            .post(edge.url("/v1/models/digits/train"))
+            .send()
+            .await
+            .expect("train")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(run["run"]["outcome"], "accepted", "{run}");
+    }
+    let t = edge.get_json("/v1/status").await["training"]["models"][0].clone();
+    assert_eq!(t["outbox_pending"], 2, "both updates wait offline: {t}");
+
+    let mut broker = mosquitto(port);
+    wait_port(port);
+    let t = wait_global(&edge, 1).await;
+    assert_eq!(t["outbox_pending"], 0);
+    edge.stop().await;
+    let _ = agg_stop.send(());
+    let stats = aggregator.await.expect("join").expect("aggregator");
+    let _ = broker.kill();
+    let _ = broker.wait();
+    assert_eq!(
+        (stats.accepted, stats.globals_published),
+        (2, 1),
+        "{stats:?}"
+    );
+    let versions = dai_cloud::state::State::open(&agg_dir.path().join("agg.sqlite"))
+        .expect("state")
+        .versions()
+        .expect("versions");
+    let mut ids = versions[1].contributors.clone();
+    ids.dedup();
+    assert_eq!(ids.len(), 2, "{versions:?}");
+    eprintln!(
+        "broker restart: 2 updates delivered once each ({} redeliveries deduplicated)",
+        stats.duplicates
+    );
+}

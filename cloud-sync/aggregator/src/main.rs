@@ -258,7 +258,8 @@ fn main() -> anyhow::Result<()> {
             let server_optimizer = match server_opt.as_str() {
                 "none" => None,
                 "fedadam" => {
-                    if !(server_lr > 0.0 && server_lr.is_finite()) || !(server_tau > 0.0) {
+                    let positive = |x: f32| x.is_finite() && x > 0.0;
+                    if !positive(server_lr) || !positive(server_tau) {
                         bail!("--server-lr and --server-tau must be positive");
                     }
                     Some(dai_cloud::FedAdam::new(server_lr, 0.9, 0.99, server_tau))
@@ -304,8 +305,15 @@ fn main() -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(http)
                     .await
                     .with_context(|| format!("--http: binding {http}"))?;
-                tracing::info!("status page on http://{}", listener.local_addr().unwrap_or(http));
-                let app = dai_cloud::http::router(monitor.clone(), cfg.state_path.clone(), cfg.fleet.clone());
+                tracing::info!(
+                    "status page on http://{}",
+                    listener.local_addr().unwrap_or(http)
+                );
+                let app = dai_cloud::http::router(
+                    monitor.clone(),
+                    cfg.state_path.clone(),
+                    cfg.fleet.clone(),
+                );
                 tokio::spawn(async move {
                     if let Err(e) = axum::serve(listener, app).await {
                         tracing::error!(error = %e, "HTTP server stopped");

@@ -114,9 +114,9 @@ impl Monitor {
             global_version: Family::default(),
             pending_updates: Family::default(),
             last_aggregation: Family::default(),
-            aggregation_seconds: Histogram::new(
-                [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0].into_iter(),
-            ),
+            aggregation_seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
             devices_online: Gauge::default(),
             devices_known: Gauge::default(),
             devices_outbox: Gauge::default(),
@@ -224,7 +224,11 @@ impl Monitor {
                 live.devices.remove(&device);
             }
         }
-        let online = live.devices.values().filter(|d| d.state == "online").count();
+        let online = live
+            .devices
+            .values()
+            .filter(|d| d.state == "online")
+            .count();
         let outbox: u64 = live.devices.values().map(|d| d.outbox_pending).sum();
         self.devices_online.set(online as i64);
         self.devices_known.set(live.devices.len() as i64);
@@ -244,7 +248,9 @@ impl Monitor {
         let label = ModelLabel {
             model: model.into(),
         };
-        self.global_version.get_or_create(&label).set(version as i64);
+        self.global_version
+            .get_or_create(&label)
+            .set(version as i64);
         self.last_aggregation.get_or_create(&label).set(ts);
         self.live.lock().last_global.insert(model.into(), ts);
     }

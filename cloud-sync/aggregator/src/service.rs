@@ -15,8 +15,8 @@ use dai_protocol::topics::{self, Topic};
 use dai_protocol::update::Update;
 use ed25519_dalek::SigningKey;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use std::net::SocketAddr;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,7 +148,9 @@ pub async fn run_monitored(
         let mut live = monitor.live.lock();
         live.broker = format!("{}:{}", cfg.broker.host, cfg.broker.port);
         live.strategy = match cfg.settings.strategy {
-            Strategy::FedAvg { min_updates } => format!("fedavg (min {min_updates} updates per round)"),
+            Strategy::FedAvg { min_updates } => {
+                format!("fedavg (min {min_updates} updates per round)")
+            }
             Strategy::FedBuff { k } => format!("fedbuff (K = {k})"),
         } + match (&cfg.server_optimizer, cfg.settings.aggregation.robust) {
             (Some(_), _) => ", FedAdam",
@@ -186,7 +188,9 @@ pub async fn run_monitored(
         let t = Instant::now();
         let g = state.aggregate(model, &cfg.settings, force, adam)?;
         if g.is_some() {
-            monitor.aggregation_seconds.observe(t.elapsed().as_secs_f64());
+            monitor
+                .aggregation_seconds
+                .observe(t.elapsed().as_secs_f64());
         }
         Ok::<_, ServiceError>(g)
     };
@@ -323,7 +327,9 @@ async fn publish_new(client: &AsyncClient, cfg: &ServiceConfig, monitor: &Monito
     publish_global(client, cfg, &g.model, &g.head_file).await;
     monitor
         .globals_published
-        .get_or_create(&crate::monitor::ModelLabel { model: g.model.clone() })
+        .get_or_create(&crate::monitor::ModelLabel {
+            model: g.model.clone(),
+        })
         .inc();
     monitor.global(&g.model, g.version, now());
 }

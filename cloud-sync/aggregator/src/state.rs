@@ -144,7 +144,9 @@ impl State {
         conn.execute_batch(SCHEMA)?;
         for (table, column, def) in ADDED_COLUMNS {
             let present: bool = conn
-                .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))?
                 .exists(params![column])?;
             if !present {
                 conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
@@ -384,7 +386,11 @@ impl State {
             model: model.to_string(),
             version: current,
         })?;
-        self.promote(model, parent as u64, &format!("rollback of version {current}"))
+        self.promote(
+            model,
+            parent as u64,
+            &format!("rollback of version {current}"),
+        )
     }
 
     pub fn pending_count(&self, model: &str) -> Result<usize, StateError> {
@@ -512,7 +518,12 @@ impl State {
 
 /// A head file stamped with its global version (edges read the version
 /// from `__metadata__`).
-fn stamped_head(head: &Head, model: &str, version: u64, parent: u64) -> Result<Vec<u8>, StateError> {
+fn stamped_head(
+    head: &Head,
+    model: &str,
+    version: u64,
+    parent: u64,
+) -> Result<Vec<u8>, StateError> {
     let mut meta = std::collections::HashMap::new();
     meta.insert("model".to_string(), model.to_string());
     meta.insert("version".to_string(), version.to_string());

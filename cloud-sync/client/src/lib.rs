@@ -6,7 +6,9 @@
 //! - outbox rows are published QoS 1 on `.../dev/{device}/update` with a
 //!   persistent session; a row leaves the outbox only when the aggregator's
 //!   ack for its update id arrives (a PUBACK is not enough), and everything
-//!   not acked is published again after a reconnect (the aggregator dedups);
+//!   not acked is published again after a reconnect, or when no ack came
+//!   within `connection_timeout` (a broker restarted without persistence
+//!   drops messages nobody was subscribed for); the aggregator dedups;
 //! - acks arrive on `.../dev/{device}/ack`;
 //! - globals arrive retained on `.../model/{model}/global` and are verified
 //!   (ed25519 signature, checksum, model name) and applied only if newer;
@@ -19,7 +21,7 @@ use dai_protocol::messages::{Ack, AckStatus, Status};
 use dai_protocol::topics::Topic;
 use ed25519_dalek::VerifyingKey;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +63,8 @@ pub struct UplinkStats {
     pub globals_applied: u64,
     pub globals_refused: u64,
     pub reconnects: u64,
+    /// Updates published again because no ack came within the timeout.
+    pub republished: u64,
 }
 
 fn backoff(cfg: &UplinkConfig, attempt: u32) -> Duration {
@@ -121,7 +125,12 @@ pub async fn run(
         true,
     ));
     let (client, mut events) = AsyncClient::new(opts, 256);
-    let mut inflight: HashSet<String> = HashSet::new();
+    // Update id -> when it was last published on this connection.
+    let mut inflight: HashMap<String, Instant> = HashMap::new();
+    // An update published while nobody was subscribed (a broker restarted
+    // without persistence, the aggregator not yet back) gets no ack: it is
+    // published again after this long. The aggregator counts it once.
+    let ack_timeout = cfg.connection_timeout.max(Duration::from_secs(1));
     let mut connected = false;
     let mut attempt = 0u32;
     let mut last_heartbeat = Instant::now() - cfg.heartbeat;
@@ -132,12 +141,16 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = tick.tick(), if connected => {
                 for (id, payload) in edge.outbox(64) {
-                    if inflight.contains(&id) {
-                        continue;
+                    if let Some(sent) = inflight.get(&id) {
+                        if sent.elapsed() < ack_timeout {
+                            continue;
+                        }
+                        tracing::info!(update = %id, "no ack yet; publishing again");
+                        stats.republished += 1;
                     }
                     match client.try_publish(&update_topic, QoS::AtLeastOnce, false, payload) {
                         Ok(()) => {
-                            inflight.insert(id);
+                            inflight.insert(id, Instant::now());
                             stats.published += 1;
                         }
                         Err(_) => break, // request queue full: next tick

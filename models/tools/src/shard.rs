@@ -20,7 +20,9 @@ impl std::str::FromStr for Scheme {
 
     /// `iid`, `dirichlet:ALPHA` (ALPHA > 0) or `labels:N` (N >= 1).
     fn from_str(s: &str) -> Result<Scheme, String> {
-        let bad = || format!("scheme {s:?}: expected iid, dirichlet:ALPHA (ALPHA > 0) or labels:N (N >= 1)");
+        let bad = || {
+            format!("scheme {s:?}: expected iid, dirichlet:ALPHA (ALPHA > 0) or labels:N (N >= 1)")
+        };
         match s.split_once(':') {
             None if s == "iid" => Ok(Scheme::Iid),
             Some(("dirichlet", a)) => match a.parse::<f64>() {

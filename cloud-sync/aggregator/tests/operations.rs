@@ -1,0 +1,404 @@
+//! Operating `dai-cloud` as a process: SIGKILL mid-round and restart (the
+//! pending buffer and seen ids survive, nothing counts twice), promote and
+//! rollback against a running aggregator, its status page and /metrics.
+
+use dai_protocol::messages::{Ack, AckStatus};
+use dai_protocol::update::{Encoding, Tensor, Update, UpdateMeta};
+use dai_train::{Activation, Head, HeadSpec, Loss};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dai-cloud"))
+}
+
+/// A 3 -> 2 head, all zeros, written to `dir/m.safetensors`.
+fn base_head(dir: &Path) -> (PathBuf, Head) {
+    let mut head = Head::init(
+        HeadSpec::new(&[3, 2], &[Activation::None], Loss::SoftmaxCrossEntropy).expect("spec"),
+        1,
+    );
+    for w in head
+        .params
+        .weights
+        .iter_mut()
+        .chain(head.params.biases.iter_mut())
+    {
+        w.iter_mut().for_each(|x| *x = 0.0);
+    }
+    let path = dir.join("m.safetensors");
+    std::fs::write(&path, head.to_bytes(&Default::default()).expect("bytes")).expect("write");
+    (path, head)
+}
+
+fn update(id: &str, samples: u64, v: f32) -> Vec<u8> {
+    Update {
+        meta: UpdateMeta {
+            device: "edge-1".into(),
+            model: "m".into(),
+            base_version: "1.0.0".into(),
+            update_id: id.into(),
+            sample_count: samples,
+            loss: 0.2,
+            encoding: Encoding::F32,
+        },
+        tensors: vec![
+            Tensor {
+                name: "layers.0.weight".into(),
+                shape: vec![2, 3],
+                values: vec![v; 6],
+            },
+            Tensor {
+                name: "layers.0.bias".into(),
+                shape: vec![2],
+                values: vec![v; 2],
+            },
+        ],
+    }
+    .encode()
+    .expect("encode")
+}
+
+struct Aggregator {
+    child: Child,
+    http: u16,
+}
+
+impl Aggregator {
+    fn start(dir: &Path, head: &Path, broker: u16, min_updates: usize) -> Aggregator {
+        if !dir.join("aggregator.key").exists() {
+            assert!(
+                bin()
+                    .args(["keygen", "--dir"])
+                    .arg(dir)
+                    .output()
+                    .expect("keygen")
+                    .status
+                    .success()
+            );
+        }
+        let http = free_port();
+        let child = bin()
+            .args([
+                "run",
+                "--fleet",
+                "ops",
+                "--listen",
+                &format!("127.0.0.1:{broker}"),
+                "--http",
+                &format!("127.0.0.1:{http}"),
+                "--min-updates",
+                &min_updates.to_string(),
+                "--model",
+                &format!("m={}", head.display()),
+            ])
+            .arg("--key")
+            .arg(dir.join("aggregator.key"))
+            .arg("--state")
+            .arg(dir.join("state.sqlite"))
+            .env("DAI_LOG", "warn")
+            .spawn()
+            .expect("dai-cloud run");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", http)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", broker)).is_err()
+        {
+            assert!(Instant::now() < deadline, "dai-cloud never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Aggregator { child, http }
+    }
+
+    fn kill9(mut self) {
+        let ok = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let _ = self.child.wait();
+    }
+
+    async fn get(&self, path: &str) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}{path}", self.http))
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body")
+    }
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A device-side MQTT client subscribed to its acks and the model's global.
+async fn device(broker: u16, name: &str) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(name, "127.0.0.1", broker);
+    opts.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut events) = AsyncClient::new(opts, 64);
+    client
+        .subscribe("dai/v1/ops/dev/edge-1/ack", QoS::AtLeastOnce)
+        .await
+        .expect("sub");
+    client
+        .subscribe("dai/v1/ops/model/m/global", QoS::AtLeastOnce)
+        .await
+        .expect("sub");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut subacks = 0;
+    while subacks < 2 {
+        assert!(Instant::now() < deadline, "no SUBACK");
+        if let Ok(Ok(Event::Incoming(Packet::SubAck(_)))) =
+            tokio::time::timeout(Duration::from_millis(200), events.poll()).await
+        {
+            subacks += 1;
+        }
+    }
+    // Give the aggregator time to (re)subscribe on its side.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    (client, events)
+}
+
+/// Poll until `acks` acks and (if `global_version`) that global arrived.
+async fn collect(
+    events: &mut EventLoop,
+    acks: usize,
+    global_version: Option<u64>,
+    public: &ed25519_dalek::VerifyingKey,
+) -> (Vec<Ack>, Option<Head>) {
+    let mut got = Vec::new();
+    let mut global = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < acks || (global_version.is_some() && global.is_none()) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out: acks {got:?}, waiting for global {global_version:?}"
+        );
+        match tokio::time::timeout(Duration::from_millis(200), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic.ends_with("/ack") => {
+                got.push(Ack::from_bytes(&p.payload).expect("ack"))
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic.ends_with("/global") => {
+                let g = dai_protocol::global::verify(&p.payload, public, "m").expect("signed");
+                if Some(g.version) == global_version {
+                    global = Some(Head::from_bytes(&g.head_file).expect("head").0);
+                }
+            }
+            _ => {}
+        }
+    }
+    (got, global)
+}
+
+fn public_key(dir: &Path) -> ed25519_dalek::VerifyingKey {
+    dai_protocol::global::verifying_key_from_hex(
+        &std::fs::read_to_string(dir.join("aggregator.pub")).expect("pub"),
+    )
+    .expect("key")
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_round_keeps_the_buffer_and_seen_ids() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (head_path, _) = base_head(dir.path());
+    let broker = free_port();
+    let agg = Aggregator::start(dir.path(), &head_path, broker, 3);
+    let public = public_key(dir.path());
+    let (client, mut events) = device(broker, "edge-1").await;
+    let topic = "dai/v1/ops/dev/edge-1/update";
+    for (id, samples, v) in [("u1", 1, 1.0), ("u2", 1, 2.0)] {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, update(id, samples, v))
+            .await
+            .expect("pub");
+    }
+    let (acks, _) = collect(&mut events, 2, None, &public).await;
+    assert!(
+        acks.iter()
+            .all(|a| a.status == AckStatus::Accepted && a.reason.is_none())
+    );
+    let m = agg.get("/metrics").await;
+    assert_eq!(metric(&m, "dai_cloud_pending_updates{model=\"m\"}"), 2.0);
+    assert_eq!(
+        metric(&m, "dai_cloud_updates_total{outcome=\"accepted\"}"),
+        2.0
+    );
+
+    // Mid-round (2 of 3 updates): SIGKILL, no chance to clean up.
+    agg.kill9();
+    drop(client);
+    let agg = Aggregator::start(dir.path(), &head_path, broker, 3);
+    let m = agg.get("/metrics").await;
+    assert_eq!(
+        metric(&m, "dai_cloud_pending_updates{model=\"m\"}"),
+        2.0,
+        "the pending buffer survived"
+    );
+    let (client, mut events) = device(broker, "edge-1b").await;
+    // The edge never saw u2's ack before the crash, so it sends u2 again,
+    // then its next update.
+    client
+        .publish(topic, QoS::AtLeastOnce, false, update("u2", 1, 2.0))
+        .await
+        .expect("pub");
+    client
+        .publish(topic, QoS::AtLeastOnce, false, update("u3", 2, 4.0))
+        .await
+        .expect("pub");
+    let (acks, global) = collect(&mut events, 2, Some(1), &public).await;
+    assert_eq!(acks[0].update_id, "u2");
+    assert_eq!(acks[0].status, AckStatus::Accepted);
+    assert_eq!(
+        acks[0].reason.as_deref(),
+        Some("duplicate delivery; counted once")
+    );
+    assert_eq!(
+        (acks[1].update_id.as_str(), acks[1].status),
+        ("u3", AckStatus::Accepted)
+    );
+    // FedAvg by sample count over u1 (1 x 1.0), u2 (1 x 2.0), u3 (2 x 4.0):
+    // (1 + 2 + 8) / 4 = 2.75; u2 counted twice would give 2.6.
+    let global = global.expect("global 1");
+    for w in &global.params.weights[0] {
+        assert!((w - 2.75).abs() < 1e-5, "{w}");
+    }
+    let m = agg.get("/metrics").await;
+    assert_eq!(
+        metric(&m, "dai_cloud_updates_total{outcome=\"duplicate\"}"),
+        1.0
+    );
+    assert_eq!(metric(&m, "dai_cloud_global_version{model=\"m\"}"), 1.0);
+    drop(agg);
+    let out = bin()
+        .args(["models", "list", "--json", "--state"])
+        .arg(dir.path().join("state.sqlite"))
+        .output()
+        .expect("models");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v[1]["contributors"], serde_json::json!(["u1", "u2", "u3"]));
+    assert_eq!(v[1]["metrics"]["samples"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_and_rollback_reach_a_running_aggregator() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (head_path, base) = base_head(dir.path());
+    let broker = free_port();
+    let agg = Aggregator::start(dir.path(), &head_path, broker, 1);
+    let public = public_key(dir.path());
+    let state = dir.path().join("state.sqlite");
+    let (client, mut events) = device(broker, "edge-1").await;
+    client
+        .publish(
+            "dai/v1/ops/dev/edge-1/update",
+            QoS::AtLeastOnce,
+            false,
+            update("u1", 5, 0.5),
+        )
+        .await
+        .expect("pub");
+    let (_, v1) = collect(&mut events, 1, Some(1), &public).await;
+    let v1 = v1.expect("v1");
+    assert!((v1.params.weights[0][0] - 0.5).abs() < 1e-6);
+
+    // Promote the base (version 0) from another process: a new version 2
+    // with the base's weights reaches the devices.
+    let out = bin()
+        .args([
+            "models",
+            "promote",
+            "m",
+            "0",
+            "--reason",
+            "v1 misbehaves",
+            "--state",
+        ])
+        .arg(&state)
+        .output()
+        .expect("promote");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, v2) = collect(&mut events, 0, Some(2), &public).await;
+    assert_eq!(v2.expect("v2").params, base.params);
+
+    // Roll back version 2: its parent (1) is served again, as version 3.
+    let out = bin()
+        .args(["models", "rollback", "m", "--state"])
+        .arg(&state)
+        .output()
+        .expect("rollback");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, v3) = collect(&mut events, 0, Some(3), &public).await;
+    assert_eq!(v3.expect("v3").params, v1.params);
+
+    // Refusals name the problem.
+    let out = bin()
+        .args(["models", "promote", "m", "9", "--state"])
+        .arg(&state)
+        .output()
+        .expect("promote");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has no version 9 (the newest is 3)"), "{err}");
+    let out = bin()
+        .args(["models", "--state", "/nonexistent/s.sqlite"])
+        .output()
+        .expect("models");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such state file"));
+
+    let list = bin()
+        .args(["models", "--state"])
+        .arg(&state)
+        .output()
+        .expect("list");
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("weights of v0: v1 misbehaves"), "{text}");
+    assert!(
+        text.contains("weights of v1: rollback of version 2"),
+        "{text}"
+    );
+
+    // Status page, its data and metrics.
+    let page = agg.get("/").await;
+    assert!(page.contains("<title>dai-cloud</title>"));
+    let status: serde_json::Value =
+        serde_json::from_str(&agg.get("/api/status").await).expect("status json");
+    assert_eq!(status["models"]["m"]["current"], 3);
+    assert_eq!(status["seen"]["accepted"], 1);
+    assert_eq!(status["recent"][0]["update_id"], "u1");
+    let m = agg.get("/metrics").await;
+    assert_eq!(metric(&m, "dai_cloud_global_version{model=\"m\"}"), 3.0);
+    assert_eq!(metric(&m, "dai_cloud_broker_connected"), 1.0);
+    assert!(metric(&m, "dai_cloud_update_bytes_total") > 0.0);
+    assert!(m.ends_with("# EOF\n"));
+}

@@ -1,0 +1,191 @@
+//! `dai demo`, the README's main job, as a user runs it: the real binary,
+//! real child edge processes, the aggregator's status page while it runs
+//! (in Chromium when DAI_BROWSER_TESTS=1), then Ctrl-C (SIGTERM).
+
+use crate::support::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_fleet_beats_devices_alone_and_serves_its_pages() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dai"))
+        .current_dir(repo())
+        .args([
+            "demo",
+            "--devices",
+            "3",
+            "--rounds",
+            "4",
+            "--http",
+            "127.0.0.1:0",
+            "--stay",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dai demo");
+    let stdout = child.stdout.take().expect("stdout");
+    // Read lines until the demo says it is holding the pages open.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !lines.iter().any(|l: &String| l.contains("still serving")) {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => lines.push(l),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => {
+                let err = child
+                    .wait_with_output()
+                    .map(|o| String::from_utf8_lossy(&o.stderr).to_string());
+                panic!("demo ended early:\n{}\n{err:?}", lines.join("\n"));
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "demo too slow:\n{}",
+            lines.join("\n")
+        );
+    }
+    let text = lines.join("\n");
+    eprintln!("{text}");
+    let url_after = |prefix: &str| -> String {
+        lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {prefix:?} line in\n{text}"))
+            .to_string()
+    };
+    let page = url_after("aggregator status page:");
+    let edge0 = url_after("edge-0 status page:");
+
+    // The table: 4 rounds, each with 1..=3 updates and bytes > 0.
+    let rows: Vec<Vec<&str>> = lines
+        .iter()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() == 7 && w[0].parse::<usize>().is_ok() && w[2].starts_with('v'))
+        .collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    for r in &rows {
+        let updates: usize = r[1].parse().expect("updates");
+        assert!((1..=3).contains(&updates), "{r:?}");
+        assert!(r[5].parse::<u64>().expect("bytes") > 0, "{r:?}");
+    }
+    let acc = |prefix: &str| -> f64 {
+        lines
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.parse::<f64>().ok().filter(|v| (0.0..=1.0).contains(v)))
+            })
+            .unwrap_or_else(|| panic!("no {prefix:?} line in\n{text}"))
+    };
+    let global = acc("global model");
+    let alone = acc("devices trained alone");
+    assert!(
+        global >= alone + 0.1,
+        "the federated global ({global}) must beat devices alone ({alone}) clearly"
+    );
+    let last_version: i64 = rows[3][2][1..].parse().expect("version");
+
+    // While it runs: the aggregator's page data, metrics and an edge's status.
+    let status: Value = reqwest::get(format!("{page}api/status"))
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        status["models"]["digits"]["current"], last_version,
+        "{status}"
+    );
+    for d in ["edge-0", "edge-1", "edge-2"] {
+        assert_eq!(status["devices"][d]["state"], "online", "{status}");
+    }
+    let metrics = reqwest::get(format!("{page}metrics"))
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains(&format!(
+        "dai_cloud_global_version{{model=\"digits\"}} {last_version}"
+    )));
+    let edge: Value = reqwest::get(format!("{edge0}v1/status"))
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        edge["training"]["models"][0]["global_version"], last_version,
+        "{edge}"
+    );
+
+    if std::env::var("DAI_BROWSER_TESTS").ok().as_deref() == Some("1") {
+        let shot = repo().join("tests/artifacts/cloud-page.png");
+        let script = repo().join("tests/browser/cloud_page.mjs");
+        let page = page.clone();
+        let version = last_version.to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("node")
+                .arg(script)
+                .args(["--url", &page, "--model", "digits", "--version", &version])
+                .args(["--devices", "edge-0,edge-1,edge-2", "--screenshot"])
+                .arg(&shot)
+                .output()
+        })
+        .await
+        .expect("join")
+        .expect("node");
+        assert!(
+            out.status.success(),
+            "cloud page in Chromium:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!(
+            "SKIPPED the Chromium part of demo_fleet_beats_devices_alone_and_serves_its_pages: set DAI_BROWSER_TESTS=1"
+        );
+    }
+
+    // Ctrl-C: the demo stops its edges and exits cleanly.
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "demo ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    let port = edge0
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("edge port");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "edge-0 still listening after the demo stopped"
+    );
+}
