@@ -164,6 +164,22 @@ pub async fn run_monitored(
     opts.set_clean_session(false);
     opts.set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut events) = AsyncClient::new(opts, 256);
+    // Publishing goes through a task of its own: `AsyncClient::publish`
+    // waits while rumqttc's request queue is full, and only polling the
+    // event loop (this task) drains it. Awaiting it here deadlocked under
+    // a burst of updates (found by the ingest benchmark).
+    let (out, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
+    let publisher = client.clone();
+    let publish_task = tokio::spawn(async move {
+        while let Some(o) = out_rx.recv().await {
+            if let Err(e) = publisher
+                .publish(o.topic, QoS::AtLeastOnce, o.retain, o.payload)
+                .await
+            {
+                tracing::error!(error = %e, "message not queued");
+            }
+        }
+    });
     let mut stats = ServiceStats::default();
     let mut round_started: Option<Instant> = None;
     let mut adam = cfg.server_optimizer.clone();
@@ -177,7 +193,7 @@ pub async fn run_monitored(
         monitor.pending(model, state.pending_count(model)?);
         // The current global (retained) for late joiners.
         if version > 0 {
-            publish_global(&client, &cfg, model, &head).await;
+            publish_global(&out, &cfg, model, &head);
         }
         published.insert(model.clone(), version);
     }
@@ -204,7 +220,7 @@ pub async fn run_monitored(
                     for (model, _) in &cfg.models {
                         if let Some(g) = aggregate(&mut state, model, true, &mut adam)? {
                             tracing::info!(model = %g.model, version = g.version, updates = g.contributors.len(), "round timed out; global published");
-                            publish_new(&client, &cfg, &monitor, &g).await;
+                            publish_new(&out, &cfg, &monitor, &g);
                             published.insert(g.model.clone(), g.version);
                             stats.globals_published += 1;
                         }
@@ -216,7 +232,7 @@ pub async fn run_monitored(
                     let (version, head) = state.current(model)?;
                     if published.get(model).is_none_or(|&p| p < version) {
                         tracing::info!(%model, version, "publishing a version made outside this process (promote or rollback)");
-                        publish_global(&client, &cfg, model, &head).await;
+                        publish_global(&out, &cfg, model, &head);
                         monitor.global(model, version, now());
                         published.insert(model.clone(), version);
                     }
@@ -228,7 +244,7 @@ pub async fn run_monitored(
                     monitor.broker_connected.set(1);
                     monitor.live.lock().broker_connected = true;
                     for filter in [topics::all_updates(&cfg.fleet), topics::all_status(&cfg.fleet)] {
-                        if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                        if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
                             tracing::error!(error = %e, "subscribe failed");
                         }
                     }
@@ -266,7 +282,7 @@ pub async fn run_monitored(
                                 round_started.get_or_insert_with(Instant::now);
                                 if let Some(g) = aggregate(&mut state, &update.meta.model, false, &mut adam)? {
                                     tracing::info!(model = %g.model, version = g.version, updates = g.contributors.len(), "global published");
-                                    publish_new(&client, &cfg, &monitor, &g).await;
+                                    publish_new(&out, &cfg, &monitor, &g);
                                     published.insert(g.model.clone(), g.version);
                                     stats.globals_published += 1;
                                     round_started = None;
@@ -300,10 +316,8 @@ pub async fn run_monitored(
                         reason: ack.reason.clone(),
                     });
                     let topic = Topic::Ack { fleet: cfg.fleet.clone(), device }.build();
-                    if let Ok(topic) = topic
-                        && let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, ack.to_bytes()).await
-                    {
-                        tracing::error!(error = %e, "ack not queued");
+                    if let Ok(topic) = topic {
+                        let _ = out.send(Outgoing { topic, retain: false, payload: ack.to_bytes() });
                     }
                 }
                 Ok(_) => {}
@@ -320,11 +334,22 @@ pub async fn run_monitored(
             }
         }
     }
+    drop(out);
+    publish_task.abort();
     Ok(stats)
 }
 
-async fn publish_new(client: &AsyncClient, cfg: &ServiceConfig, monitor: &Monitor, g: &NewGlobal) {
-    publish_global(client, cfg, &g.model, &g.head_file).await;
+/// A message for the publishing task.
+struct Outgoing {
+    topic: String,
+    retain: bool,
+    payload: Vec<u8>,
+}
+
+type Out = tokio::sync::mpsc::UnboundedSender<Outgoing>;
+
+fn publish_new(out: &Out, cfg: &ServiceConfig, monitor: &Monitor, g: &NewGlobal) {
+    publish_global(out, cfg, &g.model, &g.head_file);
     monitor
         .globals_published
         .get_or_create(&crate::monitor::ModelLabel {
@@ -334,7 +359,7 @@ async fn publish_new(client: &AsyncClient, cfg: &ServiceConfig, monitor: &Monito
     monitor.global(&g.model, g.version, now());
 }
 
-async fn publish_global(client: &AsyncClient, cfg: &ServiceConfig, model: &str, head_file: &[u8]) {
+fn publish_global(out: &Out, cfg: &ServiceConfig, model: &str, head_file: &[u8]) {
     let wire = dai_protocol::global::sign(head_file, &cfg.signing_key);
     match (Topic::Global {
         fleet: cfg.fleet.clone(),
@@ -343,9 +368,11 @@ async fn publish_global(client: &AsyncClient, cfg: &ServiceConfig, model: &str, 
     .build()
     {
         Ok(topic) => {
-            if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, wire).await {
-                tracing::error!(error = %e, "global not queued");
-            }
+            let _ = out.send(Outgoing {
+                topic,
+                retain: true,
+                payload: wire,
+            });
         }
         Err(e) => tracing::error!(error = %e, "bad global topic"),
     }
