@@ -46,7 +46,7 @@ struct DemoArgs {
     /// How the training rows are split: iid | dirichlet:ALPHA | labels:N.
     #[arg(long, default_value = "dirichlet:0.3")]
     scheme: String,
-    /// Encoding of uplinked deltas: int8 | f16 | f32.
+    /// Encoding of uplinked deltas: int8 | topk8 | f16 | f32.
     #[arg(long, default_value = "int8")]
     encoding: String,
     /// Local epochs per round on each device.
@@ -102,8 +102,11 @@ fn main() -> ExitCode {
 
 fn demo_main(a: DemoArgs) -> anyhow::Result<()> {
     let scheme = a.scheme.parse().map_err(|e| anyhow::anyhow!("--{e}"))?;
-    if !["int8", "f16", "f32"].contains(&a.encoding.as_str()) {
-        anyhow::bail!("--encoding {:?}: expected int8, f16 or f32", a.encoding);
+    if !["int8", "topk8", "f16", "f32"].contains(&a.encoding.as_str()) {
+        anyhow::bail!(
+            "--encoding {:?}: expected int8, topk8, f16 or f32",
+            a.encoding
+        );
     }
     let opts = demo::Options {
         devices: a.devices,

@@ -4,7 +4,10 @@
 Usage: decode_update.py FILE [--json]
 
 The payload is zstd(safetensors). Tensors are f32, f16, or int8 with a
-`{name}.scale` (f32 per row: value = int8 * scale). Prints the metadata and
+`{name}.scale` (f32 per row: value = int8 * scale); or, with encoding
+"topk8", sparse: `{name}.mask` (u8 bitmap over the flattened tensor, bit
+i % 8 of byte i // 8), `{name}.values` (int8, the set entries in order) and
+`{name}.scale` (one f32), with the dense shapes in metadata["shapes"]. Prints the metadata and
 each tensor's shape and L2 norm; with --json, one JSON object with the
 metadata and every tensor's values as f32 lists (what the Rust tests compare).
 """
@@ -23,6 +26,14 @@ def decode(payload: bytes) -> tuple[dict, dict]:
     metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__", {})
     tensors = load(raw)
     out = {}
+    if metadata.get("encoding") == "topk8":
+        for name, shape in json.loads(metadata["shapes"]).items():
+            n = int(np.prod(shape))
+            mask = np.unpackbits(tensors[name + ".mask"], bitorder="little")[:n].astype(bool)
+            dense = np.zeros(n, dtype=np.float32)
+            dense[mask] = tensors[name + ".values"].astype(np.float32) * tensors[name + ".scale"][0]
+            out[name] = dense.reshape(shape)
+        return metadata, out
     for name, value in tensors.items():
         if name.endswith(".scale"):
             continue

@@ -68,7 +68,8 @@ async fn three_edges_two_rounds_through_the_embedded_broker() {
         .expect("a")
         .port();
     start_embedded_broker(format!("127.0.0.1:{port}").parse().expect("addr")).expect("broker");
-    fleet_rounds(port, "lab").await;
+    // Sparse updates with error feedback on this one; int8 through Mosquitto.
+    fleet_rounds(port, "lab", dai_config::UpdateEncoding::Topk8).await;
 }
 
 /// The same fleet through a real Mosquitto server. CI installs and starts
@@ -88,10 +89,15 @@ async fn three_edges_two_rounds_through_mosquitto() {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    fleet_rounds(port, &format!("ci{nanos:x}")).await;
+    fleet_rounds(
+        port,
+        &format!("ci{nanos:x}"),
+        dai_config::UpdateEncoding::Int8,
+    )
+    .await;
 }
 
-async fn fleet_rounds(port: u16, fleet: &str) {
+async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncoding) {
     ensure_zoo();
     let key = dai_protocol::global::signing_key_from_hex(&"42".repeat(32)).expect("key");
     let public = hex_of(&key.verifying_key().to_bytes());
@@ -144,6 +150,7 @@ async fn fleet_rounds(port: u16, fleet: &str) {
                 c.cloud.device_id = format!("edge-{i}");
                 c.cloud.aggregator_public_key = public;
                 c.cloud.heartbeat_sec = 1;
+                c.cloud.update_encoding = encoding;
                 c.retry_delay_sec = 1;
             })
             .await,
@@ -190,6 +197,14 @@ async fn fleet_rounds(port: u16, fleet: &str) {
         others.iter().all(|a| (a - after).abs() < 1e-9),
         "every edge serves the same global head"
     );
+    // Error feedback: a lossy encoding leaves what it did not send stored
+    // for the next update (f32 would leave none).
+    for d in &edges {
+        let r = d.state.store.residual("digits").expect("residual");
+        let r = dai_protocol::update::Update::decode(&r.expect("a stored residual"))
+            .expect("an f32 update payload");
+        assert!(r.norm() > 0.0, "{encoding:?} loses something");
+    }
     for d in edges {
         d.stop().await;
     }

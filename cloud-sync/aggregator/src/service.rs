@@ -1,11 +1,15 @@
 //! The aggregator over MQTT: an embedded broker (rumqttd) or an external one,
 //! one task owning the rumqttc event loop.
 //!
-//! Per update on `dai/v1/{fleet}/dev/{device}/update`: decode (size-bounded),
-//! [`crate::state::State::ingest`] (validated, recorded once), ack on
-//! `.../dev/{device}/ack`, then aggregate when the strategy says so (or the
-//! round timed out) and publish the signed new global, retained, on
-//! `dai/v1/{fleet}/model/{model}/global`.
+//! Updates on `dai/v1/{fleet}/dev/{device}/update`: every message already
+//! received is taken in one go (up to [`MAX_BATCH`]), decoded (size-bounded)
+//! and recorded by [`crate::state::State::ingest_batch`] in one transaction
+//! (group commit); then each gets its ack on `.../dev/{device}/ack`, and
+//! the models touched aggregate if the strategy says so (or the round timed
+//! out): the new global is signed and published, retained, on
+//! `dai/v1/{fleet}/model/{model}/global`. Device heartbeats
+//! (`.../dev/{device}/status`) feed the [`Monitor`]. Publishing runs in a
+//! task of its own (see `run_monitored`).
 
 use crate::FedAdam;
 use crate::monitor::{DeviceView, Monitor, RecentUpdate};
@@ -14,6 +18,7 @@ use dai_protocol::messages::{Ack, AckStatus, Status};
 use dai_protocol::topics::{self, Topic};
 use dai_protocol::update::Update;
 use ed25519_dalek::SigningKey;
+use futures::FutureExt;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -238,98 +243,114 @@ pub async fn run_monitored(
                     }
                 }
             }
-            ev = events.poll() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff = Duration::from_millis(100);
-                    monitor.broker_connected.set(1);
-                    monitor.live.lock().broker_connected = true;
-                    for filter in [topics::all_updates(&cfg.fleet), topics::all_status(&cfg.fleet)] {
-                        if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
-                            tracing::error!(error = %e, "subscribe failed");
-                        }
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let (device, topic_kind) = match Topic::parse(&p.topic) {
-                        Ok(Topic::Update { device, .. }) => (device, "update"),
-                        Ok(Topic::Status { device, .. }) => (device, "status"),
-                        _ => {
-                            tracing::warn!(topic = %p.topic, "ignoring a message on an unexpected topic");
-                            continue;
-                        }
-                    };
-                    if topic_kind == "status" {
-                        let view = if p.payload.is_empty() {
-                            None
-                        } else {
-                            match serde_json::from_slice::<Status>(&p.payload) {
-                                Ok(s) => Some(DeviceView { state: s.state, models: s.models, outbox_pending: s.outbox_pending, ts: s.ts }),
-                                Err(e) => {
-                                    tracing::warn!(%device, error = %e, "unreadable heartbeat");
-                                    continue;
+            ev = events.poll() => {
+                // Take every event that is already there (up to a bound),
+                // so a burst of updates is ingested in one transaction.
+                let mut batch: Vec<Incoming> = Vec::new();
+                let mut next = Some(ev);
+                while let Some(ev) = next.take() {
+                    match ev {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            backoff = Duration::from_millis(100);
+                            monitor.broker_connected.set(1);
+                            monitor.live.lock().broker_connected = true;
+                            for filter in [topics::all_updates(&cfg.fleet), topics::all_status(&cfg.fleet)] {
+                                if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                                    tracing::error!(error = %e, "subscribe failed");
                                 }
                             }
-                        };
-                        monitor.heartbeat(device, view);
-                        continue;
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => match Topic::parse(&p.topic) {
+                            Ok(Topic::Update { device, .. }) => {
+                                monitor.update_bytes.inc_by(p.payload.len() as u64);
+                                batch.push(Incoming { device, bytes: p.payload.len(), update: Update::decode(&p.payload) });
+                            }
+                            Ok(Topic::Status { device, .. }) => {
+                                if p.payload.is_empty() {
+                                    monitor.heartbeat(device, None);
+                                } else {
+                                    match serde_json::from_slice::<Status>(&p.payload) {
+                                        Ok(s) => monitor.heartbeat(device, Some(DeviceView { state: s.state, models: s.models, outbox_pending: s.outbox_pending, ts: s.ts })),
+                                        Err(e) => tracing::warn!(%device, error = %e, "unreadable heartbeat"),
+                                    }
+                                }
+                            }
+                            _ => tracing::warn!(topic = %p.topic, "ignoring a message on an unexpected topic"),
+                        },
+                        Ok(_) => {}
+                        Err(e) => {
+                            if monitor.live.lock().broker_connected {
+                                monitor.broker_disconnects.inc();
+                            }
+                            monitor.broker_connected.set(0);
+                            monitor.live.lock().broker_connected = false;
+                            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection lost");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            break;
+                        }
                     }
-                    monitor.update_bytes.inc_by(p.payload.len() as u64);
-                    let (ack, outcome) = match Update::decode(&p.payload) {
+                    if batch.len() < MAX_BATCH {
+                        next = events.poll().now_or_never();
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let decoded: Vec<&Update> = batch.iter().filter_map(|b| b.update.as_ref().ok()).collect();
+                let mut acks = state.ingest_batch(&decoded, &cfg.settings, base_of)?.into_iter();
+                let mut touched: Vec<String> = Vec::new();
+                for b in &batch {
+                    let (ack, outcome) = match &b.update {
                         Ok(update) => {
-                            let ack = state.ingest(&update, &cfg.settings, base_of)?;
+                            let Some(ack) = acks.next() else { break };
                             let outcome = if ack.status == AckStatus::Accepted && ack.reason.is_none() {
                                 stats.accepted += 1;
                                 round_started.get_or_insert_with(Instant::now);
-                                if let Some(g) = aggregate(&mut state, &update.meta.model, false, &mut adam)? {
-                                    tracing::info!(model = %g.model, version = g.version, updates = g.contributors.len(), "global published");
-                                    publish_new(&out, &cfg, &monitor, &g);
-                                    published.insert(g.model.clone(), g.version);
-                                    stats.globals_published += 1;
-                                    round_started = None;
+                                if !touched.contains(&update.meta.model) {
+                                    touched.push(update.meta.model.clone());
                                 }
-                                monitor.pending(&update.meta.model, state.pending_count(&update.meta.model)?);
                                 "accepted"
                             } else if ack.status == AckStatus::Rejected && ack.reason.as_deref() != Some(DUPLICATE) {
                                 stats.rejected += 1;
-                                tracing::warn!(%device, update = %ack.update_id, reason = ?ack.reason, "update rejected");
+                                tracing::warn!(device = %b.device, update = %ack.update_id, reason = ?ack.reason, "update rejected");
                                 "rejected"
                             } else {
                                 stats.duplicates += 1;
-                                tracing::info!(%device, update = %ack.update_id, "duplicate delivery acked again; counted once");
+                                tracing::info!(device = %b.device, update = %ack.update_id, "duplicate delivery acked again; counted once");
                                 "duplicate"
                             };
                             (ack, outcome)
                         }
                         Err(e) => {
                             stats.rejected += 1;
-                            tracing::warn!(%device, bytes = p.payload.len(), error = %e, "undecodable update");
+                            tracing::warn!(device = %b.device, bytes = b.bytes, error = %e, "undecodable update");
                             (Ack { update_id: String::new(), status: AckStatus::Rejected, reason: Some(format!("undecodable update: {e}")), round: None }, "undecodable")
                         }
                     };
                     monitor.count(outcome);
                     monitor.record(RecentUpdate {
                         ts: now(),
-                        device: device.clone(),
+                        device: b.device.clone(),
                         update_id: ack.update_id.clone(),
-                        bytes: p.payload.len(),
+                        bytes: b.bytes,
                         status: outcome.into(),
                         reason: ack.reason.clone(),
                     });
-                    let topic = Topic::Ack { fleet: cfg.fleet.clone(), device }.build();
-                    if let Ok(topic) = topic {
+                    // Acks only after the commit above: an acked update is on disk.
+                    if let Ok(topic) = (Topic::Ack { fleet: cfg.fleet.clone(), device: b.device.clone() }).build() {
                         let _ = out.send(Outgoing { topic, retain: false, payload: ack.to_bytes() });
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    if monitor.live.lock().broker_connected {
-                        monitor.broker_disconnects.inc();
+                for model in touched {
+                    if let Some(g) = aggregate(&mut state, &model, false, &mut adam)? {
+                        tracing::info!(model = %g.model, version = g.version, updates = g.contributors.len(), "global published");
+                        publish_new(&out, &cfg, &monitor, &g);
+                        published.insert(g.model.clone(), g.version);
+                        stats.globals_published += 1;
+                        round_started = None;
                     }
-                    monitor.broker_connected.set(0);
-                    monitor.live.lock().broker_connected = false;
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection lost");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    monitor.pending(&model, state.pending_count(&model)?);
                 }
             }
         }
@@ -337,6 +358,16 @@ pub async fn run_monitored(
     drop(out);
     publish_task.abort();
     Ok(stats)
+}
+
+/// Most updates ingested in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// An update as it arrived, decoded or not.
+struct Incoming {
+    device: String,
+    bytes: usize,
+    update: Result<Update, dai_protocol::ProtocolError>,
 }
 
 /// A message for the publishing task.

@@ -109,7 +109,7 @@ CREATE TABLE IF NOT EXISTS pending (
     device TEXT NOT NULL,
     base_version INTEGER NOT NULL,
     sample_count INTEGER NOT NULL,
-    tensors TEXT NOT NULL,
+    tensors BLOB NOT NULL,
     loss REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS versions (
@@ -199,8 +199,36 @@ impl State {
         settings: &Settings,
         base_of: impl Fn(&str) -> Option<u64>,
     ) -> Result<Ack, StateError> {
-        let m = &update.meta;
+        let mut acks = self.ingest_batch(&[update], settings, base_of)?;
+        acks.pop()
+            .ok_or_else(|| StateError::Head("no ack for a single update".into()))
+    }
+
+    /// [`State::ingest`] for several updates in ONE transaction (one disk
+    /// sync instead of one per update: group commit). Acks come back in
+    /// order; a later copy of an id in the same batch is a duplicate.
+    pub fn ingest_batch(
+        &mut self,
+        updates: &[&Update],
+        settings: &Settings,
+        base_of: impl Fn(&str) -> Option<u64>,
+    ) -> Result<Vec<Ack>, StateError> {
         let tx = self.conn.transaction()?;
+        let mut acks = Vec::with_capacity(updates.len());
+        for update in updates {
+            acks.push(Self::ingest_in(&tx, update, settings, &base_of)?);
+        }
+        tx.commit()?;
+        Ok(acks)
+    }
+
+    fn ingest_in(
+        tx: &rusqlite::Transaction<'_>,
+        update: &Update,
+        settings: &Settings,
+        base_of: &impl Fn(&str) -> Option<u64>,
+    ) -> Result<Ack, StateError> {
+        let m = &update.meta;
         let seen: bool = tx
             .query_row(
                 "SELECT 1 FROM seen WHERE update_id = ?1",
@@ -236,7 +264,7 @@ impl State {
                 )?;
                 tx.execute(
                     "INSERT INTO pending (update_id, model, device, base_version, sample_count, tensors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![c.update_id, m.model, c.device, c.base_version as i64, c.sample_count as i64, serde_json::to_string(&c.tensors).unwrap_or_default(), if m.loss.is_finite() { m.loss as f64 } else { 0.0 }],
+                    params![c.update_id, m.model, c.device, c.base_version as i64, c.sample_count as i64, pack(&c.tensors), if m.loss.is_finite() { m.loss as f64 } else { 0.0 }],
                 )?;
                 Ack {
                     update_id: c.update_id,
@@ -277,7 +305,6 @@ impl State {
                 }
             }
         };
-        tx.commit()?;
         Ok(ack)
     }
 
@@ -435,13 +462,19 @@ impl State {
                         device: r.get(1)?,
                         base_version: r.get::<_, i64>(2)? as u64,
                         sample_count: r.get::<_, i64>(3)? as u64,
-                        tensors: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+                        tensors: unpack(r.get_ref(4)?).unwrap_or_default(),
                     },
                     r.get(5)?,
                 ))
             })?
             .collect::<Result<_, _>>()?;
         drop(stmt);
+        if let Some((c, _)) = rows.iter().find(|(c, _)| c.tensors.is_empty()) {
+            return Err(StateError::Head(format!(
+                "pending update {} is unreadable in the state file",
+                c.update_id
+            )));
+        }
         let samples: u64 = rows.iter().map(|(c, _)| c.sample_count).sum();
         let mean_loss = rows
             .iter()
@@ -513,6 +546,43 @@ impl State {
             contributors,
             metrics,
         }))
+    }
+}
+
+/// Pending tensors as a blob: per tensor, a u32 LE count then f32 LE values
+/// (JSON text cost more than the SQLite commit per update).
+fn pack(tensors: &[Vec<f32>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(tensors.iter().map(|t| 4 + 4 * t.len()).sum());
+    for t in tensors {
+        out.extend((t.len() as u32).to_le_bytes());
+        for v in t {
+            out.extend(v.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// [`pack`]'s inverse; state files written before it hold JSON text.
+fn unpack(v: rusqlite::types::ValueRef<'_>) -> Option<Vec<Vec<f32>>> {
+    match v {
+        rusqlite::types::ValueRef::Text(t) => serde_json::from_slice(t).ok(),
+        rusqlite::types::ValueRef::Blob(mut b) => {
+            let mut out = Vec::new();
+            while !b.is_empty() {
+                let (n, rest) = b.split_first_chunk::<4>()?;
+                let n = u32::from_le_bytes(*n) as usize;
+                let bytes = rest.get(..n.checked_mul(4)?)?;
+                out.push(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                );
+                b = &rest[n * 4..];
+            }
+            Some(out)
+        }
+        _ => None,
     }
 }
 
@@ -608,6 +678,37 @@ mod tests {
             max_staleness: 3,
             reject_norm: 100.0,
         }
+    }
+
+    #[test]
+    fn a_batch_is_one_transaction_and_dedups_within_itself() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut s = State::open(&dir.path().join("agg.sqlite")).expect("open");
+        s.register("m", &base().to_bytes(&Default::default()).expect("bytes"))
+            .expect("register");
+        let (u1, u2, bad) = (
+            upd("u1", "0", 1, 1.0),
+            upd("u2", "0", 1, 2.0),
+            upd("u3", "7", 1, 1.0),
+        );
+        let acks = s
+            .ingest_batch(&[&u1, &u1, &bad, &u2], &settings(), |b| b.parse().ok())
+            .expect("batch");
+        let got: Vec<(&str, AckStatus, bool)> = acks
+            .iter()
+            .map(|a| (a.update_id.as_str(), a.status, a.reason.is_some()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("u1", AckStatus::Accepted, false),
+                ("u1", AckStatus::Accepted, true),
+                ("u3", AckStatus::Rejected, true),
+                ("u2", AckStatus::Accepted, false),
+            ]
+        );
+        assert_eq!(s.pending_count("m").expect("n"), 2);
+        assert_eq!(s.seen_counts().expect("seen"), (2, 1));
     }
 
     #[test]

@@ -4,8 +4,14 @@
 //! ...). With `f32` and `f16` each tensor is stored in that dtype; with `int8`
 //! a tensor of shape `[rows, cols]` (a 1-D tensor is one row) is stored as I8
 //! plus `{name}.scale`, F32 `[rows]`, where `value = int8 * scale` and
-//! `scale = max|row| / 127`. `__metadata__` carries device, model,
-//! base_version, update_id, sample_count, loss and encoding.
+//! `scale = max|row| / 127`. With `topk8` (sparse) only the largest
+//! [`TOPK_DENSITY`] of each tensor's entries by magnitude are sent:
+//! `{name}.mask` U8 (a bitmap over the flattened tensor, bit `i % 8` of byte
+//! `i / 8`), `{name}.values` I8 (the kept entries in index order) and
+//! `{name}.scale` F32 `[1]`; the dense shapes are in the metadata key
+//! `shapes` (JSON `{name: [dims]}`); the rest of the delta is zero.
+//! `__metadata__` carries device, model, base_version, update_id,
+//! sample_count, loss and encoding.
 //! `cloud-sync/protocol/decode_update.py` reads it with `safetensors` and
 //! `zstandard` alone.
 
@@ -20,7 +26,12 @@ pub enum Encoding {
     F32,
     F16,
     Int8,
+    /// Sparse: the top [`TOPK_DENSITY`] entries by magnitude, int8.
+    Topk8,
 }
+
+/// Fraction of each tensor's entries a `topk8` update keeps.
+pub const TOPK_DENSITY: f64 = 0.125;
 
 impl Encoding {
     pub fn as_str(self) -> &'static str {
@@ -28,6 +39,7 @@ impl Encoding {
             Encoding::F32 => "f32",
             Encoding::F16 => "f16",
             Encoding::Int8 => "int8",
+            Encoding::Topk8 => "topk8",
         }
     }
 
@@ -36,6 +48,7 @@ impl Encoding {
             "f32" => Encoding::F32,
             "f16" => Encoding::F16,
             "int8" => Encoding::Int8,
+            "topk8" => Encoding::Topk8,
             _ => return None,
         })
     }
@@ -94,6 +107,7 @@ impl Update {
         meta.insert("loss".to_string(), m.loss.to_string());
         meta.insert("encoding".to_string(), m.encoding.as_str().to_string());
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut shapes = serde_json::Map::new();
         for t in &self.tensors {
             if t.values.len() != t.shape.iter().product::<usize>() {
                 return Err(ProtocolError::Tensor {
@@ -138,7 +152,54 @@ impl Update {
                         scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
                     ));
                 }
+                Encoding::Topk8 => {
+                    let n = t.values.len();
+                    let k = ((n as f64 * TOPK_DENSITY).ceil() as usize).clamp(n.min(1), n);
+                    // The k-th largest magnitude is the threshold; ties
+                    // are broken by index so exactly k entries are kept.
+                    let mut order: Vec<usize> = (0..n).collect();
+                    order.sort_by(|&a, &b| {
+                        t.values[b]
+                            .abs()
+                            .total_cmp(&t.values[a].abs())
+                            .then(a.cmp(&b))
+                    });
+                    let mut keep = vec![false; n];
+                    for &i in &order[..k] {
+                        keep[i] = true;
+                    }
+                    let max = order.first().map_or(0.0, |&i| t.values[i].abs());
+                    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+                    let mut mask = vec![0u8; n.div_ceil(8)];
+                    let mut q = Vec::with_capacity(k);
+                    for (i, v) in t.values.iter().enumerate() {
+                        if keep[i] {
+                            mask[i / 8] |= 1 << (i % 8);
+                            q.push((v / scale).round().clamp(-127.0, 127.0) as i8 as u8);
+                        }
+                    }
+                    shapes.insert(t.name.clone(), serde_json::json!(t.shape));
+                    owned.push((
+                        format!("{}.mask", t.name),
+                        Dtype::U8,
+                        vec![mask.len()],
+                        mask,
+                    ));
+                    owned.push((format!("{}.values", t.name), Dtype::I8, vec![q.len()], q));
+                    owned.push((
+                        format!("{}.scale", t.name),
+                        Dtype::F32,
+                        vec![1],
+                        scale.to_le_bytes().to_vec(),
+                    ));
+                }
             }
+        }
+        if m.encoding == Encoding::Topk8 {
+            meta.insert(
+                "shapes".to_string(),
+                serde_json::Value::Object(shapes).to_string(),
+            );
         }
         let views = owned
             .iter()
@@ -180,7 +241,7 @@ impl Update {
         };
         let encoding = Encoding::parse(&get("encoding")?).ok_or_else(|| {
             ProtocolError::Metadata(format!(
-                "encoding {:?}: expected f32, f16 or int8",
+                "encoding {:?}: expected f32, f16, int8 or topk8",
                 md.get("encoding")
             ))
         })?;
@@ -204,6 +265,9 @@ impl Update {
         }
         let st = safetensors::SafeTensors::deserialize(&raw)
             .map_err(|e| ProtocolError::Format(e.to_string()))?;
+        if encoding == Encoding::Topk8 {
+            return decode_topk8(meta, &st, &md);
+        }
         let mut names: Vec<String> = st
             .names()
             .into_iter()
@@ -279,6 +343,122 @@ impl Update {
     }
 }
 
+/// The sparse form: `{name}.mask`, `{name}.values`, `{name}.scale` and the
+/// dense shapes in metadata, checked against each other.
+fn decode_topk8(
+    meta: UpdateMeta,
+    st: &safetensors::SafeTensors<'_>,
+    md: &HashMap<String, String>,
+) -> Result<Update, ProtocolError> {
+    let shapes: HashMap<String, Vec<usize>> = md
+        .get("shapes")
+        .ok_or_else(|| ProtocolError::Metadata("topk8 update without `shapes`".into()))
+        .and_then(|s| {
+            serde_json::from_str(s).map_err(|e| ProtocolError::Metadata(format!("shapes: {e}")))
+        })?;
+    let mut names: Vec<&String> = shapes.keys().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let bad = |reason: String| ProtocolError::Tensor {
+            name: name.clone(),
+            reason,
+        };
+        let shape = shapes[name].clone();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= MAX_RAW_BYTES)
+            .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+        let part = |suffix: &str, dtype: Dtype| {
+            let t = st
+                .tensor(&format!("{name}.{suffix}"))
+                .map_err(|_| bad(format!("topk8 tensor without its .{suffix}")))?;
+            if t.dtype() != dtype {
+                return Err(bad(format!(
+                    ".{suffix} must be {dtype:?}, not {:?}",
+                    t.dtype()
+                )));
+            }
+            Ok(t)
+        };
+        let mask = part("mask", Dtype::U8)?;
+        let values = part("values", Dtype::I8)?;
+        let scale = part("scale", Dtype::F32)?;
+        if mask.data().len() != n.div_ceil(8) {
+            return Err(bad(format!(
+                "mask has {} bytes, expected {} for shape {shape:?}",
+                mask.data().len(),
+                n.div_ceil(8)
+            )));
+        }
+        let Ok(s) = <[u8; 4]>::try_from(scale.data()) else {
+            return Err(bad("scale must be one f32".into()));
+        };
+        let scale = f32::from_le_bytes(s);
+        let mut out = vec![0.0f32; n];
+        let mut q = values.data().iter();
+        for (i, slot) in out.iter_mut().enumerate() {
+            if mask.data()[i / 8] & (1 << (i % 8)) != 0 {
+                let v = q
+                    .next()
+                    .ok_or_else(|| bad("the mask selects more entries than .values has".into()))?;
+                *slot = (*v as i8) as f32 * scale;
+            }
+        }
+        if q.next().is_some() {
+            return Err(bad("the mask selects fewer entries than .values has".into()));
+        }
+        if n % 8 != 0 && mask.data()[n / 8] >> (n % 8) != 0 {
+            return Err(bad("mask bits set beyond the tensor".into()));
+        }
+        if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+            return Err(bad(format!("value {i} is not finite")));
+        }
+        tensors.push(Tensor {
+            name: name.clone(),
+            shape,
+            values: out,
+        });
+    }
+    Ok(Update { meta, tensors })
+}
+
+/// `a += b`, tensor by tensor (matched by name; shapes must agree).
+pub fn add_into(a: &mut [Tensor], b: &[Tensor]) {
+    for t in a.iter_mut() {
+        if let Some(o) = b
+            .iter()
+            .find(|o| o.name == t.name && o.values.len() == t.values.len())
+        {
+            for (x, y) in t.values.iter_mut().zip(&o.values) {
+                *x += y;
+            }
+        }
+    }
+}
+
+/// What an encoding lost: `intended - sent` (error feedback: the edge adds
+/// it to its next delta, so nothing is dropped for good, only delayed).
+pub fn residual(intended: &[Tensor], sent: &[Tensor]) -> Vec<Tensor> {
+    intended
+        .iter()
+        .map(|t| {
+            let s = sent.iter().find(|o| o.name == t.name);
+            Tensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                values: t
+                    .values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v - s.and_then(|o| o.values.get(i)).copied().unwrap_or(0.0))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +511,94 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn topk8_keeps_the_largest_eighth_and_error_feedback_carries_the_rest() {
+        let u = sample(Encoding::Topk8);
+        let back = Update::decode(&u.encode().expect("encode")).expect("decode");
+        assert_eq!(back.meta, u.meta);
+        for t in &u.tensors {
+            let b = back
+                .tensors
+                .iter()
+                .find(|x| x.name == t.name)
+                .expect("tensor");
+            assert_eq!(b.shape, t.shape);
+            let k = (t.values.len() as f64 * TOPK_DENSITY).ceil() as usize;
+            let kept: Vec<usize> = (0..b.values.len())
+                .filter(|&i| b.values[i] != 0.0)
+                .collect();
+            assert_eq!(kept.len(), k, "{}: {:?}", t.name, b.values);
+            // Every kept entry is at least as large as every dropped one.
+            let min_kept = kept
+                .iter()
+                .map(|&i| t.values[i].abs())
+                .fold(f32::MAX, f32::min);
+            for i in (0..t.values.len()).filter(|i| !kept.contains(i)) {
+                assert!(t.values[i].abs() <= min_kept, "{}[{i}]", t.name);
+            }
+            for &i in &kept {
+                assert!((b.values[i] - t.values[i]).abs() <= 0.005 * t.values[i].abs().max(0.06));
+            }
+        }
+        // intended = sent + residual, exactly.
+        let mut intended = u.tensors.clone();
+        intended.sort_by(|a, b| a.name.cmp(&b.name));
+        let r = residual(&intended, &back.tensors);
+        let mut sum = back.tensors.clone();
+        add_into(&mut sum, &r);
+        for (a, b) in sum.iter().zip(&intended) {
+            for (x, y) in a.values.iter().zip(&b.values) {
+                assert!((x - y).abs() < 1e-7);
+            }
+        }
+    }
+
+    #[test]
+    fn topk8_refuses_inconsistent_parts() {
+        let raw = |mask: Vec<u8>, values: Vec<u8>| {
+            let mut meta = HashMap::new();
+            for (k, v) in [
+                ("device", "d"),
+                ("model", "m"),
+                ("base_version", "1"),
+                ("update_id", "u"),
+                ("sample_count", "1"),
+                ("loss", "0"),
+                ("encoding", "topk8"),
+                ("shapes", r#"{"w": [2, 4]}"#),
+            ] {
+                meta.insert(k.to_string(), v.to_string());
+            }
+            let scale = 1.0f32.to_le_bytes().to_vec();
+            let views = vec![
+                (
+                    "w.mask".to_string(),
+                    TensorView::new(Dtype::U8, vec![mask.len()], &mask).expect("v"),
+                ),
+                (
+                    "w.values".to_string(),
+                    TensorView::new(Dtype::I8, vec![values.len()], &values).expect("v"),
+                ),
+                (
+                    "w.scale".to_string(),
+                    TensorView::new(Dtype::F32, vec![1], &scale).expect("v"),
+                ),
+            ];
+            compress(&safetensors::serialize(views, Some(meta)).expect("st"), 3)
+        };
+        assert!(Update::decode(&raw(vec![0b0000_0011], vec![5, 6])).is_ok());
+        for (mask, values, why) in [
+            (vec![0b0000_0111], vec![5, 6], "more entries"),
+            (vec![0b0000_0001], vec![5, 6], "fewer entries"),
+            (vec![1, 0], vec![5], "expected 1"),
+        ] {
+            let e = Update::decode(&raw(mask, values))
+                .expect_err(why)
+                .to_string();
+            assert!(e.contains(why), "{e}");
         }
     }
 

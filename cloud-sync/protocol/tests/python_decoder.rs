@@ -12,7 +12,12 @@ fn python_decodes_every_encoding() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
-    for enc in [Encoding::F32, Encoding::F16, Encoding::Int8] {
+    for enc in [
+        Encoding::F32,
+        Encoding::F16,
+        Encoding::Int8,
+        Encoding::Topk8,
+    ] {
         let u = Update {
             meta: UpdateMeta {
                 device: "edge-7".into(),

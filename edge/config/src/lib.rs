@@ -179,7 +179,7 @@ pub struct CloudConfig {
     pub aggregator_public_key: String,
     /// Heartbeat period, seconds.
     pub heartbeat_sec: u64,
-    /// f32 | f16 | int8.
+    /// f32 | f16 | int8 | topk8.
     pub update_encoding: UpdateEncoding,
     /// Outbox bound while offline.
     pub max_outbox_rows: u64,
@@ -192,6 +192,8 @@ pub enum UpdateEncoding {
     F32,
     F16,
     Int8,
+    /// Sparse: the top 1/8 of each tensor's entries by magnitude, int8.
+    Topk8,
 }
 
 impl Default for CloudConfig {

@@ -233,12 +233,12 @@ fn dataset(
 
 /// The outbox payload: the wire form of `dai_protocol::update` (zstd'd
 /// safetensors), so cloud sync publishes the row's bytes as they are.
-fn delta_payload(
-    meta: dai_protocol::update::UpdateMeta,
+/// The delta as protocol tensors (layout names the aggregator expects).
+fn delta_tensors(
     delta: &dai_train::Params,
     spec: &dai_train::HeadSpec,
-) -> Result<Vec<u8>, TrainingError> {
-    use dai_protocol::update::{Tensor, Update};
+) -> Vec<dai_protocol::update::Tensor> {
+    use dai_protocol::update::Tensor;
     let mut tensors = Vec::new();
     for (i, l) in spec.layers.iter().enumerate() {
         tensors.push(Tensor {
@@ -252,10 +252,51 @@ fn delta_payload(
             values: delta.biases[i].clone(),
         });
     }
+    tensors
+}
+
+/// Encode the delta for the outbox with error feedback: the residual left
+/// by earlier lossy encodings is added first, and what this encoding drops
+/// becomes the new residual (an f32 update payload, stored with the outbox
+/// row). Returns (wire payload, new residual; `None` when nothing was lost).
+fn delta_payload(
+    state: &AppState,
+    meta: dai_protocol::update::UpdateMeta,
+    delta: &dai_train::Params,
+    spec: &dai_train::HeadSpec,
+) -> Result<(Vec<u8>, Option<Vec<u8>>), TrainingError> {
+    use dai_protocol::update::{Encoding, Update};
+    let failed = |e: dai_protocol::ProtocolError| TrainingError::Failed(e.to_string());
+    let mut tensors = delta_tensors(delta, spec);
+    match state
+        .store
+        .residual(&meta.model)?
+        .map(|r| Update::decode(&r))
+    {
+        Some(Ok(r)) => dai_protocol::update::add_into(&mut tensors, &r.tensors),
+        Some(Err(e)) => {
+            tracing::warn!(model = %meta.model, error = %e, "stored residual unreadable; dropped")
+        }
+        None => {}
+    }
+    let encoding = meta.encoding;
     let update = Update { meta, tensors };
-    update
-        .encode()
-        .map_err(|e| TrainingError::Failed(e.to_string()))
+    let wire = update.encode().map_err(failed)?;
+    if encoding == Encoding::F32 {
+        return Ok((wire, None));
+    }
+    let sent = Update::decode(&wire).map_err(failed)?;
+    let lost = dai_protocol::update::residual(&update.tensors, &sent.tensors);
+    let residual = Update {
+        meta: dai_protocol::update::UpdateMeta {
+            encoding: Encoding::F32,
+            ..update.meta
+        },
+        tensors: lost,
+    }
+    .encode()
+    .map_err(failed)?;
+    Ok((wire, Some(residual)))
 }
 
 fn cfg_holdout(state: &AppState) -> u64 {
@@ -533,10 +574,11 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
             dai_config::UpdateEncoding::F32 => dai_protocol::update::Encoding::F32,
             dai_config::UpdateEncoding::F16 => dai_protocol::update::Encoding::F16,
             dai_config::UpdateEncoding::Int8 => dai_protocol::update::Encoding::Int8,
+            dai_config::UpdateEncoding::Topk8 => dai_protocol::update::Encoding::Topk8,
         },
     };
     let meta_encoding = meta.encoding.as_str();
-    let payload = delta_payload(meta, &delta, &spec)?;
+    let (payload, residual) = delta_payload(state, meta, &delta, &spec)?;
     let mut meta = HashMap::new();
     meta.insert("base_version".to_string(), m.version().to_string());
     meta.insert("run".to_string(), run.to_string());
@@ -554,6 +596,7 @@ fn run_inner(state: &Arc<AppState>, model: &str) -> Result<Value, TrainingError>
             encoding: meta_encoding,
             sample_count: train_set.len() as i64,
             loss: loss as f64,
+            residual: residual.as_deref(),
         },
         &epochs_json(&report),
         before,

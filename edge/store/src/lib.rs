@@ -126,6 +126,12 @@ pub const MIGRATIONS: &[&str] = &[
         received_at REAL NOT NULL,
         PRIMARY KEY (model, version)
     );",
+    // 5: error feedback: what a lossy update encoding has not sent yet
+    "CREATE TABLE residuals (
+        model TEXT PRIMARY KEY,
+        payload BLOB NOT NULL,
+        updated_at REAL NOT NULL
+    );",
 ];
 
 /// A stored training sample (the head's input vector and its label).
@@ -176,6 +182,9 @@ pub struct AcceptedHead<'a> {
     pub encoding: &'a str,
     pub sample_count: i64,
     pub loss: f64,
+    /// Error feedback: what the encoding dropped from this delta (an f32
+    /// update payload), stored with the outbox row; `None` clears it.
+    pub residual: Option<&'a [u8]>,
 }
 
 /// A pending update in the outbox.
@@ -622,8 +631,31 @@ impl Store {
              val_acc_after = ?5 WHERE id = ?1",
             params![run, ts, epochs.to_string(), before, after],
         )?;
+        match head.residual {
+            Some(r) => tx.execute(
+                "INSERT INTO residuals (model, payload, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (model) DO UPDATE SET payload = ?2, updated_at = ?3",
+                params![head.model, r, ts],
+            )?,
+            None => tx.execute(
+                "DELETE FROM residuals WHERE model = ?1",
+                params![head.model],
+            )?,
+        };
         tx.commit()?;
         Ok(version)
+    }
+
+    /// The error-feedback residual of `model` (see [`AcceptedHead::residual`]).
+    pub fn residual(&self, model: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT payload FROM residuals WHERE model = ?1",
+                params![model],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// Runs of a model, newest first.
@@ -835,6 +867,7 @@ mod tests {
                     encoding: "f32",
                     sample_count: 10,
                     loss: 0.5,
+                    residual: (i < 2).then_some(id.as_bytes()),
                 },
                 &serde_json::json!([]),
                 0.5,
@@ -842,6 +875,11 @@ mod tests {
             )
             .expect("accept");
         }
+        assert_eq!(
+            s.residual("m").expect("residual"),
+            None,
+            "the last run sent everything: the residual is cleared"
+        );
         assert_eq!(s.trim_outbox(2).expect("trim"), vec!["u0".to_string()]);
         assert_eq!(
             s.outbox(10)
