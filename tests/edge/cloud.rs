@@ -102,7 +102,10 @@ async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncodi
     let key = dai_protocol::global::signing_key_from_hex(&"42".repeat(32)).expect("key");
     let public = hex_of(&key.verifying_key().to_bytes());
     let agg_dir = tempfile::tempdir().expect("tmp");
+    let forger = dai_protocol::global::signing_key_from_hex(&"66".repeat(32)).expect("key");
+    let older_signer = key.clone();
     let base = std::fs::read(zoo().join("digits/head.safetensors")).expect("base head");
+    let base_head = base.clone();
     let (agg_stop, agg_rx) = tokio::sync::oneshot::channel::<()>();
     let aggregator = tokio::spawn(dai_cloud::service::run(
         ServiceConfig {
@@ -197,6 +200,50 @@ async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncodi
         others.iter().all(|a| (a - after).abs() < 1e-9),
         "every edge serves the same global head"
     );
+    // Bad globals on the model topic: another key's signature (claiming
+    // version 3) and a genuine but older version 1. Both are refused,
+    // counted, and the edges keep serving global 2.
+    let stamped = |version: u64| {
+        let (head, _) = dai_train::Head::from_bytes(&base_head).expect("head");
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("model".to_string(), "digits".to_string());
+        meta.insert("version".to_string(), version.to_string());
+        head.to_bytes(&meta).expect("bytes")
+    };
+    let mut opts = rumqttc::MqttOptions::new("intruder", "127.0.0.1", port);
+    opts.set_max_packet_size(16 << 20, 16 << 20);
+    let (intruder, mut intruder_events) = rumqttc::AsyncClient::new(opts, 16);
+    let topic = format!("dai/v1/{fleet}/model/digits/global");
+    for wire in [
+        dai_protocol::global::sign(&stamped(3), &forger),
+        dai_protocol::global::sign(&stamped(1), &older_signer),
+    ] {
+        intruder
+            .publish(&topic, rumqttc::QoS::AtLeastOnce, false, wire)
+            .await
+            .expect("publish");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let _ = tokio::time::timeout(Duration::from_millis(100), intruder_events.poll()).await;
+        let m = edges[0].get_text("/metrics").await;
+        let count = |reason: &str| {
+            m.lines()
+                .find(|l| {
+                    l.starts_with("dai_edge_sync_globals_refused_total")
+                        && l.contains(&format!("outcome=\"{reason}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        if count("invalid") >= 1.0 && count("older") >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bad globals not counted:\n{m}");
+    }
+    let t = edges[0].get_json("/v1/status").await["training"]["models"][0].clone();
+    assert_eq!(t["global_version"], 2, "{t}");
     // Error feedback: a lossy encoding leaves what it did not send stored
     // for the next update (f32 would leave none).
     for d in &edges {

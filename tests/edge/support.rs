@@ -95,6 +95,17 @@ impl TestDaemon {
         format!("{}{path}", self.base)
     }
 
+    pub async fn get_text(&self, path: &str) -> String {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body")
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         let r = self.client.get(self.url(path)).send().await.expect("GET");
         assert!(r.status().is_success(), "GET {path}: {}", r.status());

@@ -40,6 +40,10 @@ pub trait Edge: Send + Sync + 'static {
     fn apply_global(&self, global: GlobalModel) -> Result<(), String>;
     /// The heartbeat's content.
     fn status(&self) -> Status;
+    /// A global model was refused: `reason` is `invalid` (signature,
+    /// checksum, model name or format), `older` (a version below the one
+    /// served) or `apply` (verified, but it could not be stored or served).
+    fn global_refused(&self, _model: &str, _reason: &'static str) {}
 }
 
 /// Uplink settings.
@@ -190,18 +194,27 @@ pub async fn run(
                         Err(e) => tracing::warn!(error = %e, "unreadable ack"),
                     },
                     Ok(Topic::Global { model, .. }) => {
+                        let current = edge.global_version(&model);
                         match dai_protocol::global::verify(&p.payload, &cfg.aggregator_key, &model) {
-                            Ok(g) if g.version > edge.global_version(&model) => match edge.apply_global(g) {
+                            Ok(g) if g.version > current => match edge.apply_global(g) {
                                 Ok(()) => stats.globals_applied += 1,
                                 Err(e) => {
                                     stats.globals_refused += 1;
+                                    edge.global_refused(&model, "apply");
                                     tracing::error!(%model, error = %e, "global model not applied");
                                 }
                             },
-                            Ok(g) => tracing::debug!(%model, version = g.version, "global not newer; ignored"),
+                            // The retained copy of what is served arrives on every (re)connect.
+                            Ok(g) if g.version == current => tracing::debug!(%model, version = g.version, "global already served"),
+                            Ok(g) => {
+                                stats.globals_refused += 1;
+                                edge.global_refused(&model, "older");
+                                tracing::warn!(%model, version = g.version, current, "global model refused: older than the one served");
+                            }
                             Err(e) => {
                                 stats.globals_refused += 1;
-                                tracing::warn!(%model, error = %e, "global model refused");
+                                edge.global_refused(&model, "invalid");
+                                tracing::warn!(%model, bytes = p.payload.len(), error = %e, "global model refused");
                             }
                         }
                     }

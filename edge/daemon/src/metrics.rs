@@ -106,6 +106,8 @@ pub struct Metrics {
     pub training_diverged: Counter,
     pub sync_acks: Family<Outcome, Counter>,
     pub sync_globals: Counter,
+    /// Globals refused, by model and reason (invalid, older, apply).
+    pub sync_globals_refused: Family<ModelOutcome, Counter>,
     pub outbox_evicted: Counter,
     /// Evictions already copied from the cache's own counter.
     pub evictions_seen: Mutex<u64>,
@@ -177,6 +179,7 @@ impl Metrics {
             training_diverged: Counter::default(),
             sync_acks: Family::default(),
             sync_globals: Counter::default(),
+            sync_globals_refused: Family::default(),
             outbox_evicted: Counter::default(),
             evictions_seen: Mutex::new(0),
             registry: Registry::default(),
@@ -307,6 +310,11 @@ impl Metrics {
             "sync_globals_adopted",
             "Verified global models adopted",
             m.sync_globals.clone(),
+        );
+        r.register(
+            "sync_globals_refused",
+            "Global models refused, by reason: invalid (signature, checksum, model), older, apply",
+            m.sync_globals_refused.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -101,6 +101,17 @@ impl dai_sync::Edge for DaemonEdge {
         Ok(())
     }
 
+    fn global_refused(&self, model: &str, reason: &'static str) {
+        self.0
+            .metrics
+            .sync_globals_refused
+            .get_or_create(&crate::metrics::ModelOutcome {
+                model: model.to_string(),
+                outcome: reason.to_string(),
+            })
+            .inc();
+    }
+
     fn status(&self) -> Status {
         let models = self.models().into_iter().map(|m| {
             let v = self.global_version(&m);
