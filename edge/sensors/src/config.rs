@@ -1,0 +1,174 @@
+//! One `sensors:` entry of the daemon's configuration, and how it becomes a
+//! [`Sensor`]. A configured I2C bus that cannot be opened is an error with
+//! the path and the reason, never a silent switch to a simulated source.
+
+use crate::sim::{Scenario, SimEnv, SimImu};
+use crate::{Sensor, SensorError, bme280, mpu6050};
+use serde::{Deserialize, Serialize};
+
+/// Which part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Part {
+    Mpu6050,
+    Bme280,
+}
+
+/// Where samples come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A Linux I2C bus (`bus`, `address`).
+    I2c,
+    /// A seeded simulated source (`seed`, `scenario`).
+    Simulated,
+}
+
+fn default_rate() -> f64 {
+    100.0
+}
+fn default_bus() -> String {
+    "/dev/i2c-1".into()
+}
+fn default_scenario() -> Scenario {
+    Scenario::Normal
+}
+fn default_deadline() -> u64 {
+    50
+}
+
+/// A sensor entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorConfig {
+    /// Unique name (letters, digits, `_`, `-`): metrics label, MQTT event
+    /// field, page row.
+    pub name: String,
+    pub part: Part,
+    pub source: Source,
+    /// Samples per second (0.01..=10000).
+    #[serde(default = "default_rate")]
+    pub rate_hz: f64,
+    /// I2C device file (source i2c).
+    #[serde(default = "default_bus")]
+    pub bus: String,
+    /// 7-bit I2C address; default: the part's usual one (0x68, 0x76).
+    #[serde(default)]
+    pub address: Option<u8>,
+    /// Seed of a simulated source.
+    #[serde(default)]
+    pub seed: u64,
+    /// What a simulated IMU simulates.
+    #[serde(default = "default_scenario")]
+    pub scenario: Scenario,
+    /// MPU-6050 accelerometer range (2g, 4g, 8g, 16g).
+    #[serde(default)]
+    pub accel_range: Option<mpu6050::AccelRange>,
+    /// MPU-6050 gyroscope range (250dps .. 2000dps).
+    #[serde(default)]
+    pub gyro_range: Option<mpu6050::GyroRange>,
+    /// BME280 mode (forced, normal).
+    #[serde(default)]
+    pub bme280_mode: Option<bme280::Mode>,
+    /// A read slower than this (ms) counts as a bus timeout.
+    #[serde(default = "default_deadline")]
+    pub read_deadline_ms: u64,
+}
+
+impl SensorConfig {
+    /// Range and consistency checks, each naming the key and what is allowed.
+    pub fn validate(&self) -> Result<(), SensorError> {
+        let bad = |reason: String| {
+            Err(SensorError::Config {
+                name: self.name.clone(),
+                reason,
+            })
+        };
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return bad("name: 1-64 characters from [A-Za-z0-9_-]".into());
+        }
+        if !(0.01..=10_000.0).contains(&self.rate_hz) {
+            return bad(format!("rate_hz {}: expected 0.01..=10000", self.rate_hz));
+        }
+        if let Some(a) = self.address
+            && !(0x03..=0x77).contains(&a)
+        {
+            return bad(format!(
+                "address {a:#04x}: expected a 7-bit address 0x03..=0x77"
+            ));
+        }
+        if !(1..=10_000).contains(&self.read_deadline_ms) {
+            return bad(format!(
+                "read_deadline_ms {}: expected 1..=10000",
+                self.read_deadline_ms
+            ));
+        }
+        if self.part == Part::Bme280 && (self.accel_range.is_some() || self.gyro_range.is_some()) {
+            return bad("accel_range/gyro_range apply to an mpu6050 only".into());
+        }
+        if self.part == Part::Mpu6050 && self.bme280_mode.is_some() {
+            return bad("bme280_mode applies to a bme280 only".into());
+        }
+        Ok(())
+    }
+
+    /// Build the sensor: open the bus, or create the simulated source.
+    pub fn build(&self) -> Result<Box<dyn Sensor>, SensorError> {
+        self.validate()?;
+        match self.source {
+            Source::Simulated => Ok(match self.part {
+                Part::Mpu6050 => Box::new(SimImu::new(self.seed, self.rate_hz, self.scenario)),
+                Part::Bme280 => Box::new(SimEnv::new(self.seed, self.rate_hz)),
+            }),
+            Source::I2c => self.build_i2c(),
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn build_i2c(&self) -> Result<Box<dyn Sensor>, SensorError> {
+        let bus = linux_embedded_hal::I2cdev::new(&self.bus).map_err(|e| SensorError::Config {
+            name: self.name.clone(),
+            reason: format!("cannot open I2C bus {}: {e}", self.bus),
+        })?;
+        Ok(match self.part {
+            Part::Mpu6050 => {
+                let d = mpu6050::Settings::default();
+                Box::new(mpu6050::Mpu6050::new(
+                    bus,
+                    mpu6050::Settings {
+                        address: self.address.unwrap_or(mpu6050::ADDRESS_AD0_LOW),
+                        accel: self.accel_range.unwrap_or(d.accel),
+                        gyro: self.gyro_range.unwrap_or(d.gyro),
+                        ..d
+                    },
+                ))
+            }
+            Part::Bme280 => {
+                let d = bme280::Settings::default();
+                Box::new(bme280::Bme280::new(
+                    bus,
+                    linux_embedded_hal::Delay,
+                    bme280::Settings {
+                        address: self.address.unwrap_or(bme280::ADDRESS_SDO_LOW),
+                        mode: self.bme280_mode.unwrap_or(d.mode),
+                        ..d
+                    },
+                ))
+            }
+        })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn build_i2c(&self) -> Result<Box<dyn Sensor>, SensorError> {
+        Err(SensorError::Config {
+            name: self.name.clone(),
+            reason: "I2C buses are supported on Linux only".into(),
+        })
+    }
+}
