@@ -132,7 +132,7 @@ async fn health_readiness_and_status_document() {
     assert_eq!(h.status(), 200);
     let r = d.client.get(d.url("/readyz")).send().await.expect("readyz");
     assert_eq!(r.status(), 200);
-    assert!(r.text().await.expect("text").contains("4 model(s)"));
+    assert!(r.text().await.expect("text").contains("5 model(s)"));
     for i in 0..5 {
         let (s, _) = d.infer("silero-vad", &silero_request(100 + i)).await;
         assert_eq!(s, 200);

@@ -12,6 +12,8 @@
 //! - [`supervise::Supervised`]: wraps any sensor; classifies bus faults
 //!   (NACK, timeout, wrong chip id, other), counts them, marks the sensor
 //!   degraded, backs off exponentially and re-initialises, never panics;
+//! - [`features::window_features`]: mean, std, RMS and band energies of a
+//!   window, shared by the daemon and the model trainer;
 //! - [`config::SensorConfig`]: the `sensors:` configuration entry and
 //!   [`config::SensorConfig::build`], which opens `/dev/i2c-N` through
 //!   `linux-embedded-hal` on Linux or builds a simulated source — never
@@ -26,6 +28,7 @@
 
 pub mod bme280;
 pub mod config;
+pub mod features;
 pub mod mpu6050;
 pub mod sim;
 pub mod supervise;

@@ -7,12 +7,15 @@
 //! - [`train_digits`]: trains the MLP with the same trainer the daemon uses,
 //!   exports the first layers as `backbone.onnx` and the rest as
 //!   `head.safetensors`, verifies the export in tract, and writes the
-//!   `digits` bundle with its test accuracy.
+//!   `digits` bundle with its test accuracy;
+//! - [`train_imu`]: the sensor model (`imu-anomaly`) from simulated IMU
+//!   windows and the daemon's own window features.
 
 pub mod digits;
 pub mod onnx;
 pub mod shard;
 pub mod train_digits;
+pub mod train_imu;
 
 /// Tool errors.
 #[derive(Debug, thiserror::Error)]

@@ -40,6 +40,17 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum TrainModel {
+    /// The IMU vibration classifier -> models/zoo/imu-anomaly (from simulated windows).
+    Imu {
+        #[arg(long, short, default_value = "models/zoo/imu-anomaly")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 400)]
+        windows_per_class: usize,
+        #[arg(long, default_value_t = 60)]
+        epochs: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     /// The UCI digits MLP -> models/zoo/digits (backbone.onnx + head.safetensors).
     Digits {
         #[arg(long, default_value = "models/data/digits.csv.gz")]
@@ -79,6 +90,33 @@ fn main() -> anyhow::Result<()> {
             scheme,
             seed,
         } => shard(&data, &out, devices, &scheme, seed),
+        Command::Train {
+            model:
+                TrainModel::Imu {
+                    out,
+                    windows_per_class,
+                    epochs,
+                    seed,
+                },
+        } => {
+            let r = dai_models::train_imu::run(&dai_models::train_imu::ImuOptions {
+                out: out.clone(),
+                windows_per_class,
+                epochs,
+                seed,
+            })
+            .context("training the IMU model")?;
+            println!(
+                "imu-anomaly: {} train / {} test windows, test accuracy {:.2}% (bundle through tract: {:.2}%), {:.1} s -> {}",
+                r.train_windows,
+                r.test_windows,
+                r.test_accuracy * 100.0,
+                r.bundle_test_accuracy * 100.0,
+                r.seconds,
+                out.display()
+            );
+            Ok(())
+        }
         Command::Train {
             model:
                 TrainModel::Digits {

@@ -41,11 +41,15 @@ pub const VERSION: &str = "1.0.0";
 /// Layers kept in the ONNX backbone; the rest form the trainable head.
 pub const BACKBONE_LAYERS: usize = 1;
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn sub_head(head: &Head, range: std::ops::Range<usize>, loss: Loss) -> Result<Head, ToolError> {
+pub(crate) fn sub_head(
+    head: &Head,
+    range: std::ops::Range<usize>,
+    loss: Loss,
+) -> Result<Head, ToolError> {
     let layers = &head.spec.layers[range.clone()];
     let mut sizes = vec![layers[0].inputs];
     sizes.extend(layers.iter().map(|l| l.outputs));
@@ -59,7 +63,7 @@ fn sub_head(head: &Head, range: std::ops::Range<usize>, loss: Loss) -> Result<He
     })
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<(), ToolError> {
+pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<(), ToolError> {
     std::fs::write(path, bytes).map_err(|e| ToolError::Io(format!("{}: {e}", path.display())))
 }
 
