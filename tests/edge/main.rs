@@ -11,5 +11,6 @@ mod demo;
 mod inference;
 mod lifecycle;
 mod metrics;
+mod sensors;
 mod support;
 mod training;

@@ -44,6 +44,10 @@ pub trait Edge: Send + Sync + 'static {
     /// checksum, model name or format), `older` (a version below the one
     /// served) or `apply` (verified, but it could not be stored or served).
     fn global_refused(&self, _model: &str, _reason: &'static str) {}
+    /// Sensor events waiting to be published (drained; at most `max`).
+    fn events(&self, _max: usize) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
 }
 
 /// Uplink settings.
@@ -69,6 +73,8 @@ pub struct UplinkStats {
     pub reconnects: u64,
     /// Updates published again because no ack came within the timeout.
     pub republished: u64,
+    /// Sensor events published.
+    pub events: u64,
 }
 
 fn backoff(cfg: &UplinkConfig, attempt: u32) -> Duration {
@@ -105,8 +111,13 @@ pub async fn run(
         device: cfg.device.clone(),
     }
     .build();
-    let (Ok(status_topic), Ok(update_topic), Ok(ack_topic)) =
-        (status_topic, update_topic, ack_topic)
+    let event_topic = Topic::Event {
+        fleet: cfg.fleet.clone(),
+        device: cfg.device.clone(),
+    }
+    .build();
+    let (Ok(status_topic), Ok(update_topic), Ok(ack_topic), Ok(event_topic)) =
+        (status_topic, update_topic, ack_topic, event_topic)
     else {
         tracing::error!(fleet = %cfg.fleet, device = %cfg.device, "invalid fleet or device name; uplink not started");
         return stats;
@@ -159,6 +170,13 @@ pub async fn run(
                         }
                         Err(_) => break, // request queue full: next tick
                     }
+                }
+                for payload in edge.events(64) {
+                    if client.try_publish(&event_topic, QoS::AtLeastOnce, false, payload).is_err() {
+                        tracing::warn!("request queue full: a sensor event was dropped");
+                        break;
+                    }
+                    stats.events += 1;
                 }
                 if last_heartbeat.elapsed() >= cfg.heartbeat {
                     last_heartbeat = Instant::now();

@@ -8,10 +8,27 @@ pub const PREFIX: &str = "dai/v1";
 /// A parsed topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topic {
-    Update { fleet: String, device: String },
-    Ack { fleet: String, device: String },
-    Status { fleet: String, device: String },
-    Global { fleet: String, model: String },
+    Update {
+        fleet: String,
+        device: String,
+    },
+    Ack {
+        fleet: String,
+        device: String,
+    },
+    Status {
+        fleet: String,
+        device: String,
+    },
+    /// Sensor pipeline events (predictions), JSON, not retained.
+    Event {
+        fleet: String,
+        device: String,
+    },
+    Global {
+        fleet: String,
+        model: String,
+    },
 }
 
 /// Is `s` a valid topic segment?
@@ -39,12 +56,14 @@ impl Topic {
         Ok(match self {
             Topic::Update { fleet, device }
             | Topic::Ack { fleet, device }
-            | Topic::Status { fleet, device } => {
+            | Topic::Status { fleet, device }
+            | Topic::Event { fleet, device } => {
                 check("fleet", fleet)?;
                 check("device", device)?;
                 let leaf = match self {
                     Topic::Update { .. } => "update",
                     Topic::Ack { .. } => "ack",
+                    Topic::Event { .. } => "event",
                     _ => "status",
                 };
                 format!("{PREFIX}/{fleet}/dev/{device}/{leaf}")
@@ -75,7 +94,12 @@ impl Topic {
                     "update" => Topic::Update { fleet, device },
                     "ack" => Topic::Ack { fleet, device },
                     "status" => Topic::Status { fleet, device },
-                    _ => return Err(bad("expected update, ack or status after dev/{device}")),
+                    "event" => Topic::Event { fleet, device },
+                    _ => {
+                        return Err(bad(
+                            "expected update, ack, status or event after dev/{device}",
+                        ));
+                    }
                 }
             }
             [fleet, "model", model, "global"] => Topic::Global {
@@ -84,7 +108,7 @@ impl Topic {
             },
             _ => {
                 return Err(bad(
-                    "expected {fleet}/dev/{device}/{update|ack|status} or {fleet}/model/{model}/global",
+                    "expected {fleet}/dev/{device}/{update|ack|status|event} or {fleet}/model/{model}/global",
                 ));
             }
         };

@@ -161,6 +161,8 @@ pub struct Config {
     pub cloud: CloudConfig,
     /// The daemon's own settings.
     pub daemon: DaemonConfig,
+    /// Sensors and their pipelines (`dai_sensors::config::SensorConfig`).
+    pub sensors: Vec<dai_sensors::config::SensorConfig>,
 }
 
 /// Cloud sync settings.
@@ -290,6 +292,7 @@ impl Default for Config {
             training: TrainingConfig::default(),
             cloud: CloudConfig::default(),
             daemon: DaemonConfig::default(),
+            sensors: Vec::new(),
         }
     }
 }
@@ -487,6 +490,23 @@ fn validate(c: &Config, origin: &str) -> Result<(), ConfigError> {
         allowed: allowed.to_string(),
     };
     let finite_pos = |x: f64| x.is_finite() && x > 0.0;
+    let mut names = std::collections::HashSet::new();
+    for (i, s) in c.sensors.iter().enumerate() {
+        if let Err(e) = s.validate() {
+            return Err(bad(
+                &format!("sensors[{i}]"),
+                s.name.clone(),
+                &e.to_string(),
+            ));
+        }
+        if !names.insert(s.name.as_str()) {
+            return Err(bad(
+                &format!("sensors[{i}].name"),
+                s.name.clone(),
+                "sensor names must be unique",
+            ));
+        }
+    }
     if !(finite_pos(c.gpu_memory_allocation) && c.gpu_memory_allocation <= 1.0) {
         return Err(bad(
             "gpu_memory_allocation",

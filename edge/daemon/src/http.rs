@@ -382,6 +382,7 @@ pub fn snapshot(state: &AppState) -> Value {
         "throughput_target_rps": state.config.throughput_target_rps,
         "throughput_rps": state.stats.overall_rps(),
         "training": crate::training::status(state),
+        "sensors": state.sensors.snapshot(),
     })
 }
 

@@ -16,6 +16,7 @@
 pub mod http;
 pub mod metrics;
 pub mod resources;
+pub mod sensors;
 pub mod training;
 pub mod uplink;
 
@@ -138,6 +139,7 @@ pub struct AppState {
     pub device: String,
     pub listen: Mutex<Option<std::net::SocketAddr>>,
     pub training: training::TrainingState,
+    pub sensors: sensors::SensorsState,
 }
 
 /// A built daemon, ready to serve.
@@ -214,6 +216,7 @@ impl Daemon {
             device,
             listen: Mutex::new(None),
             training: Default::default(),
+            sensors: Default::default(),
             config,
         });
         let st = state.clone();
@@ -258,6 +261,7 @@ impl Daemon {
             tokio::spawn(training::scheduler_task(state.clone(), stop_rx.clone())),
         ];
         tasks.extend(uplink::spawn(&state, stop_rx.clone()));
+        tasks.extend(sensors::spawn(&state, stop_rx.clone()));
         let grace = Duration::from_secs(state.config.daemon.shutdown_grace_sec);
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();

@@ -59,6 +59,19 @@ pub struct ModelVersion {
 
 type FGauge = Gauge<f64, AtomicU64>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SensorLabel {
+    pub sensor: String,
+    /// "true" for a simulated source.
+    pub simulated: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SensorKind {
+    pub sensor: String,
+    pub kind: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~3.3 s
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -108,6 +121,14 @@ pub struct Metrics {
     pub sync_globals: Counter,
     /// Globals refused, by model and reason (invalid, older, apply).
     pub sync_globals_refused: Family<ModelOutcome, Counter>,
+    pub sensor_samples: Family<SensorLabel, Counter>,
+    pub sensor_faults: Family<SensorKind, Counter>,
+    pub sensor_healthy: Family<SensorLabel, Gauge>,
+    /// Windows classified, by predicted label.
+    pub sensor_windows: Family<SensorKind, Counter>,
+    pub sensor_events: Family<SensorKind, Counter>,
+    pub sensor_events_dropped: Counter,
+    pub sensor_latency: Family<SensorLabel, Histogram, fn() -> Histogram>,
     pub outbox_evicted: Counter,
     /// Evictions already copied from the cache's own counter.
     pub evictions_seen: Mutex<u64>,
@@ -180,6 +201,17 @@ impl Metrics {
             sync_acks: Family::default(),
             sync_globals: Counter::default(),
             sync_globals_refused: Family::default(),
+            sensor_samples: Family::default(),
+            sensor_faults: Family::default(),
+            sensor_healthy: Family::default(),
+            sensor_windows: Family::default(),
+            sensor_events: Family::default(),
+            sensor_events_dropped: Counter::default(),
+            sensor_latency: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+                ])
+            }),
             outbox_evicted: Counter::default(),
             evictions_seen: Mutex::new(0),
             registry: Registry::default(),
@@ -310,6 +342,41 @@ impl Metrics {
             "sync_globals_adopted",
             "Verified global models adopted",
             m.sync_globals.clone(),
+        );
+        r.register(
+            "sensor_samples",
+            "Samples read, per sensor (simulated=\"true\" for simulated sources)",
+            m.sensor_samples.clone(),
+        );
+        r.register(
+            "sensor_faults",
+            "Sensor faults by kind: nack, timeout, wrong_chip, bus, config",
+            m.sensor_faults.clone(),
+        );
+        r.register(
+            "sensor_healthy",
+            "1 while the sensor reads normally, 0 while degraded",
+            m.sensor_healthy.clone(),
+        );
+        r.register(
+            "sensor_windows",
+            "Sensor windows classified, by predicted label",
+            m.sensor_windows.clone(),
+        );
+        r.register(
+            "sensor_events",
+            "Sensor events queued for MQTT, by label",
+            m.sensor_events.clone(),
+        );
+        r.register(
+            "sensor_events_dropped",
+            "Sensor events dropped because the uplink queue was full",
+            m.sensor_events_dropped.clone(),
+        );
+        r.register(
+            "sensor_latency_seconds",
+            "From a window's last sample to its prediction",
+            m.sensor_latency.clone(),
         );
         r.register(
             "sync_globals_refused",

@@ -112,6 +112,12 @@ impl dai_sync::Edge for DaemonEdge {
             .inc();
     }
 
+    fn events(&self, max: usize) -> Vec<Vec<u8>> {
+        let mut q = self.0.sensors.events.lock();
+        let n = q.len().min(max);
+        q.drain(..n).collect()
+    }
+
     fn status(&self) -> Status {
         let models = self.models().into_iter().map(|m| {
             let v = self.global_version(&m);

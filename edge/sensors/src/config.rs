@@ -36,6 +36,26 @@ fn default_scenario() -> Scenario {
 fn default_deadline() -> u64 {
     50
 }
+fn default_window() -> usize {
+    256
+}
+fn default_true() -> bool {
+    true
+}
+fn default_event_interval() -> u64 {
+    1000
+}
+
+/// A threshold rule: a window whose peak |value| of `channel` exceeds
+/// `above` becomes a training sample with class `label` (an index into
+/// the model's labels).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRule {
+    pub channel: String,
+    pub above: f32,
+    pub label: u32,
+}
 
 /// A sensor entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +93,25 @@ pub struct SensorConfig {
     /// A read slower than this (ms) counts as a bus timeout.
     #[serde(default = "default_deadline")]
     pub read_deadline_ms: u64,
+    /// Samples per window (2..=65536).
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// Samples between window starts (1..=window); default: the window.
+    #[serde(default)]
+    pub hop: Option<usize>,
+    /// Model input: window features (`dai_sensors::features`) when true,
+    /// else the raw window (samples x channels, flattened).
+    #[serde(default = "default_true")]
+    pub features: bool,
+    /// Bundle run on every window; none: sample and chart only.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// At most one MQTT event per this many milliseconds (0..=3600000).
+    #[serde(default = "default_event_interval")]
+    pub event_min_interval_ms: u64,
+    /// Windows that become training samples without feedback.
+    #[serde(default)]
+    pub label_rules: Vec<LabelRule>,
 }
 
 impl SensorConfig {
@@ -115,7 +154,52 @@ impl SensorConfig {
         if self.part == Part::Mpu6050 && self.bme280_mode.is_some() {
             return bad("bme280_mode applies to a bme280 only".into());
         }
+        if !(2..=65_536).contains(&self.window) {
+            return bad(format!(
+                "window {}: expected 2..=65536 samples",
+                self.window
+            ));
+        }
+        if let Some(h) = self.hop
+            && !(1..=self.window).contains(&h)
+        {
+            return bad(format!("hop {h}: expected 1..=window ({})", self.window));
+        }
+        if self.event_min_interval_ms > 3_600_000 {
+            return bad(format!(
+                "event_min_interval_ms {}: expected 0..=3600000",
+                self.event_min_interval_ms
+            ));
+        }
+        let channels = self.channels();
+        for r in &self.label_rules {
+            if !channels.contains(&r.channel.as_str()) {
+                return bad(format!(
+                    "label_rules: channel {:?} is not one of {channels:?}",
+                    r.channel
+                ));
+            }
+            if !r.above.is_finite() {
+                return bad("label_rules: `above` must be a finite number".into());
+            }
+        }
+        if !self.label_rules.is_empty() && self.model.is_none() {
+            return bad("label_rules need a model (its head receives the samples)".into());
+        }
         Ok(())
+    }
+
+    /// The part's channel names.
+    pub fn channels(&self) -> &'static [&'static str] {
+        match self.part {
+            Part::Mpu6050 => mpu6050::CHANNELS,
+            Part::Bme280 => bme280::CHANNELS,
+        }
+    }
+
+    /// Samples between windows.
+    pub fn hop(&self) -> usize {
+        self.hop.unwrap_or(self.window)
     }
 
     /// Build the sensor: open the bus, or create the simulated source.
