@@ -100,6 +100,41 @@ async fn simulated_imu_to_inference_to_mqtt_event_and_samples() {
     assert!(err.contains("/dev/i2c-dai-missing"), "{bus}");
     assert_eq!(bus["samples"], 0);
 
+    // The status page's sensors card, in Chromium.
+    if std::env::var("DAI_BROWSER_TESTS").ok().as_deref() == Some("1") {
+        let shot = repo().join("tests/artifacts/sensors-page.png");
+        let script = repo().join("tests/browser/sensors_page.mjs");
+        let url = d.url("/");
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("node")
+                .arg(script)
+                .args([
+                    "--url",
+                    &url,
+                    "--sensor",
+                    "imu0",
+                    "--label",
+                    "impact",
+                    "--screenshot",
+                ])
+                .arg(&shot)
+                .output()
+        })
+        .await
+        .expect("join")
+        .expect("node");
+        assert!(
+            out.status.success(),
+            "sensors card in Chromium:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!(
+            "SKIPPED the Chromium part of simulated_imu_to_inference_to_mqtt_event_and_samples: set DAI_BROWSER_TESTS=1"
+        );
+    }
+
     // Feedback on a window id: a training sample, no rerun.
     let r = d
         .client
