@@ -52,6 +52,23 @@ daemon:
   resource_interval_sec: 11
   snapshot_interval_sec: 13
   shutdown_grace_sec: 17
+sensors:
+  - name: imu0
+    part: mpu6050
+    source: i2c
+    bus: /dev/i2c-3
+    address: 0x69
+    rate_hz: 500
+    accel_range: 8g
+    gyro_range: 1000dps
+    read_deadline_ms: 20
+    window: 128
+    hop: 64
+    features: false
+    model: imu-anomaly
+    event_min_interval_ms: 250
+    label_rules: [{channel: az, above: 30.5, label: 2}]
+  - {name: env0, part: bme280, source: simulated, seed: 9, rate_hz: 2, bme280_mode: normal}
 ";
 
 #[test]
@@ -59,6 +76,28 @@ fn every_key_is_parsed() {
     let c = Config::from_yaml_str(ALL_KEYS, "test").expect("valid");
     assert!(c.gpu_enabled);
     assert_eq!(c.gpu_memory_allocation, 0.25);
+    let imu = &c.sensors[0];
+    assert_eq!(
+        (
+            imu.name.as_str(),
+            imu.bus.as_str(),
+            imu.address,
+            imu.rate_hz
+        ),
+        ("imu0", "/dev/i2c-3", Some(0x69), 500.0)
+    );
+    assert_eq!(
+        (imu.window, imu.hop(), imu.features, imu.model.as_deref()),
+        (128, 64, false, Some("imu-anomaly"))
+    );
+    assert_eq!((imu.read_deadline_ms, imu.event_min_interval_ms), (20, 250));
+    assert_eq!(imu.label_rules[0].above, 30.5);
+    assert_eq!(imu.accel_range, Some(dai_sensors::mpu6050::AccelRange::G8));
+    assert_eq!(c.sensors[1].seed, 9);
+    assert_eq!(
+        c.sensors[1].bme280_mode,
+        Some(dai_sensors::bme280::Mode::Normal)
+    );
     assert_eq!(c.cpu_limit, 1.5);
     assert_eq!(c.memory_limit_mb, 512);
     assert_eq!(c.max_parallel_agents, 3);
@@ -169,6 +208,7 @@ fn yaml_with(key: &str, value: &str) -> String {
 
 #[test]
 fn every_key_refuses_a_bad_value_naming_key_and_value() {
+    // `sensors` (a list) has its own test below.
     assert_eq!(BAD.len(), 46, "one case per key");
     for (key, value, expect) in BAD {
         let err = Config::from_yaml_str(&yaml_with(key, value), "test.yaml").expect_err(key);
@@ -187,6 +227,21 @@ fn every_key_refuses_a_bad_value_naming_key_and_value() {
             );
         }
     }
+}
+
+#[test]
+fn sensor_entries_are_checked_as_a_list() {
+    let two = "sensors:\n  - {name: a, part: bme280, source: simulated}\n  - {name: a, part: bme280, source: simulated}\n";
+    let err = Config::from_yaml_str(two, "t").expect_err("duplicate");
+    assert_eq!(err.key(), Some("sensors[1].name"));
+    assert!(err.to_string().contains("unique"), "{err}");
+    let bad = "sensors:\n  - {name: a, part: bme280, source: simulated, label_rules: [{channel: az, above: 1, label: 0}]}\n";
+    let err = Config::from_yaml_str(bad, "t").expect_err("rule channel");
+    assert_eq!(err.key(), Some("sensors[0]"));
+    assert!(
+        err.to_string().contains("channel \"az\" is not one of"),
+        "{err}"
+    );
 }
 
 #[test]
