@@ -119,6 +119,7 @@ pub fn spawn(
             simulated: cfg.source == dai_sensors::config::Source::Simulated,
             source: match cfg.source {
                 dai_sensors::config::Source::Simulated => format!("simulated (seed {})", cfg.seed),
+                dai_sensors::config::Source::Spi => format!("{} (SPI)", cfg.bus),
                 dai_sensors::config::Source::I2c => format!(
                     "{} @ {:#04x}",
                     cfg.bus,

@@ -12,10 +12,78 @@
 //! Compensation: the datasheet's integer formulas (section 4.2.3:
 //! `BME280_compensate_T_int32`, `BME280_compensate_P_int64`,
 //! `bme280_compensate_H_int32`).
+//!
+//! Transports: I2C ([`Bme280::new`], address 0x76/0x77) or SPI
+//! ([`Bme280::new_spi`], any `SpiDevice`, mode 0 or 3): per datasheet 6.3
+//! the control byte is the register address with bit 7 set for a read
+//! (auto-incrementing) and clear for a write.
 
 use crate::{Sensor, SensorError};
 use embedded_hal::delay::DelayNs;
 use embedded_hal::i2c::I2c;
+use embedded_hal::spi::{Operation, SpiDevice};
+
+/// Register access over one transport.
+pub trait RegisterBus {
+    fn write_reg(&mut self, reg: u8, value: u8) -> Result<(), SensorError>;
+    fn read_regs(&mut self, reg: u8, buf: &mut [u8]) -> Result<(), SensorError>;
+    /// The I2C address, or 0 for SPI (shown in errors).
+    fn address(&self) -> u8;
+}
+
+/// I2C transport.
+pub struct I2cRegs<I2C> {
+    pub i2c: I2C,
+    pub address: u8,
+}
+
+impl<I2C: I2c> RegisterBus for I2cRegs<I2C> {
+    fn write_reg(&mut self, reg: u8, value: u8) -> Result<(), SensorError> {
+        let a = self.address;
+        self.i2c
+            .write(a, &[reg, value])
+            .map_err(|e| SensorError::from_i2c(a, e))
+    }
+
+    fn read_regs(&mut self, reg: u8, buf: &mut [u8]) -> Result<(), SensorError> {
+        let a = self.address;
+        self.i2c
+            .write_read(a, &[reg], buf)
+            .map_err(|e| SensorError::from_i2c(a, e))
+    }
+
+    fn address(&self) -> u8 {
+        self.address
+    }
+}
+
+/// SPI transport (chip select handled by the `SpiDevice`).
+pub struct SpiRegs<SPI> {
+    pub spi: SPI,
+}
+
+fn spi_error<E: embedded_hal::spi::Error>(e: E) -> SensorError {
+    SensorError::Bus {
+        address: 0,
+        detail: format!("SPI {:?}: {e:?}", e.kind()),
+    }
+}
+
+impl<SPI: SpiDevice> RegisterBus for SpiRegs<SPI> {
+    fn write_reg(&mut self, reg: u8, value: u8) -> Result<(), SensorError> {
+        self.spi.write(&[reg & 0x7F, value]).map_err(spi_error)
+    }
+
+    fn read_regs(&mut self, reg: u8, buf: &mut [u8]) -> Result<(), SensorError> {
+        self.spi
+            .transaction(&mut [Operation::Write(&[reg | 0x80]), Operation::Read(buf)])
+            .map_err(spi_error)
+    }
+
+    fn address(&self) -> u8 {
+        0
+    }
+}
 
 pub const ADDRESS_SDO_LOW: u8 = 0x76;
 pub const ADDRESS_SDO_HIGH: u8 = 0x77;
@@ -229,17 +297,21 @@ pub const CHANNELS: &[&str] = &["temp_c", "pressure_pa", "humidity_pct"];
 const STATUS_POLLS: usize = 10;
 
 /// The driver.
-pub struct Bme280<I2C, D> {
-    i2c: I2C,
+pub struct Bme280<B, D> {
+    bus: B,
     delay: D,
     settings: Settings,
     calibration: Option<Calibration>,
 }
 
-impl<I2C: I2c, D: DelayNs> Bme280<I2C, D> {
+impl<I2C: I2c, D: DelayNs> Bme280<I2cRegs<I2C>, D> {
+    /// Over I2C at `settings.address`.
     pub fn new(i2c: I2C, delay: D, settings: Settings) -> Self {
         Bme280 {
-            i2c,
+            bus: I2cRegs {
+                i2c,
+                address: settings.address,
+            },
             delay,
             settings,
             calibration: None,
@@ -247,25 +319,37 @@ impl<I2C: I2c, D: DelayNs> Bme280<I2C, D> {
     }
 
     pub fn release(self) -> I2C {
-        self.i2c
+        self.bus.i2c
+    }
+}
+
+impl<SPI: SpiDevice, D: DelayNs> Bme280<SpiRegs<SPI>, D> {
+    /// Over SPI (`settings.address` is not used).
+    pub fn new_spi(spi: SPI, delay: D, settings: Settings) -> Self {
+        Bme280 {
+            bus: SpiRegs { spi },
+            delay,
+            settings,
+            calibration: None,
+        }
     }
 
+    pub fn release_spi(self) -> SPI {
+        self.bus.spi
+    }
+}
+
+impl<B: RegisterBus, D: DelayNs> Bme280<B, D> {
     pub fn calibration(&self) -> Option<Calibration> {
         self.calibration
     }
 
     fn write(&mut self, reg: u8, value: u8) -> Result<(), SensorError> {
-        let a = self.settings.address;
-        self.i2c
-            .write(a, &[reg, value])
-            .map_err(|e| SensorError::from_i2c(a, e))
+        self.bus.write_reg(reg, value)
     }
 
     fn read_regs(&mut self, reg: u8, buf: &mut [u8]) -> Result<(), SensorError> {
-        let a = self.settings.address;
-        self.i2c
-            .write_read(a, &[reg], buf)
-            .map_err(|e| SensorError::from_i2c(a, e))
+        self.bus.read_regs(reg, buf)
     }
 
     /// Poll status until `mask` clears (bounded).
@@ -284,7 +368,7 @@ impl<I2C: I2c, D: DelayNs> Bme280<I2C, D> {
     }
 }
 
-impl<I2C: I2c + Send, D: DelayNs + Send> Sensor for Bme280<I2C, D> {
+impl<B: RegisterBus + Send, D: DelayNs + Send> Sensor for Bme280<B, D> {
     fn part(&self) -> &'static str {
         "bme280"
     }
@@ -304,7 +388,7 @@ impl<I2C: I2c + Send, D: DelayNs + Send> Sensor for Bme280<I2C, D> {
         if id[0] != CHIP_ID {
             return Err(SensorError::WrongChip {
                 part: "bme280",
-                address: self.settings.address,
+                address: self.bus.address(),
                 expected: CHIP_ID,
                 found: id[0],
             });
@@ -336,7 +420,7 @@ impl<I2C: I2c + Send, D: DelayNs + Send> Sensor for Bme280<I2C, D> {
     fn read(&mut self) -> Result<Vec<f32>, SensorError> {
         let Some(cal) = self.calibration else {
             return Err(SensorError::Bus {
-                address: self.settings.address,
+                address: self.bus.address(),
                 detail: "read before a successful init".into(),
             });
         };

@@ -20,6 +20,8 @@ pub enum Part {
 pub enum Source {
     /// A Linux I2C bus (`bus`, `address`).
     I2c,
+    /// A Linux spidev device (`bus`, e.g. `/dev/spidev0.0`); BME280 only.
+    Spi,
     /// A seeded simulated source (`seed`, `scenario`).
     Simulated,
 }
@@ -69,7 +71,7 @@ pub struct SensorConfig {
     /// Samples per second (0.01..=10000).
     #[serde(default = "default_rate")]
     pub rate_hz: f64,
-    /// I2C device file (source i2c).
+    /// I2C or spidev device file (source i2c / spi).
     #[serde(default = "default_bus")]
     pub bus: String,
     /// 7-bit I2C address; default: the part's usual one (0x68, 0x76).
@@ -151,6 +153,15 @@ impl SensorConfig {
         if self.part == Part::Bme280 && (self.accel_range.is_some() || self.gyro_range.is_some()) {
             return bad("accel_range/gyro_range apply to an mpu6050 only".into());
         }
+        if self.part == Part::Mpu6050 && self.source == Source::Spi {
+            return bad(
+                "source spi: the MPU-6050 has no SPI interface (its sibling MPU-6000 has); use i2c"
+                    .into(),
+            );
+        }
+        if self.source == Source::Spi && self.address.is_some() {
+            return bad("address applies to source i2c only".into());
+        }
         if self.part == Part::Mpu6050 && self.bme280_mode.is_some() {
             return bad("bme280_mode applies to a bme280 only".into());
         }
@@ -211,7 +222,43 @@ impl SensorConfig {
                 Part::Bme280 => Box::new(SimEnv::new(self.seed, self.rate_hz)),
             }),
             Source::I2c => self.build_i2c(),
+            Source::Spi => self.build_spi(),
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn build_spi(&self) -> Result<Box<dyn Sensor>, SensorError> {
+        use linux_embedded_hal::spidev::{SpiModeFlags, SpidevOptions};
+        let fail = |e: String| SensorError::Config {
+            name: self.name.clone(),
+            reason: format!("cannot open SPI device {}: {e}", self.bus),
+        };
+        let mut dev =
+            linux_embedded_hal::SpidevDevice::open(&self.bus).map_err(|e| fail(e.to_string()))?;
+        // Datasheet 6.3: SPI mode 0 (or 3), up to 10 MHz; 1 MHz is safe on long wires.
+        let opts = SpidevOptions::new()
+            .bits_per_word(8)
+            .max_speed_hz(1_000_000)
+            .mode(SpiModeFlags::SPI_MODE_0)
+            .build();
+        dev.configure(&opts).map_err(|e| fail(e.to_string()))?;
+        let d = bme280::Settings::default();
+        Ok(Box::new(bme280::Bme280::new_spi(
+            dev,
+            linux_embedded_hal::Delay,
+            bme280::Settings {
+                mode: self.bme280_mode.unwrap_or(d.mode),
+                ..d
+            },
+        )))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn build_spi(&self) -> Result<Box<dyn Sensor>, SensorError> {
+        Err(SensorError::Config {
+            name: self.name.clone(),
+            reason: "SPI devices are supported on Linux only".into(),
+        })
     }
 
     #[cfg(target_os = "linux")]

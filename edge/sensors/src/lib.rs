@@ -2,7 +2,8 @@
 //!
 //! - [`Sensor`]: one sample at a time, as named channels in SI units; the
 //!   small trait the daemon's pipeline drives;
-//! - drivers generic over `embedded_hal::i2c::I2c` (embedded-hal 1.0),
+//! - drivers generic over `embedded_hal::i2c::I2c` (embedded-hal 1.0; the
+//!   BME280 also over `embedded_hal::spi::SpiDevice`),
 //!   written from the datasheets: [`mpu6050::Mpu6050`] (InvenSense 6-axis
 //!   IMU) and [`bme280::Bme280`] (Bosch temperature, pressure, humidity,
 //!   with the datasheet's integer compensation);

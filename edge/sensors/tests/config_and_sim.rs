@@ -67,6 +67,12 @@ fn a_configured_bus_that_cannot_be_opened_is_an_error_not_a_simulation() {
     assert_eq!(e.kind(), "config");
     assert!(msg.contains("/dev/i2c-nonexistent-99"), "{msg}");
     assert!(msg.contains("imu1"), "{msg}");
+    let c = parse("name: env9\npart: bme280\nsource: spi\nbus: /dev/spidev-dai-missing\n");
+    let msg = c.build().err().expect("no such device").to_string();
+    assert!(
+        msg.contains("cannot open SPI device /dev/spidev-dai-missing"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -95,6 +101,11 @@ fn bad_entries_name_the_key_and_what_is_allowed() {
         (
             "name: x\npart: mpu6050\nsource: simulated\nread_deadline_ms: 0\n",
             "read_deadline_ms 0",
+        ),
+        ("name: x\npart: mpu6050\nsource: spi\n", "no SPI interface"),
+        (
+            "name: x\npart: bme280\nsource: spi\naddress: 0x76\n",
+            "i2c only",
         ),
     ] {
         let e = parse(yaml).validate().expect_err(yaml).to_string();

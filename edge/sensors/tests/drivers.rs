@@ -259,3 +259,57 @@ fn bme280_refuses_a_bmp280_and_times_out_a_stuck_conversion() {
     assert_eq!(e.kind(), "timeout", "{e}");
     env.release().done();
 }
+
+#[test]
+fn bme280_over_spi_uses_the_read_bit_and_masks_writes() {
+    use embedded_hal_mock::eh1::spi::{Mock as SpiMock, Transaction as S};
+    let (a, b) = trims();
+    let read = |reg: u8, data: Vec<u8>| {
+        vec![
+            S::transaction_start(),
+            S::write_vec(vec![reg | 0x80]),
+            S::read_vec(data),
+            S::transaction_end(),
+        ]
+    };
+    let write = |reg: u8, v: u8| {
+        vec![
+            S::transaction_start(),
+            S::write_vec(vec![reg & 0x7F, v]),
+            S::transaction_end(),
+        ]
+    };
+    let (adc_p, adc_t) = (415_148u32, 519_888u32);
+    let burst = vec![
+        (adc_p >> 12) as u8,
+        (adc_p >> 4) as u8,
+        ((adc_p & 0xF) << 4) as u8,
+        (adc_t >> 12) as u8,
+        (adc_t >> 4) as u8,
+        ((adc_t & 0xF) << 4) as u8,
+        0x75,
+        0x30,
+    ];
+    let mut expect = Vec::new();
+    expect.extend(read(0xD0, vec![0x60]));
+    expect.extend(write(0xE0, 0xB6)); // on the wire: 0x60, 0xB6
+    expect.extend(read(0xF3, vec![0x00]));
+    expect.extend(read(0x88, a.to_vec()));
+    expect.extend(read(0xE1, b.to_vec()));
+    expect.extend(write(0xF2, 0x01));
+    expect.extend(write(0xF5, 0x00));
+    expect.extend(write(0xF4, (1 << 5) | (1 << 2)));
+    expect.extend(write(0xF4, (1 << 5) | (1 << 2) | 0b01));
+    expect.extend(read(0xF3, vec![0x00]));
+    expect.extend(read(0xF7, burst));
+    let mut env = Bme280::new_spi(
+        SpiMock::new(&expect),
+        NoopDelay,
+        bme280::Settings::default(),
+    );
+    env.init().expect("init over SPI");
+    let v = env.read().expect("read over SPI");
+    assert!((v[0] - 25.08).abs() < 1e-4, "{v:?}");
+    assert!((v[1] - 100_653.25).abs() < 0.1, "{v:?}");
+    env.release_spi().done();
+}
