@@ -50,6 +50,11 @@ async fn simulated_imu_to_inference_to_mqtt_event_and_samples() {
             ),
             sensor("name: env0\npart: bme280\nsource: simulated\nrate_hz: 20\n"),
             sensor("name: imu-bus\npart: mpu6050\nsource: i2c\nbus: /dev/i2c-dai-missing\n"),
+            // The raw window (16 x 7 values) is not what imu-anomaly takes:
+            // the pipeline says so and keeps sampling.
+            sensor(
+                "name: raw0\npart: mpu6050\nsource: simulated\nrate_hz: 200\nwindow: 16\nfeatures: false\nmodel: imu-anomaly\n",
+            ),
         ];
     })
     .await;
@@ -99,6 +104,10 @@ async fn simulated_imu_to_inference_to_mqtt_event_and_samples() {
     let err = bus["model_error"].as_str().unwrap_or("");
     assert!(err.contains("/dev/i2c-dai-missing"), "{bus}");
     assert_eq!(bus["samples"], 0);
+    let raw = &sensors[3];
+    let err = raw["model_error"].as_str().unwrap_or("");
+    assert!(err.contains("imu-anomaly") && err.contains("112"), "{raw}");
+    assert!(raw["samples"].as_u64().unwrap_or(0) > 0, "{raw}");
 
     // The status page's sensors card, in Chromium.
     if std::env::var("DAI_BROWSER_TESTS").ok().as_deref() == Some("1") {
