@@ -8,6 +8,7 @@ mod cache_and_balancing;
 mod cloud;
 mod config;
 mod demo;
+mod deploy;
 mod inference;
 mod lifecycle;
 mod metrics;
