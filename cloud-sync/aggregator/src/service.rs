@@ -247,6 +247,7 @@ pub async fn run_monitored(
                 // Take every event that is already there (up to a bound),
                 // so a burst of updates is ingested in one transaction.
                 let mut batch: Vec<Incoming> = Vec::new();
+                let mut batch_values = 0usize;
                 let mut next = Some(ev);
                 while let Some(ev) = next.take() {
                     match ev {
@@ -263,7 +264,9 @@ pub async fn run_monitored(
                         Ok(Event::Incoming(Packet::Publish(p))) => match Topic::parse(&p.topic) {
                             Ok(Topic::Update { device, .. }) => {
                                 monitor.update_bytes.inc_by(p.payload.len() as u64);
-                                batch.push(Incoming { device, bytes: p.payload.len(), update: Update::decode(&p.payload) });
+                                let update = Update::decode(&p.payload);
+                                batch_values += update.as_ref().map_or(0, |u| u.tensors.iter().map(|t| t.values.len()).sum());
+                                batch.push(Incoming { device, bytes: p.payload.len(), update });
                             }
                             Ok(Topic::Status { device, .. }) => {
                                 if p.payload.is_empty() {
@@ -290,7 +293,10 @@ pub async fn run_monitored(
                             break;
                         }
                     }
-                    if batch.len() < MAX_BATCH {
+                    // Bounded by count and by decoded size, so a burst of
+                    // large updates is ingested in several transactions
+                    // instead of being held in memory at once.
+                    if batch.len() < MAX_BATCH && batch_values < MAX_BATCH_VALUES {
                         next = events.poll().now_or_never();
                     }
                 }
@@ -362,6 +368,8 @@ pub async fn run_monitored(
 
 /// Most updates ingested in one transaction.
 const MAX_BATCH: usize = 256;
+/// Most decoded f32 values held for one batch (64 MiB).
+const MAX_BATCH_VALUES: usize = 16 << 20;
 
 /// An update as it arrived, decoded or not.
 struct Incoming {

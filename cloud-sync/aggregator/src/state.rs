@@ -213,7 +213,9 @@ impl State {
         settings: &Settings,
         base_of: impl Fn(&str) -> Option<u64>,
     ) -> Result<Vec<Ack>, StateError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut acks = Vec::with_capacity(updates.len());
         for update in updates {
             acks.push(Self::ingest_in(&tx, update, settings, &base_of)?);
@@ -355,15 +357,43 @@ impl State {
         version: u64,
         reason: &str,
     ) -> Result<NewGlobal, StateError> {
-        let tx = self.conn.transaction()?;
-        let (current, _): (u64, Vec<u8>) = tx
+        self.promote_in(model, Some(version), reason)
+    }
+
+    /// `version` None: the parent of the current version (a rollback). The
+    /// current version is read inside the writing transaction, so a
+    /// concurrent aggregation cannot make it roll back the wrong one.
+    fn promote_in(
+        &mut self,
+        model: &str,
+        version: Option<u64>,
+        reason: &str,
+    ) -> Result<NewGlobal, StateError> {
+        // IMMEDIATE: take the write lock first (waiting busy_timeout), so a
+        // running aggregator and this CLI never fail with SQLITE_BUSY on a
+        // read-to-write upgrade.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (current, parent): (u64, Option<i64>) = tx
             .query_row(
-                "SELECT version, head FROM versions WHERE model = ?1 ORDER BY version DESC LIMIT 1",
+                "SELECT version, parent FROM versions WHERE model = ?1 ORDER BY version DESC LIMIT 1",
                 params![model],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
             )
             .optional()?
             .ok_or_else(|| StateError::UnknownModel(model.to_string()))?;
+        let (version, reason) = match version {
+            Some(v) => (v, reason.to_string()),
+            None => (
+                parent.ok_or_else(|| StateError::NoParent {
+                    model: model.to_string(),
+                    version: current,
+                })? as u64,
+                format!("rollback of version {current}"),
+            ),
+        };
+        let reason = reason.as_str();
         let source: Vec<u8> = tx
             .query_row(
                 "SELECT head FROM versions WHERE model = ?1 AND version = ?2",
@@ -403,21 +433,7 @@ impl State {
 
     /// Undo the newest version: promote its parent's weights.
     pub fn rollback(&mut self, model: &str) -> Result<NewGlobal, StateError> {
-        let (current, _) = self.current(model)?;
-        let parent: Option<i64> = self.conn.query_row(
-            "SELECT parent FROM versions WHERE model = ?1 AND version = ?2",
-            params![model, current as i64],
-            |r| r.get(0),
-        )?;
-        let parent = parent.ok_or_else(|| StateError::NoParent {
-            model: model.to_string(),
-            version: current,
-        })?;
-        self.promote(
-            model,
-            parent as u64,
-            &format!("rollback of version {current}"),
-        )
+        self.promote_in(model, None, "")
     }
 
     pub fn pending_count(&self, model: &str) -> Result<usize, StateError> {
@@ -447,7 +463,9 @@ impl State {
         if pending == 0 || !(due || force) {
             return Ok(None);
         }
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let (version, head_file): (u64, Vec<u8>) = tx.query_row(
             "SELECT version, head FROM versions WHERE model = ?1 ORDER BY version DESC LIMIT 1",
             params![model],

@@ -266,7 +266,7 @@ impl Update {
         let st = safetensors::SafeTensors::deserialize(&raw)
             .map_err(|e| ProtocolError::Format(e.to_string()))?;
         if encoding == Encoding::Topk8 {
-            return decode_topk8(meta, &st, &md);
+            return decode_topk8(meta, &st, &md, raw_limit);
         }
         let mut names: Vec<String> = st
             .names()
@@ -349,7 +349,11 @@ fn decode_topk8(
     meta: UpdateMeta,
     st: &safetensors::SafeTensors<'_>,
     md: &HashMap<String, String>,
+    raw_limit: usize,
 ) -> Result<Update, ProtocolError> {
+    // The dense tensors this decodes to are bounded like a dense payload:
+    // a few kilobytes of mask must not expand into gigabytes of f32.
+    let mut budget = raw_limit / 4;
     let shapes: HashMap<String, Vec<usize>> = md
         .get("shapes")
         .ok_or_else(|| ProtocolError::Metadata("topk8 update without `shapes`".into()))
@@ -368,8 +372,13 @@ fn decode_topk8(
         let n = shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .filter(|&n| n <= MAX_RAW_BYTES)
-            .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+            .filter(|&n| n <= budget)
+            .ok_or_else(|| {
+                bad(format!(
+                    "shape {shape:?} is too large: the update may decode to at most {raw_limit} bytes"
+                ))
+            })?;
+        budget -= n;
         let part = |suffix: &str, dtype: Dtype| {
             let t = st
                 .tensor(&format!("{name}.{suffix}"))
@@ -590,6 +599,30 @@ mod tests {
             compress(&safetensors::serialize(views, Some(meta)).expect("st"), 3)
         };
         assert!(Update::decode(&raw(vec![0b0000_0011], vec![5, 6])).is_ok());
+        // A small payload claiming a huge dense shape is refused, not allocated.
+        let huge = {
+            let mut meta = HashMap::new();
+            for (k, v) in [
+                ("device", "d"),
+                ("model", "m"),
+                ("base_version", "1"),
+                ("update_id", "u"),
+                ("sample_count", "1"),
+                ("loss", "0"),
+                ("encoding", "topk8"),
+                ("shapes", r#"{"w": [1000000000]}"#),
+            ] {
+                meta.insert(k.to_string(), v.to_string());
+            }
+            let one = vec![0u8];
+            let views = vec![(
+                "w.mask".to_string(),
+                TensorView::new(Dtype::U8, vec![1], &one).expect("v"),
+            )];
+            compress(&safetensors::serialize(views, Some(meta)).expect("st"), 3)
+        };
+        let e = Update::decode(&huge).expect_err("huge").to_string();
+        assert!(e.contains("too large"), "{e}");
         for (mask, values, why) in [
             (vec![0b0000_0111], vec![5, 6], "more entries"),
             (vec![0b0000_0001], vec![5, 6], "fewer entries"),

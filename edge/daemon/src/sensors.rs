@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! sampling thread (one per sensor, a current-thread tokio runtime):
-//!   interval(1 / rate_hz), drift-free (ticks at start + n * period; a late
-//!   tick is skipped and counted as an overrun, never bunched)
+//!   interval(1 / rate_hz), drift-free (ticks at start + n * period; a tick
+//!   that fires late is counted as an overrun, and the ticks it overlapped
+//!   are skipped rather than bunched)
 //!   -> Supervised::attempt (faults classified, counted, backoff, re-init)
 //!   -> ring buffer; every `hop` samples once `window` are there: a window
 //!   -> bounded channel (full: the window is dropped and counted)
@@ -17,8 +18,10 @@
 //!   -> an MQTT event (rate-limited) queued for the uplink
 //! ```
 //!
-//! A sensor that fails is marked degraded on the page and in metrics and
-//! keeps being retried; the daemon and the other sensors keep running.
+//! A sensor that fails while running is marked degraded on the page and in
+//! metrics and keeps being retried; one whose configuration cannot be built
+//! (e.g. its bus does not exist) is shown failed with `healthy` 0 until the
+//! daemon is restarted. The daemon and the other sensors keep running.
 
 use crate::AppState;
 use crate::metrics::{SensorKind, SensorLabel};
@@ -124,8 +127,8 @@ pub fn spawn(
                     "{} @ {:#04x}",
                     cfg.bus,
                     cfg.address.unwrap_or(match cfg.part {
-                        dai_sensors::config::Part::Mpu6050 => 0x68,
-                        dai_sensors::config::Part::Bme280 => 0x76,
+                        dai_sensors::config::Part::Mpu6050 => dai_sensors::mpu6050::ADDRESS_AD0_LOW,
+                        dai_sensors::config::Part::Bme280 => dai_sensors::bme280::ADDRESS_SDO_LOW,
                     })
                 ),
             },
@@ -161,6 +164,16 @@ pub fn spawn(
                         kind: e.kind().into(),
                     })
                     .inc();
+                // So the "sensor degraded" alert fires for it too.
+                state
+                    .metrics
+                    .sensor_healthy
+                    .get_or_create(&SensorLabel {
+                        sensor: cfg.name.clone(),
+                        simulated: (cfg.source == dai_sensors::config::Source::Simulated)
+                            .to_string(),
+                    })
+                    .set(0);
                 continue;
             }
         };
@@ -351,7 +364,19 @@ async fn pipeline(
     while let Some(w) = rx.recv().await {
         state.sensors.with(&cfg.name, |l| l.windows += 1);
         let input: Vec<f32> = if cfg.features {
-            dai_sensors::features::window_features(&w.samples, &channels, cfg.rate_hz)
+            // O(window^2) DFT: off the async workers that serve HTTP.
+            let (samples, ch, rate) = (w.samples.clone(), channels.clone(), cfg.rate_hz);
+            match tokio::task::spawn_blocking(move || {
+                dai_sensors::features::window_features(&samples, &ch, rate)
+            })
+            .await
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(sensor = %cfg.name, error = %e, "feature task failed");
+                    continue;
+                }
+            }
         } else {
             w.samples.iter().flatten().copied().collect()
         };
@@ -394,8 +419,12 @@ async fn pipeline(
         let took = w.last_sample.elapsed();
         latency.observe(took.as_secs_f64());
         let probs: Vec<f32> = match out.outputs.first().map(|t| &t.data) {
-            Some(Data::F32(p)) => p.clone(),
-            _ => Vec::new(),
+            Some(Data::F32(p)) if !p.is_empty() => p.clone(),
+            _ => {
+                let msg = format!("{model}: its first output is not a non-empty f32 tensor");
+                state.sensors.with(&cfg.name, |l| l.model_error = Some(msg));
+                continue;
+            }
         };
         let (best, p) = argmax(&probs);
         let label = manifest

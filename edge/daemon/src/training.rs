@@ -231,8 +231,6 @@ fn dataset(
     d
 }
 
-/// The outbox payload: the wire form of `dai_protocol::update` (zstd'd
-/// safetensors), so cloud sync publishes the row's bytes as they are.
 /// The delta as protocol tensors (layout names the aggregator expects).
 fn delta_tensors(
     delta: &dai_train::Params,
@@ -255,10 +253,12 @@ fn delta_tensors(
     tensors
 }
 
-/// Encode the delta for the outbox with error feedback: the residual left
-/// by earlier lossy encodings is added first, and what this encoding drops
-/// becomes the new residual (an f32 update payload, stored with the outbox
-/// row). Returns (wire payload, new residual; `None` when nothing was lost).
+/// The outbox payload (the wire form of `dai_protocol::update`, published
+/// as it is) with error feedback: the residual a lossy encoding left
+/// against an earlier base is added first, and what this encoding drops
+/// becomes the new residual (an f32 update payload carrying this base,
+/// stored with the outbox row). Returns (wire payload, new residual;
+/// `None` when nothing was lost).
 fn delta_payload(
     state: &AppState,
     meta: dai_protocol::update::UpdateMeta,
@@ -273,7 +273,15 @@ fn delta_payload(
         .residual(&meta.model)?
         .map(|r| Update::decode(&r))
     {
-        Some(Ok(r)) => dai_protocol::update::add_into(&mut tensors, &r.tensors),
+        // Against the same base, this delta is cumulative: it already holds
+        // the previous run's unsent part (training continued from that
+        // head). Only after a new global was adopted (the local head was
+        // replaced) is the residual missing from the delta, so only then
+        // is it added.
+        Some(Ok(r)) if r.meta.base_version != meta.base_version => {
+            dai_protocol::update::add_into(&mut tensors, &r.tensors)
+        }
+        Some(Ok(_)) => {}
         Some(Err(e)) => {
             tracing::warn!(model = %meta.model, error = %e, "stored residual unreadable; dropped")
         }

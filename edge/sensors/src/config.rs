@@ -68,7 +68,7 @@ pub struct SensorConfig {
     pub name: String,
     pub part: Part,
     pub source: Source,
-    /// Samples per second (0.01..=10000).
+    /// Samples per second (0.01..=1000).
     #[serde(default = "default_rate")]
     pub rate_hz: f64,
     /// I2C or spidev device file (source i2c / spi).
@@ -134,8 +134,10 @@ impl SensorConfig {
         {
             return bad("name: 1-64 characters from [A-Za-z0-9_-]".into());
         }
-        if !(0.01..=10_000.0).contains(&self.rate_hz) {
-            return bad(format!("rate_hz {}: expected 0.01..=10000", self.rate_hz));
+        // The sampling schedule is a tokio interval (1 ms timer
+        // resolution): 1 kHz is the most it keeps exactly.
+        if !(0.01..=1000.0).contains(&self.rate_hz) {
+            return bad(format!("rate_hz {}: expected 0.01..=1000", self.rate_hz));
         }
         if let Some(a) = self.address
             && !(0x03..=0x77).contains(&a)
@@ -168,6 +170,12 @@ impl SensorConfig {
         if !(2..=65_536).contains(&self.window) {
             return bad(format!(
                 "window {}: expected 2..=65536 samples",
+                self.window
+            ));
+        }
+        if self.features && self.window > 8192 {
+            return bad(format!(
+                "window {}: at most 8192 samples when features is true (the band energies cost window^2)",
                 self.window
             ));
         }

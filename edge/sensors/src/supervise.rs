@@ -111,12 +111,13 @@ impl Supervised {
         {
             return Attempt::Skipped;
         }
-        let started = Instant::now();
         let result = (|| {
             if self.needs_init {
                 self.inner.init()?;
                 self.needs_init = false;
             }
+            // The deadline covers the read, not a (re)initialisation.
+            let started = Instant::now();
             let v = self.inner.read()?;
             let took = started.elapsed();
             if took > self.deadline {

@@ -84,7 +84,7 @@ fn bad_entries_name_the_key_and_what_is_allowed() {
         ),
         (
             "name: x\npart: mpu6050\nsource: simulated\nrate_hz: 0\n",
-            "rate_hz 0: expected 0.01..=10000",
+            "rate_hz 0: expected 0.01..=1000",
         ),
         (
             "name: x\npart: mpu6050\nsource: i2c\naddress: 0x80\n",
