@@ -487,11 +487,21 @@ impl State {
             })?
             .collect::<Result<_, _>>()?;
         drop(stmt);
-        if let Some((c, _)) = rows.iter().find(|(c, _)| c.tensors.is_empty()) {
-            return Err(StateError::Head(format!(
-                "pending update {} is unreadable in the state file",
-                c.update_id
-            )));
+        // A row that cannot be read back (a damaged state file) is dropped
+        // with an error log, not retried forever: it would fail every
+        // aggregation and stop the service, again after each restart.
+        let (rows, broken): (Vec<_>, Vec<_>) =
+            rows.into_iter().partition(|(c, _)| !c.tensors.is_empty());
+        for (c, _) in &broken {
+            tracing::error!(update = %c.update_id, device = %c.device, "pending update unreadable in the state file; dropped");
+            tx.execute(
+                "DELETE FROM pending WHERE update_id = ?1",
+                params![c.update_id],
+            )?;
+        }
+        if rows.is_empty() {
+            tx.commit()?;
+            return Ok(None);
         }
         let samples: u64 = rows.iter().map(|(c, _)| c.sample_count).sum();
         let mean_loss = rows
@@ -727,6 +737,28 @@ mod tests {
         );
         assert_eq!(s.pending_count("m").expect("n"), 2);
         assert_eq!(s.seen_counts().expect("seen"), (2, 1));
+    }
+
+    #[test]
+    fn an_unreadable_pending_row_is_dropped_not_fatal() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut s = State::open(&dir.path().join("agg.sqlite")).expect("open");
+        s.register("m", &base().to_bytes(&Default::default()).expect("bytes"))
+            .expect("register");
+        s.ingest(&upd("u1", "0", 1, 1.0), &settings(), |b| b.parse().ok())
+            .expect("ingest");
+        s.conn
+            .execute(
+                "INSERT INTO pending (update_id, model, device, base_version, sample_count, tensors) VALUES ('bad', 'm', 'd', 0, 1, X'0100')",
+                [],
+            )
+            .expect("corrupt row");
+        let g = s
+            .aggregate("m", &settings(), false, &mut None)
+            .expect("aggregation survives")
+            .expect("a global from the readable update");
+        assert_eq!(g.contributors, vec!["u1".to_string()]);
+        assert_eq!(s.pending_count("m").expect("n"), 0);
     }
 
     #[test]

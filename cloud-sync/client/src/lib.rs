@@ -140,8 +140,9 @@ pub async fn run(
         true,
     ));
     let (client, mut events) = AsyncClient::new(opts, 256);
-    // Update id -> when it was last published on this connection.
-    let mut inflight: HashMap<String, Instant> = HashMap::new();
+    // Update id -> (when it was last published on this connection, how
+    // many times it was published again without an ack).
+    let mut inflight: HashMap<String, (Instant, u32)> = HashMap::new();
     // An update published while nobody was subscribed (a broker restarted
     // without persistence, the aggregator not yet back) gets no ack: it is
     // published again after this long. The aggregator counts it once.
@@ -156,16 +157,21 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = tick.tick(), if connected => {
                 for (id, payload) in edge.outbox(64) {
-                    if let Some(sent) = inflight.get(&id) {
-                        if sent.elapsed() < ack_timeout {
+                    let mut resends = 0;
+                    if let Some(&(sent, n)) = inflight.get(&id) {
+                        // Each resend waits twice as long (up to 64x), so an
+                        // aggregator that is down for hours does not get a
+                        // backlog of copies queued in its session.
+                        if sent.elapsed() < ack_timeout * (1u32 << n.min(6)) {
                             continue;
                         }
-                        tracing::info!(update = %id, "no ack yet; publishing again");
+                        tracing::info!(update = %id, resends = n + 1, "no ack yet; publishing again");
                         stats.republished += 1;
+                        resends = n + 1;
                     }
                     match client.try_publish(&update_topic, QoS::AtLeastOnce, false, payload) {
                         Ok(()) => {
-                            inflight.insert(id, Instant::now());
+                            inflight.insert(id, (Instant::now(), resends));
                             stats.published += 1;
                         }
                         Err(_) => break, // request queue full: next tick
