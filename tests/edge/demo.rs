@@ -135,33 +135,23 @@ async fn demo_fleet_beats_devices_alone_and_serves_its_pages() {
         "{edge}"
     );
 
-    if std::env::var("DAI_BROWSER_TESTS").ok().as_deref() == Some("1") {
-        let shot = repo().join("tests/artifacts/cloud-page.png");
-        let script = repo().join("tests/browser/cloud_page.mjs");
-        let page = page.clone();
-        let version = last_version.to_string();
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new("node")
-                .arg(script)
-                .args(["--url", &page, "--model", "digits", "--version", &version])
-                .args(["--devices", "edge-0,edge-1,edge-2", "--screenshot"])
-                .arg(&shot)
-                .output()
-        })
-        .await
-        .expect("join")
-        .expect("node");
-        assert!(
-            out.status.success(),
-            "cloud page in Chromium:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        eprintln!(
-            "SKIPPED the Chromium part of demo_fleet_beats_devices_alone_and_serves_its_pages: set DAI_BROWSER_TESTS=1"
-        );
-    }
+    let args = [
+        "--url",
+        &page,
+        "--model",
+        "digits",
+        "--version",
+        &last_version.to_string(),
+        "--devices",
+        "edge-0,edge-1,edge-2",
+    ];
+    browser_check(
+        "demo_fleet_beats_devices_alone_and_serves_its_pages",
+        "cloud_page.mjs",
+        args.iter().map(|a| a.to_string()).collect(),
+        "cloud-page.png",
+    )
+    .await;
 
     // Ctrl-C: the demo stops its edges and exits cleanly.
     let ok = Command::new("kill")

@@ -110,39 +110,21 @@ async fn simulated_imu_to_inference_to_mqtt_event_and_samples() {
     assert!(raw["samples"].as_u64().unwrap_or(0) > 0, "{raw}");
 
     // The status page's sensors card, in Chromium.
-    if std::env::var("DAI_BROWSER_TESTS").ok().as_deref() == Some("1") {
-        let shot = repo().join("tests/artifacts/sensors-page.png");
-        let script = repo().join("tests/browser/sensors_page.mjs");
-        let url = d.url("/");
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new("node")
-                .arg(script)
-                .args([
-                    "--url",
-                    &url,
-                    "--sensor",
-                    "imu0",
-                    "--label",
-                    "impact",
-                    "--screenshot",
-                ])
-                .arg(&shot)
-                .output()
-        })
-        .await
-        .expect("join")
-        .expect("node");
-        assert!(
-            out.status.success(),
-            "sensors card in Chromium:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        eprintln!(
-            "SKIPPED the Chromium part of simulated_imu_to_inference_to_mqtt_event_and_samples: set DAI_BROWSER_TESTS=1"
-        );
-    }
+    let args = [
+        "--url",
+        &d.url("/"),
+        "--sensor",
+        "imu0",
+        "--label",
+        "impact",
+    ];
+    browser_check(
+        "simulated_imu_to_inference_to_mqtt_event_and_samples",
+        "sensors_page.mjs",
+        args.iter().map(|a| a.to_string()).collect(),
+        "sensors-page.png",
+    )
+    .await;
 
     // Feedback on a window id: a training sample, no rerun.
     let r = d

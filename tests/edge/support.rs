@@ -264,3 +264,34 @@ pub async fn post_digit_samples(
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
     }
 }
+
+/// Run a real-browser page check (`tests/browser/{script}`, headless
+/// Chromium through playwright-core) with `args`, its screenshot going to
+/// `tests/artifacts/{shot}`. Returns false (and says so) when
+/// DAI_BROWSER_TESTS is not 1; panics with the script's output if a check fails.
+pub async fn browser_check(test: &str, script: &str, args: Vec<String>, shot: &str) -> bool {
+    if std::env::var("DAI_BROWSER_TESTS").ok().as_deref() != Some("1") {
+        eprintln!("SKIPPED the Chromium part of {test}: set DAI_BROWSER_TESTS=1");
+        return false;
+    }
+    let script = repo().join("tests/browser").join(script);
+    let shot = repo().join("tests/artifacts").join(shot);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(script)
+            .args(args)
+            .arg("--screenshot")
+            .arg(shot)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run node");
+    assert!(
+        out.status.success(),
+        "{test}: page check in Chromium failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}

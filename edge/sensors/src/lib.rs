@@ -109,6 +109,8 @@ pub trait Sensor: Send {
 }
 
 /// A small deterministic generator (splitmix64) for the simulated sources.
+/// Not `dai_train::Rng`: dai-config depends on this crate, which keeps it
+/// free of the trainer; and the sources need f64 normals.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 

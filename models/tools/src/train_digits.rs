@@ -63,6 +63,47 @@ pub(crate) fn sub_head(
     })
 }
 
+/// A written bundle loaded through the daemon's runtime (tract backbone +
+/// head), to verify an export the way devices will run it.
+pub(crate) struct BundleProbe(dai_infer::LoadedModel);
+
+impl BundleProbe {
+    pub(crate) fn open(dir: &Path) -> Result<BundleProbe, ToolError> {
+        let bundle = dai_infer::Bundle::open(dir).map_err(|e| ToolError::Verify(e.to_string()))?;
+        dai_infer::LoadedModel::load(bundle, 1)
+            .map(BundleProbe)
+            .map_err(|e| ToolError::Verify(e.to_string()))
+    }
+
+    /// The head's probabilities for one input row.
+    pub(crate) fn probs(&self, row: Vec<f32>) -> Result<Vec<f32>, ToolError> {
+        let n = row.len();
+        let x = dai_infer::TensorData::new(vec![1, n], dai_infer::Data::F32(row))
+            .map_err(|e| ToolError::Verify(e.0))?;
+        let outs = self
+            .0
+            .run(&[&x], 1)
+            .map_err(|e| ToolError::Verify(e.to_string()))?;
+        let (probs, _) = self
+            .0
+            .apply_head(&outs)
+            .map_err(|e| ToolError::Verify(e.to_string()))?
+            .ok_or_else(|| ToolError::Verify("bundle has no head".into()))?;
+        match probs.data {
+            dai_infer::Data::F32(p) => Ok(p),
+            _ => Err(ToolError::Verify("probs not f32".into())),
+        }
+    }
+}
+
+/// Index of the largest value.
+pub(crate) fn argmax(p: &[f32]) -> usize {
+    p.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(k, _)| k)
+}
+
 pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<(), ToolError> {
     std::fs::write(path, bytes).map_err(|e| ToolError::Io(format!("{}: {e}", path.display())))
 }
@@ -162,28 +203,11 @@ shape = [1, {embed}]
     write(&opts.out.join("manifest.toml"), manifest.as_bytes())?;
 
     // Verify through the daemon's own runtime: tract backbone + head.
-    let bundle =
-        dai_infer::Bundle::open(&opts.out).map_err(|e| ToolError::Verify(e.to_string()))?;
-    let loaded =
-        dai_infer::LoadedModel::load(bundle, 1).map_err(|e| ToolError::Verify(e.to_string()))?;
+    let probe = BundleProbe::open(&opts.out)?;
     let mut correct = 0usize;
     let mut max_diff = 0.0f32;
     for (r, &i) in test_idx.iter().enumerate() {
-        let px = dai_infer::TensorData::new(
-            vec![1, digits::FEATURES],
-            dai_infer::Data::F32(rows[i].0.to_vec()),
-        )
-        .map_err(|e| ToolError::Verify(e.0))?;
-        let outs = loaded
-            .run(&[&px], 1)
-            .map_err(|e| ToolError::Verify(e.to_string()))?;
-        let (probs, _) = loaded
-            .apply_head(&outs)
-            .map_err(|e| ToolError::Verify(e.to_string()))?
-            .ok_or_else(|| ToolError::Verify("bundle has no head".into()))?;
-        let dai_infer::Data::F32(p) = &probs.data else {
-            return Err(ToolError::Verify("probs not f32".into()));
-        };
+        let p = probe.probs(rows[i].0.to_vec())?;
         let logits = predict(
             &model,
             &test_set.x[r * digits::FEATURES..(r + 1) * digits::FEATURES],
@@ -194,12 +218,7 @@ shape = [1, {embed}]
         for (a, l) in p.iter().zip(&logits) {
             max_diff = max_diff.max((a - (l - max).exp() / z).abs());
         }
-        let best = p
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(k, _)| k);
-        if best as u32 == rows[i].1 {
+        if argmax(&p) as u32 == rows[i].1 {
             correct += 1;
         }
     }

@@ -9,7 +9,7 @@
 //! the daemon's runtime before it is considered written.
 
 use crate::ToolError;
-use crate::train_digits::{sha256, sub_head, write};
+use crate::train_digits::{BundleProbe, argmax, sha256, sub_head, write};
 use dai_sensors::features::{PER_CHANNEL, window_features};
 use dai_sensors::sim::{CLASSES, Scenario, SimImu};
 use dai_train::{
@@ -201,30 +201,10 @@ shape = [1, 32]
     write(&opts.out.join("manifest.toml"), manifest.as_bytes())?;
 
     // Verify through the daemon's runtime on raw (unstandardised) features.
-    let bundle =
-        dai_infer::Bundle::open(&opts.out).map_err(|e| ToolError::Verify(e.to_string()))?;
-    let loaded =
-        dai_infer::LoadedModel::load(bundle, 1).map_err(|e| ToolError::Verify(e.to_string()))?;
+    let probe = BundleProbe::open(&opts.out)?;
     let mut correct = 0usize;
     for (f, label) in &test_rows {
-        let x = dai_infer::TensorData::new(vec![1, FEATURES], dai_infer::Data::F32(f.clone()))
-            .map_err(|e| ToolError::Verify(e.0))?;
-        let outs = loaded
-            .run(&[&x], 1)
-            .map_err(|e| ToolError::Verify(e.to_string()))?;
-        let (probs, _) = loaded
-            .apply_head(&outs)
-            .map_err(|e| ToolError::Verify(e.to_string()))?
-            .ok_or_else(|| ToolError::Verify("bundle has no head".into()))?;
-        let dai_infer::Data::F32(p) = &probs.data else {
-            return Err(ToolError::Verify("probs not f32".into()));
-        };
-        let best = p
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(k, _)| k);
-        correct += usize::from(best as u32 == *label);
+        correct += usize::from(argmax(&probe.probs(f.clone())?) as u32 == *label);
     }
     let bundle_test_accuracy = correct as f64 / test_rows.len() as f64;
     if (bundle_test_accuracy - test_accuracy).abs() > 0.02 {
@@ -232,7 +212,6 @@ shape = [1, 32]
             "bundle accuracy {bundle_test_accuracy} differs from the trained model's {test_accuracy}"
         )));
     }
-    let _ = choice.fallback_reason.take();
     Ok(ImuReport {
         train_windows: train_rows.len(),
         test_windows: test_rows.len(),
