@@ -32,6 +32,9 @@
 #   PYTHON      a python that already has CUDA torch: skips the venv and install
 #   TORCH_ARGS  extra arguments for torch_cuda_train.py, e.g. "--optimizers sgd,adam"
 #   BENCH_ARGS  extra arguments for the cargo bench after --gpu-only
+#   BENCH_BIN   a prebuilt training bench executable (from
+#               `cargo bench --bench training --no-run`) to run instead of cargo,
+#               for a GPU machine with no Rust toolchain or no registry access
 set -euo pipefail
 
 die() { printf 'run_gpu_bench: error: %s\n' "$*" >&2; exit 1; }
@@ -58,7 +61,11 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
   # shellcheck disable=SC1091
   . "$HOME/.cargo/env"
 fi
-command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+if [ -n "${BENCH_BIN:-}" ]; then
+  [ -x "$BENCH_BIN" ] || die "BENCH_BIN=$BENCH_BIN is not an executable file"
+else
+  command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust with rustup, or set BENCH_BIN"
+fi
 command -v python3 >/dev/null 2>&1 || die "python3 not found"
 
 ICD_FOUND=no
@@ -96,10 +103,15 @@ fi
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "on", torch.cuda.get_device_name(0))' >&2
 
 # ------------------------------------------------------------------ wgpu
-step "cargo bench --bench training -- --gpu-only"
+step "training bench --gpu-only"
 read -r -a bench_args <<< "${BENCH_ARGS:-}"
-cargo bench --bench training -- --gpu-only "${bench_args[@]}" | tee "$OUT_DIR/wgpu.log" \
-  || die "cargo bench --bench training failed (see the output above)"
+if [ -n "${BENCH_BIN:-}" ]; then
+  DAI_REPO="$REPO" "$BENCH_BIN" --gpu-only "${bench_args[@]}" | tee "$OUT_DIR/wgpu.log" \
+    || die "$BENCH_BIN --gpu-only failed (see the output above)"
+else
+  cargo bench --bench training -- --gpu-only "${bench_args[@]}" | tee "$OUT_DIR/wgpu.log" \
+    || die "cargo bench --bench training failed (see the output above)"
+fi
 grep -E '^[[:space:]]*\{' "$OUT_DIR/wgpu.log" > "$WGPU_OUT" || true
 [ -s "$WGPU_OUT" ] || printf 'warning: the wgpu bench printed no JSON lines\n' >&2
 

@@ -7,8 +7,12 @@
 
 use std::path::PathBuf;
 
+/// The repository root: `DAI_REPO` when set (a prebuilt bench binary copied to
+/// another machine, see bench/gpu/run_gpu_bench.sh), else where it was built.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("DAI_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 pub fn env_usize(k: &str, d: usize) -> usize {
