@@ -11,8 +11,12 @@
 //! - [`train_imu`]: the sensor model (`imu-anomaly`) from simulated IMU
 //!   windows and the daemon's own window features.
 
+pub mod bundle_io;
 pub mod digits;
+pub mod inspect;
 pub mod onnx;
+pub mod proto;
+pub mod runner;
 pub mod shard;
 pub mod train_digits;
 pub mod train_imu;
@@ -30,4 +34,8 @@ pub enum ToolError {
     Io(String),
     #[error("verification failed: {0}")]
     Verify(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Runtime(String),
 }

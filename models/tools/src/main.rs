@@ -31,6 +31,20 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Operators, parameters, size, inputs/outputs, FLOPs, and whether tract runs it.
+    Inspect {
+        /// An ONNX file, or a bundle directory (its manifest gives the shapes).
+        model: PathBuf,
+        /// Concrete shape for an input, e.g. x=1x3x48x192 (repeatable).
+        #[arg(long = "input-shape", value_parser = dai_models::runner::parse_shape_override)]
+        input_shape: Vec<(String, Vec<usize>)>,
+        /// Time this many runs in tract (median, 1 thread); 0 to skip.
+        #[arg(long, default_value_t = 0)]
+        bench: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Train a model the project ships.
     Train {
         #[command(subcommand)]
@@ -83,6 +97,28 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Inspect {
+            model,
+            input_shape,
+            bench,
+            json,
+        } => {
+            let (file, shapes) = dai_models::bundle_io::resolve(&model, input_shape)?;
+            let r = dai_models::inspect::inspect(
+                &file,
+                &dai_models::inspect::InspectOptions {
+                    shapes,
+                    bench_runs: bench,
+                },
+            )
+            .with_context(|| format!("inspecting {}", model.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.table());
+            }
+            Ok(())
+        }
         Command::Shard {
             data,
             out,
