@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Generate meta-dai's dai-edge-crates.inc from the workspace Cargo.lock.
+
+    python3 yocto/scripts/gen-crates.py            # (re)write the .inc
+    python3 yocto/scripts/gen-crates.py --check    # exit 1 if it is stale
+    python3 yocto/scripts/gen-crates.py --fill-mirror DIR
+        # copy every locked crate from cargo's download cache into DIR as
+        # NAME-VERSION.crate (sha256 verified), for PREMIRRORS (offline builds)
+
+The .inc holds one bitbake `crate://` SRC_URI entry per registry package in
+Cargo.lock plus its `SRC_URI[NAME-VERSION.sha256sum]` (Cargo.lock's checksum
+is the sha256 of the .crate file), sorted by name and version, so the output
+depends on Cargo.lock alone. Workspace members (no `source`) are skipped.
+Every package of the lock is listed, not only dai-edge's: cargo resolves the
+whole workspace against the vendored crates even when it builds one package.
+
+The registry host is never written: entries read
+`crate://${DAI_CRATES_HOST}/NAME/VERSION`, and the layer user sets
+DAI_CRATES_HOST (see yocto/README.md). Packages from one registry only are
+supported (the default one, which bitbake's cargo class vendors); git
+dependencies become `git://` entries that the cargo class patches in.
+
+Python 3.11+ standard library only (tomllib).
+"""
+
+import argparse
+import difflib
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_LOCK = REPO / "Cargo.lock"
+DEFAULT_INC = REPO / "yocto/meta-dai/recipes-dai/dai-edge/dai-edge-crates.inc"
+
+
+class LockError(Exception):
+    pass
+
+
+def version_key(version):
+    """Semver-ish sort key: numeric release parts; a pre-release sorts first."""
+    release, _, pre = version.partition("+")[0].partition("-")
+    nums = tuple(int(p) if p.isdigit() else 0 for p in release.split("."))
+    return nums, (0, pre) if pre else (1, "")
+
+
+def read_lock(path):
+    try:
+        with open(path, "rb") as f:
+            lock = tomllib.load(f)
+    except FileNotFoundError:
+        raise LockError(f"{path}: not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise LockError(f"{path}: not TOML: {e}") from None
+    if lock.get("version") not in (3, 4):
+        raise LockError(f"{path}: lockfile version {lock.get('version')!r} (expected 3 or 4)")
+    registry, git = [], []
+    registry_sources = set()
+    for pkg in lock.get("package", []):
+        name, version, source = pkg["name"], pkg["version"], pkg.get("source")
+        if source is None:
+            continue  # a workspace member or path dependency: part of the source tree
+        kind = source.split("+", 1)[0]
+        if kind in ("registry", "sparse"):
+            if "checksum" not in pkg:
+                raise LockError(f"{name} {version}: registry package without a checksum")
+            if not re.fullmatch(r"[0-9a-f]{64}", pkg["checksum"]):
+                raise LockError(f"{name} {version}: checksum {pkg['checksum']!r} is not sha256")
+            registry_sources.add(source)
+            registry.append((name, version, pkg["checksum"]))
+        elif kind == "git":
+            git.append((name, version, source))
+        else:
+            raise LockError(f"{name} {version}: unsupported source {source!r}")
+    if len(registry_sources) > 1:
+        raise LockError(
+            "packages from more than one registry: "
+            + ", ".join(sorted(registry_sources))
+            + " (only one maps to DAI_CRATES_HOST)"
+        )
+    registry.sort(key=lambda p: (p[0], version_key(p[1])))
+    git.sort(key=lambda p: (p[0], version_key(p[1])))
+    return registry, git
+
+
+def git_entry(name, source):
+    """`git+https://HOST/PATH?branch=B#REV` -> (SRC_URI entry, SRCREV name, rev)."""
+    url = source[len("git+"):]
+    parts = urlsplit(url)
+    rev = parts.fragment
+    if not re.fullmatch(r"[0-9a-f]{40}", rev):
+        raise LockError(f"{name}: git source without a full commit hash: {source!r}")
+    query = parse_qs(parts.query)
+    # The cargo class adds `[patch."SCHEME://HOST/PATH"] NAME = { path = ... }`
+    # for each git entry that has name= and destsuffix=, so name= must be the
+    # crate name exactly (cargo tells `_` from `-`).
+    srcname = name
+    opts = [f"protocol={parts.scheme}", f"name={srcname}", f"destsuffix={name}"]
+    if "branch" in query:
+        opts.append(f"branch={query['branch'][0]}")
+    else:
+        opts.append("nobranch=1")
+    return f"git://{parts.netloc}{parts.path};" + ";".join(opts), srcname, rev
+
+
+def render(lock_path, registry, git):
+    rel = os.path.relpath(lock_path, REPO)
+    out = [
+        "# The crates dai-edge is built with: every registry package in the",
+        f"# workspace {rel}, fetched by bitbake's crate fetcher from",
+        "# https://${DAI_CRATES_HOST}/NAME/VERSION/download (see yocto/README.md).",
+        "#",
+        f"# Generated by yocto/scripts/gen-crates.py from {rel}; do not edit.",
+        "# After every Cargo.lock change run: python3 yocto/scripts/gen-crates.py",
+        "# (CI runs it with --check, via yocto/check.sh).",
+        f"# {len(registry)} registry crates, {len(git)} git dependencies.",
+        "",
+        'SRC_URI += "\\',
+    ]
+    for name, version, _ in registry:
+        out.append(f"    crate://${{DAI_CRATES_HOST}}/{name}/{version} \\")
+    srcrevs = []
+    for name, _, source in git:
+        entry, srcname, rev = git_entry(name, source)
+        if srcname in (s for s, _ in srcrevs):
+            raise LockError(f"{name}: more than one git source for this crate")
+        out.append(f"    {entry} \\")
+        srcrevs.append((srcname, rev))
+    out.append('"')
+    if registry:
+        out.append("")
+    for name, version, checksum in registry:
+        out.append(f'SRC_URI[{name}-{version}.sha256sum] = "{checksum}"')
+    if srcrevs:
+        out.append("")
+        # The recipe's own (unnamed) git entry is "default".
+        out.append('SRCREV_FORMAT ?= "default"')
+        for srcname, rev in srcrevs:
+            out.append(f'SRCREV_{srcname} = "{rev}"')
+            out.append(f'SRCREV_FORMAT .= "_{srcname}"')
+    return "\n".join(out) + "\n"
+
+
+def fill_mirror(registry, dest, cargo_home):
+    """Copy NAME-VERSION.crate files from cargo's download cache into dest."""
+    caches = sorted(p for p in (cargo_home / "registry" / "cache").glob("*") if p.is_dir())
+    if not caches:
+        raise LockError(f"no download cache under {cargo_home}/registry/cache "
+                        "(run `cargo fetch --locked` first)")
+    dest.mkdir(parents=True, exist_ok=True)
+    missing, copied = [], 0
+    for name, version, checksum in registry:
+        fname = f"{name}-{version}.crate"
+        target = dest / fname
+        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == checksum:
+            continue
+        for cache in caches:
+            src = cache / fname
+            if src.is_file() and hashlib.sha256(src.read_bytes()).hexdigest() == checksum:
+                shutil.copyfile(src, target)
+                copied += 1
+                break
+        else:
+            missing.append(fname)
+    if missing:
+        raise LockError(
+            f"{len(missing)} crate(s) not in cargo's cache with the locked checksum "
+            f"(run `cargo fetch --locked`), e.g. {', '.join(missing[:5])}"
+        )
+    print(f"{dest}: {len(registry)} crates ({copied} copied, the rest already there)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lock", type=Path, default=DEFAULT_LOCK, help="Cargo.lock to read")
+    ap.add_argument("--out", type=Path, default=DEFAULT_INC, help=".inc to write or check")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="do not write; exit 1 if --out differs from what --lock gives")
+    mode.add_argument("--fill-mirror", type=Path, metavar="DIR",
+                      help="copy the locked .crate files from cargo's cache into DIR")
+    ap.add_argument("--cargo-home", type=Path,
+                    default=Path(os.environ.get("CARGO_HOME") or Path.home() / ".cargo"),
+                    help="cargo home for --fill-mirror (default $CARGO_HOME or ~/.cargo)")
+    args = ap.parse_args()
+
+    try:
+        registry, git = read_lock(args.lock)
+        if args.fill_mirror:
+            if git:
+                print(f"note: {len(git)} git dependencies are fetched by bitbake, not mirrored here")
+            fill_mirror(registry, args.fill_mirror, args.cargo_home)
+            return 0
+        text = render(args.lock.resolve(), registry, git)
+    except LockError as e:
+        print(f"gen-crates: {e}", file=sys.stderr)
+        return 2
+
+    if args.check:
+        try:
+            current = args.out.read_text()
+        except FileNotFoundError:
+            current = ""
+        if current == text:
+            print(f"{os.path.relpath(args.out, REPO)}: up to date "
+                  f"({len(registry)} crates, {len(git)} git)")
+            return 0
+        diff = list(difflib.unified_diff(current.splitlines(), text.splitlines(),
+                                         "committed", "from Cargo.lock", lineterm="", n=0))
+        print(f"{os.path.relpath(args.out, REPO)} is stale; regenerate it with "
+              "`python3 yocto/scripts/gen-crates.py`:", file=sys.stderr)
+        for line in diff[:60]:
+            print("  " + line, file=sys.stderr)
+        if len(diff) > 60:
+            print(f"  ... ({len(diff) - 60} more diff lines)", file=sys.stderr)
+        return 1
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {os.path.relpath(args.out, REPO)} ({len(registry)} crates, {len(git)} git)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
