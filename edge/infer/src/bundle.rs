@@ -77,6 +77,20 @@ fn yes() -> bool {
     true
 }
 
+/// An optimised copy of the model file (int8, f16...) made by
+/// `dai-models quantize`, used instead of `model` when the daemon's config
+/// prefers its kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub kind: String,
+    pub file: String,
+    pub sha256: String,
+    /// Figures from its verification (size_ratio, max_abs_diff, accuracy...).
+    #[serde(default)]
+    pub metrics: std::collections::BTreeMap<String, f64>,
+}
+
 /// Where a zoo model file comes from (pinned, checksummed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +176,16 @@ pub struct Manifest {
     pub metrics: std::collections::BTreeMap<String, f64>,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// Optimised copies of the model file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<Variant>,
+}
+
+/// Parse and check manifest text.
+pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
+    let manifest: Manifest = toml::from_str(text).map_err(|e| e.to_string())?;
+    manifest.check()?;
+    Ok(manifest)
 }
 
 /// A bundle whose manifest parsed and whose file checksum matched.
@@ -172,6 +196,8 @@ pub struct Bundle {
     /// sha256 of the model file as verified at open.
     pub model_sha256: String,
     pub model_bytes: u64,
+    /// The variant kind whose file is loaded instead of `[model]`, if any.
+    pub variant: Option<String>,
 }
 
 impl Bundle {
@@ -198,7 +224,19 @@ impl Bundle {
 
     /// Parse the manifest and verify the model file's checksum.
     pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
-        let manifest = Self::read_manifest(dir)?;
+        Self::open_variant(dir, None)
+    }
+
+    /// [`Bundle::open`], loading the variant of kind `prefer` instead of the
+    /// f32 model file when the manifest lists one (its checksum verified the
+    /// same way); without such a variant, the f32 file.
+    pub fn open_variant(dir: &Path, prefer: Option<&str>) -> Result<Bundle, BundleError> {
+        let mut manifest = Self::read_manifest(dir)?;
+        let variant = prefer.and_then(|k| manifest.variants.iter().find(|v| v.kind == k).cloned());
+        if let Some(v) = &variant {
+            manifest.model.file = v.file.clone();
+            manifest.model.sha256 = v.sha256.clone();
+        }
         let model_path = dir.join(&manifest.model.file);
         if !model_path.exists() {
             let hint = match &manifest.source {
@@ -245,6 +283,7 @@ impl Bundle {
             manifest,
             model_sha256: actual,
             model_bytes,
+            variant: variant.map(|v| v.kind),
         })
     }
 
@@ -288,6 +327,27 @@ impl Manifest {
                 "model.file {:?}: expected a file name inside the bundle",
                 self.model.file
             ));
+        }
+        let mut kinds = std::collections::HashSet::new();
+        for (i, v) in self.variants.iter().enumerate() {
+            if !valid_name(&v.kind) || !kinds.insert(v.kind.as_str()) {
+                return Err(format!(
+                    "variants[{i}].kind {:?}: expected a unique name of [A-Za-z0-9._-]",
+                    v.kind
+                ));
+            }
+            if v.file.is_empty() || v.file.contains("..") || Path::new(&v.file).is_absolute() {
+                return Err(format!(
+                    "variants[{i}].file {:?}: expected a file name inside the bundle",
+                    v.file
+                ));
+            }
+            if v.sha256.len() != 64 || !v.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "variants[{i}].sha256 {:?}: expected 64 hex digits",
+                    v.sha256
+                ));
+            }
         }
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err("inputs and outputs: at least one of each is required".into());

@@ -12,14 +12,18 @@
 //!   windows and the daemon's own window features.
 
 pub mod bundle_io;
+pub mod calib;
 pub mod digits;
 pub mod inspect;
 pub mod onnx;
+pub mod progress;
 pub mod proto;
+pub mod quantize;
 pub mod runner;
 pub mod shard;
 pub mod train_digits;
 pub mod train_imu;
+pub mod variants;
 
 /// Tool errors.
 #[derive(Debug, thiserror::Error)]
@@ -38,4 +42,6 @@ pub enum ToolError {
     Unsupported(String),
     #[error("{0}")]
     Runtime(String),
+    #[error("refused: {0}")]
+    Refused(String),
 }

@@ -45,11 +45,64 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// int8 / f16 quantization, calibrated and verified in tract before it is written.
+    Quantize(QuantizeArgs),
     /// Train a model the project ships.
     Train {
         #[command(subcommand)]
         model: TrainModel,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct QuantizeArgs {
+    /// An ONNX file, or a bundle directory (the result becomes a variant of the bundle).
+    model: PathBuf,
+    /// Calibration samples: random:N[:SEED], a .csv/.csv.gz (features then label) or a .safetensors file.
+    #[arg(long)]
+    calibration: Option<String>,
+    /// Verification samples (same formats); defaults to the calibration samples.
+    #[arg(long)]
+    verify: Option<String>,
+    /// int8 (integer MatMul/Gemm, int8 Conv/embedding weights), int8-weights, or f16.
+    #[arg(long, default_value = "int8")]
+    mode: dai_models::quantize::Mode,
+    /// Activation ranges: minmax, percentile or percentile:P.
+    #[arg(long, default_value = "minmax")]
+    method: dai_models::quantize::Calibration,
+    /// One scale per weight tensor instead of one per output channel.
+    #[arg(long)]
+    per_tensor: bool,
+    /// Largest allowed |quantized - f32| on a checked output.
+    #[arg(long, default_value_t = 0.05)]
+    tolerance: f32,
+    /// Largest allowed accuracy drop in points (when the samples carry labels).
+    #[arg(long, default_value_t = 1.0)]
+    max_accuracy_drop: f64,
+    /// Keep this node in f32 (repeatable).
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Output to check (repeatable); default: the bundle's outputs, else every float output.
+    #[arg(long = "check-output")]
+    check_output: Vec<String>,
+    /// Concrete shape for an input, e.g. x=1x3x48x192 (repeatable).
+    #[arg(long = "input-shape", value_parser = dai_models::runner::parse_shape_override)]
+    input_shape: Vec<(String, Vec<usize>)>,
+    /// Use at most this many samples of each set.
+    #[arg(long, default_value_t = 200)]
+    limit: usize,
+    /// Time this many runs of each model in tract (0: skip).
+    #[arg(long, default_value_t = 20)]
+    bench: usize,
+    /// Where to write; default: next to the input as NAME.<mode>.onnx (in a bundle: also listed in its manifest).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Replace an existing output file or bundle variant.
+    #[arg(long)]
+    force: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +150,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Quantize(args) => quantize(args),
         Command::Inspect {
             model,
             input_shape,
@@ -246,6 +300,80 @@ fn shard(
             path.display(),
             idx.len()
         );
+    }
+    Ok(())
+}
+
+fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
+    use dai_models::{bundle_io, calib, proto, quantize, runner};
+    let r = bundle_io::resolve_ref(&a.model, a.input_shape.clone())?;
+    let model = proto::load(&r.file)?;
+    let (specs, notes) = runner::input_specs(&model, &r.shapes)?;
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
+    let cal_arg = match (&a.calibration, a.mode) {
+        (Some(c), _) => c.clone(),
+        (None, quantize::Mode::Int8) => anyhow::bail!(
+            "--mode int8 needs --calibration DATA (random:N[:SEED], a .csv/.csv.gz or a .safetensors file)"
+        ),
+        (None, _) => "random:16".to_string(),
+    };
+    let calibration = calib::load(&cal_arg, &specs)
+        .with_context(|| format!("reading calibration samples {cal_arg:?}"))?
+        .take(a.limit);
+    let verification = match &a.verify {
+        Some(v) => calib::load(v, &specs)
+            .with_context(|| format!("reading verification samples {v:?}"))?
+            .take(a.limit),
+        None => calibration.take(a.limit),
+    };
+    let check_outputs = if a.check_output.is_empty() {
+        r.manifest
+            .as_ref()
+            .map(|m| m.outputs.iter().map(|o| o.onnx_name().to_string()).collect())
+            .unwrap_or_default()
+    } else {
+        a.check_output.clone()
+    };
+    let out = a.out.clone().unwrap_or_else(|| {
+        let stem = r.file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        r.file.with_file_name(format!("{stem}.{}.onnx", a.mode.suffix()))
+    });
+    if out.exists() && !a.force {
+        anyhow::bail!("{} exists; pass --force to replace it", out.display());
+    }
+    let opts = quantize::QuantizeOptions {
+        mode: a.mode,
+        calibration: a.method,
+        per_channel: !a.per_tensor,
+        tolerance: a.tolerance,
+        max_accuracy_drop: a.max_accuracy_drop,
+        exclude: a.exclude.clone(),
+        check_outputs,
+        bench_runs: a.bench,
+        ignore_value_info: r.ignore_value_info,
+    };
+    let (report, quantized) = quantize::quantize(&model, &specs, &calibration, &verification, &opts)
+        .with_context(|| format!("quantizing {}", r.file.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    let Some(quantized) = quantized else {
+        anyhow::bail!("quantization refused: {}", report.refusal.join("; "));
+    };
+    let bytes = proto::save(&quantized, &out)?;
+    if let Some(dir) = &r.bundle_dir
+        && a.out.is_none()
+    {
+        let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        dai_models::variants::record(dir, a.mode.suffix(), &name, &report, a.force)
+            .with_context(|| format!("recording the variant in {}", dir.display()))?;
+        eprintln!("wrote {} ({bytes} bytes) and listed it in {}/manifest.toml", out.display(), dir.display());
+    } else {
+        eprintln!("wrote {} ({bytes} bytes)", out.display());
     }
     Ok(())
 }

@@ -97,7 +97,7 @@ impl BundleProbe {
 }
 
 /// Index of the largest value.
-pub(crate) fn argmax(p: &[f32]) -> usize {
+pub fn argmax(p: &[f32]) -> usize {
     p.iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
