@@ -38,7 +38,10 @@ impl SampleSet {
         SampleSet {
             source: self.source.clone(),
             samples: self.samples.iter().take(n).cloned().collect(),
-            labels: self.labels.as_ref().map(|l| l.iter().take(n).copied().collect()),
+            labels: self
+                .labels
+                .as_ref()
+                .map(|l| l.iter().take(n).copied().collect()),
         }
     }
 }
@@ -100,13 +103,25 @@ fn random(n: usize, seed: u64, specs: &[InputSpec]) -> Result<SampleSet, ToolErr
                 }
                 proto::dt::INT64 => {
                     let v: Vec<i64> = (0..count)
-                        .map(|_| if mask { 1 } else { 1000 + (rng.next_u64() % 4000) as i64 })
+                        .map(|_| {
+                            if mask {
+                                1
+                            } else {
+                                1000 + (rng.next_u64() % 4000) as i64
+                            }
+                        })
                         .collect();
                     Tensor::from_shape(&s.shape, &v)
                 }
                 proto::dt::INT32 => {
                     let v: Vec<i32> = (0..count)
-                        .map(|_| if mask { 1 } else { 1000 + (rng.next_u64() % 4000) as i32 })
+                        .map(|_| {
+                            if mask {
+                                1
+                            } else {
+                                1000 + (rng.next_u64() % 4000) as i32
+                            }
+                        })
                         .collect();
                     Tensor::from_shape(&s.shape, &v)
                 }
@@ -134,11 +149,17 @@ fn csv(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError> {
     let [spec] = specs else {
         return Err(bad(
             &src,
-            format!("CSV samples need a model with one input, this one has {}", specs.len()),
+            format!(
+                "CSV samples need a model with one input, this one has {}",
+                specs.len()
+            ),
         ));
     };
     if spec.elem != proto::dt::FLOAT {
-        return Err(bad(&src, format!("input {:?} is {}, CSV gives f32", spec.name, spec.dtype)));
+        return Err(bad(
+            &src,
+            format!("input {:?} is {}, CSV gives f32", spec.name, spec.dtype),
+        ));
     }
     let features: usize = spec.shape.iter().product();
     let file = std::fs::File::open(path).map_err(|e| bad(&src, e.to_string()))?;
@@ -174,7 +195,10 @@ fn csv(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError> {
         let mut v = Vec::with_capacity(features);
         for (c, cell) in cells[..features].iter().enumerate() {
             v.push(cell.trim().parse::<f32>().map_err(|_| {
-                bad(&format!("{src}:{}", i + 1), format!("column {}: {cell:?} is not a number", c + 1))
+                bad(
+                    &format!("{src}:{}", i + 1),
+                    format!("column {}: {cell:?} is not a number", c + 1),
+                )
             })?);
         }
         let label = cells[features].trim().parse::<i64>().map_err(|_| {
@@ -202,7 +226,8 @@ fn safetensors(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError>
     use safetensors::{Dtype, SafeTensors};
     let src = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| bad(&src, e.to_string()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(&src, format!("not safetensors: {e}")))?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| bad(&src, format!("not safetensors: {e}")))?;
     let mut n = None;
     let mut per_input: Vec<Vec<Tensor>> = Vec::new();
     for spec in specs {
@@ -223,12 +248,23 @@ fn safetensors(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError>
         if shape.is_empty() || total % per_sample != 0 || shape[1..] != spec.shape[1..] {
             return Err(bad(
                 &format!("{src}: {}", spec.name),
-                format!("shape {shape:?}, expected [N, {:?}...] to match {:?}", &spec.shape[1..], spec.shape),
+                format!(
+                    "shape {shape:?}, expected [N, {:?}...] to match {:?}",
+                    &spec.shape[1..],
+                    spec.shape
+                ),
             ));
         }
         let count = total / per_sample;
         if *n.get_or_insert(count) != count {
-            return Err(bad(&src, format!("{:?} holds {count} samples, other inputs {}", spec.name, n.unwrap_or(0))));
+            return Err(bad(
+                &src,
+                format!(
+                    "{:?} holds {count} samples, other inputs {}",
+                    spec.name,
+                    n.unwrap_or(0)
+                ),
+            ));
         }
         let data = t.data();
         let want = match spec.elem {
@@ -254,18 +290,26 @@ fn safetensors(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError>
             let chunk = &data[s * per_sample * width..(s + 1) * per_sample * width];
             let t = match spec.elem {
                 proto::dt::FLOAT => {
-                    let v: Vec<f32> = chunk.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                    let v: Vec<f32> = chunk
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
                     Tensor::from_shape(&spec.shape, &v)
                 }
                 proto::dt::INT64 => {
                     let v: Vec<i64> = chunk
                         .chunks_exact(8)
-                        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                        .map(|c| {
+                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                        })
                         .collect();
                     Tensor::from_shape(&spec.shape, &v)
                 }
                 _ => {
-                    let v: Vec<i32> = chunk.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                    let v: Vec<i32> = chunk
+                        .chunks_exact(4)
+                        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
                     Tensor::from_shape(&spec.shape, &v)
                 }
             };
@@ -281,12 +325,28 @@ fn safetensors(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError>
     let labels = match st.tensor("labels") {
         Ok(t) => {
             let v: Vec<i64> = match t.dtype() {
-                Dtype::I64 => t.data().chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect(),
-                Dtype::I32 => t.data().chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
-                d => return Err(bad(&format!("{src}: labels"), format!("dtype {d:?}, expected i64 or i32"))),
+                Dtype::I64 => t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect(),
+                Dtype::I32 => t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                    .collect(),
+                d => {
+                    return Err(bad(
+                        &format!("{src}: labels"),
+                        format!("dtype {d:?}, expected i64 or i32"),
+                    ));
+                }
             };
             if v.len() != n {
-                return Err(bad(&format!("{src}: labels"), format!("{} labels for {n} samples", v.len())));
+                return Err(bad(
+                    &format!("{src}: labels"),
+                    format!("{} labels for {n} samples", v.len()),
+                ));
             }
             Some(v)
         }

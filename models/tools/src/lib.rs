@@ -14,6 +14,7 @@
 pub mod bundle_io;
 pub mod calib;
 pub mod digits;
+pub mod export;
 pub mod inspect;
 pub mod onnx;
 pub mod progress;

@@ -47,6 +47,29 @@ enum Command {
     },
     /// int8 / f16 quantization, calibrated and verified in tract before it is written.
     Quantize(QuantizeArgs),
+    /// A bundle's backbone + trained head as one ONNX file, checked against the daemon's output.
+    Export {
+        /// The bundle directory (with a [head]).
+        bundle: PathBuf,
+        /// The ONNX file to write.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// A head.safetensors to export instead of the bundle's (e.g. one trained on a device).
+        #[arg(long)]
+        head: Option<PathBuf>,
+        /// Samples compared against the daemon's path.
+        #[arg(long, default_value_t = 16)]
+        samples: usize,
+        /// Largest allowed difference.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f32,
+        /// Python with onnxruntime for the second check ("off" to skip).
+        #[arg(long, default_value = "python3")]
+        onnxruntime: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Train a model the project ships.
     Train {
         #[command(subcommand)]
@@ -73,9 +96,16 @@ struct QuantizeArgs {
     /// One scale per weight tensor instead of one per output channel.
     #[arg(long)]
     per_tensor: bool,
-    /// Largest allowed |quantized - f32| on a checked output.
-    #[arg(long, default_value_t = 0.05)]
-    tolerance: f32,
+    /// Largest allowed |quantized - f32| on a checked output (default 0.05 without labels;
+    /// with labelled samples only --max-accuracy-drop applies unless this is given).
+    #[arg(long)]
+    tolerance: Option<f32>,
+    /// MatMul/Gemm weights with fewer values keep f32 compute with int8 weights.
+    #[arg(long, default_value_t = 16384)]
+    min_int8_params: usize,
+    /// Keep node and internal value names (default: shortened, to save space).
+    #[arg(long)]
+    keep_names: bool,
     /// Largest allowed accuracy drop in points (when the samples carry labels).
     #[arg(long, default_value_t = 1.0)]
     max_accuracy_drop: f64,
@@ -151,6 +181,34 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Quantize(args) => quantize(args),
+        Command::Export {
+            bundle,
+            out,
+            head,
+            samples,
+            tolerance,
+            onnxruntime,
+            json,
+        } => {
+            let r = dai_models::export::export(
+                &bundle,
+                &out,
+                &dai_models::export::ExportOptions {
+                    head,
+                    samples,
+                    tolerance,
+                    python: Some(onnxruntime),
+                },
+            )
+            .with_context(|| format!("exporting {}", bundle.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.table());
+                eprintln!("wrote {}", out.display());
+            }
+            Ok(())
+        }
         Command::Inspect {
             model,
             input_shape,
@@ -331,14 +389,24 @@ fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     let check_outputs = if a.check_output.is_empty() {
         r.manifest
             .as_ref()
-            .map(|m| m.outputs.iter().map(|o| o.onnx_name().to_string()).collect())
+            .map(|m| {
+                m.outputs
+                    .iter()
+                    .map(|o| o.onnx_name().to_string())
+                    .collect()
+            })
             .unwrap_or_default()
     } else {
         a.check_output.clone()
     };
     let out = a.out.clone().unwrap_or_else(|| {
-        let stem = r.file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-        r.file.with_file_name(format!("{stem}.{}.onnx", a.mode.suffix()))
+        let stem = r
+            .file
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        r.file
+            .with_file_name(format!("{stem}.{}.onnx", a.mode.suffix()))
     });
     if out.exists() && !a.force {
         anyhow::bail!("{} exists; pass --force to replace it", out.display());
@@ -348,14 +416,17 @@ fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         calibration: a.method,
         per_channel: !a.per_tensor,
         tolerance: a.tolerance,
+        min_int8_params: a.min_int8_params,
+        keep_names: a.keep_names,
         max_accuracy_drop: a.max_accuracy_drop,
         exclude: a.exclude.clone(),
         check_outputs,
         bench_runs: a.bench,
         ignore_value_info: r.ignore_value_info,
     };
-    let (report, quantized) = quantize::quantize(&model, &specs, &calibration, &verification, &opts)
-        .with_context(|| format!("quantizing {}", r.file.display()))?;
+    let (report, quantized) =
+        quantize::quantize(&model, &specs, &calibration, &verification, &opts)
+            .with_context(|| format!("quantizing {}", r.file.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -368,10 +439,17 @@ fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     if let Some(dir) = &r.bundle_dir
         && a.out.is_none()
     {
-        let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         dai_models::variants::record(dir, a.mode.suffix(), &name, &report, a.force)
             .with_context(|| format!("recording the variant in {}", dir.display()))?;
-        eprintln!("wrote {} ({bytes} bytes) and listed it in {}/manifest.toml", out.display(), dir.display());
+        eprintln!(
+            "wrote {} ({bytes} bytes) and listed it in {}/manifest.toml",
+            out.display(),
+            dir.display()
+        );
     } else {
         eprintln!("wrote {} ({bytes} bytes)", out.display());
     }

@@ -11,12 +11,23 @@ use std::fmt::Write;
 use std::path::Path;
 
 /// Add (or with `force`, replace) the variant `kind` -> `file` in `dir`'s manifest.
-pub fn record(dir: &Path, kind: &str, file: &str, report: &QuantReport, force: bool) -> Result<(), ToolError> {
+pub fn record(
+    dir: &Path,
+    kind: &str,
+    file: &str,
+    report: &QuantReport,
+    force: bool,
+) -> Result<(), ToolError> {
     let mut metrics = vec![
         ("size_ratio", report.size_ratio),
         ("bytes", report.bytes_after as f64),
     ];
-    if let Some(o) = report.outputs.iter().map(|o| o.max_abs_diff).reduce(f32::max) {
+    if let Some(o) = report
+        .outputs
+        .iter()
+        .map(|o| o.max_abs_diff)
+        .reduce(f32::max)
+    {
         metrics.push(("max_abs_diff", o as f64));
     }
     if let Some(a) = report.accuracy_quantized {
@@ -49,15 +60,25 @@ pub fn record_metrics(
             message: format!("already lists a {kind:?} variant; pass --force to replace it"),
         });
     }
-    let text = if exists { remove_variant(&text, kind) } else { text };
+    let text = if exists {
+        remove_variant(&text, kind)
+    } else {
+        text
+    };
     let (sha, _) = sha256_file(&dir.join(file)).map_err(|e| ToolError::Io(e.to_string()))?;
     let mut block = String::new();
-    let _ = writeln!(block, "\n# Made by dai-models quantize; verified in tract before it was written.");
+    let _ = writeln!(
+        block,
+        "\n# Made by dai-models quantize; verified in tract before it was written."
+    );
     let _ = writeln!(block, "[[variants]]");
     let _ = writeln!(block, "kind = {kind:?}");
     let _ = writeln!(block, "file = {file:?}");
     let _ = writeln!(block, "sha256 = {sha:?}");
-    let m: Vec<String> = metrics.iter().map(|(k, v)| format!("{k} = {v:.6}")).collect();
+    let m: Vec<String> = metrics
+        .iter()
+        .map(|(k, v)| format!("{k} = {v:.6}"))
+        .collect();
     let _ = writeln!(block, "metrics = {{ {} }}", m.join(", "));
     let new_text = format!("{}\n{}", text.trim_end(), block);
     let tmp = path.with_extension("toml.tmp");
@@ -94,12 +115,18 @@ fn remove_variant(text: &str, kind: &str) -> String {
                 .iter()
                 .any(|l| l.replace(' ', "") == format!("kind={kind:?}"));
             if is_kind {
-                if out.last().is_some_and(|l| l.starts_with("# Made by dai-models")) {
+                if out
+                    .last()
+                    .is_some_and(|l| l.starts_with("# Made by dai-models"))
+                {
                     out.pop();
                 }
                 // Drop trailing comment/blank lines that belong to the next table.
                 let mut stop = end;
-                while stop > i + 1 && (lines[stop - 1].trim().is_empty() || lines[stop - 1].starts_with("# Made by dai-models")) {
+                while stop > i + 1
+                    && (lines[stop - 1].trim().is_empty()
+                        || lines[stop - 1].starts_with("# Made by dai-models"))
+                {
                     stop -= 1;
                 }
                 i = stop;

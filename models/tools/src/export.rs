@@ -1,0 +1,501 @@
+//! `dai-models export`: a bundle's backbone and its trained head as one
+//! standard ONNX file (the head as Gemm + activation nodes, softmax when the
+//! bundle applies one), checked against the daemon's own path (the bundle
+//! loaded by dai-infer, head applied) in tract, and in onnxruntime when a
+//! Python with it is available.
+//!
+//! This is how weights trained on devices leave the DAI world: any ONNX
+//! runtime can serve the exported file.
+
+use crate::ToolError;
+use crate::proto::{self, Names, dt};
+use crate::runner::{self, Runner};
+use dai_infer::bundle::{Bundle, HeadTransform};
+use dai_train::{Activation, Head};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tract_onnx::pb;
+use tract_onnx::prelude::Tensor;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    pub bundle: String,
+    pub head: String,
+    pub output: String,
+    pub layers: Vec<String>,
+    pub bytes: u64,
+    pub samples: usize,
+    /// Largest |exported in tract - daemon path| over the samples.
+    pub max_abs_diff_tract: f32,
+    /// Same against onnxruntime, when it ran.
+    pub max_abs_diff_onnxruntime: Option<f32>,
+    pub onnxruntime: String,
+}
+
+const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi), as dai-train's GELU
+
+fn scalar(inits: &mut Vec<pb::TensorProto>, names: &mut Names, base: &str, v: f32) -> String {
+    let n = names.fresh(base);
+    inits.push(proto::f32_tensor(&n, &[], &[v]));
+    n
+}
+
+/// Append `head` after value `input` of `model`; the head's output becomes
+/// the only graph output, named `output`.
+pub fn append_head(
+    model: &pb::ModelProto,
+    input: &str,
+    head: &Head,
+    transform: HeadTransform,
+    output: &str,
+) -> Result<pb::ModelProto, ToolError> {
+    let mut out = model.clone();
+    let g = out
+        .graph
+        .as_mut()
+        .ok_or_else(|| ToolError::Export("the backbone has no graph".into()))?;
+    let mut names = Names::of(g);
+    if names_contains(g, output) {
+        return Err(ToolError::Export(format!(
+            "the backbone already has a value named {output:?}; the head's output needs that name"
+        )));
+    }
+    let mut nodes = Vec::new();
+    let mut inits = Vec::new();
+    let mut current = input.to_string();
+    let n = head.spec.layers.len();
+    for (i, l) in head.spec.layers.iter().enumerate() {
+        let w = names.fresh(&format!("head.{i}.weight"));
+        let b = names.fresh(&format!("head.{i}.bias"));
+        inits.push(proto::f32_tensor(
+            &w,
+            &[l.outputs, l.inputs],
+            &head.params.weights[i],
+        ));
+        inits.push(proto::f32_tensor(&b, &[l.outputs], &head.params.biases[i]));
+        let z = names.fresh(&format!("head.{i}.linear"));
+        nodes.push(proto::node(
+            "Gemm",
+            &names.fresh(&format!("head.{i}.gemm")),
+            &[&current, &w, &b],
+            &[&z],
+            vec![proto::attr_int("transB", 1)],
+        ));
+        current = match l.activation {
+            Activation::None => z,
+            Activation::Relu => {
+                let y = names.fresh(&format!("head.{i}.relu"));
+                nodes.push(proto::node("Relu", &y, &[&z], &[&y], vec![]));
+                y
+            }
+            Activation::Gelu => {
+                // 0.5 z (1 + tanh(c (z + 0.044715 z^3))), dai-train's form.
+                let p = |s: &str| format!("head.{i}.gelu.{s}");
+                let k1 = scalar(&mut inits, &mut names, &p("k"), 0.044715);
+                let kc = scalar(&mut inits, &mut names, &p("c"), GELU_C);
+                let one = scalar(&mut inits, &mut names, &p("one"), 1.0);
+                let half = scalar(&mut inits, &mut names, &p("half"), 0.5);
+                let z2 = names.fresh(&p("z2"));
+                let z3 = names.fresh(&p("z3"));
+                let kz3 = names.fresh(&p("kz3"));
+                let inner = names.fresh(&p("inner"));
+                let u = names.fresh(&p("u"));
+                let t = names.fresh(&p("tanh"));
+                let t1 = names.fresh(&p("one_plus"));
+                let hz = names.fresh(&p("half_z"));
+                let y = names.fresh(&p("out"));
+                for (op, a, b2, o) in [
+                    ("Mul", &z, &z, &z2),
+                    ("Mul", &z2, &z, &z3),
+                    ("Mul", &z3, &k1, &kz3),
+                    ("Add", &z, &kz3, &inner),
+                    ("Mul", &inner, &kc, &u),
+                ] {
+                    nodes.push(proto::node(op, &names.fresh(o), &[a, b2], &[o], vec![]));
+                }
+                nodes.push(proto::node("Tanh", &names.fresh(&t), &[&u], &[&t], vec![]));
+                nodes.push(proto::node(
+                    "Add",
+                    &names.fresh(&t1),
+                    &[&t, &one],
+                    &[&t1],
+                    vec![],
+                ));
+                nodes.push(proto::node(
+                    "Mul",
+                    &names.fresh(&hz),
+                    &[&z, &half],
+                    &[&hz],
+                    vec![],
+                ));
+                nodes.push(proto::node(
+                    "Mul",
+                    &names.fresh(&y),
+                    &[&hz, &t1],
+                    &[&y],
+                    vec![],
+                ));
+                y
+            }
+        };
+        if i + 1 == n {
+            let last = match transform {
+                HeadTransform::Softmax => {
+                    nodes.push(proto::node(
+                        "Softmax",
+                        "head.softmax",
+                        &[&current],
+                        &[output],
+                        vec![proto::attr_int("axis", -1)],
+                    ));
+                    output.to_string()
+                }
+                HeadTransform::None => {
+                    nodes.push(proto::node(
+                        "Identity",
+                        "head.output",
+                        &[&current],
+                        &[output],
+                        vec![],
+                    ));
+                    output.to_string()
+                }
+            };
+            current = last;
+        }
+    }
+    g.node.extend(nodes);
+    g.initializer.extend(inits);
+    g.output = vec![value_info_2d(output, head.spec.outputs())];
+    if proto::opset(&out) < 13 {
+        // Softmax's axis=-1 semantics and Gemm are fine from 13 on; older
+        // backbones keep their opset and the head uses only ops valid there.
+    }
+    crate::quantize::prune_unused(&mut out);
+    out.producer_name = "dai-models export".into();
+    out.producer_version = env!("CARGO_PKG_VERSION").into();
+    Ok(out)
+}
+
+fn names_contains(g: &pb::GraphProto, name: &str) -> bool {
+    g.node.iter().any(|n| n.output.iter().any(|o| o == name))
+        || g.input.iter().any(|i| i.name == name)
+        || g.initializer.iter().any(|i| i.name == name)
+}
+
+fn value_info_2d(name: &str, features: usize) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{Dimension, dimension::Value};
+    pb::ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: dt::FLOAT,
+                shape: Some(pb::TensorShapeProto {
+                    dim: vec![
+                        Dimension {
+                            value: Some(Value::DimParam("batch".into())),
+                            ..Default::default()
+                        },
+                        Dimension {
+                            value: Some(Value::DimValue(features as i64)),
+                            ..Default::default()
+                        },
+                    ],
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub struct ExportOptions {
+    pub head: Option<PathBuf>,
+    pub samples: usize,
+    /// Largest allowed difference to the daemon's output.
+    pub tolerance: f32,
+    /// python3 with onnxruntime: "auto" tries `python3`, "off" skips.
+    pub python: Option<String>,
+}
+
+/// Export `bundle_dir` to `out`. Refuses (writes nothing) when the exported
+/// model disagrees with the daemon's path.
+pub fn export(
+    bundle_dir: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+) -> Result<ExportReport, ToolError> {
+    let bundle = Bundle::open(bundle_dir).map_err(|e| ToolError::Data {
+        path: bundle_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let m = bundle.manifest.clone();
+    let head_ref = m.head.clone().ok_or_else(|| ToolError::Data {
+        path: Bundle::manifest_path(bundle_dir).display().to_string(),
+        message: "the bundle has no [head]: its ONNX file is already the whole model".into(),
+    })?;
+    let head_path = opts
+        .head
+        .clone()
+        .unwrap_or_else(|| bundle_dir.join(&head_ref.file));
+    let (head, _) = Head::load(&head_path).map_err(|e| ToolError::Data {
+        path: head_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let emb = m
+        .outputs
+        .iter()
+        .find(|o| o.name == head_ref.input)
+        .ok_or_else(|| {
+            ToolError::Export(format!(
+                "manifest output {:?} (the head's input) not found",
+                head_ref.input
+            ))
+        })?;
+    if emb.shape.len() != 2 || emb.row_elems() != head.spec.inputs() {
+        return Err(ToolError::Export(format!(
+            "the head takes {} features, output {:?} has shape {:?} (expected [batch, {}])",
+            head.spec.inputs(),
+            emb.name,
+            emb.shape,
+            head.spec.inputs()
+        )));
+    }
+    let backbone = proto::load(&bundle.model_path())?;
+    let exported = append_head(
+        &backbone,
+        emb.onnx_name(),
+        &head,
+        head_ref.transform,
+        &head_ref.output,
+    )?;
+
+    // The daemon's path: the same bundle through dai-infer, head applied.
+    // A head given with --head replaces the shipped one there too.
+    let mut daemon_bundle = bundle.clone();
+    if opts.head.is_some() {
+        daemon_bundle.dir = stage_with_head(bundle_dir, &head_path)?;
+    }
+    let loaded = dai_infer::LoadedModel::load(daemon_bundle, 1)
+        .map_err(|e| ToolError::Verify(e.to_string()))?;
+    let mut shapes = std::collections::HashMap::new();
+    for i in &m.inputs {
+        shapes.insert(i.onnx_name().to_string(), i.shape.clone());
+    }
+    let (specs, _) = runner::input_specs(&exported, &shapes)?;
+    let runner = Runner::new(&exported, &specs, m.model.ignore_value_info, None)?;
+    let set = crate::calib::load(&format!("random:{}:5", opts.samples.max(1)), &specs)?;
+    let mut max_diff = 0.0f32;
+    let mut rows: Vec<(Vec<Vec<f32>>, Vec<f32>)> = Vec::new();
+    for sample in &set.samples {
+        let mut named = std::collections::HashMap::new();
+        let mut raw_inputs = Vec::new();
+        for (spec, t) in m.inputs.iter().zip(sample) {
+            let td = to_tensordata(t)?;
+            raw_inputs.push(runner::values_f32(t)?);
+            named.insert(spec.name.clone(), td);
+        }
+        let (prepared, r) = loaded
+            .prepare(named)
+            .map_err(|e| ToolError::Verify(e.to_string()))?;
+        let refs: Vec<&dai_infer::TensorData> = prepared.iter().collect();
+        let outs = loaded
+            .run(&refs, r)
+            .map_err(|e| ToolError::Verify(e.to_string()))?;
+        let (probs, _) = loaded
+            .apply_head(&outs)
+            .map_err(|e| ToolError::Verify(e.to_string()))?
+            .ok_or_else(|| ToolError::Verify("the daemon applied no head".into()))?;
+        let daemon: Vec<f32> = match probs.data {
+            dai_infer::Data::F32(v) => v,
+            _ => return Err(ToolError::Verify("head output is not f32".into())),
+        };
+        let ours = runner::values_f32(&runner.run(sample)?[0])?;
+        if ours.len() != daemon.len() {
+            return Err(ToolError::Verify(format!(
+                "exported output has {} values, the daemon's {}",
+                ours.len(),
+                daemon.len()
+            )));
+        }
+        for (a, b) in ours.iter().zip(&daemon) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+        rows.push((raw_inputs, daemon));
+    }
+    if max_diff.is_nan() || max_diff > opts.tolerance {
+        return Err(ToolError::Verify(format!(
+            "exported model differs from the daemon's output by {max_diff:.3e} (> {}); nothing written",
+            opts.tolerance
+        )));
+    }
+    let bytes = proto::save(&exported, out)?;
+    let (ort_diff, ort_status) = match opts.python.as_deref() {
+        Some("off") => (None, "skipped (--onnxruntime off)".to_string()),
+        py => match check_onnxruntime(py.unwrap_or("python3"), out, &m.inputs, &rows) {
+            Ok(d) => (Some(d), "checked".to_string()),
+            Err(why) => (None, why),
+        },
+    };
+    if let Some(d) = ort_diff
+        && (d.is_nan() || d > opts.tolerance)
+    {
+        let _ = std::fs::remove_file(out);
+        return Err(ToolError::Verify(format!(
+            "onnxruntime's output differs from the daemon's by {d:.3e} (> {}); {} removed",
+            opts.tolerance,
+            out.display()
+        )));
+    }
+    Ok(ExportReport {
+        bundle: bundle_dir.display().to_string(),
+        head: head_path.display().to_string(),
+        output: head_ref.output.clone(),
+        layers: head
+            .spec
+            .layers
+            .iter()
+            .map(|l| format!("{}->{} {}", l.inputs, l.outputs, l.activation.as_str()))
+            .collect(),
+        bytes,
+        samples: set.len(),
+        max_abs_diff_tract: max_diff,
+        max_abs_diff_onnxruntime: ort_diff,
+        onnxruntime: ort_status,
+    })
+}
+
+/// A copy of the bundle directory with `head` as its head file (checksum
+/// updated), so the daemon's loader can be run on a device-trained head.
+fn stage_with_head(dir: &Path, head: &Path) -> Result<PathBuf, ToolError> {
+    let io = |e: std::io::Error| ToolError::Io(e.to_string());
+    let tmp = std::env::temp_dir().join(format!("dai-export-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    let m = Bundle::read_manifest(dir).map_err(|e| ToolError::Io(e.to_string()))?;
+    std::fs::copy(dir.join(&m.model.file), tmp.join(&m.model.file)).map_err(io)?;
+    let h = m.head.as_ref().map(|h| h.file.clone()).unwrap_or_default();
+    std::fs::copy(head, tmp.join(&h)).map_err(io)?;
+    let (sum, _) =
+        dai_infer::bundle::sha256_file(&tmp.join(&h)).map_err(|e| ToolError::Io(e.to_string()))?;
+    let mut m2 = m.clone();
+    if let Some(hr) = m2.head.as_mut() {
+        hr.sha256 = sum;
+    }
+    let text = toml::to_string(&m2).map_err(|e| ToolError::Io(e.to_string()))?;
+    std::fs::write(Bundle::manifest_path(&tmp), text).map_err(io)?;
+    Ok(tmp)
+}
+
+fn to_tensordata(t: &Tensor) -> Result<dai_infer::TensorData, ToolError> {
+    let shape = t.shape().to_vec();
+    let v = runner::values_f32(t)?;
+    let data = match t.datum_type() {
+        tract_onnx::prelude::DatumType::I64 => {
+            dai_infer::Data::I64(v.iter().map(|x| *x as i64).collect())
+        }
+        _ => dai_infer::Data::F32(v),
+    };
+    dai_infer::TensorData::new(shape, data).map_err(|e| ToolError::Verify(e.0))
+}
+
+/// Run the exported file in onnxruntime (through Python) on the same rows
+/// and return the largest difference to the daemon's outputs.
+fn check_onnxruntime(
+    python: &str,
+    file: &Path,
+    inputs: &[dai_infer::TensorSpec],
+    rows: &[(Vec<Vec<f32>>, Vec<f32>)],
+) -> Result<f32, String> {
+    use std::io::Write;
+    let script = r#"
+import json, sys
+try:
+    import numpy as np, onnxruntime as ort
+except ImportError as e:
+    print(json.dumps({"error": f"python has no {e.name}"})); sys.exit(0)
+job = json.load(sys.stdin)
+s = ort.InferenceSession(job["file"], providers=["CPUExecutionProvider"])
+worst = 0.0
+for row in job["rows"]:
+    feed = {}
+    for spec, values in zip(job["inputs"], row["inputs"]):
+        dt = np.int64 if spec["dtype"] == "i64" else np.float32
+        feed[spec["onnx_name"]] = np.array(values, dtype=dt).reshape(spec["shape"])
+    out = s.run(None, feed)[0].reshape(-1)
+    worst = max(worst, float(np.abs(out - np.array(row["expected"], dtype=np.float32)).max()))
+print(json.dumps({"max_abs_diff": worst, "version": ort.__version__}))
+"#;
+    let job = serde_json::json!({
+        "file": file.display().to_string(),
+        "inputs": inputs.iter().map(|i| serde_json::json!({
+            "onnx_name": i.onnx_name(), "dtype": i.dtype.to_string(), "shape": i.shape})).collect::<Vec<_>>(),
+        "rows": rows.iter().map(|(i, e)| serde_json::json!({"inputs": i, "expected": e})).collect::<Vec<_>>(),
+    });
+    let mut child = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("skipped: cannot run {python}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(job.to_string().as_bytes())
+            .map_err(|e| format!("skipped: writing to {python}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("skipped: {python}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.trim()).map_err(|_| {
+        format!(
+            "skipped: {python} gave no result ({})",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("no output")
+        )
+    })?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(format!("skipped: {e}"));
+    }
+    v.get("max_abs_diff")
+        .and_then(|d| d.as_f64())
+        .map(|d| d as f32)
+        .ok_or_else(|| "skipped: unexpected answer from python".into())
+}
+
+impl ExportReport {
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "bundle        {}", self.bundle);
+        let _ = writeln!(
+            s,
+            "head          {} ({})",
+            self.head,
+            self.layers.join(", ")
+        );
+        let _ = writeln!(s, "output        {:?}", self.output);
+        let _ = writeln!(
+            s,
+            "size          {}",
+            crate::inspect::human_bytes(self.bytes)
+        );
+        let _ = writeln!(
+            s,
+            "tract         max |exported - daemon| = {:.2e} over {} samples",
+            self.max_abs_diff_tract, self.samples
+        );
+        match self.max_abs_diff_onnxruntime {
+            Some(d) => {
+                let _ = writeln!(s, "onnxruntime   max |exported - daemon| = {d:.2e}");
+            }
+            None => {
+                let _ = writeln!(s, "onnxruntime   {}", self.onnxruntime);
+            }
+        }
+        s
+    }
+}
