@@ -19,6 +19,7 @@ pub mod inspect;
 pub mod onnx;
 pub mod progress;
 pub mod proto;
+pub mod prune;
 pub mod quantize;
 pub mod runner;
 pub mod shard;

@@ -47,6 +47,41 @@ enum Command {
     },
     /// int8 / f16 quantization, calibrated and verified in tract before it is written.
     Quantize(QuantizeArgs),
+    /// Magnitude pruning (unstructured or channel-structured) with an accuracy/size report.
+    Prune {
+        /// An ONNX file, or a bundle directory.
+        model: PathBuf,
+        /// Fraction of weights (or channels, with --structured) set to zero, in [0, 1).
+        #[arg(long)]
+        sparsity: f64,
+        /// Zero whole output channels by L2 norm instead of single weights.
+        #[arg(long)]
+        structured: bool,
+        /// Samples to measure accuracy/deviation on (formats as quantize --calibration).
+        #[arg(long, default_value = "random:16")]
+        samples: String,
+        /// Use at most this many samples.
+        #[arg(long, default_value_t = 500)]
+        limit: usize,
+        /// Keep this node unpruned (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Concrete shape for an input, e.g. x=1x3x48x192 (repeatable).
+        #[arg(long = "input-shape", value_parser = dai_models::runner::parse_shape_override)]
+        input_shape: Vec<(String, Vec<usize>)>,
+        /// Time this many runs of each model in tract (0: skip).
+        #[arg(long, default_value_t = 0)]
+        bench: usize,
+        /// Where to write (default: NAME.pruned<PERCENT>.onnx next to the input).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A bundle's backbone + trained head as one ONNX file, checked against the daemon's output.
     Export {
         /// The bundle directory (with a [head]).
@@ -181,6 +216,63 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Quantize(args) => quantize(args),
+        Command::Prune {
+            model,
+            sparsity,
+            structured,
+            samples,
+            limit,
+            exclude,
+            input_shape,
+            bench,
+            out,
+            force,
+            json,
+        } => {
+            use dai_models::{bundle_io, calib, proto, prune, runner};
+            let r = bundle_io::resolve_ref(&model, input_shape)?;
+            let m = proto::load(&r.file)?;
+            let (specs, _) = runner::input_specs(&m, &r.shapes)?;
+            let set = calib::load(&samples, &specs)
+                .with_context(|| format!("reading samples {samples:?}"))?
+                .take(limit);
+            let out = out.unwrap_or_else(|| {
+                let stem = r
+                    .file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                r.file.with_file_name(format!(
+                    "{stem}.pruned{}{}.onnx",
+                    (sparsity * 100.0).round() as u32,
+                    if structured { "s" } else { "" }
+                ))
+            });
+            if out.exists() && !force {
+                anyhow::bail!("{} exists; pass --force to replace it", out.display());
+            }
+            let (pruned, report) = prune::prune(
+                &m,
+                &specs,
+                &set,
+                &prune::PruneOptions {
+                    sparsity,
+                    structured,
+                    exclude,
+                    ignore_value_info: r.ignore_value_info,
+                    bench_runs: bench,
+                },
+            )
+            .with_context(|| format!("pruning {}", r.file.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            proto::save(&pruned, &out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
         Command::Export {
             bundle,
             out,
