@@ -45,6 +45,7 @@ daemon:
   models_dir: /opt/dai/models
   models: [a, b]
   fetch_missing_models: false
+  prefer_model_variant: int8
   max_batch_wait_ms: 7
   queue_capacity: 9
   max_body_mb: 3
@@ -138,6 +139,7 @@ fn every_key_is_parsed() {
     assert_eq!(d.models_dir.to_str(), Some("/opt/dai/models"));
     assert_eq!(d.models, vec!["a", "b"]);
     assert!(!d.fetch_missing_models);
+    assert_eq!(d.prefer_model_variant, "int8");
     assert_eq!(d.max_batch_wait_ms, 7);
     assert_eq!(d.queue_capacity, 9);
     assert_eq!(d.max_body_mb, 3);
@@ -190,6 +192,7 @@ const BAD: &[(&str, &str, &str)] = &[
     ("daemon.models_dir", "''", "directory path"),
     ("daemon.models", "['../etc']", "bundle directory names"),
     ("daemon.fetch_missing_models", "3", "invalid type"),
+    ("daemon.prefer_model_variant", "'../int8'", "variant kind"),
     ("daemon.max_batch_wait_ms", "5000", "0..=1000"),
     ("daemon.queue_capacity", "0", "1..=100000"),
     ("daemon.max_body_mb", "0", "1..=1024"),
@@ -209,7 +212,7 @@ fn yaml_with(key: &str, value: &str) -> String {
 #[test]
 fn every_key_refuses_a_bad_value_naming_key_and_value() {
     // `sensors` (a list) has its own test below.
-    assert_eq!(BAD.len(), 46, "one case per key");
+    assert_eq!(BAD.len(), 47, "one case per key");
     for (key, value, expect) in BAD {
         let err = Config::from_yaml_str(&yaml_with(key, value), "test.yaml").expect_err(key);
         let text = err.to_string();

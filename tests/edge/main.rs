@@ -15,3 +15,4 @@ mod metrics;
 mod sensors;
 mod support;
 mod training;
+mod variants;

@@ -25,6 +25,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("DAI_LISTEN_ADDR", "daemon.listen_addr"),
     ("DAI_DATA_DIR", "daemon.data_dir"),
     ("DAI_MODELS_DIR", "daemon.models_dir"),
+    ("DAI_PREFER_MODEL_VARIANT", "daemon.prefer_model_variant"),
     ("DAI_GPU_ENABLED", "gpu_enabled"),
     ("DAI_CPU_LIMIT", "cpu_limit"),
     ("DAI_MEMORY_LIMIT_MB", "memory_limit_mb"),
@@ -311,6 +312,10 @@ pub struct DaemonConfig {
     pub models: Vec<String>,
     /// Fetch missing model files from their pinned source at start.
     pub fetch_missing_models: bool,
+    /// Load this variant of each bundle (e.g. `int8`, `f16`: the kinds
+    /// `dai-models quantize` lists in a manifest) when the bundle has one;
+    /// empty loads the f32 model file.
+    pub prefer_model_variant: String,
     /// Longest wait for a batch to fill, milliseconds.
     pub max_batch_wait_ms: u64,
     /// Queued requests per worker before 503.
@@ -335,6 +340,7 @@ impl Default for DaemonConfig {
             models_dir: PathBuf::from("models/zoo"),
             models: Vec::new(),
             fetch_missing_models: true,
+            prefer_model_variant: String::new(),
             max_batch_wait_ms: 2,
             queue_capacity: 64,
             max_body_mb: 16,
@@ -715,6 +721,18 @@ fn validate(c: &Config, origin: &str) -> Result<(), ConfigError> {
                 "expected bundle directory names inside models_dir",
             ));
         }
+    }
+    let v = &d.prefer_model_variant;
+    if v.len() > 64
+        || !v
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(bad(
+            "daemon.prefer_model_variant",
+            format!("{v:?}"),
+            "expected empty or a variant kind such as int8, int8w or f16",
+        ));
     }
     if d.max_batch_wait_ms > 1000 {
         return Err(bad(

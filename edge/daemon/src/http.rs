@@ -222,6 +222,7 @@ fn model_json(state: &AppState, info: &dai_infer::ModelInfo) -> Value {
                 "error": info.error, "description": man.description, "labels": man.labels,
                 "batching": man.batching, "inputs": specs_json(&man.inputs),
                 "outputs": specs_json(&man.outputs), "sha256": m.bundle.model_sha256,
+                "variant": m.bundle.variant, "model_file": man.model.file,
                 "size_bytes": m.bundle.model_bytes, "estimated_memory_bytes": m.estimated_bytes,
                 "loaded_at": loaded_at, "dir": info.dir.display().to_string(),
                 "license": man.source.as_ref().map(|s| s.license.clone()),

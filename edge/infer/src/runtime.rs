@@ -148,6 +148,8 @@ pub struct Runtime {
     pool: Pool,
     memory_limit_bytes: u64,
     max_batch: usize,
+    /// Bundle variant to load when present (`daemon.prefer_model_variant`).
+    prefer_variant: Option<String>,
 }
 
 impl Runtime {
@@ -170,6 +172,8 @@ impl Runtime {
             cache,
             pool,
             memory_limit_bytes: config.memory_limit_mb * 1024 * 1024,
+            prefer_variant: Some(config.daemon.prefer_model_variant.clone())
+                .filter(|v| !v.is_empty()),
             max_batch: config.batch_size,
         }
     }
@@ -274,7 +278,8 @@ impl Runtime {
     }
 
     fn try_load(&self, dir: &Path, name: &str) -> Result<Arc<LoadedModel>, String> {
-        let bundle = Bundle::open(dir).map_err(|e| e.to_string())?;
+        let bundle =
+            Bundle::open_variant(dir, self.prefer_variant.as_deref()).map_err(|e| e.to_string())?;
         let needed = LoadedModel::estimate_bytes(&bundle);
         let used = self.memory_used_bytes(Some(name));
         if used + needed > self.memory_limit_bytes {

@@ -245,7 +245,7 @@ fn safetensors(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError>
         let rows = spec.shape.first().copied().unwrap_or(1).max(1);
         let per_sample: usize = spec.shape.iter().product();
         let total: usize = shape.iter().product();
-        if shape.is_empty() || total % per_sample != 0 || shape[1..] != spec.shape[1..] {
+        if shape.is_empty() || !total.is_multiple_of(per_sample) || shape[1..] != spec.shape[1..] {
             return Err(bad(
                 &format!("{src}: {}", spec.name),
                 format!(

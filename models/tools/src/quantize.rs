@@ -167,7 +167,7 @@ enum Plan {
         k: usize,
         n: usize,
         alpha: f32,
-        bias: Option<pb::TensorProto>,
+        bias: Option<Box<pb::TensorProto>>,
         kind: &'static str,
     },
     /// Replace input `input` by int8 weights with scales along `axis`.
@@ -256,7 +256,7 @@ fn plan_nodes(
                     float_const(&consts, input(2)).map(|(t, v)| {
                         let v: Vec<f32> = v.iter().map(|x| x * beta).collect();
                         let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-                        Some(proto::f32_tensor("", &shape, &v))
+                        Some(Box::new(proto::f32_tensor("", &shape, &v)))
                     })
                 };
                 let (r0, r1) = (t.dims[0] as usize, t.dims[1] as usize);
@@ -301,17 +301,15 @@ fn plan_nodes(
                     );
                 }
             }
-            "Conv" => {
-                if float_const(&consts, input(1)).is_some() {
-                    plans.insert(
-                        i,
-                        Plan::WeightOnly {
-                            input: 1,
-                            axis: 0,
-                            kind: "Conv int8 weights",
-                        },
-                    );
-                }
+            "Conv" if float_const(&consts, input(1)).is_some() => {
+                plans.insert(
+                    i,
+                    Plan::WeightOnly {
+                        input: 1,
+                        axis: 0,
+                        kind: "Conv int8 weights",
+                    },
+                );
             }
             "Gather" => {
                 let Some((t, _)) = float_const(&consts, input(0)) else {
@@ -633,7 +631,7 @@ fn rewrite(
                     Some(b) => {
                         let scaled = names.fresh(&format!("{base}_scaled"));
                         let b_name = names.fresh(&format!("{base}_bias"));
-                        let mut b = b.clone();
+                        let mut b = (**b).clone();
                         b.name = b_name.clone();
                         inits.push(b);
                         nodes.push(proto::node(

@@ -13,6 +13,9 @@ use std::time::Instant;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
+/// tract's tensor type, for callers that build inputs without depending on tract.
+pub use tract_onnx::prelude::Tensor;
+
 /// One model input with a concrete shape.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct InputSpec {
