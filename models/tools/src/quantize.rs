@@ -178,6 +178,9 @@ enum Plan {
     },
     /// Embedding rows in int8 with per-row scales.
     GatherRows,
+    /// Other large float constants (LSTM/GRU weights...): (input, axis) each
+    /// given as int8 weights, f32 compute.
+    Constants(Vec<(usize, usize)>),
 }
 
 fn float_const<'a>(
@@ -324,6 +327,32 @@ fn plan_nodes(
             }
             _ => {}
         }
+        if plans.contains_key(&i)
+            || matches!(
+                n.op_type.as_str(),
+                "Reshape" | "Shape" | "ConstantOfShape" | "Constant"
+            )
+        {
+            continue;
+        }
+        // Anything else holding a large float constant (recurrent weights,
+        // attention tables): int8 storage, f32 compute.
+        let list: Vec<(usize, usize)> = n
+            .input
+            .iter()
+            .enumerate()
+            .filter_map(|(k, name)| {
+                let t = consts.get(name.as_str())?;
+                let big = matches!(t.data_type, dt::FLOAT | dt::DOUBLE | dt::FLOAT16)
+                    && proto::numel(&t.dims) >= 1024;
+                // Scales along the first axis longer than 1 (an LSTM's
+                // [directions, 4 * hidden, inputs] -> axis 1).
+                big.then(|| (k, t.dims.iter().position(|&d| d > 1).unwrap_or(0)))
+            })
+            .collect();
+        if !list.is_empty() {
+            plans.insert(i, Plan::Constants(list));
+        }
     }
     plans
 }
@@ -467,6 +496,43 @@ fn quantize_weights(
     (q, scales)
 }
 
+/// For a 2-D weight, the scale axis (rows or columns) whose int8 copy has
+/// the smaller error relative to each value's row and column magnitude.
+/// Output channels are the usual choice, but a first layer with input
+/// standardisation folded in (imu-anomaly: W / sd) has columns of very
+/// different magnitude, and per-row scales zero its small columns.
+fn best_axis_2d(w: &[f32], dims: &[usize], preferred: usize) -> usize {
+    let (r, c) = (dims[0], dims[1]);
+    let mut row_max = vec![0.0f32; r];
+    let mut col_max = vec![0.0f32; c];
+    for i in 0..r {
+        for j in 0..c {
+            let v = w[i * c + j].abs();
+            row_max[i] = row_max[i].max(v);
+            col_max[j] = col_max[j].max(v);
+        }
+    }
+    let error = |axis: usize| -> f64 {
+        let (q, s) = quantize_weights(w, dims, axis, true);
+        let mut e = 0.0f64;
+        for i in 0..r {
+            for j in 0..c {
+                let scale = if axis == 0 { s[i] } else { s[j] };
+                let d = (w[i * c + j] - q[i * c + j] as f32 * scale) as f64;
+                let (rm, cm) = (row_max[i].max(1e-12) as f64, col_max[j].max(1e-12) as f64);
+                e += (d / rm).powi(2) + (d / cm).powi(2);
+            }
+        }
+        e
+    };
+    let other = 1 - preferred;
+    if error(other) < error(preferred) * 0.5 {
+        other
+    } else {
+        preferred
+    }
+}
+
 /// Activation range per tensor from calibration runs.
 struct Range {
     lo: f32,
@@ -538,6 +604,71 @@ fn activation_params(lo: f32, hi: f32) -> (f32, u8) {
     let scale = ((hi - lo) / 255.0).max(1e-8);
     let zp = (-lo / scale).round().clamp(0.0, 255.0) as u8;
     (scale, zp)
+}
+
+/// Where the rewrite puts new nodes and initializers, and the weights
+/// already given an int8 copy (shared weights are stored once).
+struct Emit<'a> {
+    names: &'a mut Names,
+    nodes: &'a mut Vec<pb::NodeProto>,
+    inits: &'a mut Vec<pb::TensorProto>,
+    cache: &'a mut HashMap<(String, usize), String>,
+}
+
+impl Emit<'_> {
+    /// The name of an f32 value computed as `Cast(int8 copy) * scales` of
+    /// constant `src` (scales along `axis`); tract folds it at load.
+    fn dequantized(
+        &mut self,
+        consts: &HashMap<String, &pb::TensorProto>,
+        src: &str,
+        axis: usize,
+        per_channel: bool,
+    ) -> Option<String> {
+        let t = consts.get(src)?;
+        if let Some(f) = self.cache.get(&(src.to_string(), axis)) {
+            return Some(f.clone());
+        }
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        let w = proto::to_f32(t)?;
+        let axis = if dims.is_empty() {
+            return None;
+        } else if per_channel && dims.len() == 2 {
+            best_axis_2d(&w, &dims, axis)
+        } else {
+            axis.min(dims.len() - 1)
+        };
+        let (q, s) = quantize_weights(&w, &dims, axis, per_channel);
+        let base = sanitize(src);
+        let q_name = self.names.fresh(&format!("{base}_int8"));
+        let s_name = self.names.fresh(&format!("{base}_scale"));
+        let c_name = self.names.fresh(&format!("{base}_cast"));
+        let f_name = self.names.fresh(&format!("{base}_dequantized"));
+        self.inits.push(proto::i8_tensor(&q_name, &dims, &q));
+        let mut s_dims = vec![1usize; dims.len()];
+        if s.len() > 1 {
+            s_dims[axis] = s.len();
+        }
+        self.inits.push(proto::f32_tensor(&s_name, &s_dims, &s));
+        let cast = self.names.fresh(&format!("{base}_to_f32"));
+        self.nodes.push(proto::node(
+            "Cast",
+            &cast,
+            &[&q_name],
+            &[&c_name],
+            vec![proto::attr_int("to", dt::FLOAT as i64)],
+        ));
+        let mul = self.names.fresh(&format!("{base}_dequantize"));
+        self.nodes.push(proto::node(
+            "Mul",
+            &mul,
+            &[&c_name, &s_name],
+            &[&f_name],
+            vec![],
+        ));
+        self.cache.insert((src.to_string(), axis), f_name.clone());
+        Some(f_name)
+    }
 }
 
 /// Rewrite the graph. `ranges` holds activation ranges (int8 mode).
@@ -662,49 +793,39 @@ fn rewrite(
                 *rewritten.entry((*kind).to_string()).or_insert(0) += 1;
             }
             Some(Plan::WeightOnly { input, axis, kind }) => {
-                let src = n.input[*input].clone();
-                let Some(t) = consts.get(&src) else {
-                    nodes.push(n.clone());
-                    continue;
-                };
-                let f = weight_only
-                    .entry((src.clone(), *axis))
-                    .or_insert_with(|| {
-                        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-                        let w = proto::to_f32(t).unwrap_or_default();
-                        let (q, s) = quantize_weights(&w, &dims, *axis, opts.per_channel);
-                        let base = sanitize(&src);
-                        let q_name = names.fresh(&format!("{base}_int8"));
-                        let s_name = names.fresh(&format!("{base}_scale"));
-                        let c_name = names.fresh(&format!("{base}_cast"));
-                        let f_name = names.fresh(&format!("{base}_dequantized"));
-                        inits.push(proto::i8_tensor(&q_name, &dims, &q));
-                        let mut s_dims = vec![1usize; dims.len()];
-                        if s.len() > 1 {
-                            s_dims[*axis] = s.len();
-                        }
-                        inits.push(proto::f32_tensor(&s_name, &s_dims, &s));
-                        nodes.push(proto::node(
-                            "Cast",
-                            &names.fresh(&format!("{base}_to_f32")),
-                            &[&q_name],
-                            &[&c_name],
-                            vec![proto::attr_int("to", dt::FLOAT as i64)],
-                        ));
-                        nodes.push(proto::node(
-                            "Mul",
-                            &names.fresh(&format!("{base}_dequantize")),
-                            &[&c_name, &s_name],
-                            &[&f_name],
-                            vec![],
-                        ));
-                        f_name
-                    })
-                    .clone();
                 let mut m = n.clone();
-                m.input[*input] = f;
+                let mut ctx = Emit {
+                    names: &mut names,
+                    nodes: &mut nodes,
+                    inits: &mut inits,
+                    cache: &mut weight_only,
+                };
+                if let Some(f) = ctx.dequantized(&consts, &n.input[*input], *axis, opts.per_channel)
+                {
+                    m.input[*input] = f;
+                    *rewritten.entry((*kind).to_string()).or_insert(0) += 1;
+                }
                 nodes.push(m);
-                *rewritten.entry((*kind).to_string()).or_insert(0) += 1;
+            }
+            Some(Plan::Constants(list)) => {
+                let mut m = n.clone();
+                let mut ctx = Emit {
+                    names: &mut names,
+                    nodes: &mut nodes,
+                    inits: &mut inits,
+                    cache: &mut weight_only,
+                };
+                for &(input, axis) in list {
+                    if let Some(f) =
+                        ctx.dequantized(&consts, &n.input[input], axis, opts.per_channel)
+                    {
+                        m.input[input] = f;
+                        *rewritten
+                            .entry(format!("{} int8 constants", n.op_type))
+                            .or_insert(0) += 1;
+                    }
+                }
+                nodes.push(m);
             }
             Some(Plan::GatherRows) => {
                 let src = n.input[0].clone();

@@ -59,6 +59,24 @@ fn windows(scenario: Scenario, seeds: std::ops::Range<u64>) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// Labelled feature rows of every class, seeds `first..first + per_class`
+/// (the bundle was trained on seeds below 1000 * classes; benchmarks and
+/// calibration use others).
+pub fn labelled_windows(per_class: u64, first: u64) -> Vec<(Vec<f32>, u32)> {
+    [Scenario::Normal, Scenario::Imbalance, Scenario::Impact]
+        .iter()
+        .enumerate()
+        .flat_map(|(label, s)| {
+            windows(
+                *s,
+                first + label as u64 * 100_000..first + label as u64 * 100_000 + per_class,
+            )
+            .into_iter()
+            .map(move |f| (f, label as u32))
+        })
+        .collect()
+}
+
 fn dataset(x: &[(Vec<f32>, u32)], mu: &[f32], sd: &[f32]) -> Dataset {
     Dataset {
         x: x.iter()
