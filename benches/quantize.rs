@@ -247,7 +247,7 @@ fn main() {
 
     let digits = export("digits", &dir.join("digits.onnx"));
     let imu = export("imu-anomaly", &dir.join("imu-anomaly.onnx"));
-    let mut cases = vec![
+    let mut cases = [
         Case {
             name: "digits",
             shapes: one("pixels", &[1, 64]),
