@@ -34,6 +34,7 @@ fn digits_with_int8(dir: &Path) {
         tolerance: Some(0.5),
         min_int8_params: 0,
         keep_names: false,
+        smooth: 0.0,
         max_accuracy_drop: 100.0,
         exclude: vec![],
         check_outputs: vec![],

@@ -141,6 +141,9 @@ struct QuantizeArgs {
     /// Keep node and internal value names (default: shortened, to save space).
     #[arg(long)]
     keep_names: bool,
+    /// SmoothQuant strength for integer matmuls: activation outliers moved into weights (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    smooth: f32,
     /// Largest allowed accuracy drop in points (when the samples carry labels).
     #[arg(long, default_value_t = 1.0)]
     max_accuracy_drop: f64,
@@ -510,6 +513,7 @@ fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         tolerance: a.tolerance,
         min_int8_params: a.min_int8_params,
         keep_names: a.keep_names,
+        smooth: a.smooth,
         max_accuracy_drop: a.max_accuracy_drop,
         exclude: a.exclude.clone(),
         check_outputs,

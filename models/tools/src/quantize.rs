@@ -110,6 +110,8 @@ pub struct QuantizeOptions {
     /// Keep value and node names (else internal names are shortened, which
     /// matters for small models).
     pub keep_names: bool,
+    /// SmoothQuant migration strength for integer matmuls (0: off).
+    pub smooth: f32,
     /// Largest allowed accuracy drop in points (with labels).
     pub max_accuracy_drop: f64,
     /// Node names to keep in f32.
@@ -537,8 +539,20 @@ fn best_axis_2d(w: &[f32], dims: &[usize], preferred: usize) -> usize {
 struct Range {
     lo: f32,
     hi: f32,
+    /// Per channel of the last axis (for smoothing).
+    ch_lo: Vec<f32>,
+    ch_hi: Vec<f32>,
     /// A strided sample of values, for percentiles.
     sample: Vec<f32>,
+}
+
+/// A calibrated activation: its range and its per-channel (last axis) ranges.
+#[derive(Debug, Clone)]
+pub struct ActRange {
+    pub lo: f32,
+    pub hi: f32,
+    pub ch_lo: Vec<f32>,
+    pub ch_hi: Vec<f32>,
 }
 
 const SAMPLE_CAP: usize = 400_000;
@@ -549,13 +563,15 @@ fn calibrate(
     names: &[String],
     set: &SampleSet,
     opts: &QuantizeOptions,
-) -> Result<HashMap<String, (f32, f32)>, ToolError> {
+) -> Result<HashMap<String, ActRange>, ToolError> {
     let runner = Runner::new(model, specs, opts.ignore_value_info, Some(names))?;
     let mut ranges: Vec<Range> = names
         .iter()
         .map(|_| Range {
             lo: f32::INFINITY,
             hi: f32::NEG_INFINITY,
+            ch_lo: Vec::new(),
+            ch_hi: Vec::new(),
             sample: Vec::new(),
         })
         .collect();
@@ -564,10 +580,18 @@ fn calibrate(
         let outs = runner.run(sample)?;
         for (r, t) in ranges.iter_mut().zip(&outs) {
             let v = runner::values_f32(t)?;
-            for &x in &v {
+            let channels = t.shape().last().copied().unwrap_or(1).max(1);
+            if r.ch_lo.len() != channels {
+                r.ch_lo = vec![f32::INFINITY; channels];
+                r.ch_hi = vec![f32::NEG_INFINITY; channels];
+            }
+            for (i, &x) in v.iter().enumerate() {
                 if x.is_finite() {
                     r.lo = r.lo.min(x);
                     r.hi = r.hi.max(x);
+                    let c = i % channels;
+                    r.ch_lo[c] = r.ch_lo[c].min(x);
+                    r.ch_hi[c] = r.ch_hi[c].max(x);
                 }
             }
             if let Calibration::Percentile(_) = opts.calibration {
@@ -594,9 +618,69 @@ fn calibrate(
             r.lo = at(1.0 - p / 100.0);
             r.hi = at(p / 100.0);
         }
-        out.insert(name.clone(), (r.lo.min(0.0), r.hi.max(0.0)));
+        out.insert(
+            name.clone(),
+            ActRange {
+                lo: r.lo.min(0.0),
+                hi: r.hi.max(0.0),
+                ch_lo: r.ch_lo.iter().map(|v| if v.is_finite() { v.min(0.0) } else { 0.0 }).collect(),
+                ch_hi: r.ch_hi.iter().map(|v| if v.is_finite() { v.max(0.0) } else { 0.0 }).collect(),
+            },
+        );
     }
     Ok(out)
+}
+
+/// SmoothQuant-style factors: for each calibrated activation feeding integer
+/// matmuls, s_j = max|x_j|^a / max|W_j.|^(1-a) over its consumers' weight
+/// rows. x / s is quantized and W rows are multiplied by s, which moves the
+/// outlier channels of transformer activations into the weights. Returns
+/// the factors and the ranges of x / s.
+fn smoothing(
+    plans: &HashMap<usize, Plan>,
+    ranges: &HashMap<String, ActRange>,
+    alpha: f32,
+) -> (HashMap<String, Vec<f32>>, HashMap<String, ActRange>) {
+    let mut wmax: HashMap<String, Vec<f32>> = HashMap::new();
+    for p in plans.values() {
+        if let Plan::IntMatMul { x, w, k, n, .. } = p {
+            let e = wmax.entry(x.clone()).or_insert_with(|| vec![0.0; *k]);
+            if e.len() != *k {
+                continue;
+            }
+            for j in 0..*k {
+                for c in 0..*n {
+                    e[j] = e[j].max(w[j * n + c].abs());
+                }
+            }
+        }
+    }
+    let mut factors = HashMap::new();
+    let mut adjusted = ranges.clone();
+    for (x, wm) in wmax {
+        let Some(r) = ranges.get(&x) else { continue };
+        if r.ch_lo.len() != wm.len() {
+            continue;
+        }
+        let s: Vec<f32> = (0..wm.len())
+            .map(|j| {
+                let a = r.ch_lo[j].abs().max(r.ch_hi[j].abs());
+                if a <= 0.0 || wm[j] <= 0.0 {
+                    1.0
+                } else {
+                    (a.powf(alpha) / wm[j].powf(1.0 - alpha)).clamp(1e-4, 1e4)
+                }
+            })
+            .collect();
+        let lo = (0..s.len()).map(|j| r.ch_lo[j] / s[j]).fold(0.0f32, f32::min);
+        let hi = (0..s.len()).map(|j| r.ch_hi[j] / s[j]).fold(0.0f32, f32::max);
+        if let Some(a) = adjusted.get_mut(&x) {
+            a.lo = lo;
+            a.hi = hi;
+        }
+        factors.insert(x, s);
+    }
+    (factors, adjusted)
 }
 
 /// u8 scale and zero point covering [lo, hi] (which contains 0).
@@ -675,7 +759,8 @@ impl Emit<'_> {
 fn rewrite(
     model: &pb::ModelProto,
     plans: &HashMap<usize, Plan>,
-    ranges: &HashMap<String, (f32, f32)>,
+    ranges: &HashMap<String, ActRange>,
+    smooth: &HashMap<String, Vec<f32>>,
     opts: &QuantizeOptions,
     rewritten: &mut BTreeMap<String, usize>,
 ) -> pb::ModelProto {
@@ -701,10 +786,12 @@ fn rewrite(
                 bias,
                 kind,
             }) => {
-                let Some(&(lo, hi)) = ranges.get(x) else {
+                let Some(r) = ranges.get(x) else {
                     nodes.push(n.clone());
                     continue;
                 };
+                let (lo, hi) = (r.lo, r.hi);
+                let factors = smooth.get(x).filter(|f| f.len() == *k);
                 let (xq, zx, sx) = quantized_acts
                     .entry(x.clone())
                     .or_insert_with(|| {
@@ -715,16 +802,41 @@ fn rewrite(
                         let q_name = names.fresh(&format!("{base}_quantized"));
                         inits.push(proto::f32_tensor(&s_name, &[], &[sx]));
                         inits.push(proto::u8_tensor(&z_name, &[], &[zp]));
+                        let source = match factors {
+                            Some(f) => {
+                                let inv: Vec<f32> = f.iter().map(|v| 1.0 / v).collect();
+                                let inv_name = names.fresh(&format!("{base}_smooth"));
+                                let xs = names.fresh(&format!("{base}_smoothed"));
+                                inits.push(proto::f32_tensor(&inv_name, &[inv.len()], &inv));
+                                nodes.push(proto::node(
+                                    "Mul",
+                                    &names.fresh(&format!("{base}_smooth_mul")),
+                                    &[x, &inv_name],
+                                    &[&xs],
+                                    vec![],
+                                ));
+                                xs
+                            }
+                            None => x.clone(),
+                        };
                         nodes.push(proto::node(
                             "QuantizeLinear",
                             &names.fresh(&format!("{base}_quantize")),
-                            &[x, &s_name, &z_name],
+                            &[&source, &s_name, &z_name],
                             &[&q_name],
                             vec![],
                         ));
                         (q_name, z_name, sx)
                     })
                     .clone();
+                let smoothed: Vec<f32>;
+                let w = match factors {
+                    Some(f) => {
+                        smoothed = w.iter().enumerate().map(|(i, v)| v * f[i / cols]).collect();
+                        &smoothed
+                    }
+                    None => w,
+                };
                 let (wq, sw) = quantize_weights(w, &[*k, *cols], 1, opts.per_channel);
                 let sw: Vec<f32> = if sw.len() == 1 {
                     vec![sw[0]; *cols]
@@ -1202,7 +1314,15 @@ pub fn quantize(
             }
             calibrate(model, specs, &acts, calibration, opts)?
         };
-        let mut q = rewrite(model, &plans, &ranges, opts, &mut rewritten);
+        let (smooth, ranges) = if opts.smooth > 0.0 {
+            smoothing(&plans, &ranges, opts.smooth)
+        } else {
+            (HashMap::new(), ranges)
+        };
+        if !smooth.is_empty() {
+            rewritten.insert("activations smoothed".into(), smooth.len());
+        }
+        let mut q = rewrite(model, &plans, &ranges, &smooth, opts, &mut rewritten);
         prune_unused(&mut q);
         // What stays float (biases, scales, norms) is stored as f16 too:
         // next to int8 weights it is a quarter of the file of a small model.
