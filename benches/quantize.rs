@@ -347,7 +347,7 @@ fn main() {
                 tolerance: Some(f32::INFINITY),
                 min_int8_params: 16384,
                 keep_names: false,
-        smooth: 0.0,
+                smooth: 0.0,
                 max_accuracy_drop: 100.0,
                 exclude: vec![],
                 check_outputs: case.check.clone(),

@@ -623,8 +623,16 @@ fn calibrate(
             ActRange {
                 lo: r.lo.min(0.0),
                 hi: r.hi.max(0.0),
-                ch_lo: r.ch_lo.iter().map(|v| if v.is_finite() { v.min(0.0) } else { 0.0 }).collect(),
-                ch_hi: r.ch_hi.iter().map(|v| if v.is_finite() { v.max(0.0) } else { 0.0 }).collect(),
+                ch_lo: r
+                    .ch_lo
+                    .iter()
+                    .map(|v| if v.is_finite() { v.min(0.0) } else { 0.0 })
+                    .collect(),
+                ch_hi: r
+                    .ch_hi
+                    .iter()
+                    .map(|v| if v.is_finite() { v.max(0.0) } else { 0.0 })
+                    .collect(),
             },
         );
     }
@@ -672,8 +680,12 @@ fn smoothing(
                 }
             })
             .collect();
-        let lo = (0..s.len()).map(|j| r.ch_lo[j] / s[j]).fold(0.0f32, f32::min);
-        let hi = (0..s.len()).map(|j| r.ch_hi[j] / s[j]).fold(0.0f32, f32::max);
+        let lo = (0..s.len())
+            .map(|j| r.ch_lo[j] / s[j])
+            .fold(0.0f32, f32::min);
+        let hi = (0..s.len())
+            .map(|j| r.ch_hi[j] / s[j])
+            .fold(0.0f32, f32::max);
         if let Some(a) = adjusted.get_mut(&x) {
             a.lo = lo;
             a.hi = hi;
