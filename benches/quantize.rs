@@ -348,6 +348,7 @@ fn main() {
                 min_int8_params: 16384,
                 keep_names: false,
                 smooth: 0.0,
+                head: None,
                 max_accuracy_drop: 100.0,
                 exclude: vec![],
                 check_outputs: case.check.clone(),

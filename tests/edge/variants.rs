@@ -35,6 +35,7 @@ fn digits_with_int8(dir: &Path) {
         min_int8_params: 0,
         keep_names: false,
         smooth: 0.0,
+        head: None,
         max_accuracy_drop: 100.0,
         exclude: vec![],
         check_outputs: vec![],

@@ -514,6 +514,7 @@ fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         min_int8_params: a.min_int8_params,
         keep_names: a.keep_names,
         smooth: a.smooth,
+        head: bundle_head(&r)?,
         max_accuracy_drop: a.max_accuracy_drop,
         exclude: a.exclude.clone(),
         check_outputs,
@@ -550,4 +551,25 @@ fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         eprintln!("wrote {} ({bytes} bytes)", out.display());
     }
     Ok(())
+}
+
+/// The head of a bundle whose ONNX file is only its backbone: accuracy on
+/// labelled samples is judged after it.
+fn bundle_head(
+    r: &dai_models::bundle_io::ModelRef,
+) -> anyhow::Result<Option<dai_models::quantize::HeadCheck>> {
+    let (Some(m), Some(dir)) = (&r.manifest, &r.bundle_dir) else {
+        return Ok(None);
+    };
+    let Some(h) = &m.head else { return Ok(None) };
+    let Some(input) = m.outputs.iter().find(|o| o.name == h.input) else {
+        return Ok(None);
+    };
+    let (head, _) = dai_train::Head::load(&dir.join(&h.file))
+        .with_context(|| format!("loading the bundle's head {}", h.file))?;
+    Ok(Some(dai_models::quantize::HeadCheck {
+        head,
+        input: input.onnx_name().to_string(),
+        output: h.output.clone(),
+    }))
 }

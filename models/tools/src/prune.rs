@@ -194,6 +194,7 @@ pub fn prune(
         &[],
         f32::INFINITY,
         "measuring",
+        None,
     )?;
     let (mut lb, mut la) = (None, None);
     if opts.bench_runs > 0

@@ -112,6 +112,8 @@ pub struct QuantizeOptions {
     pub keep_names: bool,
     /// SmoothQuant migration strength for integer matmuls (0: off).
     pub smooth: f32,
+    /// A bundle's head, for accuracy where the file is only the backbone.
+    pub head: Option<HeadCheck>,
     /// Largest allowed accuracy drop in points (with labels).
     pub max_accuracy_drop: f64,
     /// Node names to keep in f32.
@@ -1195,6 +1197,17 @@ pub struct Comparison {
     pub integer_mismatch: Vec<String>,
 }
 
+/// A bundle's trainable head, applied after the graph's output `input` to
+/// judge accuracy where the ONNX file is only the backbone.
+#[derive(Debug, Clone)]
+pub struct HeadCheck {
+    pub head: dai_train::Head,
+    /// ONNX name of the output the head reads.
+    pub input: String,
+    /// API name of the head's output (for the report).
+    pub output: String,
+}
+
 pub fn compare(
     reference: &Runner,
     candidate: &Runner,
@@ -1202,7 +1215,13 @@ pub fn compare(
     check: &[String],
     tolerance: f32,
     label: &str,
+    head: Option<&HeadCheck>,
 ) -> Result<Comparison, ToolError> {
+    let head_at = head.and_then(|h| reference.outputs.iter().position(|o| o == &h.input));
+    let mut head_max = 0.0f32;
+    let mut head_sum = 0.0f64;
+    let mut head_count = 0usize;
+    let mut head_ref_max = 0.0f32;
     let names = &reference.outputs;
     let mut max = vec![0.0f32; names.len()];
     let mut sum = vec![0.0f64; names.len()];
@@ -1248,9 +1267,30 @@ pub fn compare(
             }
             count[o] += xv.len();
         }
+        let mut head_out = None;
+        if let (Some(h), Some(o)) = (head, head_at) {
+            let (xv, yv) = (runner::values_f32(&a[o])?, runner::values_f32(&b[o])?);
+            let rows = (xv.len() / h.head.spec.inputs().max(1)).max(1);
+            let hx = dai_train::predict(&h.head, &xv, rows)
+                .map_err(|e| ToolError::Verify(e.to_string()))?;
+            let hy = dai_train::predict(&h.head, &yv, rows)
+                .map_err(|e| ToolError::Verify(e.to_string()))?;
+            for (p, q) in hx.iter().zip(&hy) {
+                let d = (p - q).abs();
+                head_max = head_max.max(if d.is_nan() { f32::INFINITY } else { d });
+                head_sum += d as f64;
+                head_ref_max = head_ref_max.max(p.abs());
+            }
+            head_count += hx.len();
+            head_out = Some((hx, hy));
+        }
         if let Some(labels) = &set.labels {
-            // Accuracy on the first float output: argmax over its last axis.
-            if let Some(o) = (0..a.len()).find(|&o| is_float[o]) {
+            if let Some((hx, hy)) = &head_out {
+                let truth = labels[s] as usize;
+                right_ref += (crate::train_digits::argmax(hx) == truth) as usize;
+                right_new += (crate::train_digits::argmax(hy) == truth) as usize;
+            } else if let Some(o) = (0..a.len()).find(|&o| is_float[o]) {
+                // Accuracy on the first float output: argmax over its last axis.
                 let (xv, yv) = (runner::values_f32(&a[o])?, runner::values_f32(&b[o])?);
                 let truth = labels[s] as usize;
                 right_ref += (crate::train_digits::argmax(&xv) == truth) as usize;
@@ -1260,7 +1300,7 @@ pub fn compare(
         bar.inc();
     }
     bar.finish();
-    let outputs = (0..names.len())
+    let mut outputs: Vec<OutputCheck> = (0..names.len())
         .filter(|&o| is_float[o] && (check.is_empty() || check.contains(&names[o])))
         .map(|o| OutputCheck {
             name: names[o].clone(),
@@ -1270,6 +1310,16 @@ pub fn compare(
             within_tolerance: max[o] <= tolerance,
         })
         .collect();
+    if let (Some(h), true) = (head, head_count > 0) {
+        // Logits of the head: reported, judged by the accuracy (labels) only.
+        outputs.push(OutputCheck {
+            name: format!("{} (bundle head logits)", h.output),
+            max_abs_diff: head_max,
+            mean_abs_diff: (head_sum / head_count as f64) as f32,
+            ref_max_abs: head_ref_max,
+            within_tolerance: true,
+        });
+    }
     let n = set.len().max(1) as f64;
     Ok(Comparison {
         outputs,
@@ -1412,6 +1462,7 @@ pub fn quantize(
             &opts.check_outputs,
             tolerance,
             "verifying",
+            opts.head.as_ref(),
         )?;
         for o in &cmp.outputs {
             if !o.within_tolerance {

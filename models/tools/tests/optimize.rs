@@ -541,3 +541,52 @@ fn export_matches_the_daemon_path_in_tract_and_onnxruntime() {
     ]);
     assert!(!ok && err.contains("no [head]"), "{err}");
 }
+
+#[test]
+fn quantizing_a_bundle_judges_accuracy_through_its_head_and_lists_the_variant() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let b = dir.path().join("digits");
+    std::fs::create_dir_all(&b).expect("mkdir");
+    for f in ["backbone.onnx", "head.safetensors", "manifest.toml"] {
+        std::fs::copy(repo().join("models/zoo/digits").join(f), b.join(f)).expect("copy");
+    }
+    let data = repo().join("models/data/digits.csv.gz");
+    let args = [
+        "quantize",
+        b.to_str().expect("utf8"),
+        "--calibration",
+        data.to_str().expect("utf8"),
+        "--min-int8-params",
+        "0",
+        "--limit",
+        "600",
+        "--json",
+        "--bench",
+        "0",
+    ];
+    let r = json_cli(&args);
+    // The backbone's output is an embedding: accuracy only means something
+    // after the bundle's head.
+    let (a, q) = (
+        r["accuracy_f32"].as_f64().expect("a"),
+        r["accuracy_quantized"].as_f64().expect("q"),
+    );
+    assert!(
+        a > 0.95 && a - q <= 0.01,
+        "accuracy through the head {a} -> {q}"
+    );
+    let m = dai_infer::Bundle::read_manifest(&b).expect("manifest parses");
+    assert_eq!(m.variants.len(), 1);
+    assert_eq!(m.variants[0].kind, "int8");
+    assert_eq!(m.variants[0].file, "backbone.int8.onnx");
+    let bundle = dai_infer::Bundle::open_variant(&b, Some("int8")).expect("variant verifies");
+    assert_eq!(bundle.variant.as_deref(), Some("int8"));
+    // Again without --force: refused, the manifest keeps one entry.
+    let (ok, _, err) = cli(&args);
+    assert!(!ok && err.contains("--force"), "{err}");
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    json_cli(&forced);
+    let m = dai_infer::Bundle::read_manifest(&b).expect("manifest parses");
+    assert_eq!(m.variants.len(), 1, "replaced, not duplicated");
+}
