@@ -4,6 +4,7 @@
 # same outputs as the native x86_64 build on the same inputs.
 #
 #   cross/smoke.sh    (after cross/build.sh; builds the native dai-edge if needed)
+#   DAI_SMOKE_ARM_BIN=PATH cross/smoke.sh   (another aarch64 dai-edge, e.g. the --small build)
 #
 # qemu-aarch64-static runs WITHOUT -L: with -L /usr/aarch64-linux-gnu,
 # dynamically linked binaries hang at the first thread start; without it,
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 NATIVE_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 CROSS_DIR=${DAI_CROSS_TARGET_DIR:-$NATIVE_DIR-cross}
-ARM="$CROSS_DIR/dist/aarch64-unknown-linux-gnu/dai-edge"
+ARM=${DAI_SMOKE_ARM_BIN:-$CROSS_DIR/dist/aarch64-unknown-linux-gnu/dai-edge}
 [ -x "$ARM" ] || { echo "cross/smoke.sh: $ARM missing: run cross/build.sh first" >&2; exit 1; }
 aarch64-linux-gnu-readelf -h "$ARM" | grep -q 'Machine:.*AArch64' \
   || { echo "cross/smoke.sh: $ARM is not an AArch64 binary" >&2; exit 1; }
