@@ -28,29 +28,8 @@ FILES=$L/recipes-dai/dai-edge/files
 # The release oelint-adv checks against: LAYERSERIES_COMPAT_dai.
 RELEASE=$(sed -nE 's/^LAYERSERIES_COMPAT_dai = "([^" ]+).*/\1/p' "$L/conf/layer.conf")
 
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-
-checks=0
-ok() {
-    checks=$((checks + 1))
-    printf 'ok    %s\n' "$1"
-}
-fail() {
-    printf 'FAIL  %s\n' "$1"
-    if [ -s "$WORK/out" ]; then sed 's/^/      /' "$WORK/out"; fi
-    exit 1
-}
-run() {
-    local name=$1
-    shift
-    if "$@" >"$WORK/out" 2>&1; then ok "$name"; else fail "$name"; fi
-}
-run_silent() {
-    local name=$1
-    shift
-    if "$@" >"$WORK/out" 2>&1 && ! [ -s "$WORK/out" ]; then ok "$name"; else fail "$name"; fi
-}
+# shellcheck source=deploy/checks.sh
+. deploy/checks.sh
 
 for tool in python3 systemd-analyze; do
     command -v "$tool" >/dev/null 2>&1 || {

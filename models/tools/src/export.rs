@@ -8,7 +8,7 @@
 //! runtime can serve the exported file.
 
 use crate::ToolError;
-use crate::proto::{self, Names, dt};
+use crate::proto::{self, Names};
 use crate::runner::{self, Runner};
 use dai_infer::bundle::{Bundle, HeadTransform};
 use dai_train::{Activation, Head};
@@ -166,7 +166,7 @@ pub fn append_head(
     }
     g.node.extend(nodes);
     g.initializer.extend(inits);
-    g.output = vec![value_info_2d(output, head.spec.outputs())];
+    g.output = vec![crate::onnx::value_info(output, head.spec.outputs())];
     if proto::opset(&out) < 13 {
         // Softmax's axis=-1 semantics and Gemm are fine from 13 on; older
         // backbones keep their opset and the head uses only ops valid there.
@@ -181,32 +181,6 @@ fn names_contains(g: &pb::GraphProto, name: &str) -> bool {
     g.node.iter().any(|n| n.output.iter().any(|o| o == name))
         || g.input.iter().any(|i| i.name == name)
         || g.initializer.iter().any(|i| i.name == name)
-}
-
-fn value_info_2d(name: &str, features: usize) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{Dimension, dimension::Value};
-    pb::ValueInfoProto {
-        name: name.to_string(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: dt::FLOAT,
-                shape: Some(pb::TensorShapeProto {
-                    dim: vec![
-                        Dimension {
-                            value: Some(Value::DimParam("batch".into())),
-                            ..Default::default()
-                        },
-                        Dimension {
-                            value: Some(Value::DimValue(features as i64)),
-                            ..Default::default()
-                        },
-                    ],
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 pub struct ExportOptions {

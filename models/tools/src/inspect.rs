@@ -213,12 +213,7 @@ pub fn flops(
         .collect();
     for s in specs {
         if let Some(pos) = tract_inputs.iter().position(|n| n == &s.name) {
-            let dt = match s.elem {
-                proto::dt::INT64 => i64::datum_type(),
-                proto::dt::INT32 => i32::datum_type(),
-                proto::dt::UINT8 => u8::datum_type(),
-                _ => f32::datum_type(),
-            };
+            let dt = runner::tract_dt(s.elem).map_err(|e| e.to_string())?;
             g.set_input_fact(pos, InferenceFact::dt_shape(dt, s.shape.clone()))
                 .map_err(|e| format!("{e:#}"))?;
         }

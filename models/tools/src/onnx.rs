@@ -18,7 +18,8 @@ fn tensor(name: &str, dims: &[usize], data: &[f32]) -> pb::TensorProto {
     }
 }
 
-fn value_info(name: &str, features: usize) -> pb::ValueInfoProto {
+/// A `[batch, features]` f32 value info (batch symbolic).
+pub(crate) fn value_info(name: &str, features: usize) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{Dimension, dimension::Value};
     pb::ValueInfoProto {
         name: name.to_string(),

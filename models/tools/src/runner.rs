@@ -96,7 +96,7 @@ pub fn parse_shape_override(s: &str) -> Result<(String, Vec<usize>), String> {
     }
 }
 
-fn tract_dt(elem: i32) -> Result<DatumType, ToolError> {
+pub(crate) fn tract_dt(elem: i32) -> Result<DatumType, ToolError> {
     Ok(match elem {
         proto::dt::FLOAT => f32::datum_type(),
         proto::dt::INT64 => i64::datum_type(),
