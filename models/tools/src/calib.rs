@@ -242,7 +242,6 @@ fn safetensors(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError>
             )
         })?;
         let shape = t.shape();
-        let rows = spec.shape.first().copied().unwrap_or(1).max(1);
         let per_sample: usize = spec.shape.iter().product();
         let total: usize = shape.iter().product();
         if shape.is_empty() || !total.is_multiple_of(per_sample) || shape[1..] != spec.shape[1..] {
@@ -315,7 +314,6 @@ fn safetensors(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError>
             };
             list.push(t.map_err(|e| ToolError::Runtime(e.to_string()))?);
         }
-        let _ = rows;
         per_input.push(list);
     }
     let n = n.unwrap_or(0);

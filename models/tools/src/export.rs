@@ -167,10 +167,8 @@ pub fn append_head(
     g.node.extend(nodes);
     g.initializer.extend(inits);
     g.output = vec![crate::onnx::value_info(output, head.spec.outputs())];
-    if proto::opset(&out) < 13 {
-        // Softmax's axis=-1 semantics and Gemm are fine from 13 on; older
-        // backbones keep their opset and the head uses only ops valid there.
-    }
+    // The backbone keeps its opset: Gemm, Relu, Tanh, Mul, Add and a 2-D
+    // Softmax over the last axis mean the same in every opset from 7 on.
     crate::quantize::prune_unused(&mut out);
     out.producer_name = "dai-models export".into();
     out.producer_version = env!("CARGO_PKG_VERSION").into();

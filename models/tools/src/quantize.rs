@@ -32,7 +32,6 @@ use prost::Message;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tract_onnx::pb;
-use tract_onnx::prelude::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -1504,11 +1503,6 @@ pub fn quantize(
     report.accepted = report.refusal.is_empty();
     let model = report.accepted.then_some(candidate_model);
     Ok((report, model))
-}
-
-/// Run a model on samples and return its float outputs (for reuse by tests).
-pub fn run_all(r: &Runner, set: &SampleSet) -> Result<Vec<Vec<Tensor>>, ToolError> {
-    set.samples.iter().map(|s| r.run(s)).collect()
 }
 
 impl QuantReport {
