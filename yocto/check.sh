@@ -93,7 +93,7 @@ run_silent "oelint-adv $("$venv/bin/oelint-adv" --version 2>/dev/null | awk '{pr
 # --- systemd ----------------------------------------------------------------
 # The unit as the image has it: deploy/systemd/dai-edge.service with the
 # drop-ins the recipe installs (deploy's 10-sensor-groups.conf, and the
-# layer's 20-gpu.conf with PACKAGECONFIG "gpu"). As in deploy/check.sh, the
+# 20-gpu.conf, also deploy's, with PACKAGECONFIG "gpu"). As in deploy/check.sh, the
 # /usr/bin/ prefix of Exec*= lines is rewritten to stub executables, since
 # dai-edge is not installed where this runs; nothing else changes. verify
 # warns about unknown or malformed directives with status 0, so any output
@@ -106,7 +106,7 @@ sed -nE "s#^Exec[A-Za-z]*=[-+!@:|]*$WORK/systemd/bin/([^ ]+).*#\\1#p" "$WORK/sys
         printf '#!/bin/sh\nexit 0\n' >"$WORK/systemd/bin/$b"
         chmod +x "$WORK/systemd/bin/$b"
     done
-cp deploy/systemd/dai-edge.service.d/10-sensor-groups.conf "$FILES/20-gpu.conf" "$WORK/systemd/dai-edge.service.d/"
+cp deploy/systemd/dai-edge.service.d/10-sensor-groups.conf deploy/systemd/dai-edge.service.d/20-gpu.conf "$WORK/systemd/dai-edge.service.d/"
 run_silent "systemd: systemd-analyze verify dai-edge.service (drop-ins: 10-sensor-groups.conf, 20-gpu.conf)" \
     systemd-analyze verify "$WORK/systemd/dai-edge.service"
 

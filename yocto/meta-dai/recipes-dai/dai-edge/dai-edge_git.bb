@@ -46,7 +46,6 @@ require ${BPN}-crates.inc
 SRC_URI += "\
     file://edge.yaml \
     file://60-dai-sensors.rules \
-    file://20-gpu.conf \
 "
 SRCREV = "${DAI_SRCREV}"
 
@@ -85,7 +84,8 @@ do_install() {
     install -m 0644 ${S}/deploy/systemd/dai-edge.service.d/10-sensor-groups.conf \
         ${D}${systemd_system_unitdir}/dai-edge.service.d/
     if ${@bb.utils.contains('PACKAGECONFIG', 'gpu', 'true', 'false', d)}; then
-        install -m 0644 ${UNPACKDIR}/20-gpu.conf ${D}${systemd_system_unitdir}/dai-edge.service.d/
+        install -m 0644 ${S}/deploy/systemd/dai-edge.service.d/20-gpu.conf \
+            ${D}${systemd_system_unitdir}/dai-edge.service.d/
     fi
 
     install -d ${D}${nonarch_base_libdir}/udev/rules.d
