@@ -72,15 +72,8 @@ enum Command {
         /// Time this many runs of each model in tract (0: skip).
         #[arg(long, default_value_t = 0)]
         bench: usize,
-        /// Where to write (default: NAME.pruned<PERCENT>.onnx next to the input).
-        #[arg(long, short)]
-        out: Option<PathBuf>,
-        /// Replace an existing output file.
-        #[arg(long)]
-        force: bool,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// A bundle's backbone + trained head as one ONNX file, checked against the daemon's output.
     Export {
@@ -162,15 +155,41 @@ struct QuantizeArgs {
     /// Time this many runs of each model in tract (0: skip).
     #[arg(long, default_value_t = 20)]
     bench: usize,
-    /// Where to write; default: next to the input as NAME.<mode>.onnx (in a bundle: also listed in its manifest).
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// Where a rewriting command writes, shared by quantize and prune.
+#[derive(clap::Args, Debug)]
+struct OutputArgs {
+    /// Where to write; default: next to the input as NAME.<suffix>.onnx
+    /// (quantize on a bundle: also listed in its manifest as a variant).
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Replace an existing output file or bundle variant.
+    /// Replace an existing output file (or bundle variant).
     #[arg(long)]
     force: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+impl OutputArgs {
+    /// `--out`, or `input` renamed to NAME.`suffix`.onnx; refused when it
+    /// exists and `--force` is not given.
+    fn file(&self, input: &std::path::Path, suffix: &str) -> anyhow::Result<PathBuf> {
+        let out = self.out.clone().unwrap_or_else(|| {
+            let stem = input
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            input.with_file_name(format!("{stem}.{suffix}.onnx"))
+        });
+        if out.exists() && !self.force {
+            anyhow::bail!("{} exists; pass --force to replace it", out.display());
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -228,9 +247,7 @@ fn main() -> anyhow::Result<()> {
             exclude,
             input_shape,
             bench,
-            out,
-            force,
-            json,
+            output,
         } => {
             use dai_models::{bundle_io, calib, proto, prune, runner};
             let r = bundle_io::resolve_ref(&model, input_shape)?;
@@ -239,21 +256,12 @@ fn main() -> anyhow::Result<()> {
             let set = calib::load(&samples, &specs)
                 .with_context(|| format!("reading samples {samples:?}"))?
                 .take(limit);
-            let out = out.unwrap_or_else(|| {
-                let stem = r
-                    .file
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().to_string())
-                    .unwrap_or_default();
-                r.file.with_file_name(format!(
-                    "{stem}.pruned{}{}.onnx",
-                    (sparsity * 100.0).round() as u32,
-                    if structured { "s" } else { "" }
-                ))
-            });
-            if out.exists() && !force {
-                anyhow::bail!("{} exists; pass --force to replace it", out.display());
-            }
+            let suffix = format!(
+                "pruned{}{}",
+                (sparsity * 100.0).round() as u32,
+                if structured { "s" } else { "" }
+            );
+            let out = output.file(&r.file, &suffix)?;
             let (pruned, report) = prune::prune(
                 &m,
                 &specs,
@@ -267,7 +275,7 @@ fn main() -> anyhow::Result<()> {
                 },
             )
             .with_context(|| format!("pruning {}", r.file.display()))?;
-            if json {
+            if output.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.table());
@@ -494,18 +502,7 @@ fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     } else {
         a.check_output.clone()
     };
-    let out = a.out.clone().unwrap_or_else(|| {
-        let stem = r
-            .file
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        r.file
-            .with_file_name(format!("{stem}.{}.onnx", a.mode.suffix()))
-    });
-    if out.exists() && !a.force {
-        anyhow::bail!("{} exists; pass --force to replace it", out.display());
-    }
+    let out = a.output.file(&r.file, a.mode.suffix())?;
     let opts = quantize::QuantizeOptions {
         mode: a.mode,
         calibration: a.method,
@@ -524,7 +521,7 @@ fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     let (report, quantized) =
         quantize::quantize(&model, &specs, &calibration, &verification, &opts)
             .with_context(|| format!("quantizing {}", r.file.display()))?;
-    if a.json {
+    if a.output.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.table());
@@ -534,13 +531,13 @@ fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     };
     let bytes = proto::save(&quantized, &out)?;
     if let Some(dir) = &r.bundle_dir
-        && a.out.is_none()
+        && a.output.out.is_none()
     {
         let name = out
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
-        dai_models::variants::record(dir, a.mode.suffix(), &name, &report, a.force)
+        dai_models::variants::record(dir, a.mode.suffix(), &name, &report, a.output.force)
             .with_context(|| format!("recording the variant in {}", dir.display()))?;
         eprintln!(
             "wrote {} ({bytes} bytes) and listed it in {}/manifest.toml",
