@@ -138,19 +138,7 @@ fn local_update(global: &Head, data: &Dataset, seed: u64) -> (Vec<Tensor>, u64, 
     let report =
         dai_train::train(&mut CpuBackend::new(), &mut head, data, &cfg, |_| true).expect("train");
     let delta = head.params.minus(&global.params);
-    let mut tensors = Vec::new();
-    for (i, l) in head.spec.layers.iter().enumerate() {
-        tensors.push(Tensor {
-            name: format!("layers.{i}.weight"),
-            shape: vec![l.outputs, l.inputs],
-            values: delta.weights[i].clone(),
-        });
-        tensors.push(Tensor {
-            name: format!("layers.{i}.bias"),
-            shape: vec![l.outputs],
-            values: delta.biases[i].clone(),
-        });
-    }
+    let tensors = dai_protocol::update::head_tensors(&head.spec, &delta);
     (
         tensors,
         data.classes.len() as u64,
@@ -549,24 +537,12 @@ fn flower_file(path: &std::path::Path, base: &Head, clients: &[Dataset]) {
         ("y".into(), Dtype::I64, vec![n], y),
         ("client".into(), Dtype::I64, vec![n], client),
     ];
-    for (i, l) in base.spec.layers.iter().enumerate() {
+    for t in dai_head::layout::named(&base.spec, &base.params) {
         owned.push((
-            format!("layers.{i}.weight"),
+            t.name(),
             Dtype::F32,
-            vec![l.outputs, l.inputs],
-            base.params.weights[i]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ));
-        owned.push((
-            format!("layers.{i}.bias"),
-            Dtype::F32,
-            vec![l.outputs],
-            base.params.biases[i]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
+            t.dims(),
+            t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         ));
     }
     let views: Vec<(String, TensorView<'_>)> = owned

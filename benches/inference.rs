@@ -315,7 +315,7 @@ fn main() {
         ..Default::default()
     };
     cfg.daemon.max_batch_wait_ms = 0;
-    let runtime = Runtime::new(&cfg);
+    let runtime = Runtime::new(&cfg.runtime_options());
 
     let mut rows: BTreeMap<&str, Row> = BTreeMap::new();
     let mut loaded = Vec::new();

@@ -99,6 +99,35 @@ impl Edge {
     }
 }
 
+/// SIGINT, SIGTERM or SIGHUP: the name of the first that arrives.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut streams = Vec::new();
+    for (kind, name) in [
+        (SignalKind::interrupt(), "SIGINT"),
+        (SignalKind::terminate(), "SIGTERM"),
+        (SignalKind::hangup(), "SIGHUP"),
+    ] {
+        match signal(kind) {
+            Ok(s) => streams.push((s, name)),
+            Err(e) => tracing::error!(error = %e, "cannot listen for {name}"),
+        }
+    }
+    let waits: Vec<_> = streams
+        .iter_mut()
+        .map(|(s, name)| {
+            Box::pin(async move {
+                s.recv().await;
+                *name
+            })
+        })
+        .collect();
+    if waits.is_empty() {
+        return std::future::pending().await;
+    }
+    futures::future::select_all(waits).await.0
+}
+
 fn free_port(preferred: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     std::net::TcpListener::bind(preferred)
         .or_else(|_| std::net::TcpListener::bind(SocketAddr::new(preferred.ip(), 0)))
@@ -193,6 +222,8 @@ async fn spawn_edge(spec: EdgeSpec<'_>) -> anyhow::Result<Edge> {
         .args(["edge", "--config"])
         .arg(&config)
         .env("DAI_LOG", std::env::var("DAI_LOG").unwrap_or("warn".into()))
+        .env("DAI_EXIT_WITH_PARENT", "1")
+        .stdin(std::process::Stdio::piped())
         .stdout(out.try_clone()?)
         .stderr(out)
         .kill_on_drop(true)
@@ -387,7 +418,11 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
         .build()?;
     let mut fed = Vec::new();
     let mut alone = Vec::new();
-    let result = async {
+    // A signal at any moment (Ctrl-C, `kill -TERM`, a closed terminal) ends
+    // the run here, so the children below are always stopped; they also
+    // watch their stdin pipe, so they exit even if this process is SIGKILLed.
+    let finished = std::sync::Mutex::new(None);
+    let work = async {
         for i in 0..opts.devices {
             for (federated, list) in [(true, &mut fed), (false, &mut alone)] {
                 let name = format!("{}-{i}", if federated { "edge" } else { "alone" });
@@ -513,17 +548,26 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
         if opts.stay {
             writeln!(out, "\nstill serving the status pages above; Ctrl-C to stop")?;
             out.flush()?;
-            dai_edge::shutdown_signal().await;
+            *finished.lock().map_err(|_| anyhow::anyhow!("report lock poisoned"))? = Some(report);
+            // Until a signal: the select below holds the stop branch.
+            return std::future::pending::<anyhow::Result<Report>>().await;
         }
         anyhow::Ok(report)
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        r = work => r,
+        signal = stop_signal() => finished
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take())
+            .ok_or_else(|| anyhow::anyhow!("stopped by {signal} before the last round")),
+    };
     for e in fed.into_iter().chain(alone) {
         e.stop().await;
     }
     let _ = stop_tx.send(());
     match tokio::time::timeout(Duration::from_secs(5), aggregator).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "aggregator stopped with an error"),
+        Ok(Ok(Err(e))) => tracing::warn!(error = %dai_cloud::error_chain(&e), "aggregator stopped with an error"),
         Ok(Err(e)) => tracing::warn!(error = %e, "aggregator task failed"),
         _ => {}
     }

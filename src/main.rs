@@ -91,6 +91,9 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing("info");
+            if std::env::var_os("DAI_EXIT_WITH_PARENT").is_some() {
+                exit_with_parent();
+            }
             report(dai_edge::run_until_signal(config).map_err(anyhow::Error::from))
         }
         Command::Demo(args) => {
@@ -135,6 +138,22 @@ fn demo_main(a: DemoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// The demo's children: the parent holds our stdin open and never writes;
+/// end of file means it is gone (however it died, SIGKILL included), so
+/// stop as if SIGTERMed (graceful drain). A pipe, unlike PR_SET_PDEATHSIG,
+/// is not tied to the parent thread that spawned us.
+fn exit_with_parent() {
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        tracing::warn!("parent process gone (stdin closed); stopping");
+        let me = rustix::process::getpid();
+        if let Err(e) = rustix::process::kill_process(me, rustix::process::Signal::TERM) {
+            tracing::error!(error = %e, "cannot signal myself; exiting");
+            std::process::exit(1);
+        }
+    });
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {

@@ -179,3 +179,98 @@ async fn demo_fleet_beats_devices_alone_and_serves_its_pages() {
         "edge-0 still listening after the demo stopped"
     );
 }
+
+/// Pids of live (not zombie) processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(needle) {
+            continue;
+        }
+        // "pid (comm) S ...": a zombie has exited and only waits to be reaped.
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+        if !matches!(state, Some("Z") | Some("X") | None) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// `kill -TERM`, `kill -HUP` (a closed terminal) and `kill -KILL` of a demo
+/// in the middle of its rounds: none of its `dai edge` children outlives it.
+#[test]
+fn demo_children_never_outlive_it() {
+    for signal in ["TERM", "HUP", "KILL"] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dai"))
+            .current_dir(repo())
+            .args(["demo", "--devices", "2", "--rounds", "200", "--http", "127.0.0.1:0"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dai demo");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // The first table row: every child is up and a round has run.
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let mut lines = Vec::new();
+        while !lines.iter().any(|l: &String| l.trim_start().starts_with("1 ")) {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) => lines.push(l),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(_) => panic!("demo ended early:\n{}", lines.join("\n")),
+            }
+            assert!(Instant::now() < deadline, "demo too slow:\n{}", lines.join("\n"));
+        }
+        let needle = dir.path().to_string_lossy().to_string();
+        let demo_pid = child.id();
+        let children: Vec<u32> = processes_mentioning(&needle)
+            .into_iter()
+            .filter(|&p| p != demo_pid)
+            .collect();
+        assert_eq!(children.len(), 4, "2 federated + 2 alone edges: {children:?}");
+
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "demo ignored SIG{signal}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left: Vec<u32> = processes_mentioning(&needle)
+                .into_iter()
+                .filter(|p| children.contains(p))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after SIG{signal} of the demo, its edges {left:?} still run"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

@@ -7,6 +7,7 @@ mod browser;
 mod cache_and_balancing;
 mod cloud;
 mod config;
+mod crate_graph;
 mod demo;
 mod deploy;
 mod inference;

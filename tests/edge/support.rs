@@ -54,7 +54,7 @@ pub fn test_config(data_dir: &Path) -> Config {
 pub struct TestDaemon {
     pub base: String,
     pub client: reqwest::Client,
-    pub state: std::sync::Arc<dai_edge::AppState>,
+    pub state: std::sync::Arc<dai_edge::http::App>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<Result<(), dai_edge::DaemonError>>>,
     _data: tempfile::TempDir,
@@ -72,7 +72,7 @@ impl TestDaemon {
 
     pub async fn start_with(config: Config, data: tempfile::TempDir) -> TestDaemon {
         let daemon = Daemon::build(config).await.expect("daemon builds");
-        let state = daemon.state.clone();
+        let state = daemon.app.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

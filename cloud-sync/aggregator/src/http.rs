@@ -64,8 +64,8 @@ async fn read_state<T: Send + 'static>(
     f: impl FnOnce(&State) -> Result<T, crate::state::StateError> + Send + 'static,
 ) -> Result<T, String> {
     tokio::task::spawn_blocking(move || {
-        let s = State::open(&path).map_err(|e| e.to_string())?;
-        f(&s).map_err(|e| e.to_string())
+        let s = State::open(&path).map_err(|e| crate::error_chain(&e))?;
+        f(&s).map_err(|e| crate::error_chain(&e))
     })
     .await
     .map_err(|e| e.to_string())?

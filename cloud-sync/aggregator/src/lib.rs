@@ -1,6 +1,6 @@
 //! `dai-cloud`: the federated aggregator (library part).
 //!
-//! Built so far — the pure logic every transport will call:
+//! The pure logic, in this file:
 //! - [`validate`]: an update decoded by `dai-protocol` is checked against the
 //!   model's tensor layout (names, shapes), for finite values, a norm bound,
 //!   staleness of its base version and duplicate ids, and becomes a
@@ -11,24 +11,41 @@
 //!   (FedBuff);
 //! - [`FedAdam`]: the server optimiser applied to the aggregated delta.
 //!
+//! Around it:
 //! - [`state`]: durable SQLite state — seen ids, the pending buffer and the
 //!   registry of global versions; ingest and aggregation are transactions,
-//!   so duplicates count once and a restart continues where it stopped.
+//!   so duplicates count once and a restart continues where it stopped;
+//! - [`intake`]: the service's sans-IO core — MQTT publishes and timer
+//!   ticks in; acks, signed globals and monitor events out;
+//! - [`service`]: the I/O loop around the intake — an embedded rumqttd
+//!   broker or an external one, one task owning the rumqttc event loop;
+//! - [`monitor`] and [`http`]: metrics, the status page, `/api/status`
+//!   and `/api/models`.
 //!
-//! - [`service`]: the MQTT side — an embedded rumqttd broker or an external
-//!   one, one task owning the rumqttc event loop: updates in, acks out, new
-//!   globals signed (ed25519) and published retained.
-//!
-//! Not built yet: the `dai-cloud` binary (keygen, models list/promote/
-//! rollback), FedAdam/robust options wired to configuration, status page
-//! and metrics.
+//! The `dai-cloud` binary (`src/main.rs`, `src/cli.rs`): `keygen`, `run`,
+//! `models list|promote|rollback`.
 
 use dai_protocol::update::Update;
 
 pub mod http;
+pub mod intake;
 pub mod monitor;
 pub mod service;
 pub mod state;
+
+/// `e` and its sources, `outer: inner: innermost` (anyhow's `{:#}`), for
+/// the places that print a library error without anyhow: each error says
+/// only its own part, so `to_string()` alone would drop the cause.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
 
 /// The tensors a model's head has, in a fixed order.
 #[derive(Debug, Clone, PartialEq, Eq)]

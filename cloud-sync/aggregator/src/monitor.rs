@@ -1,7 +1,8 @@
 //! What the aggregator shows: Prometheus metrics (`/metrics`) and the live
 //! view behind the status page (`/api/status`).
 //!
-//! The service loop is the only writer; HTTP handlers read. Durable facts
+//! The service loop is the only writer: it applies the [`MonitorEvent`]s
+//! the sans-IO intake ([`crate::intake`]) emits; HTTP handlers read. Durable facts
 //! (the version registry, seen ids) are read from SQLite by the handlers,
 //! so the page is right even for versions made by `dai-cloud models
 //! promote` in another process.
@@ -45,13 +46,77 @@ pub struct RecentUpdate {
 }
 
 /// A device as its retained heartbeat describes it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeviceView {
     pub state: String,
     pub models: BTreeMap<String, u64>,
     pub outbox_pending: u64,
     /// The heartbeat's own timestamp (Unix seconds).
     pub ts: f64,
+}
+
+/// How one update ended, the `outcome` label of `dai_cloud_updates_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    /// A redelivered id: acked again, counted once.
+    Duplicate,
+    Rejected,
+    /// The payload was not an update at all.
+    Undecodable,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Rejected => "rejected",
+            Outcome::Undecodable => "undecodable",
+        }
+    }
+}
+
+/// What the intake reports; [`Monitor::apply`] turns it into metrics and
+/// the live view. Wall-clock timestamps are taken when applied, so the
+/// intake itself reads no clock.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MonitorEvent {
+    BrokerConnected,
+    /// The connection failed; `was_connected` counts it as a disconnect
+    /// (a failed reconnect attempt does not count again).
+    BrokerLost {
+        was_connected: bool,
+    },
+    /// Compressed bytes received on an update topic.
+    UpdateBytes(u64),
+    /// A retained heartbeat; `None` (an empty retained message) clears the device.
+    Heartbeat {
+        device: String,
+        view: Option<DeviceView>,
+    },
+    /// One update's outcome (its ack is published right after).
+    Update {
+        device: String,
+        update_id: String,
+        bytes: usize,
+        outcome: Outcome,
+        reason: Option<String>,
+    },
+    /// Updates of `model` waiting for the next aggregation.
+    Pending {
+        model: String,
+        count: usize,
+    },
+    /// `model` is served at `version`; `aggregated`: this process made it
+    /// (counted in `dai_cloud_globals_published_total`).
+    Global {
+        model: String,
+        version: u64,
+        aggregated: bool,
+    },
+    /// Time an aggregation that produced a version took.
+    AggregationSeconds(f64),
 }
 
 /// The live part of the status page.
@@ -197,6 +262,60 @@ impl Monitor {
         out
     }
 
+    /// Apply one event of the intake.
+    pub fn apply(&self, event: MonitorEvent) {
+        match event {
+            MonitorEvent::BrokerConnected => {
+                self.broker_connected.set(1);
+                self.live.lock().broker_connected = true;
+            }
+            MonitorEvent::BrokerLost { was_connected } => {
+                if was_connected {
+                    self.broker_disconnects.inc();
+                }
+                self.broker_connected.set(0);
+                self.live.lock().broker_connected = false;
+            }
+            MonitorEvent::UpdateBytes(n) => {
+                self.update_bytes.inc_by(n);
+            }
+            MonitorEvent::Heartbeat { device, view } => self.heartbeat(device, view),
+            MonitorEvent::Update {
+                device,
+                update_id,
+                bytes,
+                outcome,
+                reason,
+            } => {
+                self.count(outcome.as_str());
+                self.record(RecentUpdate {
+                    ts: unix_now(),
+                    device,
+                    update_id,
+                    bytes,
+                    status: outcome.as_str().into(),
+                    reason,
+                });
+            }
+            MonitorEvent::Pending { model, count } => self.pending(&model, count),
+            MonitorEvent::Global {
+                model,
+                version,
+                aggregated,
+            } => {
+                if aggregated {
+                    self.globals_published
+                        .get_or_create(&ModelLabel {
+                            model: model.clone(),
+                        })
+                        .inc();
+                }
+                self.global(&model, version, unix_now());
+            }
+            MonitorEvent::AggregationSeconds(s) => self.aggregation_seconds.observe(s),
+        }
+    }
+
     pub(crate) fn count(&self, outcome: &str) {
         self.updates
             .get_or_create(&OutcomeLabel {
@@ -254,4 +373,10 @@ impl Monitor {
         self.last_aggregation.get_or_create(&label).set(ts);
         self.live.lock().last_global.insert(model.into(), ts);
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

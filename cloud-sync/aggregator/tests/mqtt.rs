@@ -6,7 +6,7 @@ use dai_cloud::state::{Settings, Strategy};
 use dai_cloud::{Aggregation, Robust};
 use dai_protocol::messages::{Ack, AckStatus};
 use dai_protocol::update::{Encoding, Tensor, Update, UpdateMeta};
-use dai_train::{Activation, Head, HeadSpec, Loss};
+use dai_head::{Activation, Head, HeadSpec, Loss};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 
 use dai_protocol::messages::{Ack, AckStatus};
 use dai_protocol::update::{Encoding, Tensor, Update, UpdateMeta};
-use dai_train::{Activation, Head, HeadSpec, Loss};
+use dai_head::{Activation, Head, HeadSpec, Loss};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};

@@ -9,7 +9,7 @@ use dai_protocol::global::GlobalModel;
 use dai_protocol::messages::{Ack, AckStatus, Status};
 use dai_protocol::update::{Encoding, Tensor, Update, UpdateMeta};
 use dai_sync::{Edge, UplinkConfig, run};
-use dai_train::{Activation, Head, HeadSpec, Loss};
+use dai_head::{Activation, Head, HeadSpec, Loss};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,12 +6,15 @@
 //! - [`update`]: an edge's head delta: safetensors (tensors + `__metadata__`:
 //!   device, model, base_version, update_id, sample_count, loss, encoding)
 //!   compressed with zstd; encodings `f32`, `f16` and `int8` (per-row scale);
+//! - [`feedback`]: error feedback for lossy encodings (what one update
+//!   dropped is added to a later one);
 //! - [`global`]: a global head signed with ed25519 by the aggregator;
 //! - [`messages`]: the JSON ack and status heartbeat.
 //!
 //! Every decoder takes a size bound and returns a [`ProtocolError`] that
 //! says what was wrong; nothing here panics on input.
 
+pub mod feedback;
 pub mod global;
 pub mod messages;
 pub mod topics;

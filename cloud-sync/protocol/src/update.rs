@@ -433,6 +433,19 @@ fn decode_topk8(
     Ok(Update { meta, tensors })
 }
 
+/// The tensors of a head's params (a delta, usually) in the one layout
+/// ([`dai_head::layout`]) the aggregator expects.
+pub fn head_tensors(spec: &dai_head::HeadSpec, params: &dai_head::Params) -> Vec<Tensor> {
+    dai_head::layout::named(spec, params)
+        .into_iter()
+        .map(|t| Tensor {
+            name: t.name(),
+            shape: t.dims(),
+            values: t.values.to_vec(),
+        })
+        .collect()
+}
+
 /// `a += b`, tensor by tensor (matched by name; shapes must agree).
 pub fn add_into(a: &mut [Tensor], b: &[Tensor]) {
     for t in a.iter_mut() {

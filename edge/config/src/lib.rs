@@ -7,11 +7,18 @@
 //! Loading happens in two steps, once, before anything binds or loads:
 //! 1. *parse*: YAML -> [`Config`] with `deny_unknown_fields`; the error names
 //!    the key path (via `serde_path_to_error`) and what was expected;
-//! 2. *validate*: ranges and cross-field rules, [`ConfigError::Invalid`]
-//!    names the key, the value and what is allowed.
+//! 2. *validate* (module `validate`, a file per section): ranges and
+//!    cross-field rules, [`ConfigError::Invalid`] names the key, the value and
+//!    what is allowed.
+//!
+//! One run names every problem of a file ([`ConfigError::Many`] when there is
+//! more than one): a key that does not parse is taken out of the tree and the
+//! rest parsed again, and every rule runs on what parsed.
 //!
 //! Environment overrides ([`ENV_OVERRIDES`]) are merged into the YAML tree
 //! before step 1, so they are validated by exactly the same code.
+
+mod validate;
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -45,7 +52,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -66,6 +73,10 @@ pub enum ConfigError {
         value: String,
         allowed: String,
     },
+    /// More than one problem in one file: each a `Parse` or an `Invalid`,
+    /// shown on its own line in that variant's format.
+    #[error("{} invalid keys:{}", .0.len(), validate::lines(.0))]
+    Many(Vec<ConfigError>),
 }
 
 impl ConfigError {
@@ -74,49 +85,22 @@ impl ConfigError {
         match self {
             ConfigError::Io { .. } => None,
             ConfigError::Parse { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Many(all) => all.first().and_then(ConfigError::key),
         }
     }
-}
 
-/// Request dispatch across inference workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoadBalancingStrategy {
-    RoundRobin,
-    LeastConnections,
-    IpHash,
-}
-
-impl LoadBalancingStrategy {
-    pub fn as_str(self) -> &'static str {
+    /// Each problem on its own: the entries of [`ConfigError::Many`], else
+    /// this error.
+    pub fn problems(&self) -> &[ConfigError] {
         match self {
-            Self::RoundRobin => "round_robin",
-            Self::LeastConnections => "least_connections",
-            Self::IpHash => "ip_hash",
+            ConfigError::Many(all) => all,
+            one => std::slice::from_ref(one),
         }
     }
 }
 
-/// Which cache entry is evicted first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum EvictionPolicy {
-    #[serde(rename = "LRU", alias = "lru")]
-    Lru,
-    #[serde(rename = "LFU", alias = "lfu")]
-    Lfu,
-    #[serde(rename = "FIFO", alias = "fifo")]
-    Fifo,
-}
-
-impl EvictionPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Lru => "LRU",
-            Self::Lfu => "LFU",
-            Self::Fifo => "FIFO",
-        }
-    }
-}
+// The runtime owns its policy enums; the YAML names are theirs.
+pub use dai_infer::{EvictionPolicy, LoadBalancingStrategy};
 
 /// The daemon's configuration; field docs live in the YAML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,13 +196,6 @@ impl Default for CloudConfig {
             max_outbox_rows: 1000,
         }
     }
-}
-
-fn topic_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Optimiser for on-device training.
@@ -326,6 +303,10 @@ pub struct DaemonConfig {
     pub hot_reload_interval_sec: u64,
     /// Resource manager sampling period, seconds.
     pub resource_interval_sec: u64,
+    /// Let the resource manager change the active worker count (more under
+    /// a backlog, fewer when the machine is busy); false keeps every worker
+    /// `cpu_limit` allows active, e.g. for measurements and tests.
+    pub adaptive_workers: bool,
     /// Metrics snapshot period, seconds.
     pub snapshot_interval_sec: u64,
     /// Grace period for in-flight requests at shutdown, seconds.
@@ -346,6 +327,7 @@ impl Default for DaemonConfig {
             max_body_mb: 16,
             hot_reload_interval_sec: 2,
             resource_interval_sec: 2,
+            adaptive_workers: true,
             snapshot_interval_sec: 60,
             shutdown_grace_sec: 10,
         }
@@ -410,10 +392,7 @@ impl Config {
         } else {
             format!("{origin} + environment ({})", overridden.join(", "))
         };
-        let config: Config = serde_path_to_error::deserialize(tree.clone())
-            .map_err(|e| parse_error(&origin, e, &tree))?;
-        validate(&config, &origin)?;
-        Ok(config)
+        validate::parse_and_validate(tree, &origin, validate::machine_cores())
     }
 
     /// Worker threads the daemon may run for inference: bounded by
@@ -422,6 +401,24 @@ impl Config {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let by_cpu = (self.cpu_limit.floor() as usize).max(1);
         self.max_parallel_agents.min(by_cpu).min(cores.max(1))
+    }
+
+    /// The inference runtime's share of this configuration.
+    pub fn runtime_options(&self) -> dai_infer::RuntimeOptions {
+        dai_infer::RuntimeOptions {
+            workers: self.worker_threads(),
+            queue_capacity: self.daemon.queue_capacity,
+            load_balancing: self.load_balancing_strategy,
+            max_batch: self.batch_size,
+            max_batch_wait: std::time::Duration::from_millis(self.daemon.max_batch_wait_ms),
+            cache: self.caching_enabled.then_some(dai_infer::CacheOptions {
+                policy: self.cache_eviction_policy,
+                capacity_bytes: self.cache_size_mb * 1024 * 1024,
+            }),
+            memory_limit_bytes: self.memory_limit_mb * 1024 * 1024,
+            prefer_variant: Some(self.daemon.prefer_model_variant.clone())
+                .filter(|v| !v.is_empty()),
+        }
     }
 }
 
@@ -484,298 +481,6 @@ fn set_path(
         node = map
             .entry(key)
             .or_insert_with(|| serde_yaml_ng::Value::Mapping(Default::default()));
-    }
-    Ok(())
-}
-
-fn validate(c: &Config, origin: &str) -> Result<(), ConfigError> {
-    let bad = |key: &str, value: String, allowed: &str| ConfigError::Invalid {
-        origin: origin.to_string(),
-        key: key.to_string(),
-        value,
-        allowed: allowed.to_string(),
-    };
-    let finite_pos = |x: f64| x.is_finite() && x > 0.0;
-    let mut names = std::collections::HashSet::new();
-    for (i, s) in c.sensors.iter().enumerate() {
-        if let Err(e) = s.validate() {
-            return Err(bad(
-                &format!("sensors[{i}]"),
-                s.name.clone(),
-                &e.to_string(),
-            ));
-        }
-        if !names.insert(s.name.as_str()) {
-            return Err(bad(
-                &format!("sensors[{i}].name"),
-                s.name.clone(),
-                "sensor names must be unique",
-            ));
-        }
-    }
-    if !(finite_pos(c.gpu_memory_allocation) && c.gpu_memory_allocation <= 1.0) {
-        return Err(bad(
-            "gpu_memory_allocation",
-            c.gpu_memory_allocation.to_string(),
-            "expected a fraction in (0, 1]",
-        ));
-    }
-    if !(finite_pos(c.cpu_limit) && c.cpu_limit <= 1024.0) {
-        return Err(bad(
-            "cpu_limit",
-            c.cpu_limit.to_string(),
-            "expected CPU cores in (0, 1024]",
-        ));
-    }
-    if !(16..=16_777_216).contains(&c.memory_limit_mb) {
-        return Err(bad(
-            "memory_limit_mb",
-            c.memory_limit_mb.to_string(),
-            "expected MiB in 16..=16777216",
-        ));
-    }
-    if !(1..=64).contains(&c.max_parallel_agents) {
-        return Err(bad(
-            "max_parallel_agents",
-            c.max_parallel_agents.to_string(),
-            "expected workers in 1..=64",
-        ));
-    }
-    if !(1..=1024).contains(&c.batch_size) {
-        return Err(bad(
-            "batch_size",
-            c.batch_size.to_string(),
-            "expected 1..=1024",
-        ));
-    }
-    if !(1..=10_000).contains(&c.num_epochs) {
-        return Err(bad(
-            "num_epochs",
-            c.num_epochs.to_string(),
-            "expected 1..=10000",
-        ));
-    }
-    if c.cache_size_mb > 65_536 {
-        return Err(bad(
-            "cache_size_mb",
-            c.cache_size_mb.to_string(),
-            "expected MiB in 0..=65536",
-        ));
-    }
-    if !(1..=3600).contains(&c.connection_timeout_sec) {
-        return Err(bad(
-            "connection_timeout_sec",
-            c.connection_timeout_sec.to_string(),
-            "expected seconds in 1..=3600",
-        ));
-    }
-    if c.retry_delay_sec > 3600 {
-        return Err(bad(
-            "retry_delay_sec",
-            c.retry_delay_sec.to_string(),
-            "expected seconds in 0..=3600",
-        ));
-    }
-    if !(1..=86_400).contains(&c.profiling_interval_sec) {
-        return Err(bad(
-            "profiling_interval_sec",
-            c.profiling_interval_sec.to_string(),
-            "expected seconds in 1..=86400",
-        ));
-    }
-    if !finite_pos(c.latency_threshold_ms) {
-        return Err(bad(
-            "latency_threshold_ms",
-            c.latency_threshold_ms.to_string(),
-            "expected milliseconds > 0",
-        ));
-    }
-    if !finite_pos(c.throughput_target_rps) {
-        return Err(bad(
-            "throughput_target_rps",
-            c.throughput_target_rps.to_string(),
-            "expected requests per second > 0",
-        ));
-    }
-    let t = &c.training;
-    if !(1..=1_000_000).contains(&t.min_new_samples) {
-        return Err(bad(
-            "training.min_new_samples",
-            t.min_new_samples.to_string(),
-            "expected 1..=1000000",
-        ));
-    }
-    if !(t.max_cpu_percent.is_finite() && t.max_cpu_percent > 0.0 && t.max_cpu_percent <= 100.0) {
-        return Err(bad(
-            "training.max_cpu_percent",
-            t.max_cpu_percent.to_string(),
-            "expected percent in (0, 100]",
-        ));
-    }
-    if !(1..=86_400).contains(&t.check_interval_sec) {
-        return Err(bad(
-            "training.check_interval_sec",
-            t.check_interval_sec.to_string(),
-            "expected seconds in 1..=86400",
-        ));
-    }
-    if !(t.learning_rate.is_finite() && t.learning_rate > 0.0 && t.learning_rate <= 10.0) {
-        return Err(bad(
-            "training.learning_rate",
-            t.learning_rate.to_string(),
-            "expected (0, 10]",
-        ));
-    }
-    if !(t.momentum.is_finite() && (0.0..1.0).contains(&t.momentum)) {
-        return Err(bad(
-            "training.momentum",
-            t.momentum.to_string(),
-            "expected [0, 1)",
-        ));
-    }
-    if !(1..=10_000_000).contains(&t.max_samples_per_model) {
-        return Err(bad(
-            "training.max_samples_per_model",
-            t.max_samples_per_model.to_string(),
-            "expected 1..=10000000",
-        ));
-    }
-    if !(2..=100).contains(&t.holdout_every) {
-        return Err(bad(
-            "training.holdout_every",
-            t.holdout_every.to_string(),
-            "expected 2..=100",
-        ));
-    }
-    let k = &c.cloud;
-    let port_ok = k
-        .broker
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-    if !port_ok {
-        return Err(bad(
-            "cloud.broker",
-            format!("{:?}", k.broker),
-            "expected host:port",
-        ));
-    }
-    if !topic_segment(&k.fleet) {
-        return Err(bad(
-            "cloud.fleet",
-            format!("{:?}", k.fleet),
-            "expected 1-64 characters of [A-Za-z0-9._-]",
-        ));
-    }
-    if !k.device_id.is_empty() && !topic_segment(&k.device_id) {
-        return Err(bad(
-            "cloud.device_id",
-            format!("{:?}", k.device_id),
-            "expected empty (host name) or 1-64 characters of [A-Za-z0-9._-]",
-        ));
-    }
-    let key_ok = k.aggregator_public_key.len() == 64
-        && k.aggregator_public_key
-            .chars()
-            .all(|c| c.is_ascii_hexdigit());
-    if (k.enabled || !k.aggregator_public_key.is_empty()) && !key_ok {
-        return Err(bad(
-            "cloud.aggregator_public_key",
-            format!("{:?}", k.aggregator_public_key),
-            "expected 64 hex digits (dai-cloud keygen writes it); required when cloud.enabled",
-        ));
-    }
-    if !(1..=1_000_000).contains(&k.max_outbox_rows) {
-        return Err(bad(
-            "cloud.max_outbox_rows",
-            k.max_outbox_rows.to_string(),
-            "expected 1..=1000000",
-        ));
-    }
-    if !(1..=3600).contains(&k.heartbeat_sec) {
-        return Err(bad(
-            "cloud.heartbeat_sec",
-            k.heartbeat_sec.to_string(),
-            "expected seconds in 1..=3600",
-        ));
-    }
-    let d = &c.daemon;
-    if d.data_dir.as_os_str().is_empty() {
-        return Err(bad(
-            "daemon.data_dir",
-            "\"\"".into(),
-            "expected a directory path",
-        ));
-    }
-    if d.models_dir.as_os_str().is_empty() {
-        return Err(bad(
-            "daemon.models_dir",
-            "\"\"".into(),
-            "expected a directory path",
-        ));
-    }
-    for name in &d.models {
-        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-            return Err(bad(
-                "daemon.models",
-                format!("{name:?}"),
-                "expected bundle directory names inside models_dir",
-            ));
-        }
-    }
-    let v = &d.prefer_model_variant;
-    if v.len() > 64
-        || !v
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(bad(
-            "daemon.prefer_model_variant",
-            format!("{v:?}"),
-            "expected empty or a variant kind such as int8, int8w or f16",
-        ));
-    }
-    if d.max_batch_wait_ms > 1000 {
-        return Err(bad(
-            "daemon.max_batch_wait_ms",
-            d.max_batch_wait_ms.to_string(),
-            "expected milliseconds in 0..=1000",
-        ));
-    }
-    if !(1..=100_000).contains(&d.queue_capacity) {
-        return Err(bad(
-            "daemon.queue_capacity",
-            d.queue_capacity.to_string(),
-            "expected 1..=100000",
-        ));
-    }
-    if !(1..=1024).contains(&d.max_body_mb) {
-        return Err(bad(
-            "daemon.max_body_mb",
-            d.max_body_mb.to_string(),
-            "expected MiB in 1..=1024",
-        ));
-    }
-    if d.hot_reload_interval_sec > 86_400 {
-        return Err(bad(
-            "daemon.hot_reload_interval_sec",
-            d.hot_reload_interval_sec.to_string(),
-            "expected seconds in 0..=86400 (0 disables)",
-        ));
-    }
-    for (key, v) in [
-        ("daemon.resource_interval_sec", d.resource_interval_sec),
-        ("daemon.snapshot_interval_sec", d.snapshot_interval_sec),
-    ] {
-        if !(1..=86_400).contains(&v) {
-            return Err(bad(key, v.to_string(), "expected seconds in 1..=86400"));
-        }
-    }
-    if d.shutdown_grace_sec > 3600 {
-        return Err(bad(
-            "daemon.shutdown_grace_sec",
-            d.shutdown_grace_sec.to_string(),
-            "expected seconds in 0..=3600",
-        ));
     }
     Ok(())
 }

@@ -1,10 +1,11 @@
 //! `dai-edge` binary: parse flags, load and validate the config (exit 64 on
 //! a bad one) before binding anything, start tracing, build the daemon, serve
-//! until SIGINT/SIGTERM.
+//! until SIGINT/SIGTERM. Errors are printed with their whole chain.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dai_config::Config;
+use dai_edge::error::chain;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("dai-edge: invalid configuration: {e}");
+                eprintln!("dai-edge: invalid configuration: {}", chain(&e));
                 ExitCode::from(EXIT_CONFIG)
             }
         },
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
             let config = match Config::load_with_env(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("dai-edge: invalid configuration: {e}");
+                    eprintln!("dai-edge: invalid configuration: {}", chain(&e));
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -75,7 +76,7 @@ fn main() -> ExitCode {
             let config = match Config::load_with_env(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("dai-edge: invalid configuration: {e}");
+                    eprintln!("dai-edge: invalid configuration: {}", chain(&e));
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -120,7 +121,7 @@ fn fetch(config: &Config) -> anyhow::Result<()> {
             }
             Err(e) => {
                 failed += 1;
-                eprintln!("{}: {e}", dir.display());
+                eprintln!("{}: {}", dir.display(), chain(&e));
             }
         }
     }

@@ -216,174 +216,198 @@ impl Metrics {
             evictions_seen: Mutex::new(0),
             registry: Registry::default(),
         };
-        let r = &mut registry;
-        r.register("cache_hits", "Result cache hits", m.cache_hits.clone());
+        m.register_pool(&mut registry);
+        m.register_machine(&mut registry);
+        m.register_models(&mut registry);
+        m.register_training(&mut registry);
+        m.register_links(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// Result cache, queues and workers.
+    fn register_pool(&self, r: &mut Registry) {
+        r.register("cache_hits", "Result cache hits", self.cache_hits.clone());
         r.register(
             "cache_misses",
             "Result cache misses",
-            m.cache_misses.clone(),
+            self.cache_misses.clone(),
         );
         r.register(
             "cache_evictions",
             "Result cache evictions",
-            m.cache_evictions.clone(),
+            self.cache_evictions.clone(),
         );
         r.register(
             "cache_used_bytes",
             "Bytes held by the result cache",
-            m.cache_bytes.clone(),
+            self.cache_bytes.clone(),
         );
         r.register(
             "cache_entries",
             "Entries in the result cache",
-            m.cache_entries.clone(),
+            self.cache_entries.clone(),
         );
         r.register(
             "queue_depth",
             "Requests queued or running on inference workers",
-            m.queue_depth.clone(),
+            self.queue_depth.clone(),
         );
         r.register(
             "queue_capacity",
             "Total queue capacity of the inference workers",
-            m.queue_capacity.clone(),
+            self.queue_capacity.clone(),
         );
         r.register(
             "active_workers",
             "Inference workers currently receiving requests",
-            m.active_workers.clone(),
+            self.active_workers.clone(),
         );
         r.register(
             "max_workers",
             "Inference worker threads started",
-            m.max_workers.clone(),
+            self.max_workers.clone(),
         );
         r.register(
             "batch_size_current",
             "Largest batch the resource manager currently allows",
-            m.batch_size.clone(),
+            self.batch_size.clone(),
         );
+    }
+
+    /// Machine and process figures (resource manager).
+    fn register_machine(&self, r: &mut Registry) {
         r.register(
             "cpu_usage_percent",
             "Whole-system CPU use, percent of all cores",
-            m.cpu_percent.clone(),
+            self.cpu_percent.clone(),
         );
         r.register(
             "process_cpu_usage_percent",
             "This daemon's CPU use, percent of one core",
-            m.process_cpu_percent.clone(),
+            self.process_cpu_percent.clone(),
         );
         r.register(
             "memory_used_bytes",
             "System memory in use",
-            m.memory_used_bytes.clone(),
+            self.memory_used_bytes.clone(),
         );
         r.register(
             "memory_total_bytes",
             "System memory",
-            m.memory_total_bytes.clone(),
+            self.memory_total_bytes.clone(),
         );
         r.register(
             "process_resident_memory_bytes",
             "This daemon's resident set size",
-            m.rss_bytes.clone(),
+            self.rss_bytes.clone(),
         );
+    }
+
+    /// Models: registry, profiling, latency, overload.
+    fn register_models(&self, r: &mut Registry) {
         r.register(
             "model_info",
             "Models in the registry (1 per name, version, state)",
-            m.model_info.clone(),
+            self.model_info.clone(),
         );
         r.register(
             "profile_stage_seconds",
             "Mean stage time over the last profiling interval (profiling_enabled)",
-            m.profile_stage_seconds.clone(),
+            self.profile_stage_seconds.clone(),
         );
         r.register(
             "latency_p95_seconds",
             "p95 end-to-end latency over the recent window",
-            m.latency_p95_seconds.clone(),
+            self.latency_p95_seconds.clone(),
         );
         r.register(
             "overloaded",
             "Requests refused with 503 because a queue was full",
-            m.overloaded.clone(),
+            self.overloaded.clone(),
         );
+    }
+
+    /// On-device training.
+    fn register_training(&self, r: &mut Registry) {
         r.register(
             "samples",
             "Training samples stored, by model and source (api, feedback)",
-            m.samples.clone(),
+            self.samples.clone(),
         );
         r.register(
             "training_runs",
             "Training runs by model and outcome (accepted, rejected, aborted, diverged, failed)",
-            m.training_runs.clone(),
+            self.training_runs.clone(),
         );
         r.register(
             "training_epoch_loss",
             "Mean training loss of the latest epoch",
-            m.training_loss.clone(),
+            self.training_loss.clone(),
         );
         r.register(
             "training_validation_accuracy",
             "Hold-out accuracy before and after the latest completed run",
-            m.training_val_accuracy.clone(),
+            self.training_val_accuracy.clone(),
         );
         r.register(
             "training_diverged",
             "Training runs aborted because the loss became NaN or infinite",
-            m.training_diverged.clone(),
+            self.training_diverged.clone(),
         );
+    }
+
+    /// Cloud sync and sensors.
+    fn register_links(&self, r: &mut Registry) {
         r.register(
             "sync_acks",
             "Outbox updates answered by the aggregator (accepted, rejected)",
-            m.sync_acks.clone(),
+            self.sync_acks.clone(),
         );
         r.register(
             "sync_globals_adopted",
             "Verified global models adopted",
-            m.sync_globals.clone(),
+            self.sync_globals.clone(),
         );
         r.register(
             "sensor_samples",
             "Samples read, per sensor (simulated=\"true\" for simulated sources)",
-            m.sensor_samples.clone(),
+            self.sensor_samples.clone(),
         );
         r.register(
             "sensor_faults",
             "Sensor faults by kind: nack, timeout, wrong_chip, bus, config",
-            m.sensor_faults.clone(),
+            self.sensor_faults.clone(),
         );
         r.register(
             "sensor_healthy",
             "1 while the sensor reads normally, 0 while degraded",
-            m.sensor_healthy.clone(),
+            self.sensor_healthy.clone(),
         );
         r.register(
             "sensor_windows",
             "Sensor windows classified, by predicted label",
-            m.sensor_windows.clone(),
+            self.sensor_windows.clone(),
         );
         r.register(
             "sensor_events",
             "Sensor events queued for MQTT, by label",
-            m.sensor_events.clone(),
+            self.sensor_events.clone(),
         );
         r.register(
             "sensor_events_dropped",
             "Sensor events dropped because the uplink queue was full",
-            m.sensor_events_dropped.clone(),
+            self.sensor_events_dropped.clone(),
         );
         r.register(
             "sensor_latency_seconds",
             "From a window's last sample to its prediction",
-            m.sensor_latency.clone(),
+            self.sensor_latency.clone(),
         );
         r.register(
             "sync_globals_refused",
             "Global models refused, by reason: invalid (signature, checksum, model), older, apply",
-            m.sync_globals_refused.clone(),
+            self.sync_globals_refused.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     pub fn encode(&self) -> String {

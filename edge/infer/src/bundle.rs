@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// Why a bundle cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read")]
     Io {
         path: PathBuf,
         #[source]
@@ -164,12 +164,12 @@ pub struct Manifest {
     #[serde(default = "yes")]
     pub dynamic_batching: bool,
     pub model: ModelFile,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preprocess: Option<Preprocess>,
     /// Trainable head: inference runs ONNX graph -> head.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<HeadRef>,
     /// Figures measured when the bundle was made (e.g. test_accuracy).
     #[serde(default)]

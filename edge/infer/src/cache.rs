@@ -5,7 +5,7 @@
 //! then oldest use) or FIFO (oldest insert). All operations are O(log n).
 
 use crate::tensor::TensorData;
-use dai_config::EvictionPolicy;
+use crate::options::EvictionPolicy;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

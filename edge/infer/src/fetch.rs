@@ -20,7 +20,7 @@ pub enum FetchError {
     Bundle(#[from] BundleError),
     #[error("bundle {0} has no [source] to fetch its model from")]
     NoSource(String),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

@@ -14,11 +14,13 @@ pub mod bundle;
 pub mod cache;
 pub mod fetch;
 pub mod model;
+pub mod options;
 pub mod pool;
 pub mod runtime;
 pub mod tensor;
 
 pub use bundle::{Bundle, BundleError, Manifest, TensorSpec};
 pub use model::{LoadedModel, ModelError};
+pub use options::{CacheOptions, EvictionPolicy, LoadBalancingStrategy, RuntimeOptions};
 pub use runtime::{InferError, InferOutcome, LoadEvent, ModelInfo, Runtime};
 pub use tensor::{DType, Data, TensorData};

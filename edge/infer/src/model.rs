@@ -43,7 +43,7 @@ pub enum ModelError {
 /// The trainable head currently serving, swapped atomically after training.
 #[derive(Debug, Clone)]
 pub struct HeadState {
-    pub head: dai_train::Head,
+    pub head: dai_head::Head,
     /// 0 = the head shipped in the bundle; n = the n-th accepted local head.
     pub version: i64,
 }
@@ -55,7 +55,7 @@ pub struct LoadedModel {
     pub head: Option<arc_swap::ArcSwap<HeadState>>,
     /// The head as shipped in the bundle (the base local training starts from
     /// when no trained head exists yet).
-    pub shipped_head: Option<dai_train::Head>,
+    pub shipped_head: Option<dai_head::Head>,
     pub bundle: Bundle,
     /// Manifest input spec index -> position in tract's input list.
     input_order: Vec<usize>,
@@ -123,7 +123,7 @@ impl LoadedModel {
         let shipped_head = match &bundle.manifest.head {
             Some(h) => {
                 let (head, _) =
-                    dai_train::Head::load(&bundle.dir.join(&h.file)).map_err(|e| load_err(&e))?;
+                    dai_head::Head::load(&bundle.dir.join(&h.file)).map_err(|e| load_err(&e))?;
                 let feeds = bundle
                     .manifest
                     .outputs
@@ -207,7 +207,7 @@ impl LoadedModel {
         };
         let rows = emb.rows();
         let state = state.load();
-        let mut out = dai_train::predict(&state.head, x, rows).map_err(|e| err(e.to_string()))?;
+        let mut out = dai_head::predict(&state.head, x, rows).map_err(|e| err(e.to_string()))?;
         let k = state.head.spec.outputs();
         if href.transform == crate::bundle::HeadTransform::Softmax {
             for row in out.chunks_mut(k) {

@@ -12,7 +12,7 @@
 
 use crate::model::{LoadedModel, ModelError};
 use crate::tensor::TensorData;
-use dai_config::LoadBalancingStrategy;
+use crate::options::LoadBalancingStrategy;
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;

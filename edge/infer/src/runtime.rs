@@ -10,9 +10,9 @@
 use crate::bundle::{Bundle, Manifest};
 use crate::cache::{CacheKey, CacheStats, ResultCache};
 use crate::model::{LoadedModel, ModelError};
+use crate::options::RuntimeOptions;
 use crate::pool::{Job, Pool, PoolConfig, SubmitError};
 use crate::tensor::TensorData;
-use dai_config::Config;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -153,28 +153,24 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn new(config: &Config) -> Runtime {
-        let cache = config.caching_enabled.then(|| {
-            Mutex::new(ResultCache::new(
-                config.cache_eviction_policy,
-                config.cache_size_mb * 1024 * 1024,
-            ))
-        });
+    pub fn new(options: &RuntimeOptions) -> Runtime {
+        let cache = options
+            .cache
+            .map(|c| Mutex::new(ResultCache::new(c.policy, c.capacity_bytes)));
         let pool = Pool::new(PoolConfig {
-            workers: config.worker_threads(),
-            queue_capacity: config.daemon.queue_capacity,
-            strategy: config.load_balancing_strategy,
-            max_batch: config.batch_size,
-            max_batch_wait: Duration::from_millis(config.daemon.max_batch_wait_ms),
+            workers: options.workers,
+            queue_capacity: options.queue_capacity,
+            strategy: options.load_balancing,
+            max_batch: options.max_batch,
+            max_batch_wait: options.max_batch_wait,
         });
         Runtime {
             slots: RwLock::new(BTreeMap::new()),
             cache,
             pool,
-            memory_limit_bytes: config.memory_limit_mb * 1024 * 1024,
-            prefer_variant: Some(config.daemon.prefer_model_variant.clone())
-                .filter(|v| !v.is_empty()),
-            max_batch: config.batch_size,
+            memory_limit_bytes: options.memory_limit_bytes,
+            prefer_variant: options.prefer_variant.clone().filter(|v| !v.is_empty()),
+            max_batch: options.max_batch,
         }
     }
 
@@ -186,7 +182,7 @@ impl Runtime {
         self.cache.as_ref().map(|c| c.lock().stats())
     }
 
-    pub fn cache_policy(&self) -> Option<dai_config::EvictionPolicy> {
+    pub fn cache_policy(&self) -> Option<crate::options::EvictionPolicy> {
         self.cache.as_ref().map(|c| c.lock().policy())
     }
 
@@ -467,7 +463,7 @@ impl Runtime {
     pub fn set_head_if_current(
         &self,
         model: &Arc<LoadedModel>,
-        head: dai_train::Head,
+        head: dai_head::Head,
         version: i64,
     ) -> Result<bool, InferError> {
         let current = self.model(model.name())?;
@@ -482,7 +478,7 @@ impl Runtime {
     pub fn set_head(
         &self,
         name: &str,
-        head: dai_train::Head,
+        head: dai_head::Head,
         version: i64,
     ) -> Result<(), InferError> {
         let model = self.model(name)?;

@@ -5,30 +5,55 @@
 //! versioned with `PRAGMA user_version`; [`MIGRATIONS`] run in order inside
 //! one transaction each, so an interrupted upgrade leaves the old version.
 //!
-//! Tables: `models` (every version ever loaded, with its checksum),
-//! `model_events` (load / reload / failure history), `metric_snapshots`
-//! (periodic JSON snapshots of the daemon's figures), and for on-device
-//! training `samples` (head input vectors + labels, train/holdout split,
-//! bounded per model), `heads` (every accepted head version, one active),
-//! `training_runs`, and `outbox` (updates waiting for cloud sync). A new
-//! head, its outbox row and its run's outcome are written in one
-//! transaction ([`Store::accept_head`]).
+//! How the parts fit: this file owns the connection ([`Store::open`], the
+//! pragmas, the migrations) and [`StoreError`]; every table family adds its
+//! methods to [`Store`] in its own module, through the one serialised
+//! connection:
+//! - `models`: `models` (every version ever loaded, with its checksum) and
+//!   `model_events` (load / failure history);
+//! - `snapshots`: `metric_snapshots` (periodic JSON snapshots of the
+//!   daemon's figures, bounded);
+//! - `samples`: `samples` for on-device training (head input vectors +
+//!   labels, train/holdout split, bounded per model);
+//! - `training`: `heads` (every accepted head version, one active),
+//!   `training_runs` and `residuals`; a new head, its outbox row and its
+//!   run's outcome are written in one transaction ([`Store::accept_head`]);
+//! - `outbox`: `outbox` (updates waiting for cloud sync, removed on ack);
+//! - `globals`: `globals` (global heads from the aggregator, adopted as the
+//!   active head in one transaction, [`Store::adopt_global`]).
 
-use rusqlite::{Connection, OptionalExtension, params};
+mod globals;
+mod models;
+mod outbox;
+mod samples;
+mod snapshots;
+mod training;
+
+pub use models::ModelRecord;
+pub use outbox::OutboxRow;
+pub use samples::{NewSample, Sample};
+pub use training::{AcceptedHead, RunRecord};
+
+use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Store errors callers can branch on.
+///
+/// A variant with a source does not repeat it in its own message: chain
+/// printers (`{:#}` of anyhow) show each part once.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create data dir {path}: {source}")]
+    #[error("cannot create data dir {path}")]
     DataDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("sqlite: {0}")]
+    /// SQLite's own message; the variant adds no text of its own, so code
+    /// that prints `{}` (logs, API answers) still shows what SQLite said.
+    #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error("database {path} has schema version {found}, newer than this build knows ({known})")]
     TooNew {
@@ -134,104 +159,6 @@ pub const MIGRATIONS: &[&str] = &[
     );",
 ];
 
-/// A stored training sample (the head's input vector and its label).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub id: i64,
-    pub features: Vec<f32>,
-    pub label: u32,
-    pub holdout: bool,
-}
-
-/// A sample to store.
-#[derive(Debug, Clone, Copy)]
-pub struct NewSample<'a> {
-    pub model: &'a str,
-    pub base_version: &'a str,
-    pub features: &'a [f32],
-    pub label: u32,
-    /// `api`, `feedback` or `sensor`.
-    pub source: &'a str,
-}
-
-/// A training run as recorded.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct RunRecord {
-    pub id: i64,
-    pub model: String,
-    pub started_at: f64,
-    pub finished_at: Option<f64>,
-    pub outcome: String,
-    pub backend: String,
-    pub samples: i64,
-    pub epochs: serde_json::Value,
-    pub val_acc_before: Option<f64>,
-    pub val_acc_after: Option<f64>,
-    pub reason: Option<String>,
-}
-
-/// What a finished run hands to the store in one transaction.
-#[derive(Debug, Clone)]
-pub struct AcceptedHead<'a> {
-    pub model: &'a str,
-    pub base_version: &'a str,
-    pub weights: &'a [u8],
-    /// The update for cloud sync: a delta against the base head.
-    pub update_id: &'a str,
-    pub delta_payload: &'a [u8],
-    pub encoding: &'a str,
-    pub sample_count: i64,
-    pub loss: f64,
-    /// Error feedback: what the encoding dropped from this delta (an f32
-    /// update payload), stored with the outbox row; `None` clears it.
-    pub residual: Option<&'a [u8]>,
-}
-
-/// A pending update in the outbox.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxRow {
-    pub id: i64,
-    pub update_id: String,
-    pub model: String,
-    pub base_version: String,
-    pub head_version: i64,
-    pub sample_count: i64,
-    pub loss: f64,
-    pub encoding: String,
-    pub payload: Vec<u8>,
-}
-
-/// splitmix64 of a row id: spreads the hold-out choice evenly.
-fn holdout_hash(id: i64) -> u64 {
-    let mut z = (id as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn f32_blob(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn blob_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-/// A model version as recorded.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelRecord {
-    pub name: String,
-    pub version: String,
-    pub sha256: String,
-    pub dir: String,
-    pub first_loaded_at: f64,
-    pub last_loaded_at: f64,
-    pub load_count: i64,
-    pub active: bool,
-}
-
 /// The store. Cheap to share behind an `Arc`; one connection, serialised.
 #[derive(Debug)]
 pub struct Store {
@@ -296,515 +223,6 @@ impl Store {
         Ok(self
             .conn()
             .pragma_query_value(None, "user_version", |r| r.get(0))?)
-    }
-
-    /// Record that `name` `version` (file `sha256`) is now the active one.
-    pub fn record_model_loaded(
-        &self,
-        name: &str,
-        version: &str,
-        sha256: &str,
-        dir: &str,
-    ) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let ts = now();
-        tx.execute(
-            "UPDATE models SET active = 0 WHERE name = ?1",
-            params![name],
-        )?;
-        tx.execute(
-            "INSERT INTO models (name, version, sha256, dir, first_loaded_at, last_loaded_at, load_count, active)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5, 1, 1)
-             ON CONFLICT (name, version, sha256) DO UPDATE SET
-               last_loaded_at = excluded.last_loaded_at, dir = excluded.dir,
-               load_count = load_count + 1, active = 1",
-            params![name, version, sha256, dir, ts],
-        )?;
-        tx.execute(
-            "INSERT INTO model_events (ts, name, kind, version, detail) VALUES (?1, ?2, 'loaded', ?3, ?4)",
-            params![ts, name, version, format!("sha256 {sha256} from {dir}")],
-        )?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Record a failed load (the error text as shown to the operator).
-    pub fn record_model_failed(&self, name: &str, error: &str) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO model_events (ts, name, kind, version, detail) VALUES (?1, ?2, 'failed', NULL, ?3)",
-            params![now(), name, error],
-        )?;
-        Ok(())
-    }
-
-    /// Every recorded model version, newest load first.
-    pub fn models(&self) -> Result<Vec<ModelRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT name, version, sha256, dir, first_loaded_at, last_loaded_at, load_count, active
-             FROM models ORDER BY last_loaded_at DESC, name",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(ModelRecord {
-                name: r.get(0)?,
-                version: r.get(1)?,
-                sha256: r.get(2)?,
-                dir: r.get(3)?,
-                first_loaded_at: r.get(4)?,
-                last_loaded_at: r.get(5)?,
-                load_count: r.get(6)?,
-                active: r.get::<_, i64>(7)? != 0,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Recent model events as (ts, name, kind, detail), newest first.
-    pub fn model_events(
-        &self,
-        limit: usize,
-    ) -> Result<Vec<(f64, String, String, String)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT ts, name, kind, detail FROM model_events ORDER BY id DESC LIMIT ?1")?;
-        let rows = stmt.query_map(params![limit as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Append a metrics snapshot and keep only the newest `keep`.
-    pub fn insert_snapshot(
-        &self,
-        snapshot: &serde_json::Value,
-        keep: usize,
-    ) -> Result<(), StoreError> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO metric_snapshots (ts, snapshot) VALUES (?1, ?2)",
-            params![now(), snapshot.to_string()],
-        )?;
-        conn.execute(
-            "DELETE FROM metric_snapshots WHERE id <= (SELECT id FROM metric_snapshots ORDER BY id DESC LIMIT 1 OFFSET ?1)",
-            params![keep as i64],
-        )?;
-        Ok(())
-    }
-
-    /// The newest snapshot, if any.
-    pub fn latest_snapshot(&self) -> Result<Option<(f64, serde_json::Value)>, StoreError> {
-        let conn = self.conn();
-        let row: Option<(f64, String)> = conn
-            .query_row(
-                "SELECT ts, snapshot FROM metric_snapshots ORDER BY id DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        Ok(row.map(|(ts, s)| {
-            (
-                ts,
-                serde_json::from_str(&s).unwrap_or(serde_json::Value::Null),
-            )
-        }))
-    }
-
-    /// Store labelled samples in ONE transaction (all or none). About one
-    /// in `holdout_every` is kept for validation, chosen by a hash of the
-    /// row id so that every model gets its share however requests of
-    /// different models interleave. Keeps at most `max_per_model` samples
-    /// per model, deleting the oldest. Returns the sample ids.
-    pub fn insert_samples(
-        &self,
-        samples: &[NewSample<'_>],
-        holdout_every: i64,
-        max_per_model: i64,
-    ) -> Result<Vec<i64>, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let mut ids = Vec::with_capacity(samples.len());
-        let ts = now();
-        for sample in samples {
-            let next: i64 =
-                tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM samples", [], |r| {
-                    r.get(0)
-                })?;
-            let split =
-                if holdout_every > 0 && holdout_hash(next).is_multiple_of(holdout_every as u64) {
-                    "holdout"
-                } else {
-                    "train"
-                };
-            tx.execute(
-                "INSERT INTO samples (id, model, base_version, features, label, split, source, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    next,
-                    sample.model,
-                    sample.base_version,
-                    f32_blob(sample.features),
-                    sample.label,
-                    split,
-                    sample.source,
-                    ts
-                ],
-            )?;
-            ids.push(next);
-        }
-        let mut models: Vec<&str> = samples.iter().map(|s| s.model).collect();
-        models.dedup();
-        for model in models {
-            tx.execute(
-                "DELETE FROM samples WHERE model = ?1 AND id <= (
-                    SELECT id FROM samples WHERE model = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-                params![model, max_per_model],
-            )?;
-        }
-        tx.commit()?;
-        Ok(ids)
-    }
-
-    /// Samples of `model`/`base_version` newer than sample id `after`.
-    pub fn samples_since(
-        &self,
-        model: &str,
-        base_version: &str,
-        after: i64,
-    ) -> Result<i64, StoreError> {
-        Ok(self.conn().query_row(
-            "SELECT COUNT(*) FROM samples WHERE model = ?1 AND base_version = ?2 AND id > ?3",
-            params![model, base_version, after],
-            |r| r.get(0),
-        )?)
-    }
-
-    /// Newest sample id the last completed run of `model` consumed (runs
-    /// that were aborted, interrupted or failed do not count: their samples
-    /// are still new).
-    pub fn last_consumed_sample(&self, model: &str) -> Result<i64, StoreError> {
-        Ok(self.conn().query_row(
-            "SELECT COALESCE(MAX(last_sample_id), 0) FROM training_runs
-             WHERE model = ?1 AND outcome IN ('accepted', 'rejected', 'diverged')",
-            params![model],
-            |r| r.get(0),
-        )?)
-    }
-
-    /// Record the newest sample id a run trained on.
-    pub fn set_run_last_sample(&self, run: i64, last_sample_id: i64) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE training_runs SET last_sample_id = ?2 WHERE id = ?1",
-            params![run, last_sample_id],
-        )?;
-        Ok(())
-    }
-
-    /// Close a run that ended with an error (it stays visible as failed).
-    pub fn fail_running(&self, model: &str, reason: &str) -> Result<usize, StoreError> {
-        Ok(self.conn().execute(
-            "UPDATE training_runs SET outcome = 'failed', finished_at = ?2, reason = ?3
-             WHERE model = ?1 AND outcome = 'running'",
-            params![model, now(), reason],
-        )?)
-    }
-
-    /// Samples of `model` taken with `base_version`, oldest first.
-    pub fn samples(&self, model: &str, base_version: &str) -> Result<Vec<Sample>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, features, label, split FROM samples WHERE model = ?1 AND base_version = ?2 ORDER BY id",
-        )?;
-        let rows = stmt.query_map(params![model, base_version], |r| {
-            Ok(Sample {
-                id: r.get(0)?,
-                features: blob_f32(&r.get::<_, Vec<u8>>(1)?),
-                label: r.get(2)?,
-                holdout: r.get::<_, String>(3)? == "holdout",
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// (train, holdout, newest id) counts of a model's samples.
-    pub fn sample_counts(&self, model: &str) -> Result<(i64, i64, i64), StoreError> {
-        Ok(self.conn().query_row(
-            "SELECT COALESCE(SUM(split = 'train'), 0), COALESCE(SUM(split = 'holdout'), 0), COALESCE(MAX(id), 0)
-             FROM samples WHERE model = ?1",
-            params![model],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?)
-    }
-
-    /// The active trained head of `model` for `base_version`: (version, weights).
-    pub fn active_head(
-        &self,
-        model: &str,
-        base_version: &str,
-    ) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT version, weights FROM heads WHERE model = ?1 AND base_version = ?2 AND active = 1",
-                params![model, base_version],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?)
-    }
-
-    /// Start a run; returns its id.
-    pub fn start_run(&self, model: &str, backend: &str, samples: i64) -> Result<i64, StoreError> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO training_runs (model, started_at, outcome, backend, samples) VALUES (?1, ?2, 'running', ?3, ?4)",
-            params![model, now(), backend, samples],
-        )?;
-        Ok(conn.last_insert_rowid())
-    }
-
-    /// Finish a run that did not produce a new head.
-    pub fn finish_run(
-        &self,
-        run: i64,
-        outcome: &str,
-        epochs: &serde_json::Value,
-        before: Option<f64>,
-        after: Option<f64>,
-        reason: Option<&str>,
-    ) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE training_runs SET finished_at = ?2, outcome = ?3, epochs = ?4, val_acc_before = ?5,
-             val_acc_after = ?6, reason = ?7 WHERE id = ?1",
-            params![run, now(), outcome, epochs.to_string(), before, after, reason],
-        )?;
-        Ok(())
-    }
-
-    /// Accept a new head: in ONE transaction record it as the active version,
-    /// queue its delta in the outbox and close the run. Either all of it is
-    /// stored or none (a crash mid-way leaves the previous head active and
-    /// no half-written outbox row). Returns the new head version.
-    pub fn accept_head(
-        &self,
-        run: i64,
-        head: &AcceptedHead<'_>,
-        epochs: &serde_json::Value,
-        before: f64,
-        after: f64,
-    ) -> Result<i64, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let ts = now();
-        let (version, base_head): (i64, i64) = tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) + 1,
-                    COALESCE((SELECT version FROM heads WHERE model = ?1 AND base_version = ?2 AND active = 1), 0)
-             FROM heads WHERE model = ?1",
-            params![head.model, head.base_version],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        tx.execute(
-            "UPDATE heads SET active = 0 WHERE model = ?1",
-            params![head.model],
-        )?;
-        tx.execute(
-            "INSERT INTO heads (model, version, base_version, base_head_version, weights, created_at, active, run_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
-            params![head.model, version, head.base_version, base_head, head.weights, ts, run],
-        )?;
-        tx.execute(
-            "INSERT INTO outbox (update_id, model, base_version, head_version, sample_count, loss, encoding, payload, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                head.update_id,
-                head.model,
-                head.base_version,
-                version,
-                head.sample_count,
-                head.loss,
-                head.encoding,
-                head.delta_payload,
-                ts
-            ],
-        )?;
-        tx.execute(
-            "UPDATE training_runs SET finished_at = ?2, outcome = 'accepted', epochs = ?3, val_acc_before = ?4,
-             val_acc_after = ?5 WHERE id = ?1",
-            params![run, ts, epochs.to_string(), before, after],
-        )?;
-        match head.residual {
-            Some(r) => tx.execute(
-                "INSERT INTO residuals (model, payload, updated_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (model) DO UPDATE SET payload = ?2, updated_at = ?3",
-                params![head.model, r, ts],
-            )?,
-            None => tx.execute(
-                "DELETE FROM residuals WHERE model = ?1",
-                params![head.model],
-            )?,
-        };
-        tx.commit()?;
-        Ok(version)
-    }
-
-    /// The error-feedback residual of `model` (see [`AcceptedHead::residual`]).
-    pub fn residual(&self, model: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT payload FROM residuals WHERE model = ?1",
-                params![model],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    /// Runs of a model, newest first.
-    pub fn runs(&self, model: &str, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, model, started_at, finished_at, outcome, backend, samples, epochs, val_acc_before, val_acc_after, reason
-             FROM training_runs WHERE model = ?1 ORDER BY id DESC LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![model, limit as i64], |r| {
-            Ok(RunRecord {
-                id: r.get(0)?,
-                model: r.get(1)?,
-                started_at: r.get(2)?,
-                finished_at: r.get(3)?,
-                outcome: r.get(4)?,
-                backend: r.get(5)?,
-                samples: r.get(6)?,
-                epochs: serde_json::from_str(&r.get::<_, String>(7)?)
-                    .unwrap_or(serde_json::Value::Null),
-                val_acc_before: r.get(8)?,
-                val_acc_after: r.get(9)?,
-                reason: r.get(10)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Runs left `running` by a crash: mark them `interrupted`.
-    pub fn close_interrupted_runs(&self) -> Result<usize, StoreError> {
-        Ok(self.conn().execute(
-            "UPDATE training_runs SET outcome = 'interrupted', finished_at = ?1,
-             reason = 'the daemon stopped during the run' WHERE outcome = 'running'",
-            params![now()],
-        )?)
-    }
-
-    /// Pending outbox rows, oldest first.
-    pub fn outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, update_id, model, base_version, head_version, sample_count, loss, encoding, payload
-             FROM outbox ORDER BY id LIMIT ?1",
-        )?;
-        let rows = stmt.query_map(params![limit as i64], |r| {
-            Ok(OutboxRow {
-                id: r.get(0)?,
-                update_id: r.get(1)?,
-                model: r.get(2)?,
-                base_version: r.get(3)?,
-                head_version: r.get(4)?,
-                sample_count: r.get(5)?,
-                loss: r.get(6)?,
-                encoding: r.get(7)?,
-                payload: r.get(8)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Keep at most `max` outbox rows, dropping the oldest; returns the
-    /// dropped update ids (the caller counts and logs them).
-    pub fn trim_outbox(&self, max: i64) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let ids: Vec<String> = {
-            let mut stmt = tx.prepare(
-                "SELECT update_id FROM outbox WHERE id <= (SELECT id FROM outbox ORDER BY id DESC LIMIT 1 OFFSET ?1) ORDER BY id",
-            )?;
-            let rows = stmt.query_map(params![max], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        tx.execute(
-            "DELETE FROM outbox WHERE id <= (SELECT id FROM outbox ORDER BY id DESC LIMIT 1 OFFSET ?1)",
-            params![max],
-        )?;
-        tx.commit()?;
-        Ok(ids)
-    }
-
-    /// The aggregator answered for this update: drop the row. Returns
-    /// whether a row was there.
-    pub fn delete_outbox(&self, update_id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().execute(
-            "DELETE FROM outbox WHERE update_id = ?1",
-            params![update_id],
-        )? > 0)
-    }
-
-    /// Adopt a verified global head: store it and make it the active head
-    /// (a new local head version, no outbox row), in one transaction.
-    /// Returns the local head version.
-    pub fn adopt_global(
-        &self,
-        model: &str,
-        base_version: &str,
-        global_version: i64,
-        head: &[u8],
-        sha256: &str,
-    ) -> Result<i64, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let ts = now();
-        tx.execute(
-            "INSERT OR IGNORE INTO globals (model, version, head, sha256, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![model, global_version, head, sha256, ts],
-        )?;
-        let version: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) + 1 FROM heads WHERE model = ?1",
-            params![model],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "UPDATE heads SET active = 0 WHERE model = ?1",
-            params![model],
-        )?;
-        tx.execute(
-            "INSERT INTO heads (model, version, base_version, base_head_version, weights, created_at, active, run_id)
-             VALUES (?1, ?2, ?3, 0, ?4, ?5, 1, NULL)",
-            params![model, version, base_version, head, ts],
-        )?;
-        tx.commit()?;
-        Ok(version)
-    }
-
-    /// The newest global of `model`: (version, head file).
-    pub fn latest_global(&self, model: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT version, head FROM globals WHERE model = ?1 ORDER BY version DESC LIMIT 1",
-                params![model],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?)
-    }
-
-    pub fn outbox_count(&self, model: &str) -> Result<i64, StoreError> {
-        Ok(self.conn().query_row(
-            "SELECT COUNT(*) FROM outbox WHERE model = ?1",
-            params![model],
-            |r| r.get(0),
-        )?)
-    }
-
-    pub fn snapshot_count(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT COUNT(*) FROM metric_snapshots", [], |r| r.get(0))?)
     }
 }
 
@@ -903,6 +321,63 @@ mod tests {
             Some((4, b"global-head".to_vec()))
         );
         assert_eq!(s.latest_global("m").expect("global").map(|g| g.0), Some(4));
+    }
+
+    /// Every part of an error chain, outermost first, as a chain printer
+    /// (`{:#}` of anyhow) shows them.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        std::iter::successors(Some(e), |e| e.source())
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    /// No part of the chain repeats another: no two parts are the same, and
+    /// no part contains the one after it (a message that interpolates its
+    /// own source does). rusqlite's own two parts (SQLite's message, then
+    /// its result code with SQLite's text for the code) can share words.
+    fn assert_each_part_once(parts: &[String]) {
+        for (i, part) in parts.iter().enumerate() {
+            assert!(!part.is_empty(), "empty part {i} in {parts:?}");
+            assert_eq!(
+                parts.iter().filter(|p| *p == part).count(),
+                1,
+                "part {i} repeated in {parts:?}"
+            );
+            if let Some(next) = parts.get(i + 1) {
+                assert!(
+                    !part.contains(next.as_str()),
+                    "part {i} repeats its source in {parts:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_corrupt_file_says_what_sqlite_said_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 13) as u8).collect();
+        std::fs::write(dir.path().join("dai.sqlite"), garbage).expect("write");
+        let err = Store::open_in(dir.path()).expect_err("corrupt file opened");
+        assert!(matches!(err, StoreError::Sqlite(_)), "{err:?}");
+        let parts = chain(&err);
+        let joined = parts.join(": ");
+        assert!(
+            joined.contains("not a database") || joined.contains("malformed"),
+            "{joined}"
+        );
+        assert_each_part_once(&parts);
+    }
+
+    #[test]
+    fn a_data_dir_that_cannot_be_created_names_the_path_and_the_cause_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").expect("write");
+        let err = Store::open_in(&file.join("data")).expect_err("dir under a file");
+        let parts = chain(&err);
+        assert_eq!(parts.len(), 2, "{parts:?}");
+        assert!(parts[0].contains("plain-file"), "{parts:?}");
+        assert_each_part_once(&parts);
     }
 
     #[test]

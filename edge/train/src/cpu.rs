@@ -4,79 +4,10 @@
 //! threads (measured in docs/benchmarks.md), which also keeps the trainer
 //! within `cpu_limit` next to the inference workers.
 
-use crate::head::{Head, HeadSpec, Params};
+use dai_head::forward::{Tape, forward_tape, gemm};
+use dai_head::{Head, HeadSpec, Params};
 use crate::optim::{Optimizer, update};
 use crate::{Backend, Loss, Targets, TrainError, check_batch};
-
-/// `C (m x n) = alpha * A (m x k) . B (k x n) + beta * C`, row-major C,
-/// A and B given by (row stride, column stride).
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    a_s: (isize, isize),
-    b: &[f32],
-    b_s: (isize, isize),
-    beta: f32,
-    c: &mut [f32],
-) {
-    // Shapes come from the head spec, never from request input; a mismatch
-    // here is a bug, and the slices must cover what the strides address.
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "gemm shapes"
-    );
-    ffi::sgemm(m, k, n, 1.0, a, a_s, b, b_s, beta, c, (n as isize, 1));
-}
-
-mod ffi {
-    // The workspace forbids unsafe code; this one call into matrixmultiply
-    // is the exception, with every slice length asserted by the caller.
-    #[allow(unsafe_code)]
-    #[allow(clippy::too_many_arguments)]
-    pub fn sgemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        alpha: f32,
-        a: &[f32],
-        (rsa, csa): (isize, isize),
-        b: &[f32],
-        (rsb, csb): (isize, isize),
-        beta: f32,
-        c: &mut [f32],
-        (rsc, csc): (isize, isize),
-    ) {
-        // SAFETY: slices are at least m*k, k*n and m*n long (asserted by the
-        // caller) and the strides address only those elements.
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                alpha,
-                a.as_ptr(),
-                rsa,
-                csa,
-                b.as_ptr(),
-                rsb,
-                csb,
-                beta,
-                c.as_mut_ptr(),
-                rsc,
-                csc,
-            );
-        }
-    }
-}
-
-/// Per-layer pre-activations and activations of one forward pass.
-struct Tape {
-    z: Vec<Vec<f32>>,
-    a: Vec<Vec<f32>>,
-}
 
 /// The CPU backend.
 #[derive(Debug, Default)]
@@ -98,35 +29,6 @@ impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend { state: None }
     }
-}
-
-fn forward_tape(spec: &HeadSpec, p: &Params, x: &[f32], n: usize) -> Tape {
-    let mut z = Vec::with_capacity(spec.layers.len());
-    let mut a: Vec<Vec<f32>> = Vec::with_capacity(spec.layers.len());
-    for (l, layer) in spec.layers.iter().enumerate() {
-        let input: &[f32] = if l == 0 { x } else { &a[l - 1] };
-        let (i, o) = (layer.inputs, layer.outputs);
-        // Z = X . W^T + b: start C with the bias broadcast, beta = 1.
-        let mut zl = Vec::with_capacity(n * o);
-        for _ in 0..n {
-            zl.extend_from_slice(&p.biases[l]);
-        }
-        gemm(
-            n,
-            i,
-            o,
-            input,
-            (i as isize, 1),
-            &p.weights[l],
-            (1, i as isize),
-            1.0,
-            &mut zl,
-        );
-        let al: Vec<f32> = zl.iter().map(|&v| layer.activation.apply(v)).collect();
-        z.push(zl);
-        a.push(al);
-    }
-    Tape { z, a }
 }
 
 /// Mean loss and d loss / d output for the last layer's output `out`.

@@ -1,8 +1,8 @@
 //! `dai-train`: on-device training of a small dense head, on CPU or GPU.
 //!
 //! Layout:
-//! - [`head`]: the architecture ([`HeadSpec`]: dense layers + loss), its
-//!   weights ([`Params`]) and their `head.safetensors` file;
+//! - the head itself ([`HeadSpec`], [`Params`], [`Head`], its file and
+//!   layout) is the `dai-head` crate, re-exported here as [`head`];
 //! - [`Backend`]: the one small trait both backends implement — load a head
 //!   and optimiser, `forward`, `gradients`, `step`, read `params` back;
 //! - [`cpu`]: always built; blocked SIMD sgemm from `matrixmultiply`;
@@ -18,26 +18,23 @@
 pub mod cpu;
 #[cfg(feature = "gpu")]
 pub mod gpu;
-pub mod head;
 pub mod optim;
 pub mod trainer;
 
-pub use head::{Activation, Head, HeadSpec, LayerSpec, Loss, Params, Rng};
+pub use dai_head::{
+    self as head, Activation, Head, HeadError, HeadSpec, LayerSpec, Loss, Params, Rng, predict,
+};
 pub use optim::{Optimizer, OptimizerKind};
 pub use trainer::{
-    BackendChoice, Dataset, EpochReport, TrainConfig, TrainReport, accuracy, predict,
-    select_backend, train,
+    BackendChoice, Dataset, EpochReport, TrainConfig, TrainReport, accuracy, select_backend,
+    train,
 };
 
 /// Training errors callers can branch on.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("invalid head: {0}")]
-    Spec(String),
-    #[error("bad head file: {0}")]
-    Format(String),
-    #[error("{0}")]
-    Io(String),
+    #[error(transparent)]
+    Head(#[from] HeadError),
     #[error("bad training data: {0}")]
     Data(String),
     #[error("no GPU: {0}")]

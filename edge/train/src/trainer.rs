@@ -147,20 +147,13 @@ pub fn train(
     })
 }
 
-/// Outputs of `head` for every row of `x` (CPU, no training state).
-pub fn predict(head: &Head, x: &[f32], n: usize) -> Result<Vec<f32>, TrainError> {
-    let mut cpu = CpuBackend::new();
-    cpu.load(head, &Optimizer::sgd(0.0, 0.0))?;
-    cpu.forward(x, n)
-}
-
 /// Fraction of rows whose arg-max output equals the class label.
 pub fn accuracy(head: &Head, data: &Dataset) -> Result<f64, TrainError> {
     let n = data.len();
     if n == 0 {
         return Ok(0.0);
     }
-    let out = predict(head, &data.x, n)?;
+    let out = dai_head::predict(head, &data.x, n)?;
     let k = head.spec.outputs();
     let correct = (0..n)
         .filter(|&r| {

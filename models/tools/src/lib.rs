@@ -36,6 +36,10 @@ pub enum ToolError {
     Export(String),
     #[error(transparent)]
     Train(#[from] dai_train::TrainError),
+    /// Head spec and file errors, which dai-train now reports as
+    /// `dai_head::HeadError` (shown as before, through `TrainError::Head`).
+    #[error(transparent)]
+    Head(#[from] dai_train::HeadError),
     #[error("{0}")]
     Io(String),
     #[error("verification failed: {0}")]

@@ -1,6 +1,8 @@
 //! `dai-models train digits`: the project's own model, end to end.
 
 use crate::{ToolError, digits};
+use dai_infer::DType;
+use dai_infer::bundle::{HeadRef, HeadTransform, Manifest, ModelFile, TensorSpec};
 use dai_train::{
     Activation, Head, HeadSpec, Loss, Optimizer, Params, TrainConfig, accuracy, predict,
     select_backend, train,
@@ -108,6 +110,100 @@ pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<(), ToolError> {
     std::fs::write(path, bytes).map_err(|e| ToolError::Io(format!("{}: {e}", path.display())))
 }
 
+/// `manifest` as `manifest.toml` text, after `comment` as `#` lines: the
+/// provenance is for people reading the file, the parser skips it.
+pub(crate) fn manifest_text(comment: &str, manifest: &Manifest) -> Result<String, ToolError> {
+    let body = toml::to_string(manifest)
+        .map_err(|e| ToolError::Io(format!("manifest.toml: cannot serialise: {e}")))?;
+    let mut text: String = comment.lines().map(|l| format!("# {l}\n")).collect();
+    text.push_str(&body);
+    Ok(text)
+}
+
+/// `v` rounded the way `{:.4}` prints it: manifests carry their figures
+/// with 4 decimals, for people reading them, not as full-precision data.
+pub(crate) fn four_decimals(v: f64) -> f64 {
+    format!("{v:.4}").parse().unwrap_or(v)
+}
+
+/// The `[model]` (backbone) and `[head]` tables of the trained bundles: the
+/// head reads the backbone's `embedding` and gives softmax `probs`.
+pub(crate) fn backbone_and_head(onnx_sha256: String, head_sha256: String) -> (ModelFile, HeadRef) {
+    (
+        ModelFile {
+            file: "backbone.onnx".into(),
+            sha256: onnx_sha256,
+            ignore_value_info: true,
+        },
+        HeadRef {
+            file: "head.safetensors".into(),
+            sha256: head_sha256,
+            input: "embedding".into(),
+            output: "probs".into(),
+            transform: HeadTransform::Softmax,
+        },
+    )
+}
+
+/// A per-request f32 tensor of `[1, width]`.
+pub(crate) fn row_spec(name: &str, width: usize) -> TensorSpec {
+    TensorSpec {
+        name: name.into(),
+        onnx_name: None,
+        dtype: DType::F32,
+        shape: vec![1, width],
+    }
+}
+
+const DIGITS_COMMENT: &str = "\
+UCI hand-written digits (8x8, pixel values 0..16), made by
+`dai-models train digits` from models/data/digits.csv.gz (CC BY 4.0,
+see models/data/README.md). backbone.onnx = Mul(1/16) -> Gemm -> Relu;
+head.safetensors = the trainable layers fine-tuned on devices.";
+
+/// The figures of a digits run the manifest records.
+struct DigitsMetrics {
+    test_accuracy: f64,
+    train_samples: usize,
+    test_samples: usize,
+    epochs: usize,
+}
+
+/// The digits bundle's manifest: backbone `pixels` -> `embedding` of
+/// `embed` values, then the head.
+fn digits_manifest(
+    m: &DigitsMetrics,
+    embed: usize,
+    onnx_sha256: String,
+    head_sha256: String,
+) -> Manifest {
+    let (model, head) = backbone_and_head(onnx_sha256, head_sha256);
+    Manifest {
+        name: "digits".into(),
+        version: VERSION.into(),
+        description: "MLP 64-64-32-10 on UCI digits; backbone ONNX + trainable head".into(),
+        labels: (0..10).map(|d| d.to_string()).collect(),
+        batching: true,
+        dynamic_batching: true,
+        model,
+        source: None,
+        preprocess: None,
+        head: Some(head),
+        metrics: [
+            ("test_accuracy", four_decimals(m.test_accuracy)),
+            ("train_samples", m.train_samples as f64),
+            ("test_samples", m.test_samples as f64),
+            ("epochs", m.epochs as f64),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        inputs: vec![row_spec("pixels", digits::FEATURES)],
+        outputs: vec![row_spec("embedding", embed)],
+        variants: Vec::new(),
+    }
+}
+
 /// Train, export, verify, write the bundle.
 pub fn run(
     opts: &DigitsOptions,
@@ -155,51 +251,18 @@ pub fn run(
     let head_bytes = head.to_bytes(&meta)?;
     write(&opts.out.join("head.safetensors"), &head_bytes)?;
     let embed = model.spec.layers[BACKBONE_LAYERS - 1].outputs;
-    let manifest = format!(
-        r#"# UCI hand-written digits (8x8, pixel values 0..16), made by
-# `dai-models train digits` from models/data/digits.csv.gz (CC BY 4.0,
-# see models/data/README.md). backbone.onnx = Mul(1/16) -> Gemm -> Relu;
-# head.safetensors = the trainable layers fine-tuned on devices.
-name = "digits"
-version = "{VERSION}"
-description = "MLP {sizes} on UCI digits; backbone ONNX + trainable head"
-labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
-batching = true
-
-[metrics]
-test_accuracy = {test_accuracy:.4}
-train_samples = {train_n}
-test_samples = {test_n}
-epochs = {epochs}
-
-[model]
-file = "backbone.onnx"
-sha256 = "{onnx_sum}"
-
-[head]
-file = "head.safetensors"
-sha256 = "{head_sum}"
-input = "embedding"
-output = "probs"
-transform = "softmax"
-
-[[inputs]]
-name = "pixels"
-dtype = "f32"
-shape = [1, 64]
-
-[[outputs]]
-name = "embedding"
-dtype = "f32"
-shape = [1, {embed}]
-"#,
-        sizes = "64-64-32-10",
-        train_n = train_idx.len(),
-        test_n = test_idx.len(),
-        epochs = report.epochs.len(),
-        onnx_sum = sha256(&onnx),
-        head_sum = sha256(&head_bytes),
+    let manifest = digits_manifest(
+        &DigitsMetrics {
+            test_accuracy,
+            train_samples: train_idx.len(),
+            test_samples: test_idx.len(),
+            epochs: report.epochs.len(),
+        },
+        embed,
+        sha256(&onnx),
+        sha256(&head_bytes),
     );
+    let manifest = manifest_text(DIGITS_COMMENT, &manifest)?;
     write(&opts.out.join("manifest.toml"), manifest.as_bytes())?;
 
     // Verify through the daemon's own runtime: tract backbone + head.
@@ -239,4 +302,68 @@ shape = [1, {embed}]
         max_abs_diff_vs_trainer: max_diff,
         seconds: report.seconds,
     })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use dai_infer::bundle::parse_manifest;
+
+    pub(crate) fn shipped(bundle: &str) -> (String, Manifest) {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../zoo")
+            .join(bundle)
+            .join("manifest.toml");
+        let text = std::fs::read_to_string(&path).expect("shipped manifest");
+        let manifest = parse_manifest(&text).expect("shipped manifest parses");
+        (text, manifest)
+    }
+
+    pub(crate) fn sum(c: char) -> String {
+        std::iter::repeat_n(c, 64).collect()
+    }
+
+    #[test]
+    fn digits_manifest_round_trips_through_the_parser() {
+        let metrics = DigitsMetrics {
+            test_accuracy: 349.0 / 359.0,
+            train_samples: 1438,
+            test_samples: 359,
+            epochs: 40,
+        };
+        let m = digits_manifest(&metrics, 64, sum('a'), sum('b'));
+        let text = manifest_text(DIGITS_COMMENT, &m).expect("serialises");
+        assert!(text.starts_with("# UCI hand-written digits"), "{text}");
+        assert!(text.contains("test_accuracy = 0.9721\n"), "{text}");
+        let parsed = parse_manifest(&text).expect("parses");
+        assert_eq!(parsed, m);
+        assert_eq!(parsed.metrics["test_accuracy"], 0.9721);
+        assert_eq!(
+            parsed.head.as_ref().map(|h| h.transform),
+            Some(HeadTransform::Softmax)
+        );
+        assert_eq!(parsed.outputs[0].shape, [1, 64]);
+    }
+
+    /// The manifest the digits maker writes for the shipped bundle's figures
+    /// is the one shipped (made by the earlier text template).
+    #[test]
+    fn digits_manifest_matches_the_shipped_bundle() {
+        let (_, zoo) = shipped("digits");
+        let head = zoo.head.as_ref().expect("head");
+        let metrics = DigitsMetrics {
+            test_accuracy: zoo.metrics["test_accuracy"],
+            train_samples: zoo.metrics["train_samples"] as usize,
+            test_samples: zoo.metrics["test_samples"] as usize,
+            epochs: zoo.metrics["epochs"] as usize,
+        };
+        let m = digits_manifest(
+            &metrics,
+            zoo.outputs[0].shape[1],
+            zoo.model.sha256.clone(),
+            head.sha256.clone(),
+        );
+        let text = manifest_text(DIGITS_COMMENT, &m).expect("serialises");
+        assert_eq!(parse_manifest(&text).expect("parses"), zoo);
+    }
 }

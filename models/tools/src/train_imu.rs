@@ -9,7 +9,11 @@
 //! the daemon's runtime before it is considered written.
 
 use crate::ToolError;
-use crate::train_digits::{BundleProbe, argmax, sha256, sub_head, write};
+use crate::train_digits::{
+    BundleProbe, argmax, backbone_and_head, four_decimals, manifest_text, row_spec, sha256,
+    sub_head, write,
+};
+use dai_infer::bundle::Manifest;
 use dai_sensors::features::{PER_CHANNEL, window_features};
 use dai_sensors::sim::{CLASSES, Scenario, SimImu};
 use dai_train::{
@@ -89,6 +93,61 @@ fn dataset(x: &[(Vec<f32>, u32)], mu: &[f32], sd: &[f32]) -> Dataset {
     }
 }
 
+fn imu_comment() -> String {
+    format!(
+        "\
+Vibration classifier for an MPU-6050 on a rotating machine, made by
+`dai-models train imu` from simulated windows (dai_sensors::sim::SimImu,
+seeded; no third-party data). Input: dai_sensors::features of a window of
+{WINDOW} samples at {RATE_HZ} Hz over ax, ay, az, gx, gy, gz (mean, std,
+RMS and 4 log band energies per channel). backbone.onnx = Mul(1) -> Gemm
+-> Relu (standardisation folded in); head.safetensors is trainable."
+    )
+}
+
+/// The figures of an IMU run the manifest records.
+struct ImuMetrics {
+    test_accuracy: f64,
+    train_windows: usize,
+    test_windows: usize,
+}
+
+/// Width of the backbone's output (its first layer).
+const EMBEDDING: usize = 32;
+
+/// The `imu-anomaly` bundle's manifest: backbone `features` ->
+/// `embedding`, then the head.
+fn imu_manifest(m: &ImuMetrics, onnx_sha256: String, head_sha256: String) -> Manifest {
+    let (model, head) = backbone_and_head(onnx_sha256, head_sha256);
+    Manifest {
+        name: "imu-anomaly".into(),
+        version: "1.0.0".into(),
+        description: format!(
+            "MLP {FEATURES}-{EMBEDDING}-16-3 on IMU window features: normal / imbalance / impact"
+        ),
+        labels: CLASSES.iter().map(|c| c.to_string()).collect(),
+        batching: true,
+        dynamic_batching: true,
+        model,
+        source: None,
+        preprocess: None,
+        head: Some(head),
+        metrics: [
+            ("test_accuracy", four_decimals(m.test_accuracy)),
+            ("train_windows", m.train_windows as f64),
+            ("test_windows", m.test_windows as f64),
+            ("window", WINDOW as f64),
+            ("rate_hz", RATE_HZ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        inputs: vec![row_spec("features", FEATURES)],
+        outputs: vec![row_spec("embedding", EMBEDDING)],
+        variants: Vec::new(),
+    }
+}
+
 pub fn run(opts: &ImuOptions) -> Result<ImuReport, ToolError> {
     let started = std::time::Instant::now();
     let n = opts.windows_per_class as u64;
@@ -123,7 +182,7 @@ pub fn run(opts: &ImuOptions) -> Result<ImuReport, ToolError> {
     let train_set = dataset(&train_rows, &mu, &sd);
     let test_set = dataset(&test_rows, &mu, &sd);
     let spec = HeadSpec::new(
-        &[FEATURES, 32, 16, CLASSES.len()],
+        &[FEATURES, EMBEDDING, 16, CLASSES.len()],
         &[Activation::Relu, Activation::Relu, Activation::None],
         Loss::SoftmaxCrossEntropy,
     )?;
@@ -170,52 +229,16 @@ pub fn run(opts: &ImuOptions) -> Result<ImuReport, ToolError> {
     meta.insert("producer".to_string(), "dai-models train imu".to_string());
     let head_bytes = head.to_bytes(&meta)?;
     write(&opts.out.join("head.safetensors"), &head_bytes)?;
-    let manifest = format!(
-        r#"# Vibration classifier for an MPU-6050 on a rotating machine, made by
-# `dai-models train imu` from simulated windows (dai_sensors::sim::SimImu,
-# seeded; no third-party data). Input: dai_sensors::features of a window of
-# {WINDOW} samples at {RATE_HZ} Hz over ax, ay, az, gx, gy, gz (mean, std,
-# RMS and 4 log band energies per channel). backbone.onnx = Mul(1) -> Gemm
-# -> Relu (standardisation folded in); head.safetensors is trainable.
-name = "imu-anomaly"
-version = "1.0.0"
-description = "MLP {FEATURES}-32-16-3 on IMU window features: normal / imbalance / impact"
-labels = ["normal", "imbalance", "impact"]
-batching = true
-
-[metrics]
-test_accuracy = {test_accuracy:.4}
-train_windows = {train_n}
-test_windows = {test_n}
-window = {WINDOW}
-rate_hz = {RATE_HZ}
-
-[model]
-file = "backbone.onnx"
-sha256 = "{onnx_sum}"
-
-[head]
-file = "head.safetensors"
-sha256 = "{head_sum}"
-input = "embedding"
-output = "probs"
-transform = "softmax"
-
-[[inputs]]
-name = "features"
-dtype = "f32"
-shape = [1, {FEATURES}]
-
-[[outputs]]
-name = "embedding"
-dtype = "f32"
-shape = [1, 32]
-"#,
-        train_n = train_rows.len(),
-        test_n = test_rows.len(),
-        onnx_sum = sha256(&onnx),
-        head_sum = sha256(&head_bytes),
+    let manifest = imu_manifest(
+        &ImuMetrics {
+            test_accuracy,
+            train_windows: train_rows.len(),
+            test_windows: test_rows.len(),
+        },
+        sha256(&onnx),
+        sha256(&head_bytes),
     );
+    let manifest = manifest_text(&imu_comment(), &manifest)?;
     write(&opts.out.join("manifest.toml"), manifest.as_bytes())?;
 
     // Verify through the daemon's runtime on raw (unstandardised) features.
@@ -237,4 +260,49 @@ shape = [1, 32]
         bundle_test_accuracy,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train_digits::tests::{shipped, sum};
+    use dai_infer::bundle::{HeadTransform, parse_manifest};
+
+    #[test]
+    fn imu_manifest_round_trips_through_the_parser() {
+        let metrics = ImuMetrics {
+            test_accuracy: 287.0 / 300.0,
+            train_windows: 1200,
+            test_windows: 300,
+        };
+        let m = imu_manifest(&metrics, sum('c'), sum('d'));
+        let text = manifest_text(&imu_comment(), &m).expect("serialises");
+        assert!(text.starts_with("# Vibration classifier"), "{text}");
+        assert!(text.contains("# 256 samples at 1000 Hz"), "{text}");
+        let parsed = parse_manifest(&text).expect("parses");
+        assert_eq!(parsed, m);
+        assert_eq!(parsed.metrics["test_accuracy"], 0.9567);
+        assert_eq!(parsed.labels, ["normal", "imbalance", "impact"]);
+        assert_eq!(
+            parsed.head.as_ref().map(|h| h.transform),
+            Some(HeadTransform::Softmax)
+        );
+        assert_eq!(parsed.inputs[0].shape, [1, FEATURES]);
+    }
+
+    /// The manifest the IMU maker writes for the shipped bundle's figures is
+    /// the one shipped (made by the earlier text template).
+    #[test]
+    fn imu_manifest_matches_the_shipped_bundle() {
+        let (_, zoo) = shipped("imu-anomaly");
+        let head = zoo.head.as_ref().expect("head");
+        let metrics = ImuMetrics {
+            test_accuracy: zoo.metrics["test_accuracy"],
+            train_windows: zoo.metrics["train_windows"] as usize,
+            test_windows: zoo.metrics["test_windows"] as usize,
+        };
+        let m = imu_manifest(&metrics, zoo.model.sha256.clone(), head.sha256.clone());
+        let text = manifest_text(&imu_comment(), &m).expect("serialises");
+        assert_eq!(parse_manifest(&text).expect("parses"), zoo);
+    }
 }

@@ -1,0 +1,421 @@
+//! The `dai-cloud` command line: clap definitions and one handler per
+//! subcommand. `main.rs` parses, starts tracing and calls [`dispatch`];
+//! handlers return `anyhow` errors with context, which `main` prints as a
+//! chain.
+//!
+//! - `keygen`: a new ed25519 key pair for signing globals;
+//! - `run`: flags -> [`ServiceConfig`] (every flag checked before anything
+//!   binds), then the status page and [`run_monitored`] until SIGINT/SIGTERM;
+//! - `models list|promote|rollback`: the version registry of a state file
+//!   (a running aggregator on the same file publishes a new version within
+//!   a second).
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use dai_cloud::monitor::Monitor;
+use dai_cloud::service::{BrokerAddr, ServiceConfig, run_monitored, start_embedded_broker};
+use dai_cloud::state::{Settings, State, Strategy};
+use dai_cloud::{Aggregation, FedAdam, Robust};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "dai-cloud", version, about = "DAI federated aggregator")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Parsed once at start; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a new ed25519 key pair: DIR/aggregator.key (secret, hex) and DIR/aggregator.pub.
+    Keygen {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Run the aggregator.
+    Run(RunArgs),
+    /// The version registry: list, promote a version, roll back.
+    Models {
+        #[arg(long, default_value = "dai-cloud.sqlite", global = true)]
+        state: PathBuf,
+        #[command(subcommand)]
+        action: Option<ModelsAction>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[arg(long, default_value = "default")]
+    fleet: String,
+    /// Start an embedded MQTT broker listening here (unless --broker is given).
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    listen: String,
+    /// Use an external broker (host:port) instead of the embedded one.
+    #[arg(long)]
+    broker: Option<String>,
+    #[arg(long, default_value = "dai-cloud.sqlite")]
+    state: PathBuf,
+    /// Secret key file written by `dai-cloud keygen`.
+    #[arg(long)]
+    key: PathBuf,
+    /// Models to aggregate: NAME=PATH/head.safetensors (the base, version 0).
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    /// fedavg (synchronous rounds) or fedbuff (buffered asynchronous).
+    #[arg(long, default_value = "fedavg")]
+    strategy: String,
+    /// FedAvg: updates per round; FedBuff: K.
+    #[arg(long, default_value_t = 3)]
+    min_updates: usize,
+    #[arg(long, default_value_t = 60)]
+    round_timeout_sec: u64,
+    #[arg(long, default_value_t = 5)]
+    max_staleness: u64,
+    /// Reject updates whose L2 norm exceeds this.
+    #[arg(long, default_value_t = 100.0)]
+    reject_norm: f64,
+    /// Clip each update to this L2 norm before averaging.
+    #[arg(long)]
+    clip_norm: Option<f64>,
+    /// mean | median | trimmed:FRACTION
+    #[arg(long, default_value = "mean")]
+    robust: String,
+    /// Server optimiser: none (add the aggregated delta) or fedadam.
+    #[arg(long, default_value = "none")]
+    server_opt: String,
+    /// FedAdam server learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    server_lr: f32,
+    /// FedAdam adaptivity (tau).
+    #[arg(long, default_value_t = 1e-3)]
+    server_tau: f32,
+    /// Serve the status page, /api/status and /metrics here.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    http: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsAction {
+    /// Every version of every model (the default).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the weights of VERSION again, as a new version (a running
+    /// aggregator on the same state file publishes it within a second).
+    Promote {
+        model: String,
+        version: u64,
+        #[arg(long, default_value = "promoted by an operator")]
+        reason: String,
+    },
+    /// Undo the newest version of MODEL: serve its parent's weights again.
+    Rollback { model: String },
+}
+
+/// Run the parsed command.
+pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen { dir } => keygen(&dir),
+        Command::Models { state, action } => {
+            models(&state, action.unwrap_or(ModelsAction::List { json: false }))
+        }
+        Command::Run(args) => run(args),
+    }
+}
+
+fn keygen(dir: &Path) -> anyhow::Result<()> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let sk = dir.join("aggregator.key");
+    std::fs::write(&sk, hex::encode(key.to_bytes()))
+        .with_context(|| format!("writing {}", sk.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sk, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let pk = dir.join("aggregator.pub");
+    std::fs::write(&pk, hex::encode(key.verifying_key().to_bytes()))?;
+    println!(
+        "wrote {} (secret) and {} (give this to the edges)",
+        sk.display(),
+        pk.display()
+    );
+    Ok(())
+}
+
+fn models(state: &Path, action: ModelsAction) -> anyhow::Result<()> {
+    if !state.is_file() {
+        bail!(
+            "{}: no such state file (pass --state, the file `dai-cloud run` writes)",
+            state.display()
+        );
+    }
+    let mut s = State::open(state).with_context(|| format!("opening {}", state.display()))?;
+    match action {
+        ModelsAction::List { json: true } => {
+            println!("{}", serde_json::to_string_pretty(&s.versions()?)?);
+        }
+        ModelsAction::List { json: false } => print_versions(&s)?,
+        ModelsAction::Promote {
+            model,
+            version,
+            reason,
+        } => {
+            let g = s.promote(&model, version, &reason)?;
+            println!(
+                "{model}: version {} now carries the weights of version {version} (parent {})",
+                g.version, g.parent
+            );
+        }
+        ModelsAction::Rollback { model } => {
+            let g = s.rollback(&model)?;
+            println!(
+                "{model}: rolled back; version {} carries the weights of version {}",
+                g.version, g.metrics["promoted_from"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The registry as a table.
+fn print_versions(s: &State) -> anyhow::Result<()> {
+    println!(
+        "{:<16} {:>8} {:>8} {:>20} {:>8} {:>8} {:>9}  note",
+        "model", "version", "parent", "created (UTC)", "updates", "samples", "loss"
+    );
+    for v in s.versions()? {
+        let m = &v.metrics;
+        let note = match m.get("promoted_from") {
+            Some(from) => format!("weights of v{from}: {}", m["reason"].as_str().unwrap_or("")),
+            None if v.parent.is_none() => "base".into(),
+            None => String::new(),
+        };
+        println!(
+            "{:<16} {:>8} {:>8} {:>20} {:>8} {:>8} {:>9}  {note}",
+            v.model,
+            v.version,
+            v.parent.map_or("-".into(), |p| p.to_string()),
+            utc(v.created_at),
+            v.contributors.len(),
+            m.get("samples").map_or("-".into(), |x| x.to_string()),
+            m.get("mean_loss")
+                .and_then(|x| x.as_f64())
+                .map_or("-".into(), |x| format!("{x:.4}")),
+        );
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (cfg, http) = service_config(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let stats = rt.block_on(async move {
+        let monitor = std::sync::Arc::new(Monitor::new());
+        let listener = tokio::net::TcpListener::bind(http)
+            .await
+            .with_context(|| format!("--http: binding {http}"))?;
+        tracing::info!(
+            "status page on http://{}",
+            listener.local_addr().unwrap_or(http)
+        );
+        let app =
+            dai_cloud::http::router(monitor.clone(), cfg.state_path.clone(), cfg.fleet.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+        anyhow::Ok(run_monitored(cfg, monitor, shutdown_signal()).await?)
+    })?;
+    tracing::info!(?stats, "dai-cloud stopped");
+    Ok(())
+}
+
+/// Every `run` flag checked and turned into the service's configuration
+/// and the status page address. Starts the embedded broker (unless
+/// `--broker`) once everything else parsed.
+fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr)> {
+    let secret =
+        std::fs::read_to_string(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
+    let signing_key =
+        dai_protocol::global::signing_key_from_hex(&secret).context("the key file")?;
+    let heads = read_models(&a.models)?;
+    let strategy = match a.strategy.as_str() {
+        "fedavg" => Strategy::FedAvg {
+            min_updates: a.min_updates,
+        },
+        "fedbuff" => Strategy::FedBuff { k: a.min_updates },
+        other => bail!("--strategy {other:?}: expected fedavg or fedbuff"),
+    };
+    let robust = parse_robust(&a.robust)?;
+    let server_optimizer = parse_server_opt(&a.server_opt, a.server_lr, a.server_tau)?;
+    let http: SocketAddr = a.http.parse().context("--http: expected ip:port")?;
+    let (host, port) = match &a.broker {
+        Some(b) => {
+            let (h, p) = b.rsplit_once(':').context("--broker: expected host:port")?;
+            (h.to_string(), p.parse::<u16>().context("--broker port")?)
+        }
+        None => {
+            let addr: SocketAddr = a.listen.parse().context("--listen: expected ip:port")?;
+            start_embedded_broker(addr)?;
+            tracing::info!(%addr, "embedded MQTT broker started");
+            (addr.ip().to_string(), addr.port())
+        }
+    };
+    let cfg = ServiceConfig {
+        fleet: a.fleet,
+        broker: BrokerAddr { host, port },
+        client_id: "dai-cloud".into(),
+        state_path: a.state,
+        models: heads,
+        settings: Settings {
+            strategy,
+            aggregation: Aggregation {
+                clip_norm: a.clip_norm,
+                robust,
+            },
+            max_staleness: a.max_staleness,
+            reject_norm: a.reject_norm,
+        },
+        round_timeout: Duration::from_secs(a.round_timeout_sec),
+        signing_key,
+        server_optimizer,
+    };
+    Ok((cfg, http))
+}
+
+/// `--model NAME=PATH` entries: each file read and checked to be a head.
+fn read_models(models: &[String]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut heads = Vec::new();
+    for m in models {
+        let Some((name, path)) = m.split_once('=') else {
+            bail!("--model {m:?}: expected NAME=PATH")
+        };
+        let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        dai_head::Head::from_bytes(&bytes).with_context(|| format!("{path} is not a head file"))?;
+        heads.push((name.to_string(), bytes));
+    }
+    Ok(heads)
+}
+
+fn parse_robust(s: &str) -> anyhow::Result<Robust> {
+    Ok(match s {
+        "mean" => Robust::Mean,
+        "median" => Robust::Median,
+        t => match t
+            .strip_prefix("trimmed:")
+            .and_then(|f| f.parse::<f64>().ok())
+        {
+            Some(fraction) if (0.0..0.5).contains(&fraction) => Robust::TrimmedMean { fraction },
+            _ => bail!(
+                "--robust {t:?}: expected mean, median or trimmed:FRACTION with FRACTION in [0, 0.5)"
+            ),
+        },
+    })
+}
+
+fn parse_server_opt(s: &str, lr: f32, tau: f32) -> anyhow::Result<Option<FedAdam>> {
+    match s {
+        "none" => Ok(None),
+        "fedadam" => {
+            let positive = |x: f32| x.is_finite() && x > 0.0;
+            if !positive(lr) || !positive(tau) {
+                bail!("--server-lr and --server-tau must be positive");
+            }
+            Ok(Some(FedAdam::new(lr, 0.9, 0.99, tau)))
+        }
+        other => bail!("--server-opt {other:?}: expected none or fedadam"),
+    }
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `2026-11-27 04:28:00` from Unix seconds (UTC, no time-zone database).
+fn utc(ts: f64) -> String {
+    let secs = ts.max(0.0) as i64;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_unix_seconds() {
+        assert_eq!(utc(0.0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400.0), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_798_345_680.0), "2026-12-27 04:28:00");
+        assert_eq!(utc(-5.0), "1970-01-01 00:00:00");
+    }
+
+    #[test]
+    fn flags_are_refused_with_their_name() {
+        let err = |r: anyhow::Result<Robust>| format!("{:#}", r.expect_err("refused"));
+        assert!(err(parse_robust("trimmed:0.5")).contains("--robust \"trimmed:0.5\""));
+        assert!(err(parse_robust("avg")).contains("--robust"));
+        assert_eq!(
+            parse_robust("trimmed:0.2").expect("ok"),
+            Robust::TrimmedMean { fraction: 0.2 }
+        );
+        assert!(parse_server_opt("none", 0.0, 0.0).expect("none").is_none());
+        assert!(
+            parse_server_opt("fedadam", 0.01, 1e-3)
+                .expect("adam")
+                .is_some()
+        );
+        let e = parse_server_opt("fedadam", -1.0, 1e-3).expect_err("negative lr");
+        assert!(e.to_string().contains("must be positive"), "{e:#}");
+        assert!(parse_server_opt("sgd", 0.1, 0.1).is_err());
+        let e = read_models(&["digits".into()]).expect_err("no path");
+        assert!(e.to_string().contains("expected NAME=PATH"), "{e:#}");
+    }
+}

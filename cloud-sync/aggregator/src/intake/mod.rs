@@ -1,0 +1,441 @@
+//! The aggregator's sans-IO core: everything the service does between
+//! receiving an MQTT message and publishing one, without a socket, a
+//! timer or a task (after rumqttc's `state.rs`; [`crate::service`] is the
+//! `eventloop.rs` around it).
+//!
+//! In: [`Intake::connected`] / [`Intake::disconnected`] (the broker
+//! session), [`Intake::publish`] (an incoming publish: topic and payload
+//! bytes), [`Intake::flush`] (the batch so far is complete) and
+//! [`Intake::tick`] (the periodic timer). Time comes in as an `Instant`
+//! argument, so a test can jump past a round timeout.
+//!
+//! Out: [`Output`]s, taken with [`Intake::take_outputs`] in the order they
+//! must happen: topics to subscribe, acks, signed globals to publish
+//! retained, and [`MonitorEvent`]s for metrics and the status page.
+//! There is no "published" confirmation input: acks and globals go out
+//! QoS 1 and rumqttc redelivers them itself, so nothing here waits on one.
+//!
+//! The intake drives the SQLite [`State`] directly. It is synchronous and
+//! local (not network I/O), and ingest and aggregation are transactions
+//! whose results decide the acks, so returning "ingest this" commands
+//! would only make the loop hand the answers back. An ack is emitted only
+//! after its update's transaction committed. Log lines go to `tracing`
+//! directly: they need no ordering with the outputs.
+//!
+//! Updates are batched: [`Intake::publish`] decodes and buffers them until
+//! [`Intake::batch_full`] or [`Intake::flush`]; the flush records the whole
+//! batch in one transaction (group commit), acks each update, and
+//! aggregates the models it touched when their strategy says so.
+
+use crate::FedAdam;
+use crate::monitor::{DeviceView, MonitorEvent, Outcome};
+use crate::state::{DUPLICATE_REASON, NewGlobal, Settings, State, StateError};
+use dai_protocol::messages::{Ack, AckStatus, Status};
+use dai_protocol::topics::{self, Topic};
+use dai_protocol::update::Update;
+use ed25519_dalek::SigningKey;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Most updates ingested in one transaction.
+pub const MAX_BATCH: usize = 256;
+/// Most decoded f32 values held for one batch (64 MiB).
+pub const MAX_BATCH_VALUES: usize = 16 << 20;
+
+/// What the intake needs of the service configuration.
+#[derive(Debug, Clone)]
+pub struct IntakeConfig {
+    pub fleet: String,
+    /// (model, base head file) registered as version 0.
+    pub models: Vec<(String, Vec<u8>)>,
+    pub settings: Settings,
+    /// A FedAvg round with at least one update closes after this long.
+    pub round_timeout: Duration,
+    pub signing_key: SigningKey,
+    /// Server optimiser (FedAdam); `None` adds the aggregated delta as is.
+    pub server_optimizer: Option<FedAdam>,
+}
+
+/// Something the I/O loop must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Subscribe to this filter (QoS 1).
+    Subscribe(String),
+    /// Publish `ack` on `topic` (QoS 1, not retained).
+    Ack {
+        topic: String,
+        ack: Ack,
+    },
+    /// Publish a signed global model on `topic` (QoS 1, retained).
+    Global {
+        topic: String,
+        model: String,
+        version: u64,
+        /// `dai_protocol::global::sign` of the version's head file.
+        payload: Vec<u8>,
+    },
+    Monitor(MonitorEvent),
+}
+
+/// Figures of a finished run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Redeliveries of an id already recorded (acked again, counted once).
+    pub duplicates: u64,
+    pub globals_published: u64,
+}
+
+/// `"1.0.0"` (a bundle version: the shipped head) is global 0;
+/// `"1.0.0+g7"` is global 7.
+pub fn base_of(base_version: &str) -> Option<u64> {
+    match base_version.rsplit_once("+g") {
+        Some((_, g)) => g.parse().ok(),
+        None => (!base_version.is_empty()).then_some(0),
+    }
+}
+
+/// The strategy as the status page names it.
+pub fn strategy_label(settings: &Settings, server_optimizer: Option<&FedAdam>) -> String {
+    use crate::Robust;
+    use crate::state::Strategy;
+    let base = match settings.strategy {
+        Strategy::FedAvg { min_updates } => {
+            format!("fedavg (min {min_updates} updates per round)")
+        }
+        Strategy::FedBuff { k } => format!("fedbuff (K = {k})"),
+    };
+    base + match (server_optimizer, settings.aggregation.robust) {
+        (Some(_), _) => ", FedAdam",
+        (None, Robust::Median) => ", median",
+        (None, Robust::TrimmedMean { .. }) => ", trimmed mean",
+        (None, Robust::Mean) => "",
+    }
+}
+
+/// An update as it arrived, decoded or not.
+#[derive(Debug)]
+struct Incoming {
+    device: String,
+    bytes: usize,
+    update: Result<Update, dai_protocol::ProtocolError>,
+}
+
+/// The sans-IO aggregator (see the module doc).
+#[derive(Debug)]
+pub struct Intake {
+    cfg: IntakeConfig,
+    state: State,
+    adam: Option<FedAdam>,
+    /// What was last published per model; a newer version in the state
+    /// file (made by `dai-cloud models promote|rollback` in another
+    /// process) is published on the next tick.
+    published: HashMap<String, u64>,
+    /// When the first update of the open round was accepted.
+    round_started: Option<Instant>,
+    connected: bool,
+    batch: Vec<Incoming>,
+    batch_values: usize,
+    stats: ServiceStats,
+    outputs: Vec<Output>,
+}
+
+impl Intake {
+    /// Register the configured models in `state` and queue what a start
+    /// publishes: each model's current version and pending count for the
+    /// monitor, and the current global (retained, for late joiners) of
+    /// every model past its base.
+    pub fn new(state: State, cfg: IntakeConfig) -> Result<Intake, StateError> {
+        for (model, head) in &cfg.models {
+            state.register(model, head)?;
+        }
+        let mut intake = Intake {
+            adam: cfg.server_optimizer.clone(),
+            cfg,
+            state,
+            published: HashMap::new(),
+            round_started: None,
+            connected: false,
+            batch: Vec::new(),
+            batch_values: 0,
+            stats: ServiceStats::default(),
+            outputs: Vec::new(),
+        };
+        for model in intake.model_names() {
+            let (version, head) = intake.state.current(&model)?;
+            intake.monitor(MonitorEvent::Global {
+                model: model.clone(),
+                version,
+                aggregated: false,
+            });
+            let count = intake.state.pending_count(&model)?;
+            intake.monitor(MonitorEvent::Pending {
+                model: model.clone(),
+                count,
+            });
+            if version > 0 {
+                intake.push_global(&model, version, &head);
+            }
+            intake.published.insert(model, version);
+        }
+        Ok(intake)
+    }
+
+    /// The broker accepted the session (CONNACK): subscribe to updates and
+    /// heartbeats of the fleet.
+    pub fn connected(&mut self) {
+        self.connected = true;
+        self.monitor(MonitorEvent::BrokerConnected);
+        for filter in [
+            topics::all_updates(&self.cfg.fleet),
+            topics::all_status(&self.cfg.fleet),
+        ] {
+            self.outputs.push(Output::Subscribe(filter));
+        }
+    }
+
+    /// The connection failed (the loop backs off and reconnects).
+    pub fn disconnected(&mut self) {
+        let was_connected = std::mem::replace(&mut self.connected, false);
+        self.monitor(MonitorEvent::BrokerLost { was_connected });
+    }
+
+    /// An incoming publish. Updates are decoded and held for the next
+    /// [`Intake::flush`]; heartbeats go to the monitor at once.
+    pub fn publish(&mut self, topic: &str, payload: &[u8]) {
+        match Topic::parse(topic) {
+            Ok(Topic::Update { device, .. }) => {
+                self.monitor(MonitorEvent::UpdateBytes(payload.len() as u64));
+                let update = Update::decode(payload);
+                self.batch_values += update
+                    .as_ref()
+                    .map_or(0, |u| u.tensors.iter().map(|t| t.values.len()).sum());
+                self.batch.push(Incoming {
+                    device,
+                    bytes: payload.len(),
+                    update,
+                });
+            }
+            Ok(Topic::Status { device, .. }) => self.heartbeat(device, payload),
+            _ => tracing::warn!(%topic, "ignoring a message on an unexpected topic"),
+        }
+    }
+
+    /// Whether the held batch reached its bound (by count and by decoded
+    /// size, so a burst of large updates is ingested in several
+    /// transactions instead of being held in memory at once).
+    pub fn batch_full(&self) -> bool {
+        self.batch.len() >= MAX_BATCH || self.batch_values >= MAX_BATCH_VALUES
+    }
+
+    /// Record the held updates in one transaction, ack each (only after the
+    /// commit: an acked update is on disk), and aggregate the models they
+    /// touched if their strategy says so. A failed transaction drops the
+    /// batch unacked; the edges send it again.
+    pub fn flush(&mut self, now: Instant) -> Result<(), StateError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_values = 0;
+        let decoded: Vec<&Update> = batch
+            .iter()
+            .filter_map(|b| b.update.as_ref().ok())
+            .collect();
+        let mut acks = self
+            .state
+            .ingest_batch(&decoded, &self.cfg.settings, base_of)?
+            .into_iter();
+        let mut touched: Vec<String> = Vec::new();
+        for b in &batch {
+            let (ack, outcome) = match &b.update {
+                Ok(update) => {
+                    let Some(ack) = acks.next() else { break };
+                    let outcome = self.count(b, &ack);
+                    if outcome == Outcome::Accepted {
+                        self.round_started.get_or_insert(now);
+                        if !touched.contains(&update.meta.model) {
+                            touched.push(update.meta.model.clone());
+                        }
+                    }
+                    (ack, outcome)
+                }
+                Err(e) => {
+                    self.stats.rejected += 1;
+                    tracing::warn!(device = %b.device, bytes = b.bytes, error = %e, "undecodable update");
+                    let ack = Ack {
+                        update_id: String::new(),
+                        status: AckStatus::Rejected,
+                        reason: Some(format!("undecodable update: {e}")),
+                        round: None,
+                    };
+                    (ack, Outcome::Undecodable)
+                }
+            };
+            self.monitor(MonitorEvent::Update {
+                device: b.device.clone(),
+                update_id: ack.update_id.clone(),
+                bytes: b.bytes,
+                outcome,
+                reason: ack.reason.clone(),
+            });
+            let topic = Topic::Ack {
+                fleet: self.cfg.fleet.clone(),
+                device: b.device.clone(),
+            };
+            // The device came from a parsed topic, so its ack topic builds.
+            if let Ok(topic) = topic.build() {
+                self.outputs.push(Output::Ack { topic, ack });
+            }
+        }
+        for model in touched {
+            if let Some(g) = self.aggregate(&model, false)? {
+                tracing::info!(model = %g.model, version = g.version, updates = g.contributors.len(), "global published");
+                self.push_new(&g);
+                self.round_started = None;
+            }
+            self.push_pending(&model)?;
+        }
+        Ok(())
+    }
+
+    /// The periodic timer: close a round that timed out (aggregating
+    /// whatever arrived), then publish versions made outside this process
+    /// (promote, rollback).
+    pub fn tick(&mut self, now: Instant) -> Result<(), StateError> {
+        if let Some(started) = self.round_started
+            && now.saturating_duration_since(started) >= self.cfg.round_timeout
+        {
+            for model in self.model_names() {
+                if let Some(g) = self.aggregate(&model, true)? {
+                    tracing::info!(model = %g.model, version = g.version, updates = g.contributors.len(), "round timed out; global published");
+                    self.push_new(&g);
+                }
+                self.push_pending(&model)?;
+            }
+            self.round_started = None;
+        }
+        for model in self.model_names() {
+            let (version, head) = self.state.current(&model)?;
+            if self.published.get(&model).is_none_or(|&p| p < version) {
+                tracing::info!(%model, version, "publishing a version made outside this process (promote or rollback)");
+                self.push_global(&model, version, &head);
+                self.monitor(MonitorEvent::Global {
+                    model: model.clone(),
+                    version,
+                    aggregated: false,
+                });
+                self.published.insert(model, version);
+            }
+        }
+        Ok(())
+    }
+
+    /// What to do next, in order; the queue is empty afterwards.
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    pub fn stats(&self) -> &ServiceStats {
+        &self.stats
+    }
+
+    fn model_names(&self) -> Vec<String> {
+        self.cfg.models.iter().map(|(m, _)| m.clone()).collect()
+    }
+
+    fn monitor(&mut self, event: MonitorEvent) {
+        self.outputs.push(Output::Monitor(event));
+    }
+
+    fn heartbeat(&mut self, device: String, payload: &[u8]) {
+        if payload.is_empty() {
+            self.monitor(MonitorEvent::Heartbeat { device, view: None });
+            return;
+        }
+        match serde_json::from_slice::<Status>(payload) {
+            Ok(s) => self.monitor(MonitorEvent::Heartbeat {
+                device,
+                view: Some(DeviceView {
+                    state: s.state,
+                    models: s.models,
+                    outbox_pending: s.outbox_pending,
+                    ts: s.ts,
+                }),
+            }),
+            Err(e) => tracing::warn!(%device, error = %e, "unreadable heartbeat"),
+        }
+    }
+
+    /// Classify a decoded update's ack and count it.
+    fn count(&mut self, b: &Incoming, ack: &Ack) -> Outcome {
+        if ack.status == AckStatus::Accepted && ack.reason.is_none() {
+            self.stats.accepted += 1;
+            Outcome::Accepted
+        } else if ack.status == AckStatus::Rejected
+            && ack.reason.as_deref() != Some(DUPLICATE_REASON)
+        {
+            self.stats.rejected += 1;
+            tracing::warn!(device = %b.device, update = %ack.update_id, reason = ?ack.reason, "update rejected");
+            Outcome::Rejected
+        } else {
+            self.stats.duplicates += 1;
+            tracing::info!(device = %b.device, update = %ack.update_id, "duplicate delivery acked again; counted once");
+            Outcome::Duplicate
+        }
+    }
+
+    fn aggregate(&mut self, model: &str, force: bool) -> Result<Option<NewGlobal>, StateError> {
+        // Only the duration is measured here; it is not an input to any
+        // decision, so it does not need to come in from outside.
+        let t = Instant::now();
+        let g = self
+            .state
+            .aggregate(model, &self.cfg.settings, force, &mut self.adam)?;
+        if g.is_some() {
+            self.monitor(MonitorEvent::AggregationSeconds(t.elapsed().as_secs_f64()));
+        }
+        Ok(g)
+    }
+
+    fn push_pending(&mut self, model: &str) -> Result<(), StateError> {
+        let count = self.state.pending_count(model)?;
+        self.monitor(MonitorEvent::Pending {
+            model: model.to_string(),
+            count,
+        });
+        Ok(())
+    }
+
+    /// A version this process aggregated.
+    fn push_new(&mut self, g: &NewGlobal) {
+        self.push_global(&g.model, g.version, &g.head_file);
+        self.monitor(MonitorEvent::Global {
+            model: g.model.clone(),
+            version: g.version,
+            aggregated: true,
+        });
+        self.published.insert(g.model.clone(), g.version);
+        self.stats.globals_published += 1;
+    }
+
+    fn push_global(&mut self, model: &str, version: u64, head_file: &[u8]) {
+        let topic = Topic::Global {
+            fleet: self.cfg.fleet.clone(),
+            model: model.to_string(),
+        };
+        match topic.build() {
+            Ok(topic) => self.outputs.push(Output::Global {
+                topic,
+                model: model.to_string(),
+                version,
+                payload: dai_protocol::global::sign(head_file, &self.cfg.signing_key),
+            }),
+            Err(e) => tracing::error!(error = %e, "bad global topic"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,521 @@
+//! The intake driven without a broker: publishes and ticks in, acks,
+//! signed globals and monitor events out, against a real SQLite file.
+
+use super::*;
+use crate::monitor::Monitor;
+use crate::state::Strategy;
+use crate::state::fixtures::{base, base_file, settings, upd};
+use dai_head::Head;
+use std::collections::BTreeMap;
+
+const UPDATE_TOPIC: &str = "dai/v1/lab/dev/edge-1/update";
+const ACK_TOPIC: &str = "dai/v1/lab/dev/edge-1/ack";
+const GLOBAL_TOPIC: &str = "dai/v1/lab/model/m/global";
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[9u8; 32])
+}
+
+/// An intake over a fresh state file in `dir`, FedAvg with `min_updates`.
+fn intake(dir: &std::path::Path, min_updates: usize) -> Intake {
+    let state = State::open(&dir.join("agg.sqlite")).expect("open");
+    Intake::new(
+        state,
+        IntakeConfig {
+            fleet: "lab".into(),
+            models: vec![("m".into(), base_file())],
+            settings: Settings {
+                strategy: Strategy::FedAvg { min_updates },
+                ..settings()
+            },
+            round_timeout: Duration::from_secs(60),
+            signing_key: key(),
+            server_optimizer: None,
+        },
+    )
+    .expect("intake")
+}
+
+fn wire(id: &str, samples: u64, v: f32) -> Vec<u8> {
+    upd(id, "1.0.0", samples, v).encode().expect("encode")
+}
+
+fn acks(outputs: &[Output]) -> Vec<(&str, &Ack)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Ack { topic, ack } => Some((topic.as_str(), ack)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every global published: (topic, version, head), signature verified.
+fn globals(outputs: &[Output]) -> Vec<(&str, u64, Head)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Global {
+                topic,
+                model,
+                version,
+                payload,
+            } => {
+                let g = dai_protocol::global::verify(payload, &key().verifying_key(), model)
+                    .expect("signed with the configured key");
+                assert_eq!(g.version, *version, "the head file carries its version");
+                let (head, _) = Head::from_bytes(&g.head_file).expect("head");
+                Some((topic.as_str(), *version, head))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn events(outputs: &[Output]) -> Vec<&MonitorEvent> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Monitor(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every weight and bias of `head` minus the base's.
+fn deltas(head: &Head) -> Vec<f32> {
+    let b = base();
+    head.params
+        .weights
+        .iter()
+        .flatten()
+        .zip(b.params.weights.iter().flatten())
+        .chain(
+            head.params
+                .biases
+                .iter()
+                .flatten()
+                .zip(b.params.biases.iter().flatten()),
+        )
+        .map(|(a, b)| a - b)
+        .collect()
+}
+
+fn assert_all_near(values: &[f32], expected: f32) {
+    assert!(!values.is_empty());
+    for v in values {
+        assert!((v - expected).abs() < 1e-5, "{v} vs {expected}: {values:?}");
+    }
+}
+
+#[test]
+fn a_start_reports_each_model_and_publishes_nothing_for_a_base() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 2);
+    assert_eq!(
+        i.take_outputs(),
+        vec![
+            Output::Monitor(MonitorEvent::Global {
+                model: "m".into(),
+                version: 0,
+                aggregated: false,
+            }),
+            Output::Monitor(MonitorEvent::Pending {
+                model: "m".into(),
+                count: 0,
+            }),
+        ]
+    );
+    assert!(i.take_outputs().is_empty(), "taking empties the queue");
+}
+
+#[test]
+fn the_broker_session_subscribes_and_counts_disconnects_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 2);
+    i.take_outputs();
+    i.connected();
+    assert_eq!(
+        i.take_outputs(),
+        vec![
+            Output::Monitor(MonitorEvent::BrokerConnected),
+            Output::Subscribe("dai/v1/lab/dev/+/update".into()),
+            Output::Subscribe("dai/v1/lab/dev/+/status".into()),
+        ]
+    );
+    let monitor = Monitor::new();
+    monitor.apply(MonitorEvent::BrokerConnected);
+    // Lost, then a failed reconnect attempt: one disconnect.
+    i.disconnected();
+    i.disconnected();
+    let out = i.take_outputs();
+    assert_eq!(
+        out,
+        vec![
+            Output::Monitor(MonitorEvent::BrokerLost {
+                was_connected: true
+            }),
+            Output::Monitor(MonitorEvent::BrokerLost {
+                was_connected: false
+            }),
+        ]
+    );
+    for e in events(&out) {
+        monitor.apply(e.clone());
+    }
+    assert_eq!(monitor.broker_disconnects.get(), 1);
+    assert_eq!(monitor.broker_connected.get(), 0);
+    assert!(!monitor.live.lock().broker_connected);
+}
+
+#[test]
+fn valid_updates_are_acked_and_a_full_round_publishes_a_signed_global() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 2);
+    i.take_outputs();
+    let first = wire("u1", 1, 1.0);
+    i.publish(UPDATE_TOPIC, &first);
+    assert_eq!(
+        i.take_outputs(),
+        vec![Output::Monitor(MonitorEvent::UpdateBytes(
+            first.len() as u64
+        ))],
+        "nothing is acked before the batch is recorded"
+    );
+    i.flush(Instant::now()).expect("flush");
+    assert_eq!(
+        i.take_outputs(),
+        vec![
+            Output::Monitor(MonitorEvent::Update {
+                device: "edge-1".into(),
+                update_id: "u1".into(),
+                bytes: first.len(),
+                outcome: Outcome::Accepted,
+                reason: None,
+            }),
+            Output::Ack {
+                topic: ACK_TOPIC.into(),
+                ack: Ack {
+                    update_id: "u1".into(),
+                    status: AckStatus::Accepted,
+                    reason: None,
+                    round: Some(1),
+                },
+            },
+            Output::Monitor(MonitorEvent::Pending {
+                model: "m".into(),
+                count: 1,
+            }),
+        ],
+        "one of two updates: acked, no global yet"
+    );
+
+    i.publish(UPDATE_TOPIC, &wire("u2", 3, 2.0));
+    i.flush(Instant::now()).expect("flush");
+    let out = i.take_outputs();
+    let a = acks(&out);
+    assert_eq!(a.len(), 1);
+    assert_eq!(
+        (a[0].0, a[0].1.update_id.as_str(), a[0].1.status),
+        (ACK_TOPIC, "u2", AckStatus::Accepted)
+    );
+    let g = globals(&out);
+    assert_eq!(g.len(), 1);
+    assert_eq!((g[0].0, g[0].1), (GLOBAL_TOPIC, 1));
+    // FedAvg by sample count: (1 x 1.0 + 3 x 2.0) / 4 = 1.75.
+    assert_all_near(&deltas(&g[0].2), 1.75);
+    let ev = events(&out);
+    assert!(ev.contains(&&MonitorEvent::Global {
+        model: "m".into(),
+        version: 1,
+        aggregated: true,
+    }));
+    assert!(ev.contains(&&MonitorEvent::Pending {
+        model: "m".into(),
+        count: 0,
+    }));
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, MonitorEvent::AggregationSeconds(s) if *s >= 0.0))
+    );
+    // The ack goes out before the global it contributed to.
+    let ack_at = out.iter().position(|o| matches!(o, Output::Ack { .. }));
+    let global_at = out.iter().position(|o| matches!(o, Output::Global { .. }));
+    assert!(ack_at < global_at, "{out:?}");
+    assert_eq!(
+        i.stats(),
+        &ServiceStats {
+            accepted: 2,
+            rejected: 0,
+            duplicates: 0,
+            globals_published: 1,
+        }
+    );
+}
+
+#[test]
+fn a_malformed_payload_gets_a_rejection_ack_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 1);
+    i.take_outputs();
+    i.publish(UPDATE_TOPIC, b"not an update");
+    let mut wrong = upd("u9", "1.0.0", 1, 0.5);
+    wrong.tensors[0].shape = vec![4];
+    i.publish(UPDATE_TOPIC, &wrong.encode().expect("encode"));
+    i.flush(Instant::now()).expect("flush");
+    let out = i.take_outputs();
+    let a = acks(&out);
+    assert_eq!(a.len(), 2, "{out:?}");
+    assert_eq!(a[0].0, ACK_TOPIC);
+    assert_eq!(
+        (a[0].1.update_id.as_str(), a[0].1.status),
+        ("", AckStatus::Rejected)
+    );
+    let reason = a[0].1.reason.as_deref().expect("a reason");
+    assert!(reason.starts_with("undecodable update: "), "{reason}");
+    assert_eq!(
+        (a[1].1.update_id.as_str(), a[1].1.status),
+        ("u9", AckStatus::Rejected)
+    );
+    assert_eq!(
+        a[1].1.reason.as_deref(),
+        Some("tensor layout differs: layers.0.weight: shape [4], expected [2, 2]")
+    );
+    let outcomes: Vec<Outcome> = events(&out)
+        .iter()
+        .filter_map(|e| match e {
+            MonitorEvent::Update { outcome, .. } => Some(*outcome),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(outcomes, vec![Outcome::Undecodable, Outcome::Rejected]);
+    assert!(globals(&out).is_empty(), "nothing to aggregate");
+    assert_eq!((i.stats().rejected, i.stats().accepted), (2, 0));
+    // A rejection does not open a round.
+    i.tick(Instant::now() + Duration::from_secs(3600))
+        .expect("tick");
+    assert!(globals(&i.take_outputs()).is_empty());
+}
+
+#[test]
+fn a_duplicate_id_is_acked_as_duplicate_and_counted_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 2);
+    i.take_outputs();
+    let u1 = wire("u1", 1, 1.0);
+    // Twice in one batch, and again in a later one.
+    i.publish(UPDATE_TOPIC, &u1);
+    i.publish(UPDATE_TOPIC, &u1);
+    i.flush(Instant::now()).expect("flush");
+    i.publish(UPDATE_TOPIC, &u1);
+    i.flush(Instant::now()).expect("flush");
+    let out = i.take_outputs();
+    let got: Vec<(&str, AckStatus, Option<&str>)> = acks(&out)
+        .iter()
+        .map(|(_, a)| (a.update_id.as_str(), a.status, a.reason.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("u1", AckStatus::Accepted, None),
+            ("u1", AckStatus::Accepted, Some(DUPLICATE_REASON)),
+            ("u1", AckStatus::Accepted, Some(DUPLICATE_REASON)),
+        ]
+    );
+    assert!(globals(&out).is_empty(), "still one update of two");
+    assert_eq!((i.stats().accepted, i.stats().duplicates), (1, 2));
+    assert_eq!(i.state.pending_count("m").expect("pending"), 1);
+
+    i.publish(UPDATE_TOPIC, &wire("u2", 1, 3.0));
+    i.flush(Instant::now()).expect("flush");
+    let out = i.take_outputs();
+    let g = globals(&out);
+    assert_eq!(g.len(), 1);
+    // (1.0 + 3.0) / 2 = 2.0; u1 counted three times would give 1.5.
+    assert_all_near(&deltas(&g[0].2), 2.0);
+}
+
+#[test]
+fn a_round_timeout_closes_a_round_with_fewer_updates() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 3);
+    i.take_outputs();
+    let t0 = Instant::now();
+    i.publish(UPDATE_TOPIC, &wire("u1", 2, 0.5));
+    i.flush(t0).expect("flush");
+    i.take_outputs();
+    i.tick(t0 + Duration::from_secs(59)).expect("tick");
+    assert!(i.take_outputs().is_empty(), "the round is still open");
+    // A second update does not restart the round's clock.
+    i.publish(UPDATE_TOPIC, &wire("u2", 2, 1.5));
+    i.flush(t0 + Duration::from_secs(30)).expect("flush");
+    assert!(globals(&i.take_outputs()).is_empty(), "2 of 3");
+
+    i.tick(t0 + Duration::from_secs(60)).expect("tick");
+    let out = i.take_outputs();
+    let g = globals(&out);
+    assert_eq!(g.len(), 1, "{out:?}");
+    assert_eq!(g[0].1, 1);
+    assert_all_near(&deltas(&g[0].2), 1.0);
+    assert!(events(&out).contains(&&MonitorEvent::Pending {
+        model: "m".into(),
+        count: 0,
+    }));
+    assert_eq!(i.stats().globals_published, 1);
+    // Closed: later ticks publish nothing, and the next update opens a
+    // new round with its own clock.
+    i.tick(t0 + Duration::from_secs(600)).expect("tick");
+    assert!(i.take_outputs().is_empty());
+    let t1 = t0 + Duration::from_secs(700);
+    i.publish(
+        UPDATE_TOPIC,
+        &upd("u3", "1.0.0+g1", 1, 1.0).encode().expect("encode"),
+    );
+    i.flush(t1).expect("flush");
+    i.take_outputs();
+    i.tick(t1 + Duration::from_secs(59)).expect("tick");
+    assert!(globals(&i.take_outputs()).is_empty());
+    i.tick(t1 + Duration::from_secs(60)).expect("tick");
+    let g = globals(&i.take_outputs())
+        .into_iter()
+        .map(|(_, v, _)| v)
+        .collect::<Vec<_>>();
+    assert_eq!(g, vec![2]);
+}
+
+#[test]
+fn heartbeats_update_the_device_monitor() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 2);
+    i.take_outputs();
+    let status = |device: &str, state: &str, pending: u64| {
+        serde_json::to_vec(&Status {
+            device: device.into(),
+            state: state.into(),
+            ts: 12.5,
+            models: BTreeMap::from([("m".to_string(), 1)]),
+            outbox_pending: pending,
+        })
+        .expect("json")
+    };
+    i.publish(
+        "dai/v1/lab/dev/edge-1/status",
+        &status("edge-1", "online", 3),
+    );
+    let out = i.take_outputs();
+    assert_eq!(
+        out,
+        vec![Output::Monitor(MonitorEvent::Heartbeat {
+            device: "edge-1".into(),
+            view: Some(DeviceView {
+                state: "online".into(),
+                models: BTreeMap::from([("m".to_string(), 1)]),
+                outbox_pending: 3,
+                ts: 12.5,
+            }),
+        })]
+    );
+    let monitor = Monitor::new();
+    let apply = |out: Vec<Output>| {
+        for e in events(&out) {
+            monitor.apply(e.clone());
+        }
+    };
+    apply(out);
+    i.publish(
+        "dai/v1/lab/dev/edge-2/status",
+        &status("edge-2", "offline", 4),
+    );
+    apply(i.take_outputs());
+    assert_eq!(monitor.devices_online.get(), 1);
+    assert_eq!(monitor.devices_known.get(), 2);
+    assert_eq!(monitor.devices_outbox.get(), 7);
+    assert_eq!(monitor.live.lock().devices["edge-1"].models["m"], 1);
+    // An empty retained message clears the device.
+    i.publish("dai/v1/lab/dev/edge-1/status", b"");
+    apply(i.take_outputs());
+    assert_eq!(monitor.devices_known.get(), 1);
+    assert_eq!(monitor.devices_online.get(), 0);
+    assert!(!monitor.live.lock().devices.contains_key("edge-1"));
+    // Unreadable heartbeats and foreign topics change nothing, and
+    // heartbeats never enter the update batch.
+    i.publish("dai/v1/lab/dev/edge-1/status", b"{not json");
+    i.publish(GLOBAL_TOPIC, b"x");
+    i.publish("elsewhere/topic", b"x");
+    assert!(i.take_outputs().is_empty());
+    i.flush(Instant::now()).expect("flush");
+    assert!(i.take_outputs().is_empty());
+}
+
+#[test]
+fn a_version_made_by_another_process_is_published_on_the_next_tick() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 1);
+    i.publish(UPDATE_TOPIC, &wire("u1", 1, 1.0));
+    i.flush(Instant::now()).expect("flush");
+    assert_eq!(globals(&i.take_outputs()).len(), 1);
+    i.tick(Instant::now()).expect("tick");
+    assert!(i.take_outputs().is_empty(), "version 1 is already out");
+
+    // `dai-cloud models promote m 0` on the same file.
+    let mut cli = State::open(&dir.path().join("agg.sqlite")).expect("open");
+    cli.promote("m", 0, "operator").expect("promote");
+    i.tick(Instant::now()).expect("tick");
+    let out = i.take_outputs();
+    let g = globals(&out);
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0].1, 2);
+    assert_all_near(&deltas(&g[0].2), 0.0);
+    assert!(events(&out).contains(&&MonitorEvent::Global {
+        model: "m".into(),
+        version: 2,
+        aggregated: false,
+    }));
+    assert_eq!(i.stats().globals_published, 1, "only aggregations count");
+    i.tick(Instant::now()).expect("tick");
+    assert!(i.take_outputs().is_empty());
+
+    // A restart publishes the current global (retained) for late joiners.
+    drop(i);
+    let mut again = intake(dir.path(), 1);
+    let versions: Vec<u64> = globals(&again.take_outputs())
+        .into_iter()
+        .map(|(_, v, _)| v)
+        .collect();
+    assert_eq!(versions, vec![2]);
+}
+
+#[test]
+fn a_batch_is_bounded_and_recorded_in_one_flush() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), MAX_BATCH + 1);
+    i.take_outputs();
+    for n in 0..MAX_BATCH {
+        assert!(!i.batch_full(), "full after {n}");
+        i.publish(UPDATE_TOPIC, &wire(&format!("u{n}"), 1, 0.1));
+    }
+    assert!(i.batch_full());
+    i.flush(Instant::now()).expect("flush");
+    assert!(!i.batch_full());
+    let out = i.take_outputs();
+    let ids: Vec<String> = acks(&out)
+        .iter()
+        .map(|(_, a)| a.update_id.clone())
+        .collect();
+    let expected: Vec<String> = (0..MAX_BATCH).map(|n| format!("u{n}")).collect();
+    assert_eq!(ids, expected, "every update acked, in arrival order");
+    assert_eq!(i.stats().accepted, MAX_BATCH as u64);
+    assert_eq!(
+        i.state.pending_count("m").expect("pending"),
+        MAX_BATCH,
+        "not due yet"
+    );
+}
+
+#[test]
+fn base_versions_map_to_globals() {
+    assert_eq!(base_of("1.0.0"), Some(0));
+    assert_eq!(base_of("1.0.0+g7"), Some(7));
+    assert_eq!(base_of("1.0.0+gx"), None);
+    assert_eq!(base_of(""), None);
+}

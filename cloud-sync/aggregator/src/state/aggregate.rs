@@ -1,0 +1,305 @@
+//! Folding the pending buffer into a new global version: the strategy
+//! decides when (FedAvg round size, FedBuff K, or a forced round timeout),
+//! [`crate::aggregate`] combines the deltas (weighted mean, clipping,
+//! trimmed mean, median; FedBuff's staleness discount in the weights), the
+//! server optimiser (FedAdam) or a plain sum applies them to the current
+//! head, and the new version is written and the buffer cleared in one
+//! transaction.
+
+use super::versions::stamped_head;
+use super::{CURRENT_SQL, NewGlobal, Settings, State, StateError, Strategy, now};
+use crate::{Contribution, FedAdam, aggregate, staleness_weight};
+use dai_head::Head;
+use rusqlite::params;
+
+impl State {
+    /// Fold the pending buffer of `model` into a new global version if the
+    /// strategy says so (or `force` with at least one update, e.g. a round
+    /// timeout). `adam` is the server optimiser (FedAdam); `None` adds the
+    /// aggregated delta as is. Returns the new version.
+    pub fn aggregate(
+        &mut self,
+        model: &str,
+        settings: &Settings,
+        force: bool,
+        adam: &mut Option<FedAdam>,
+    ) -> Result<Option<NewGlobal>, StateError> {
+        let pending = self.pending_count(model)?;
+        let due = match settings.strategy {
+            Strategy::FedAvg { min_updates } => pending >= min_updates.max(1),
+            Strategy::FedBuff { k } => pending >= k.max(1),
+        };
+        if pending == 0 || !(due || force) {
+            return Ok(None);
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (version, head_file): (u64, Vec<u8>) =
+            tx.query_row(CURRENT_SQL, params![model], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+            })?;
+        let rows = readable_pending(&tx, model)?;
+        if rows.is_empty() {
+            tx.commit()?;
+            return Ok(None);
+        }
+        let metrics = round_metrics(&rows, version);
+        let contribs: Vec<Contribution> = rows.into_iter().map(|(c, _)| c).collect();
+        let weights = weights(&contribs, settings.strategy, version);
+        // Nothing to combine (e.g. zero total weight): the transaction is
+        // dropped, so the buffer stays as it was.
+        let Some(delta) = aggregate(&contribs, &weights, &settings.aggregation) else {
+            return Ok(None);
+        };
+        let head = apply_delta(&head_file, model, &delta, adam)?;
+        let new_version = version + 1;
+        let new_file = stamped_head(&head, model, new_version, version)?;
+        let contributors: Vec<String> = contribs.iter().map(|c| c.update_id.clone()).collect();
+        tx.execute(
+            "INSERT INTO versions (model, version, parent, head, contributors, created_at, metrics) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![model, new_version as i64, version as i64, new_file, serde_json::to_string(&contributors).unwrap_or_default(), now(), metrics.to_string()],
+        )?;
+        tx.execute("DELETE FROM pending WHERE model = ?1", params![model])?;
+        tx.commit()?;
+        Ok(Some(NewGlobal {
+            model: model.to_string(),
+            version: new_version,
+            parent: version,
+            head_file: new_file,
+            contributors,
+            metrics,
+        }))
+    }
+}
+
+/// The pending updates of `model` in arrival order, each with its loss.
+/// A row that cannot be read back (a damaged state file) is deleted with
+/// an error log, not retried forever: it would fail every aggregation and
+/// stop the service, again after each restart.
+fn readable_pending(
+    tx: &rusqlite::Transaction<'_>,
+    model: &str,
+) -> Result<Vec<(Contribution, f64)>, StateError> {
+    let mut stmt = tx.prepare("SELECT update_id, device, base_version, sample_count, tensors, loss FROM pending WHERE model = ?1 ORDER BY rowid")?;
+    let rows: Vec<(Contribution, f64)> = stmt
+        .query_map(params![model], |r| {
+            Ok((
+                Contribution {
+                    update_id: r.get(0)?,
+                    device: r.get(1)?,
+                    base_version: r.get::<_, i64>(2)? as u64,
+                    sample_count: r.get::<_, i64>(3)? as u64,
+                    tensors: unpack(r.get_ref(4)?).unwrap_or_default(),
+                },
+                r.get(5)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    drop(stmt);
+    let (rows, broken): (Vec<_>, Vec<_>) =
+        rows.into_iter().partition(|(c, _)| !c.tensors.is_empty());
+    for (c, _) in &broken {
+        tracing::error!(update = %c.update_id, device = %c.device, "pending update unreadable in the state file; dropped");
+        tx.execute(
+            "DELETE FROM pending WHERE update_id = ?1",
+            params![c.update_id],
+        )?;
+    }
+    Ok(rows)
+}
+
+/// What the registry records about a round: updates, devices, samples,
+/// the sample-weighted mean loss and the largest staleness.
+fn round_metrics(rows: &[(Contribution, f64)], version: u64) -> serde_json::Value {
+    let samples: u64 = rows.iter().map(|(c, _)| c.sample_count).sum();
+    let mean_loss = rows
+        .iter()
+        .map(|(c, l)| l * c.sample_count as f64)
+        .sum::<f64>()
+        / (samples.max(1) as f64);
+    let mut devices: Vec<&str> = rows.iter().map(|(c, _)| c.device.as_str()).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    serde_json::json!({
+        "updates": rows.len(),
+        "devices": devices.len(),
+        "samples": samples,
+        "mean_loss": mean_loss,
+        "max_staleness": rows.iter().map(|(c, _)| version.saturating_sub(c.base_version)).max().unwrap_or(0),
+    })
+}
+
+/// Sample counts, discounted by staleness for FedBuff.
+fn weights(contribs: &[Contribution], strategy: Strategy, version: u64) -> Vec<f64> {
+    contribs
+        .iter()
+        .map(|c| {
+            let w = c.sample_count as f64;
+            match strategy {
+                Strategy::FedBuff { .. } => {
+                    w * staleness_weight(version.saturating_sub(c.base_version))
+                }
+                Strategy::FedAvg { .. } => w,
+            }
+        })
+        .collect()
+}
+
+/// The current head with `delta` (layout order) applied: through the
+/// server optimiser, or added as is.
+fn apply_delta(
+    head_file: &[u8],
+    model: &str,
+    delta: &[Vec<f32>],
+    adam: &mut Option<FedAdam>,
+) -> Result<Head, StateError> {
+    let (mut head, _) = Head::from_bytes(head_file).map_err(|e| StateError::Head(e.to_string()))?;
+    // Tensors are in layout order: sorted names (layers.i.bias < layers.i.weight).
+    let layout = State::layout(head_file, model)?;
+    let mut global: Vec<Vec<f32>> = layout
+        .tensors
+        .iter()
+        .map(|(name, _)| tensor_of(&head, name))
+        .collect();
+    match adam {
+        Some(opt) => opt.apply(&mut global, delta),
+        None => {
+            for (g, d) in global.iter_mut().zip(delta) {
+                for (a, b) in g.iter_mut().zip(d) {
+                    *a += b;
+                }
+            }
+        }
+    }
+    for ((name, _), values) in layout.tensors.iter().zip(global) {
+        set_tensor(&mut head, name, values)?;
+    }
+    Ok(head)
+}
+
+/// `ingest::pack`'s inverse; state files written before it hold JSON text.
+fn unpack(v: rusqlite::types::ValueRef<'_>) -> Option<Vec<Vec<f32>>> {
+    match v {
+        rusqlite::types::ValueRef::Text(t) => serde_json::from_slice(t).ok(),
+        rusqlite::types::ValueRef::Blob(mut b) => {
+            let mut out = Vec::new();
+            while !b.is_empty() {
+                let (n, rest) = b.split_first_chunk::<4>()?;
+                let n = u32::from_le_bytes(*n) as usize;
+                let bytes = rest.get(..n.checked_mul(4)?)?;
+                out.push(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                );
+                b = &rest[n * 4..];
+            }
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+/// The tensor `name` of `head`; names come from [`State::layout`], so an
+/// unknown one is a bug and reads as empty (which fails the shape checks).
+fn tensor_of(head: &Head, name: &str) -> Vec<f32> {
+    dai_head::layout::named(&head.spec, &head.params)
+        .into_iter()
+        .find(|t| t.name() == name)
+        .map(|t| t.values.to_vec())
+        .unwrap_or_default()
+}
+
+fn set_tensor(head: &mut Head, name: &str, values: Vec<f32>) -> Result<(), StateError> {
+    let spec = head.spec.clone();
+    dai_head::layout::set(&spec, &mut head.params, name, values)
+        .map_err(|e| StateError::Head(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{base_file, settings, upd};
+    use super::super::ingest::pack;
+    use super::*;
+
+    #[test]
+    fn an_unreadable_pending_row_is_dropped_not_fatal() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut s = State::open(&dir.path().join("agg.sqlite")).expect("open");
+        s.register("m", &base_file()).expect("register");
+        s.ingest(&upd("u1", "0", 1, 1.0), &settings(), |b| b.parse().ok())
+            .expect("ingest");
+        s.conn
+            .execute(
+                "INSERT INTO pending (update_id, model, device, base_version, sample_count, tensors) VALUES ('bad', 'm', 'd', 0, 1, X'0100')",
+                [],
+            )
+            .expect("corrupt row");
+        let g = s
+            .aggregate("m", &settings(), false, &mut None)
+            .expect("aggregation survives")
+            .expect("a global from the readable update");
+        assert_eq!(g.contributors, vec!["u1".to_string()]);
+        assert_eq!(s.pending_count("m").expect("n"), 0);
+    }
+
+    #[test]
+    fn pack_and_unpack_round_trip_and_refuse_short_blobs() {
+        let t = vec![vec![1.0, -2.5], vec![], vec![3.25]];
+        let blob = pack(&t);
+        assert_eq!(
+            unpack(rusqlite::types::ValueRef::Blob(&blob)),
+            Some(t.clone())
+        );
+        assert_eq!(unpack(rusqlite::types::ValueRef::Blob(&blob[..7])), None);
+        assert_eq!(
+            unpack(rusqlite::types::ValueRef::Text(b"[[1.0,-2.5],[],[3.25]]")),
+            Some(t)
+        );
+    }
+
+    #[test]
+    fn fedbuff_discounts_stale_updates_and_records_round_metrics() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut s = State::open(&dir.path().join("agg.sqlite")).expect("open");
+        s.register("m", &base_file()).expect("register");
+        let fedbuff = Settings {
+            strategy: Strategy::FedBuff { k: 1 },
+            ..settings()
+        };
+        s.ingest(&upd("u1", "0", 1, 1.0), &fedbuff, |b| b.parse().ok())
+            .expect("ingest");
+        let v1 = s
+            .aggregate("m", &fedbuff, false, &mut None)
+            .expect("agg")
+            .expect("K = 1");
+        // Two updates against version 0 while version 1 is current: the
+        // stale one (staleness 1) weighs 1/sqrt(2) of the fresh one.
+        let fedbuff2 = Settings {
+            strategy: Strategy::FedBuff { k: 2 },
+            ..settings()
+        };
+        s.ingest(&upd("u2", "0", 1, 1.0), &fedbuff2, |b| b.parse().ok())
+            .expect("stale");
+        s.ingest(&upd("u3", "1", 1, 0.0), &fedbuff2, |b| b.parse().ok())
+            .expect("fresh");
+        let v2 = s
+            .aggregate("m", &fedbuff2, false, &mut None)
+            .expect("agg")
+            .expect("K = 2");
+        let w = staleness_weight(1);
+        let expected = (w / (w + 1.0)) as f32;
+        let (h1, _) = Head::from_bytes(&v1.head_file).expect("v1");
+        let (h2, _) = Head::from_bytes(&v2.head_file).expect("v2");
+        for (a, b) in h2.params.weights[0].iter().zip(&h1.params.weights[0]) {
+            assert!((a - b - expected).abs() < 1e-6, "{a} - {b} vs {expected}");
+        }
+        assert_eq!(v2.metrics["updates"], 2);
+        assert_eq!(v2.metrics["devices"], 2);
+        assert_eq!(v2.metrics["samples"], 2);
+        assert_eq!(v2.metrics["max_staleness"], 1);
+        assert!((v2.metrics["mean_loss"].as_f64().expect("loss") - 0.1).abs() < 1e-6);
+    }
+}

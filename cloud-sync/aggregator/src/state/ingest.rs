@@ -1,0 +1,223 @@
+//! Taking updates in: each one is validated against the model's current
+//! version ([`crate::validate`]) and its outcome recorded — the id in
+//! `seen`, an accepted update's tensors in `pending` — in the same
+//! transaction, so an acked update is on disk and a redelivery is
+//! recognised as a duplicate, even after a restart.
+
+use super::{CURRENT_SQL, DUPLICATE_REASON, Settings, State, StateError, now};
+use crate::{Limits, Rejection, validate};
+use dai_protocol::messages::{Ack, AckStatus};
+use dai_protocol::update::Update;
+use rusqlite::{OptionalExtension, params};
+
+impl State {
+    /// Validate and record one update; returns the ack to send.
+    /// `base_of` maps the update's base_version string to a global version.
+    pub fn ingest(
+        &mut self,
+        update: &Update,
+        settings: &Settings,
+        base_of: impl Fn(&str) -> Option<u64>,
+    ) -> Result<Ack, StateError> {
+        let mut acks = self.ingest_batch(&[update], settings, base_of)?;
+        acks.pop()
+            .ok_or_else(|| StateError::Head("no ack for a single update".into()))
+    }
+
+    /// [`State::ingest`] for several updates in ONE transaction (one disk
+    /// sync instead of one per update: group commit). Acks come back in
+    /// order; a later copy of an id in the same batch is a duplicate.
+    pub fn ingest_batch(
+        &mut self,
+        updates: &[&Update],
+        settings: &Settings,
+        base_of: impl Fn(&str) -> Option<u64>,
+    ) -> Result<Vec<Ack>, StateError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut acks = Vec::with_capacity(updates.len());
+        for update in updates {
+            acks.push(Self::ingest_in(&tx, update, settings, &base_of)?);
+        }
+        tx.commit()?;
+        Ok(acks)
+    }
+
+    fn ingest_in(
+        tx: &rusqlite::Transaction<'_>,
+        update: &Update,
+        settings: &Settings,
+        base_of: &impl Fn(&str) -> Option<u64>,
+    ) -> Result<Ack, StateError> {
+        let m = &update.meta;
+        let seen: bool = tx
+            .query_row(
+                "SELECT 1 FROM seen WHERE update_id = ?1",
+                params![m.update_id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let current = tx
+            .query_row(CURRENT_SQL, params![m.model], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
+            })
+            .optional()?;
+        let result = match &current {
+            None => Err(Rejection::UnknownModel(m.model.clone())),
+            Some((version, head)) => {
+                let layout = Self::layout(head, &m.model)?;
+                let limits = Limits {
+                    current_version: *version,
+                    max_staleness: settings.max_staleness,
+                    reject_norm: settings.reject_norm,
+                };
+                validate(update, &layout, &limits, base_of, |_| seen)
+            }
+        };
+        let ack = match result {
+            Ok(c) => {
+                tx.execute(
+                    "INSERT INTO seen (update_id, device, model, status, reason, received_at) VALUES (?1, ?2, ?3, 'accepted', NULL, ?4)",
+                    params![c.update_id, c.device, m.model, now()],
+                )?;
+                tx.execute(
+                    "INSERT INTO pending (update_id, model, device, base_version, sample_count, tensors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![c.update_id, m.model, c.device, c.base_version as i64, c.sample_count as i64, pack(&c.tensors), if m.loss.is_finite() { m.loss as f64 } else { 0.0 }],
+                )?;
+                Ack {
+                    update_id: c.update_id,
+                    status: AckStatus::Accepted,
+                    reason: None,
+                    round: current.as_ref().map(|(v, _)| v + 1),
+                }
+            }
+            // A duplicate is acked as accepted again: the first copy was
+            // persisted, so the edge may delete its outbox row.
+            Err(Rejection::Duplicate(id)) => {
+                let status: String = tx.query_row(
+                    "SELECT status FROM seen WHERE update_id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )?;
+                Ack {
+                    update_id: id,
+                    status: if status == "accepted" {
+                        AckStatus::Accepted
+                    } else {
+                        AckStatus::Rejected
+                    },
+                    reason: Some(DUPLICATE_REASON.into()),
+                    round: None,
+                }
+            }
+            Err(r) => {
+                tx.execute(
+                    "INSERT INTO seen (update_id, device, model, status, reason, received_at) VALUES (?1, ?2, ?3, 'rejected', ?4, ?5)",
+                    params![m.update_id, m.device, m.model, r.to_string(), now()],
+                )?;
+                Ack {
+                    update_id: m.update_id.clone(),
+                    status: AckStatus::Rejected,
+                    reason: Some(r.to_string()),
+                    round: None,
+                }
+            }
+        };
+        Ok(ack)
+    }
+
+    /// Number of update ids seen, by status (`accepted`, `rejected`).
+    pub fn seen_counts(&self) -> Result<(u64, u64), StateError> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(SUM(status = 'accepted'), 0), COALESCE(SUM(status = 'rejected'), 0) FROM seen",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
+    /// Accepted updates of `model` waiting for the next aggregation.
+    pub fn pending_count(&self, model: &str) -> Result<usize, StateError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM pending WHERE model = ?1",
+            params![model],
+            |r| r.get::<_, i64>(0),
+        )? as usize)
+    }
+}
+
+/// Pending tensors as a blob: per tensor, a u32 LE count then f32 LE values
+/// (JSON text cost more than the SQLite commit per update). Read back by
+/// `aggregate::unpack`.
+pub(super) fn pack(tensors: &[Vec<f32>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(tensors.iter().map(|t| 4 + 4 * t.len()).sum());
+    for t in tensors {
+        out.extend((t.len() as u32).to_le_bytes());
+        for v in t {
+            out.extend(v.to_le_bytes());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{base_file, settings, upd};
+    use super::*;
+
+    #[test]
+    fn a_batch_is_one_transaction_and_dedups_within_itself() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut s = State::open(&dir.path().join("agg.sqlite")).expect("open");
+        s.register("m", &base_file()).expect("register");
+        let (u1, u2, bad) = (
+            upd("u1", "0", 1, 1.0),
+            upd("u2", "0", 1, 2.0),
+            upd("u3", "7", 1, 1.0),
+        );
+        let acks = s
+            .ingest_batch(&[&u1, &u1, &bad, &u2], &settings(), |b| b.parse().ok())
+            .expect("batch");
+        let got: Vec<(&str, AckStatus, bool)> = acks
+            .iter()
+            .map(|a| (a.update_id.as_str(), a.status, a.reason.is_some()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("u1", AckStatus::Accepted, false),
+                ("u1", AckStatus::Accepted, true),
+                ("u3", AckStatus::Rejected, true),
+                ("u2", AckStatus::Accepted, false),
+            ]
+        );
+        assert_eq!(s.pending_count("m").expect("n"), 2);
+        assert_eq!(s.seen_counts().expect("seen"), (2, 1));
+    }
+
+    #[test]
+    fn a_rejected_id_sent_again_stays_rejected() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut s = State::open(&dir.path().join("agg.sqlite")).expect("open");
+        s.register("m", &base_file()).expect("register");
+        let stale = upd("u1", "7", 1, 1.0);
+        let first = s
+            .ingest(&stale, &settings(), |b| b.parse().ok())
+            .expect("first");
+        assert_eq!(first.status, AckStatus::Rejected);
+        assert_eq!(
+            first.reason.as_deref(),
+            Some("base version 7 is newer than the current global version 0")
+        );
+        let again = s
+            .ingest(&stale, &settings(), |b| b.parse().ok())
+            .expect("again");
+        assert_eq!(
+            (again.status, again.reason.as_deref()),
+            (AckStatus::Rejected, Some(DUPLICATE_REASON))
+        );
+        assert_eq!(s.seen_counts().expect("seen"), (0, 1));
+        assert_eq!(s.pending_count("m").expect("n"), 0);
+    }
+}

@@ -1,0 +1,60 @@
+//! The `cloud:` section: the broker address, the topic segments and the
+//! aggregator's key, which must be usable before the uplink starts.
+
+use super::Problems;
+use crate::CloudConfig;
+
+pub(super) fn check(p: &mut Problems<'_>, k: &CloudConfig) {
+    let port_ok = k
+        .broker
+        .rsplit_once(':')
+        .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0));
+    p.check(
+        port_ok,
+        "cloud.broker",
+        format_args!("{:?}", k.broker),
+        "expected host:port",
+    );
+    p.check(
+        topic_segment(&k.fleet),
+        "cloud.fleet",
+        format_args!("{:?}", k.fleet),
+        "expected 1-64 characters of [A-Za-z0-9._-]",
+    );
+    p.check(
+        k.device_id.is_empty() || topic_segment(&k.device_id),
+        "cloud.device_id",
+        format_args!("{:?}", k.device_id),
+        "expected empty (host name) or 1-64 characters of [A-Za-z0-9._-]",
+    );
+    let key_ok = k.aggregator_public_key.len() == 64
+        && k.aggregator_public_key
+            .chars()
+            .all(|c| c.is_ascii_hexdigit());
+    p.check(
+        key_ok || (!k.enabled && k.aggregator_public_key.is_empty()),
+        "cloud.aggregator_public_key",
+        format_args!("{:?}", k.aggregator_public_key),
+        "expected 64 hex digits (dai-cloud keygen writes it); required when cloud.enabled",
+    );
+    p.check(
+        (1..=1_000_000).contains(&k.max_outbox_rows),
+        "cloud.max_outbox_rows",
+        k.max_outbox_rows,
+        "expected 1..=1000000",
+    );
+    p.check(
+        (1..=3600).contains(&k.heartbeat_sec),
+        "cloud.heartbeat_sec",
+        k.heartbeat_sec,
+        "expected seconds in 1..=3600",
+    );
+}
+
+/// A topic segment the aggregator accepts: no MQTT wildcards or separators.
+fn topic_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
