@@ -442,8 +442,18 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
         for e in fed.iter_mut().chain(alone.iter_mut()) {
             wait_ready(&http, e).await?;
         }
-        writeln!(out, "dai demo: {} federated devices + {} trained alone, shards {:?}, {} held-out test digits", opts.devices, opts.devices, opts.scheme, test.len())?;
-        writeln!(out, "  aggregator status page: {page}  (metrics: {page}metrics)")?;
+        writeln!(
+            out,
+            "dai demo: {} federated devices + {} trained alone, shards {:?}, {} held-out test digits",
+            opts.devices,
+            opts.devices,
+            opts.scheme,
+            test.len()
+        )?;
+        writeln!(
+            out,
+            "  aggregator status page: {page}  (metrics: {page}metrics)"
+        )?;
         for e in &fed {
             writeln!(out, "  {} status page: {}/", e.name, e.url)?;
         }
@@ -452,13 +462,27 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
             let mut classes: Vec<u32> = s.iter().map(|r| r.1).collect();
             classes.sort_unstable();
             classes.dedup();
-            writeln!(out, "  device {i}: {} training rows, classes {classes:?}", s.len())?;
+            writeln!(
+                out,
+                "  device {i}: {} training rows, classes {classes:?}",
+                s.len()
+            )?;
         }
         writeln!(out)?;
-        writeln!(out, "{:>5} {:>8} {:>7} {:>11} {:>14} {:>10} {:>7}", "round", "updates", "global", "global acc", "alone acc avg", "bytes up", "wall s")?;
+        writeln!(
+            out,
+            "{:>5} {:>8} {:>7} {:>11} {:>14} {:>10} {:>7}",
+            "round", "updates", "global", "global acc", "alone acc avg", "bytes up", "wall s"
+        )?;
         out.flush()?;
         let mut table = Vec::new();
-        let version_of = |m: &Monitor| m.global_version.get_or_create(&ModelLabel { model: "digits".into() }).get();
+        let version_of = |m: &Monitor| {
+            m.global_version
+                .get_or_create(&ModelLabel {
+                    model: "digits".into(),
+                })
+                .get()
+        };
         for round in 1..=opts.rounds {
             let started = Instant::now();
             let bytes_before = monitor.update_bytes.get();
@@ -474,8 +498,18 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
                 jobs.push(async move {
                     post_samples(http, f, slice).await?;
                     post_samples(http, a, slice).await?;
-                    let fr = post_json(http, format!("{}/v1/models/digits/train", f.url), &json!({})).await;
-                    let ar = post_json(http, format!("{}/v1/models/digits/train", a.url), &json!({})).await;
+                    let fr = post_json(
+                        http,
+                        format!("{}/v1/models/digits/train", f.url),
+                        &json!({}),
+                    )
+                    .await;
+                    let ar = post_json(
+                        http,
+                        format!("{}/v1/models/digits/train", a.url),
+                        &json!({}),
+                    )
+                    .await;
                     anyhow::Ok((fr, ar))
                 });
             }
@@ -500,14 +534,18 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
                     if adopted {
                         for e in &fed {
                             let t = training_status(&http, e).await?;
-                            adopted &= t["global_version"].as_i64() == Some(version) && t["outbox_pending"] == 0;
+                            adopted &= t["global_version"].as_i64() == Some(version)
+                                && t["outbox_pending"] == 0;
                         }
                     }
                     if adopted {
                         break;
                     }
                     if Instant::now() > deadline {
-                        bail!("round {round}: no global adopted by every edge within {} s (aggregator at version {version})", deadline.duration_since(started).as_secs());
+                        bail!(
+                            "round {round}: no global adopted by every edge within {} s (aggregator at version {version})",
+                            deadline.duration_since(started).as_secs()
+                        );
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -527,7 +565,17 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
                 bytes: monitor.update_bytes.get() - bytes_before,
                 wall_s: wall,
             };
-            writeln!(out, "{:>5} {:>8} {:>7} {:>11.3} {:>14.3} {:>10} {:>7.2}", row.round, row.updates, format!("v{}", row.global_version), row.global_accuracy, row.alone_accuracy, row.bytes, row.wall_s)?;
+            writeln!(
+                out,
+                "{:>5} {:>8} {:>7} {:>11.3} {:>14.3} {:>10} {:>7.2}",
+                row.round,
+                row.updates,
+                format!("v{}", row.global_version),
+                row.global_accuracy,
+                row.alone_accuracy,
+                row.bytes,
+                row.wall_s
+            )?;
             out.flush()?;
             table.push((row, alone_acc));
         }
@@ -539,16 +587,36 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
             alone_accuracy: alone_final.clone(),
         };
         let mean = last.alone_accuracy;
-        let (lo, hi) = alone_final.iter().fold((1.0f64, 0.0f64), |(l, h), &a| (l.min(a), h.max(a)));
+        let (lo, hi) = alone_final
+            .iter()
+            .fold((1.0f64, 0.0f64), |(l, h), &a| (l.min(a), h.max(a)));
         writeln!(out)?;
-        writeln!(out, "global model (v{}) on {} held-out digits: {:.3}", last.global_version, test.len(), last.global_accuracy)?;
-        writeln!(out, "devices trained alone on the same shards:  {mean:.3} on average (min {lo:.3}, max {hi:.3})")?;
-        writeln!(out, "federation gain: {:+.1} points", (last.global_accuracy - mean) * 100.0)?;
+        writeln!(
+            out,
+            "global model (v{}) on {} held-out digits: {:.3}",
+            last.global_version,
+            test.len(),
+            last.global_accuracy
+        )?;
+        writeln!(
+            out,
+            "devices trained alone on the same shards:  {mean:.3} on average (min {lo:.3}, max {hi:.3})"
+        )?;
+        writeln!(
+            out,
+            "federation gain: {:+.1} points",
+            (last.global_accuracy - mean) * 100.0
+        )?;
         out.flush()?;
         if opts.stay {
-            writeln!(out, "\nstill serving the status pages above; Ctrl-C to stop")?;
+            writeln!(
+                out,
+                "\nstill serving the status pages above; Ctrl-C to stop"
+            )?;
             out.flush()?;
-            *finished.lock().map_err(|_| anyhow::anyhow!("report lock poisoned"))? = Some(report);
+            *finished
+                .lock()
+                .map_err(|_| anyhow::anyhow!("report lock poisoned"))? = Some(report);
             // Until a signal: the select below holds the stop branch.
             return std::future::pending::<anyhow::Result<Report>>().await;
         }
@@ -567,7 +635,9 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
     }
     let _ = stop_tx.send(());
     match tokio::time::timeout(Duration::from_secs(5), aggregator).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %dai_cloud::error_chain(&e), "aggregator stopped with an error"),
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %dai_cloud::error_chain(&e), "aggregator stopped with an error")
+        }
         Ok(Err(e)) => tracing::warn!(error = %e, "aggregator task failed"),
         _ => {}
     }

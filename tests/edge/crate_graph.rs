@@ -36,7 +36,11 @@ fn workspace_graph() -> BTreeMap<String, BTreeSet<String>> {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: Value = serde_json::from_slice(&out.stdout).expect("metadata json");
     let members: BTreeSet<&str> = meta["workspace_members"]
         .as_array()
@@ -113,7 +117,13 @@ fn crates_depend_only_downwards() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     // The check itself sees the graph: the daemon reaches every edge crate.
     let edge = closure(&graph, "dai-edge");
-    for c in ["dai-head", "dai-infer", "dai-train", "dai-config", "dai-store"] {
+    for c in [
+        "dai-head",
+        "dai-infer",
+        "dai-train",
+        "dai-config",
+        "dai-store",
+    ] {
         assert!(edge.contains(c), "dai-edge should link {c}: {edge:?}");
     }
 }

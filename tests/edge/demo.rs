@@ -196,7 +196,10 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
         }
         // "pid (comm) S ...": a zombie has exited and only waits to be reaped.
         let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
         if !matches!(state, Some("Z") | Some("X") | None) {
             pids.push(pid);
         }
@@ -212,7 +215,15 @@ fn demo_children_never_outlive_it() {
         let dir = tempfile::tempdir().expect("tmp");
         let mut child = Command::new(env!("CARGO_BIN_EXE_dai"))
             .current_dir(repo())
-            .args(["demo", "--devices", "2", "--rounds", "200", "--http", "127.0.0.1:0"])
+            .args([
+                "demo",
+                "--devices",
+                "2",
+                "--rounds",
+                "200",
+                "--http",
+                "127.0.0.1:0",
+            ])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::piped())
@@ -231,13 +242,20 @@ fn demo_children_never_outlive_it() {
         // The first table row: every child is up and a round has run.
         let deadline = Instant::now() + Duration::from_secs(240);
         let mut lines = Vec::new();
-        while !lines.iter().any(|l: &String| l.trim_start().starts_with("1 ")) {
+        while !lines
+            .iter()
+            .any(|l: &String| l.trim_start().starts_with("1 "))
+        {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(l) => lines.push(l),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(_) => panic!("demo ended early:\n{}", lines.join("\n")),
             }
-            assert!(Instant::now() < deadline, "demo too slow:\n{}", lines.join("\n"));
+            assert!(
+                Instant::now() < deadline,
+                "demo too slow:\n{}",
+                lines.join("\n")
+            );
         }
         let needle = dir.path().to_string_lossy().to_string();
         let demo_pid = child.id();
@@ -245,7 +263,11 @@ fn demo_children_never_outlive_it() {
             .into_iter()
             .filter(|&p| p != demo_pid)
             .collect();
-        assert_eq!(children.len(), 4, "2 federated + 2 alone edges: {children:?}");
+        assert_eq!(
+            children.len(),
+            4,
+            "2 federated + 2 alone edges: {children:?}"
+        );
 
         let ok = Command::new("kill")
             .args([&format!("-{signal}"), &child.id().to_string()])

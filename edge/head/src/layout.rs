@@ -133,7 +133,13 @@ mod tests {
     fn names_round_trip_and_reject_lookalikes() {
         assert_eq!(parse_name(&weight_name(12)), Some((12, Part::Weight)));
         assert_eq!(parse_name(&bias_name(0)), Some((0, Part::Bias)));
-        for bad in ["layers..weight", "layers.+1.bias", "layers.1.gamma", "x.1.weight", "layers.1"] {
+        for bad in [
+            "layers..weight",
+            "layers.+1.bias",
+            "layers.1.gamma",
+            "x.1.weight",
+            "layers.1",
+        ] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }
     }

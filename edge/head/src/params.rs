@@ -71,4 +71,3 @@ pub struct Head {
     pub spec: HeadSpec,
     pub params: Params,
 }
-

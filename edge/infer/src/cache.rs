@@ -4,8 +4,8 @@
 //! the victim for the configured policy: LRU (oldest use), LFU (fewest uses,
 //! then oldest use) or FIFO (oldest insert). All operations are O(log n).
 
-use crate::tensor::TensorData;
 use crate::options::EvictionPolicy;
+use crate::tensor::TensorData;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -11,8 +11,8 @@
 //! batch size at run time through atomics.
 
 use crate::model::{LoadedModel, ModelError};
-use crate::tensor::TensorData;
 use crate::options::LoadBalancingStrategy;
+use crate::tensor::TensorData;
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;

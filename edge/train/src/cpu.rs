@@ -4,10 +4,10 @@
 //! threads (measured in docs/benchmarks.md), which also keeps the trainer
 //! within `cpu_limit` next to the inference workers.
 
-use dai_head::forward::{Tape, forward_tape, gemm};
-use dai_head::{Head, HeadSpec, Params};
 use crate::optim::{Optimizer, update};
 use crate::{Backend, Loss, Targets, TrainError, check_batch};
+use dai_head::forward::{Tape, forward_tape, gemm};
+use dai_head::{Head, HeadSpec, Params};
 
 /// The CPU backend.
 #[derive(Debug, Default)]

@@ -26,8 +26,7 @@ pub use dai_head::{
 };
 pub use optim::{Optimizer, OptimizerKind};
 pub use trainer::{
-    BackendChoice, Dataset, EpochReport, TrainConfig, TrainReport, accuracy, select_backend,
-    train,
+    BackendChoice, Dataset, EpochReport, TrainConfig, TrainReport, accuracy, select_backend, train,
 };
 
 /// Training errors callers can branch on.
