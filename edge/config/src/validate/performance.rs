@@ -74,6 +74,11 @@ pub(super) fn check(p: &mut Problems<'_>, c: &Config, cores: Option<usize>) {
     );
 }
 
+/// The shipped default: a 1-core board runs the embedded config as it is
+/// (the worker count is capped by the cores anyway); only a value someone
+/// chose is held to the machine.
+const DEFAULT_CPU_LIMIT: f64 = 2.0;
+
 /// `cpu_limit` is documented as "> 0 and at most the machine's core count";
 /// more cores than the machine has would only oversubscribe it. `cores` is
 /// `None` when the count is unknown: then only the fixed range applies.
@@ -84,7 +89,9 @@ fn check_cpu_limit(p: &mut Problems<'_>, cpu_limit: f64, cores: Option<usize>) {
             cpu_limit.to_string(),
             "expected CPU cores in (0, 1024]",
         );
-    } else if let Some(cores) = cores.filter(|&n| cpu_limit > n as f64) {
+    } else if let Some(cores) =
+        cores.filter(|&n| cpu_limit > n as f64 && cpu_limit != DEFAULT_CPU_LIMIT)
+    {
         p.invalid(
             "cpu_limit",
             cpu_limit.to_string(),
