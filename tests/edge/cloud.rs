@@ -2,9 +2,12 @@
 //! three edge daemons, real training on digits, two federated rounds.
 
 use crate::support::*;
-use dai_cloud::service::{BrokerAddr, ServiceConfig, start_embedded_broker};
-use dai_cloud::state::{Settings, Strategy};
-use dai_cloud::{Aggregation, Robust};
+use dai_cloud::service::ServiceConfig;
+use dai_cloud::state::Settings;
+use dai_testkit::{
+    MqttProbe, fedavg, free_port, public_key_hex, service_config, signing_key,
+    start_embedded_broker, wait_for_port,
+};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -62,12 +65,7 @@ async fn wait_global(d: &TestDaemon, version: i64) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_edges_two_rounds_through_the_embedded_broker() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("a")
-        .port();
-    start_embedded_broker(format!("127.0.0.1:{port}").parse().expect("addr")).expect("broker");
+    let port = start_embedded_broker();
     // Sparse updates with error feedback on this one; int8 through Mosquitto.
     fleet_rounds(port, "lab", dai_config::UpdateEncoding::Topk8).await;
 }
@@ -99,10 +97,10 @@ async fn three_edges_two_rounds_through_mosquitto() {
 
 async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncoding) {
     ensure_zoo();
-    let key = dai_protocol::global::signing_key_from_hex(&"42".repeat(32)).expect("key");
-    let public = hex_of(&key.verifying_key().to_bytes());
+    let key = signing_key(0x42);
+    let public = public_key_hex(&key);
     let agg_dir = tempfile::tempdir().expect("tmp");
-    let forger = dai_protocol::global::signing_key_from_hex(&"66".repeat(32)).expect("key");
+    let forger = signing_key(0x66);
     let older_signer = key.clone();
     let base = std::fs::read(zoo().join("digits/head.safetensors")).expect("base head");
     let base_head = base.clone();
@@ -110,25 +108,14 @@ async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncodi
     let aggregator = tokio::spawn(dai_cloud::service::run(
         ServiceConfig {
             fleet: fleet.into(),
-            broker: BrokerAddr {
-                host: "127.0.0.1".into(),
-                port,
-            },
-            client_id: "dai-cloud".into(),
-            state_path: agg_dir.path().join("agg.sqlite"),
-            models: vec![("digits".into(), base)],
             settings: Settings {
-                strategy: Strategy::FedAvg { min_updates: 3 },
-                aggregation: Aggregation {
-                    clip_norm: None,
-                    robust: Robust::Mean,
-                },
                 max_staleness: 2,
                 reject_norm: 1e3,
+                ..fedavg(3)
             },
             round_timeout: Duration::from_secs(120),
             signing_key: key,
-            server_optimizer: None,
+            ..service_config(port, agg_dir.path(), [("digits", base)])
         },
         async move {
             let _ = agg_rx.await;
@@ -210,22 +197,17 @@ async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncodi
         meta.insert("version".to_string(), version.to_string());
         head.to_bytes(&meta).expect("bytes")
     };
-    let mut opts = rumqttc::MqttOptions::new("intruder", "127.0.0.1", port);
-    opts.set_max_packet_size(16 << 20, 16 << 20);
-    let (intruder, mut intruder_events) = rumqttc::AsyncClient::new(opts, 16);
+    let mut intruder = MqttProbe::connect(port, "intruder", &[]).await;
     let topic = format!("dai/v1/{fleet}/model/digits/global");
     for wire in [
         dai_protocol::global::sign(&stamped(3), &forger),
         dai_protocol::global::sign(&stamped(1), &older_signer),
     ] {
-        intruder
-            .publish(&topic, rumqttc::QoS::AtLeastOnce, false, wire)
-            .await
-            .expect("publish");
+        intruder.publish(&topic, wire).await;
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let _ = tokio::time::timeout(Duration::from_millis(100), intruder_events.poll()).await;
+        let _ = intruder.next_publish(Duration::from_millis(100)).await;
         let m = edges[0].get_text("/metrics").await;
         let count = |reason: &str| {
             m.lines()
@@ -264,10 +246,6 @@ async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncodi
     );
 }
 
-fn hex_of(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn mosquitto(port: u16) -> std::process::Child {
     let bin = ["/usr/sbin/mosquitto", "mosquitto"]
         .into_iter()
@@ -282,11 +260,7 @@ fn mosquitto(port: u16) -> std::process::Child {
 }
 
 fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_port(port, Duration::from_secs(10), "mosquitto");
 }
 
 /// The broker (a Mosquitto without persistence, so in-flight messages die
@@ -301,15 +275,11 @@ async fn broker_restart_delivers_each_update_exactly_once() {
         return;
     }
     ensure_zoo();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("a")
-        .port();
+    let port = free_port();
     let mut broker = mosquitto(port);
     wait_port(port);
-    let key = dai_protocol::global::signing_key_from_hex(&"43".repeat(32)).expect("key");
-    let public = hex_of(&key.verifying_key().to_bytes());
+    let key = signing_key(0x43);
+    let public = public_key_hex(&key);
     let agg_dir = tempfile::tempdir().expect("tmp");
     let base = std::fs::read(zoo().join("digits/head.safetensors")).expect("base head");
     let monitor = std::sync::Arc::new(dai_cloud::monitor::Monitor::new());
@@ -317,25 +287,14 @@ async fn broker_restart_delivers_each_update_exactly_once() {
     let aggregator = tokio::spawn(dai_cloud::service::run_monitored(
         ServiceConfig {
             fleet: "restart".into(),
-            broker: BrokerAddr {
-                host: "127.0.0.1".into(),
-                port,
-            },
-            client_id: "dai-cloud".into(),
-            state_path: agg_dir.path().join("agg.sqlite"),
-            models: vec![("digits".into(), base)],
             settings: Settings {
-                strategy: Strategy::FedAvg { min_updates: 2 },
-                aggregation: Aggregation {
-                    clip_norm: None,
-                    robust: Robust::Mean,
-                },
                 max_staleness: 2,
                 reject_norm: 1e3,
+                ..fedavg(2)
             },
             round_timeout: Duration::from_secs(300),
             signing_key: key,
-            server_optimizer: None,
+            ..service_config(port, agg_dir.path(), [("digits", base)])
         },
         monitor.clone(),
         async move {

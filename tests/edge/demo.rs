@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_fleet_beats_devices_alone_and_serves_its_pages() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dai"))
-        .current_dir(repo())
-        .args([
-            "demo",
+    let (mut child, rx) = spawn_demo(
+        &[
             "--devices",
             "3",
             "--rounds",
@@ -22,23 +20,11 @@ async fn demo_fleet_beats_devices_alone_and_serves_its_pages() {
             "--http",
             "127.0.0.1:0",
             "--stay",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dai demo");
-    let stdout = child.stdout.take().expect("stdout");
+        ],
+        dir.path(),
+        Stdio::piped(),
+    );
     // Read lines until the demo says it is holding the pages open.
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(240);
     while !lines.iter().any(|l: &String| l.contains("still serving")) {
@@ -180,6 +166,34 @@ async fn demo_fleet_beats_devices_alone_and_serves_its_pages() {
     );
 }
 
+/// `dai demo ARGS --dir DIR`, its stdout lines arriving on a channel.
+fn spawn_demo(
+    args: &[&str],
+    dir: &std::path::Path,
+    stderr: Stdio,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dai"))
+        .current_dir(repo())
+        .arg("demo")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("dai demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
 /// Pids of live (not zombie) processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<u32> {
     let mut pids = Vec::new();
@@ -213,32 +227,11 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
 fn demo_children_never_outlive_it() {
     for signal in ["TERM", "HUP", "KILL"] {
         let dir = tempfile::tempdir().expect("tmp");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dai"))
-            .current_dir(repo())
-            .args([
-                "demo",
-                "--devices",
-                "2",
-                "--rounds",
-                "200",
-                "--http",
-                "127.0.0.1:0",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dai demo");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (mut child, rx) = spawn_demo(
+            &["--devices", "2", "--rounds", "200", "--http", "127.0.0.1:0"],
+            dir.path(),
+            Stdio::null(),
+        );
         // The first table row: every child is up and a round has run.
         let deadline = Instant::now() + Duration::from_secs(240);
         let mut lines = Vec::new();

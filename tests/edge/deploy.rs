@@ -4,6 +4,7 @@
 //! sensor and a served request) and of a running aggregator.
 
 use crate::support::*;
+use dai_testkit::{fedavg, service_config, signing_key, start_embedded_broker};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -90,41 +91,28 @@ async fn dashboards_and_alerts_query_only_exported_metrics() {
     };
 
     // A live aggregator (embedded broker), its /metrics over HTTP.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("a")
-        .port();
-    dai_cloud::service::start_embedded_broker(format!("127.0.0.1:{port}").parse().expect("addr"))
-        .expect("broker");
+    let port = start_embedded_broker();
     let dir = tempfile::tempdir().expect("tmp");
     let monitor = std::sync::Arc::new(dai_cloud::monitor::Monitor::new());
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let service = tokio::spawn(dai_cloud::service::run_monitored(
         dai_cloud::service::ServiceConfig {
             fleet: "deploy".into(),
-            broker: dai_cloud::service::BrokerAddr {
-                host: "127.0.0.1".into(),
-                port,
-            },
-            client_id: "dai-cloud".into(),
             state_path: dir.path().join("s.sqlite"),
-            models: vec![(
-                "digits".into(),
-                std::fs::read(zoo().join("digits/head.safetensors")).expect("head"),
-            )],
             settings: dai_cloud::state::Settings {
-                strategy: dai_cloud::state::Strategy::FedAvg { min_updates: 1 },
-                aggregation: dai_cloud::Aggregation {
-                    clip_norm: None,
-                    robust: dai_cloud::Robust::Mean,
-                },
                 max_staleness: 2,
                 reject_norm: 1e3,
+                ..fedavg(1)
             },
-            round_timeout: Duration::from_secs(60),
-            signing_key: dai_protocol::global::signing_key_from_hex(&"22".repeat(32)).expect("key"),
-            server_optimizer: None,
+            signing_key: signing_key(0x22),
+            ..service_config(
+                port,
+                dir.path(),
+                [(
+                    "digits",
+                    std::fs::read(zoo().join("digits/head.safetensors")).expect("head"),
+                )],
+            )
         },
         monitor.clone(),
         async move {

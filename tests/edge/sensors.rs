@@ -5,6 +5,7 @@
 //! while the others run.
 
 use crate::support::*;
+use dai_testkit::{MqttProbe, public_key_hex, signing_key, start_embedded_broker};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -14,27 +15,9 @@ fn sensor(yaml: &str) -> dai_sensors::config::SensorConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_imu_to_inference_to_mqtt_event_and_samples() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("a")
-        .port();
-    dai_cloud::service::start_embedded_broker(format!("127.0.0.1:{port}").parse().expect("addr"))
-        .expect("broker");
-    let mut opts = rumqttc::MqttOptions::new("watcher", "127.0.0.1", port);
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    let (watcher, mut events) = rumqttc::AsyncClient::new(opts, 64);
-    watcher
-        .subscribe("dai/v1/sens/dev/+/event", rumqttc::QoS::AtLeastOnce)
-        .await
-        .expect("sub");
-    let key = dai_protocol::global::signing_key_from_hex(&"11".repeat(32)).expect("key");
-    let public: String = key
-        .verifying_key()
-        .to_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let port = start_embedded_broker();
+    let mut watcher = MqttProbe::connect(port, "watcher", &["dai/v1/sens/dev/+/event"]).await;
+    let public = public_key_hex(&signing_key(0x11));
     let d = TestDaemon::start(move |c| {
         c.training.enabled = false;
         c.cloud.enabled = true;
@@ -63,9 +46,7 @@ async fn simulated_imu_to_inference_to_mqtt_event_and_samples() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let event: Value = loop {
         assert!(Instant::now() < deadline, "no sensor event");
-        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
-            tokio::time::timeout(Duration::from_millis(200), events.poll()).await
-        {
+        if let Ok(Some(p)) = watcher.next_publish(Duration::from_millis(200)).await {
             break serde_json::from_slice(&p.payload).expect("event json");
         }
     };

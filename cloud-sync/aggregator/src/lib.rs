@@ -212,13 +212,22 @@ pub struct Aggregation {
 
 /// Combine `contribs` with `weights` (e.g. sample counts x staleness
 /// weights). Returns the aggregated delta in layout order, or `None` when
-/// there is nothing to aggregate.
+/// there is nothing to aggregate or the contributions' tensors differ in
+/// count or length (callers check them against the model's layout first).
 pub fn aggregate(
     contribs: &[Contribution],
     weights: &[f64],
     agg: &Aggregation,
 ) -> Option<Vec<Vec<f32>>> {
     if contribs.is_empty() || contribs.len() != weights.len() {
+        return None;
+    }
+    let first = &contribs[0].tensors;
+    let same_shape = |c: &Contribution| {
+        c.tensors.len() == first.len()
+            && c.tensors.iter().zip(first).all(|(a, b)| a.len() == b.len())
+    };
+    if !contribs.iter().all(same_shape) {
         return None;
     }
     let scale: Vec<f64> = contribs

@@ -1,5 +1,6 @@
 //! `dai-cloud` as an operator runs it: keygen, run (embedded broker), SIGTERM, models.
 
+use dai_testkit::{free_port, wait_for_port};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -23,11 +24,7 @@ fn keygen_run_stop_and_list() {
         env!("CARGO_MANIFEST_DIR"),
         "/../../models/zoo/digits/head.safetensors"
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("a")
-        .port();
+    let port = free_port();
     let state = dir.path().join("s.sqlite");
     let mut child = bin()
         .args([
@@ -46,11 +43,7 @@ fn keygen_run_stop_and_list() {
         .spawn()
         .expect("run");
     // The embedded broker accepts connections once it is up.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "broker never listened");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_port(port, Duration::from_secs(20), "broker");
     std::thread::sleep(Duration::from_millis(500));
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

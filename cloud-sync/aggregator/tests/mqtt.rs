@@ -1,85 +1,33 @@
 //! The aggregator through a real MQTT broker (embedded rumqttd on loopback):
 //! updates in, acks and a signed retained global model out.
 
-use dai_cloud::service::{BrokerAddr, ServiceConfig, run, start_embedded_broker};
-use dai_cloud::state::{Settings, Strategy};
-use dai_cloud::{Aggregation, Robust};
+use dai_cloud::service::{ServiceConfig, run};
+use dai_head::Head;
 use dai_protocol::messages::{Ack, AckStatus};
-use dai_protocol::update::{Encoding, Tensor, Update, UpdateMeta};
-use dai_head::{Activation, Head, HeadSpec, Loss};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use dai_protocol::update::Encoding;
+use dai_testkit::{
+    MqttProbe, head, head_bytes, service_config, signing_key, start_embedded_broker,
+};
 use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn update(id: &str, samples: u64, v: f32) -> Vec<u8> {
-    Update {
-        meta: UpdateMeta {
-            device: "edge-1".into(),
-            model: "m".into(),
-            base_version: "1.0.0".into(),
-            update_id: id.into(),
-            sample_count: samples,
-            loss: 0.1,
-            encoding: Encoding::Int8,
-        },
-        tensors: vec![
-            Tensor {
-                name: "layers.0.weight".into(),
-                shape: vec![2, 3],
-                values: vec![v; 6],
-            },
-            Tensor {
-                name: "layers.0.bias".into(),
-                shape: vec![2],
-                values: vec![v; 2],
-            },
-        ],
-    }
-    .encode()
-    .expect("encode")
+    dai_testkit::update(id)
+        .samples(samples)
+        .value(v)
+        .encoding(Encoding::Int8)
+        .encode()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updates_are_acked_and_a_signed_global_is_published() {
-    let port = free_port();
-    start_embedded_broker(format!("127.0.0.1:{port}").parse().expect("addr")).expect("broker");
+    let port = start_embedded_broker();
     let dir = tempfile::tempdir().expect("tmp");
-    let base = Head::init(
-        HeadSpec::new(&[3, 2], &[Activation::None], Loss::SoftmaxCrossEntropy).expect("spec"),
-        3,
-    );
-    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let base = head(&[3, 2], 3);
+    let key = signing_key(9);
     let cfg = ServiceConfig {
-        fleet: "lab".into(),
-        broker: BrokerAddr {
-            host: "127.0.0.1".into(),
-            port,
-        },
         client_id: "dai-cloud-test".into(),
-        state_path: dir.path().join("agg.sqlite"),
-        models: vec![(
-            "m".into(),
-            base.to_bytes(&Default::default()).expect("bytes"),
-        )],
-        settings: Settings {
-            strategy: Strategy::FedAvg { min_updates: 2 },
-            aggregation: Aggregation {
-                clip_norm: None,
-                robust: Robust::Mean,
-            },
-            max_staleness: 3,
-            reject_norm: 1e6,
-        },
-        round_timeout: Duration::from_secs(60),
         signing_key: key.clone(),
-        server_optimizer: None,
+        ..service_config(port, dir.path(), [("m", head_bytes(&base))])
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let service = tokio::spawn(run(cfg, async move {
@@ -87,58 +35,30 @@ async fn updates_are_acked_and_a_signed_global_is_published() {
     }));
 
     // An edge-like client.
-    let mut opts = MqttOptions::new("edge-1", "127.0.0.1", port);
-    opts.set_max_packet_size(16 << 20, 16 << 20);
-    let (client, mut events) = AsyncClient::new(opts, 64);
-    client
-        .subscribe("dai/v1/lab/dev/edge-1/ack", QoS::AtLeastOnce)
-        .await
-        .expect("sub");
-    client
-        .subscribe("dai/v1/lab/model/m/global", QoS::AtLeastOnce)
-        .await
-        .expect("sub");
+    let mut edge = MqttProbe::connect(
+        port,
+        "edge-1",
+        &["dai/v1/lab/dev/edge-1/ack", "dai/v1/lab/model/m/global"],
+    )
+    .await;
     // Let the aggregator connect and subscribe before publishing.
-    let mut ready = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !ready && tokio::time::Instant::now() < deadline {
-        if let Ok(Ok(Event::Incoming(Packet::SubAck(_)))) =
-            tokio::time::timeout(Duration::from_millis(200), events.poll()).await
-        {
-            ready = true;
-        }
-    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let topic = "dai/v1/lab/dev/edge-1/update";
-    client
-        .publish(topic, QoS::AtLeastOnce, false, update("u1", 1, 0.5))
-        .await
-        .expect("pub");
-    client
-        .publish(topic, QoS::AtLeastOnce, false, update("u1", 1, 0.5))
-        .await
-        .expect("pub dup");
-    client
-        .publish(topic, QoS::AtLeastOnce, false, b"not an update".to_vec())
-        .await
-        .expect("pub junk");
-    client
-        .publish(topic, QoS::AtLeastOnce, false, update("u2", 3, 1.0))
-        .await
-        .expect("pub");
+    edge.publish(topic, update("u1", 1, 0.5)).await;
+    edge.publish(topic, update("u1", 1, 0.5)).await;
+    edge.publish(topic, b"not an update".to_vec()).await;
+    edge.publish(topic, update("u2", 3, 1.0)).await;
 
     let mut acks = Vec::new();
     let mut global = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while (acks.len() < 4 || global.is_none()) && tokio::time::Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(500), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic.ends_with("/ack") => {
+        match edge.next_publish(Duration::from_millis(500)).await {
+            Ok(Some(p)) if p.topic.ends_with("/ack") => {
                 acks.push(Ack::from_bytes(&p.payload).expect("ack"))
             }
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic.ends_with("/global") => {
-                global = Some(p.payload.to_vec())
-            }
-            Ok(Err(e)) => panic!("client connection: {e}"),
+            Ok(Some(p)) if p.topic.ends_with("/global") => global = Some(p.payload.to_vec()),
+            Err(e) => panic!("client connection: {e}"),
             _ => {}
         }
     }

@@ -2,21 +2,12 @@
 //! pending buffer and seen ids survive, nothing counts twice), promote and
 //! rollback against a running aggregator, its status page and /metrics.
 
+use dai_head::Head;
 use dai_protocol::messages::{Ack, AckStatus};
-use dai_protocol::update::{Encoding, Tensor, Update, UpdateMeta};
-use dai_head::{Activation, Head, HeadSpec, Loss};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use dai_testkit::{MqttProbe, free_port, head_bytes, wait_for_port, zero_head};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dai-cloud"))
@@ -24,49 +15,18 @@ fn bin() -> Command {
 
 /// A 3 -> 2 head, all zeros, written to `dir/m.safetensors`.
 fn base_head(dir: &Path) -> (PathBuf, Head) {
-    let mut head = Head::init(
-        HeadSpec::new(&[3, 2], &[Activation::None], Loss::SoftmaxCrossEntropy).expect("spec"),
-        1,
-    );
-    for w in head
-        .params
-        .weights
-        .iter_mut()
-        .chain(head.params.biases.iter_mut())
-    {
-        w.iter_mut().for_each(|x| *x = 0.0);
-    }
+    let head = zero_head(&[3, 2]);
     let path = dir.join("m.safetensors");
-    std::fs::write(&path, head.to_bytes(&Default::default()).expect("bytes")).expect("write");
+    std::fs::write(&path, head_bytes(&head)).expect("write");
     (path, head)
 }
 
 fn update(id: &str, samples: u64, v: f32) -> Vec<u8> {
-    Update {
-        meta: UpdateMeta {
-            device: "edge-1".into(),
-            model: "m".into(),
-            base_version: "1.0.0".into(),
-            update_id: id.into(),
-            sample_count: samples,
-            loss: 0.2,
-            encoding: Encoding::F32,
-        },
-        tensors: vec![
-            Tensor {
-                name: "layers.0.weight".into(),
-                shape: vec![2, 3],
-                values: vec![v; 6],
-            },
-            Tensor {
-                name: "layers.0.bias".into(),
-                shape: vec![2],
-                values: vec![v; 2],
-            },
-        ],
-    }
-    .encode()
-    .expect("encode")
+    dai_testkit::update(id)
+        .samples(samples)
+        .value(v)
+        .loss(0.2)
+        .encode()
 }
 
 struct Aggregator {
@@ -109,13 +69,8 @@ impl Aggregator {
             .env("DAI_LOG", "warn")
             .spawn()
             .expect("dai-cloud run");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", http)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", broker)).is_err()
-        {
-            assert!(Instant::now() < deadline, "dai-cloud never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(http, Duration::from_secs(20), "dai-cloud");
+        wait_for_port(broker, Duration::from_secs(20), "dai-cloud");
         Aggregator { child, http }
     }
 
@@ -146,36 +101,21 @@ impl Drop for Aggregator {
 }
 
 /// A device-side MQTT client subscribed to its acks and the model's global.
-async fn device(broker: u16, name: &str) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(name, "127.0.0.1", broker);
-    opts.set_max_packet_size(16 << 20, 16 << 20);
-    let (client, mut events) = AsyncClient::new(opts, 64);
-    client
-        .subscribe("dai/v1/ops/dev/edge-1/ack", QoS::AtLeastOnce)
-        .await
-        .expect("sub");
-    client
-        .subscribe("dai/v1/ops/model/m/global", QoS::AtLeastOnce)
-        .await
-        .expect("sub");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut subacks = 0;
-    while subacks < 2 {
-        assert!(Instant::now() < deadline, "no SUBACK");
-        if let Ok(Ok(Event::Incoming(Packet::SubAck(_)))) =
-            tokio::time::timeout(Duration::from_millis(200), events.poll()).await
-        {
-            subacks += 1;
-        }
-    }
+async fn device(broker: u16, name: &str) -> MqttProbe {
+    let probe = MqttProbe::connect(
+        broker,
+        name,
+        &["dai/v1/ops/dev/edge-1/ack", "dai/v1/ops/model/m/global"],
+    )
+    .await;
     // Give the aggregator time to (re)subscribe on its side.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    (client, events)
+    probe
 }
 
 /// Poll until `acks` acks and (if `global_version`) that global arrived.
 async fn collect(
-    events: &mut EventLoop,
+    device: &mut MqttProbe,
     acks: usize,
     global_version: Option<u64>,
     public: &ed25519_dalek::VerifyingKey,
@@ -188,11 +128,11 @@ async fn collect(
             Instant::now() < deadline,
             "timed out: acks {got:?}, waiting for global {global_version:?}"
         );
-        match tokio::time::timeout(Duration::from_millis(200), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic.ends_with("/ack") => {
+        match device.next_publish(Duration::from_millis(200)).await {
+            Ok(Some(p)) if p.topic.ends_with("/ack") => {
                 got.push(Ack::from_bytes(&p.payload).expect("ack"))
             }
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic.ends_with("/global") => {
+            Ok(Some(p)) if p.topic.ends_with("/global") => {
                 let g = dai_protocol::global::verify(&p.payload, public, "m").expect("signed");
                 if Some(g.version) == global_version {
                     global = Some(Head::from_bytes(&g.head_file).expect("head").0);
@@ -226,15 +166,12 @@ async fn sigkill_mid_round_keeps_the_buffer_and_seen_ids() {
     let broker = free_port();
     let agg = Aggregator::start(dir.path(), &head_path, broker, 3);
     let public = public_key(dir.path());
-    let (client, mut events) = device(broker, "edge-1").await;
+    let mut edge = device(broker, "edge-1").await;
     let topic = "dai/v1/ops/dev/edge-1/update";
     for (id, samples, v) in [("u1", 1, 1.0), ("u2", 1, 2.0)] {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, update(id, samples, v))
-            .await
-            .expect("pub");
+        edge.publish(topic, update(id, samples, v)).await;
     }
-    let (acks, _) = collect(&mut events, 2, None, &public).await;
+    let (acks, _) = collect(&mut edge, 2, None, &public).await;
     assert!(
         acks.iter()
             .all(|a| a.status == AckStatus::Accepted && a.reason.is_none())
@@ -248,7 +185,7 @@ async fn sigkill_mid_round_keeps_the_buffer_and_seen_ids() {
 
     // Mid-round (2 of 3 updates): SIGKILL, no chance to clean up.
     agg.kill9();
-    drop(client);
+    drop(edge);
     let agg = Aggregator::start(dir.path(), &head_path, broker, 3);
     let m = agg.get("/metrics").await;
     assert_eq!(
@@ -256,18 +193,12 @@ async fn sigkill_mid_round_keeps_the_buffer_and_seen_ids() {
         2.0,
         "the pending buffer survived"
     );
-    let (client, mut events) = device(broker, "edge-1b").await;
+    let mut edge = device(broker, "edge-1b").await;
     // The edge never saw u2's ack before the crash, so it sends u2 again,
     // then its next update.
-    client
-        .publish(topic, QoS::AtLeastOnce, false, update("u2", 1, 2.0))
-        .await
-        .expect("pub");
-    client
-        .publish(topic, QoS::AtLeastOnce, false, update("u3", 2, 4.0))
-        .await
-        .expect("pub");
-    let (acks, global) = collect(&mut events, 2, Some(1), &public).await;
+    edge.publish(topic, update("u2", 1, 2.0)).await;
+    edge.publish(topic, update("u3", 2, 4.0)).await;
+    let (acks, global) = collect(&mut edge, 2, Some(1), &public).await;
     assert_eq!(acks[0].update_id, "u2");
     assert_eq!(acks[0].status, AckStatus::Accepted);
     assert_eq!(
@@ -309,17 +240,10 @@ async fn promote_and_rollback_reach_a_running_aggregator() {
     let agg = Aggregator::start(dir.path(), &head_path, broker, 1);
     let public = public_key(dir.path());
     let state = dir.path().join("state.sqlite");
-    let (client, mut events) = device(broker, "edge-1").await;
-    client
-        .publish(
-            "dai/v1/ops/dev/edge-1/update",
-            QoS::AtLeastOnce,
-            false,
-            update("u1", 5, 0.5),
-        )
-        .await
-        .expect("pub");
-    let (_, v1) = collect(&mut events, 1, Some(1), &public).await;
+    let mut edge = device(broker, "edge-1").await;
+    edge.publish("dai/v1/ops/dev/edge-1/update", update("u1", 5, 0.5))
+        .await;
+    let (_, v1) = collect(&mut edge, 1, Some(1), &public).await;
     let v1 = v1.expect("v1");
     assert!((v1.params.weights[0][0] - 0.5).abs() < 1e-6);
 
@@ -343,7 +267,7 @@ async fn promote_and_rollback_reach_a_running_aggregator() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (_, v2) = collect(&mut events, 0, Some(2), &public).await;
+    let (_, v2) = collect(&mut edge, 0, Some(2), &public).await;
     assert_eq!(v2.expect("v2").params, base.params);
 
     // Roll back version 2: its parent (1) is served again, as version 3.
@@ -357,7 +281,7 @@ async fn promote_and_rollback_reach_a_running_aggregator() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (_, v3) = collect(&mut events, 0, Some(3), &public).await;
+    let (_, v3) = collect(&mut edge, 0, Some(3), &public).await;
     assert_eq!(v3.expect("v3").params, v1.params);
 
     // Refusals name the problem.

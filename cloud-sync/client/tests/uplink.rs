@@ -2,14 +2,15 @@
 //! outbox rows leave only on the aggregator's ack, a signed global arrives
 //! and is applied, and a broker that is not up yet is waited for.
 
-use dai_cloud::service::{BrokerAddr, ServiceConfig, start_embedded_broker};
-use dai_cloud::state::{Settings, Strategy};
-use dai_cloud::{Aggregation, Robust};
+use dai_cloud::service::ServiceConfig;
+use dai_head::Head;
 use dai_protocol::global::GlobalModel;
 use dai_protocol::messages::{Ack, AckStatus, Status};
-use dai_protocol::update::{Encoding, Tensor, Update, UpdateMeta};
+use dai_protocol::update::Encoding;
 use dai_sync::{Edge, UplinkConfig, run};
-use dai_head::{Activation, Head, HeadSpec, Loss};
+use dai_testkit::{
+    free_port, head, head_bytes, service_config, signing_key, start_embedded_broker_on,
+};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,40 +52,19 @@ impl Edge for FakeEdge {
 }
 
 fn update(id: &str, v: f32) -> (String, Vec<u8>) {
-    let u = Update {
-        meta: UpdateMeta {
-            device: "edge-a".into(),
-            model: "m".into(),
-            base_version: "1.0.0".into(),
-            update_id: id.into(),
-            sample_count: 10,
-            loss: 0.2,
-            encoding: Encoding::F16,
-        },
-        tensors: vec![
-            Tensor {
-                name: "layers.0.weight".into(),
-                shape: vec![2, 3],
-                values: vec![v; 6],
-            },
-            Tensor {
-                name: "layers.0.bias".into(),
-                shape: vec![2],
-                values: vec![v; 2],
-            },
-        ],
-    };
-    (id.to_string(), u.encode().expect("encode"))
+    let u = dai_testkit::update(id)
+        .device("edge-a")
+        .samples(10)
+        .loss(0.2)
+        .encoding(Encoding::F16)
+        .value(v);
+    (id.to_string(), u.encode())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_drains_on_acks_and_the_global_arrives_even_if_the_broker_comes_late() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("a")
-        .port();
-    let key = ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]);
+    let port = free_port();
+    let key = signing_key(5);
     let edge = Arc::new(FakeEdge::default());
     edge.outbox
         .lock()
@@ -107,38 +87,14 @@ async fn outbox_drains_on_acks_and_the_global_arrives_even_if_the_broker_comes_l
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(edge.outbox.lock().len(), 2, "nothing leaves without an ack");
 
-    start_embedded_broker(format!("127.0.0.1:{port}").parse().expect("addr")).expect("broker");
+    start_embedded_broker_on(port);
     let dir = tempfile::tempdir().expect("tmp");
-    let base = Head::init(
-        HeadSpec::new(&[3, 2], &[Activation::None], Loss::SoftmaxCrossEntropy).expect("spec"),
-        3,
-    );
+    let base = head(&[3, 2], 3);
     let (agg_stop, agg_rx) = tokio::sync::oneshot::channel::<()>();
     let aggregator = tokio::spawn(dai_cloud::service::run(
         ServiceConfig {
-            fleet: "lab".into(),
-            broker: BrokerAddr {
-                host: "127.0.0.1".into(),
-                port,
-            },
-            client_id: "dai-cloud".into(),
-            state_path: dir.path().join("agg.sqlite"),
-            models: vec![(
-                "m".into(),
-                base.to_bytes(&Default::default()).expect("bytes"),
-            )],
-            settings: Settings {
-                strategy: Strategy::FedAvg { min_updates: 2 },
-                aggregation: Aggregation {
-                    clip_norm: None,
-                    robust: Robust::Mean,
-                },
-                max_staleness: 3,
-                reject_norm: 1e6,
-            },
-            round_timeout: Duration::from_secs(60),
             signing_key: key.clone(),
-            server_optimizer: None,
+            ..service_config(port, dir.path(), [("m", head_bytes(&base))])
         },
         async move {
             let _ = agg_rx.await;

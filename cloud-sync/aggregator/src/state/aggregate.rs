@@ -8,7 +8,7 @@
 
 use super::versions::stamped_head;
 use super::{CURRENT_SQL, NewGlobal, Settings, State, StateError, Strategy, now};
-use crate::{Contribution, FedAdam, aggregate, staleness_weight};
+use crate::{Contribution, FedAdam, ModelLayout, aggregate, staleness_weight};
 use dai_head::Head;
 use rusqlite::params;
 
@@ -39,7 +39,8 @@ impl State {
             tx.query_row(CURRENT_SQL, params![model], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
             })?;
-        let rows = readable_pending(&tx, model)?;
+        let layout = State::layout(&head_file, model)?;
+        let rows = readable_pending(&tx, &layout)?;
         if rows.is_empty() {
             tx.commit()?;
             return Ok(None);
@@ -73,40 +74,61 @@ impl State {
     }
 }
 
-/// The pending updates of `model` in arrival order, each with its loss.
-/// A row that cannot be read back (a damaged state file) is deleted with
-/// an error log, not retried forever: it would fail every aggregation and
+/// The pending updates of `layout`'s model in arrival order, each with
+/// its loss. A row that cannot be read back or does not fit the layout
+/// (fewer or shorter tensors: a damaged state file) is deleted with an
+/// error log, not retried forever: it would fail every aggregation and
 /// stop the service, again after each restart.
 fn readable_pending(
     tx: &rusqlite::Transaction<'_>,
-    model: &str,
+    layout: &ModelLayout,
 ) -> Result<Vec<(Contribution, f64)>, StateError> {
     let mut stmt = tx.prepare("SELECT update_id, device, base_version, sample_count, tensors, loss FROM pending WHERE model = ?1 ORDER BY rowid")?;
-    let rows: Vec<(Contribution, f64)> = stmt
-        .query_map(params![model], |r| {
+    let rows: Vec<(Contribution, Option<&'static str>, f64)> = stmt
+        .query_map(params![layout.model], |r| {
+            let (tensors, problem) = match unpack(r.get_ref(4)?) {
+                None => (Vec::new(), Some("is unreadable")),
+                Some(t) if !fits(&t, layout) => {
+                    (Vec::new(), Some("does not fit the model's layout"))
+                }
+                Some(t) => (t, None),
+            };
             Ok((
                 Contribution {
                     update_id: r.get(0)?,
                     device: r.get(1)?,
                     base_version: r.get::<_, i64>(2)? as u64,
                     sample_count: r.get::<_, i64>(3)? as u64,
-                    tensors: unpack(r.get_ref(4)?).unwrap_or_default(),
+                    tensors,
                 },
+                problem,
                 r.get(5)?,
             ))
         })?
         .collect::<Result<_, _>>()?;
     drop(stmt);
-    let (rows, broken): (Vec<_>, Vec<_>) =
-        rows.into_iter().partition(|(c, _)| !c.tensors.is_empty());
-    for (c, _) in &broken {
-        tracing::error!(update = %c.update_id, device = %c.device, "pending update unreadable in the state file; dropped");
+    let mut readable = Vec::with_capacity(rows.len());
+    for (c, problem, loss) in rows {
+        let Some(problem) = problem else {
+            readable.push((c, loss));
+            continue;
+        };
+        tracing::error!(update = %c.update_id, device = %c.device, "pending update in the state file {problem}; dropped");
         tx.execute(
             "DELETE FROM pending WHERE update_id = ?1",
             params![c.update_id],
         )?;
     }
-    Ok(rows)
+    Ok(readable)
+}
+
+/// Whether unpacked `tensors` have the layout's count and each its length.
+fn fits(tensors: &[Vec<f32>], layout: &ModelLayout) -> bool {
+    tensors.len() == layout.tensors.len()
+        && tensors
+            .iter()
+            .zip(&layout.tensors)
+            .all(|(t, (_, shape))| t.len() == shape.iter().product::<usize>())
 }
 
 /// What the registry records about a round: updates, devices, samples,
@@ -243,6 +265,87 @@ mod tests {
             .expect("a global from the readable update");
         assert_eq!(g.contributors, vec!["u1".to_string()]);
         assert_eq!(s.pending_count("m").expect("n"), 0);
+    }
+
+    #[test]
+    fn a_pending_row_that_does_not_fit_the_layout_is_dropped_not_fatal() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("agg.sqlite");
+        {
+            let mut s = State::open(&path).expect("open");
+            s.register("m", &base_file()).expect("register");
+            s.ingest(&upd("u1", "0", 1, 1.0), &settings(), |b| b.parse().ok())
+                .expect("ingest");
+            s.ingest(&upd("u2", "0", 3, 2.0), &settings(), |b| b.parse().ok())
+                .expect("ingest");
+            // Framed correctly, but the layout is bias [2] then weight [2, 2]:
+            // one tensor too few, and a weight one value short.
+            for (id, tensors) in [
+                ("few", vec![vec![1.0; 2]]),
+                ("short", vec![vec![1.0; 2], vec![1.0; 3]]),
+            ] {
+                s.conn
+                    .execute(
+                        "INSERT INTO pending (update_id, model, device, base_version, sample_count, tensors) VALUES (?1, 'm', 'd', 0, 1, ?2)",
+                        params![id, pack(&tensors)],
+                    )
+                    .expect("misfit row");
+            }
+            assert_eq!(s.pending_count("m").expect("n"), 4);
+        }
+        // After a restart, as the service would run it.
+        let mut s = State::open(&path).expect("reopen");
+        let g = s
+            .aggregate("m", &settings(), false, &mut None)
+            .expect("aggregation survives")
+            .expect("a global from the fitting updates");
+        assert_eq!(g.contributors, vec!["u1".to_string(), "u2".to_string()]);
+        let (head, _) = Head::from_bytes(&g.head_file).expect("head");
+        let (base, _) = Head::from_bytes(&base_file()).expect("base");
+        // FedAvg of u1 (1 x 1.0) and u2 (3 x 2.0) = 1.75; the misfits add nothing.
+        for (a, b) in head.params.weights[0].iter().zip(&base.params.weights[0]) {
+            assert!((a - b - 1.75).abs() < 1e-6, "{a} - {b}");
+        }
+        assert_eq!(g.metrics["updates"], 2);
+        assert_eq!(s.pending_count("m").expect("n"), 0, "misfits are gone");
+    }
+
+    #[test]
+    fn aggregate_refuses_contributions_of_different_shapes() {
+        let contrib = |id: &str, tensors: Vec<Vec<f32>>| Contribution {
+            update_id: id.into(),
+            device: "d".into(),
+            base_version: 0,
+            sample_count: 1,
+            tensors,
+        };
+        let good = contrib("good", vec![vec![1.0; 2], vec![1.0; 4]]);
+        for bad in [
+            contrib("few", vec![vec![1.0; 2]]),
+            contrib("short", vec![vec![1.0; 2], vec![1.0; 3]]),
+            contrib("long", vec![vec![1.0; 2], vec![1.0; 5]]),
+            contrib("empty", vec![]),
+        ] {
+            for robust in [
+                crate::Robust::Mean,
+                crate::Robust::Median,
+                crate::Robust::TrimmedMean { fraction: 0.2 },
+            ] {
+                let agg = crate::Aggregation {
+                    clip_norm: Some(1.0),
+                    robust,
+                };
+                for pair in [[good.clone(), bad.clone()], [bad.clone(), good.clone()]] {
+                    assert_eq!(
+                        aggregate(&pair, &[1.0, 1.0], &agg),
+                        None,
+                        "{} with {:?}",
+                        bad.update_id,
+                        robust
+                    );
+                }
+            }
+        }
     }
 
     #[test]

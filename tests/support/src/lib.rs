@@ -1,0 +1,330 @@
+//! `dai-testkit`: the setup code the workspace's tests share, so that each
+//! test says only what it checks. Dev-only (`publish = false`); used by the
+//! integration tests of `dai-cloud` (`cloud-sync/aggregator/tests`),
+//! `dai-sync` (`cloud-sync/client/tests`) and the root package's end-to-end
+//! tests (`tests/edge`). Unit tests inside `dai-cloud` cannot use it (a
+//! dev-dependency cycle builds a second `dai-cloud` whose types differ) and
+//! keep their fixtures in `state::fixtures`.
+//!
+//! - ports: [`free_port`], [`wait_for_port`];
+//! - heads: [`head`], [`zero_head`], [`head_bytes`];
+//! - updates: [`update`] -> [`UpdateBuilder`] (device, model, base, id,
+//!   samples, loss, value, encoding, layer sizes) -> an [`Update`] or its
+//!   wire bytes;
+//! - the aggregator: [`service_config`] (test defaults, override fields
+//!   with `ServiceConfig { field, ..service_config(..) }`), [`fedavg`]
+//!   settings, [`signing_key`], [`public_key_hex`];
+//! - MQTT: [`start_embedded_broker`] (rumqttd on a free loopback port,
+//!   listening when it returns) and [`MqttProbe`], a client that is
+//!   subscribed when it returns and waits for messages with a deadline.
+
+use dai_cloud::service::{BrokerAddr, ServiceConfig};
+use dai_cloud::state::{Settings, Strategy};
+use dai_cloud::{Aggregation, Robust};
+use dai_head::{Activation, Head, HeadSpec, Loss};
+use dai_protocol::update::{Encoding, Tensor, Update, UpdateMeta};
+use ed25519_dalek::SigningKey;
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A loopback port nothing listens on (the OS's pick, released at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Wait until something accepts connections on loopback `port`; panics
+/// with "{what} never listened" after `within`.
+pub fn wait_for_port(port: u16, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A dense head of `sizes` ([in, hidden..., out]; ReLU between layers,
+/// none on the output, softmax cross-entropy), initialised from `seed`.
+pub fn head(sizes: &[usize], seed: u64) -> Head {
+    let layers = sizes.len().saturating_sub(1);
+    let activations: Vec<Activation> = (0..layers)
+        .map(|i| {
+            if i + 1 == layers {
+                Activation::None
+            } else {
+                Activation::Relu
+            }
+        })
+        .collect();
+    Head::init(
+        HeadSpec::new(sizes, &activations, Loss::SoftmaxCrossEntropy).expect("head spec"),
+        seed,
+    )
+}
+
+/// [`head`] with every weight and bias zero.
+pub fn zero_head(sizes: &[usize]) -> Head {
+    let mut h = head(sizes, 1);
+    for t in h
+        .params
+        .weights
+        .iter_mut()
+        .chain(h.params.biases.iter_mut())
+    {
+        t.iter_mut().for_each(|x| *x = 0.0);
+    }
+    h
+}
+
+/// `head` as a `head.safetensors` file (no extra metadata).
+pub fn head_bytes(head: &Head) -> Vec<u8> {
+    head.to_bytes(&Default::default()).expect("head bytes")
+}
+
+/// An update under construction; see [`update`].
+#[derive(Debug, Clone)]
+pub struct UpdateBuilder {
+    meta: UpdateMeta,
+    sizes: Vec<usize>,
+    value: f32,
+}
+
+/// An update with id `id`: from device `edge-1` for model `m`, base
+/// version `1.0.0`, 1 sample, loss 0.1, f32, the tensors of a 3 -> 2 head
+/// (`layers.0.weight` [2, 3], `layers.0.bias` [2]), every value 0.
+pub fn update(id: &str) -> UpdateBuilder {
+    UpdateBuilder {
+        meta: UpdateMeta {
+            device: "edge-1".into(),
+            model: "m".into(),
+            base_version: "1.0.0".into(),
+            update_id: id.into(),
+            sample_count: 1,
+            loss: 0.1,
+            encoding: Encoding::F32,
+        },
+        sizes: vec![3, 2],
+        value: 0.0,
+    }
+}
+
+impl UpdateBuilder {
+    pub fn device(mut self, device: &str) -> Self {
+        self.meta.device = device.into();
+        self
+    }
+
+    pub fn model(mut self, model: &str) -> Self {
+        self.meta.model = model.into();
+        self
+    }
+
+    pub fn base(mut self, base_version: &str) -> Self {
+        self.meta.base_version = base_version.into();
+        self
+    }
+
+    pub fn samples(mut self, sample_count: u64) -> Self {
+        self.meta.sample_count = sample_count;
+        self
+    }
+
+    pub fn loss(mut self, loss: f32) -> Self {
+        self.meta.loss = loss;
+        self
+    }
+
+    pub fn encoding(mut self, encoding: Encoding) -> Self {
+        self.meta.encoding = encoding;
+        self
+    }
+
+    /// Every value of every tensor.
+    pub fn value(mut self, value: f32) -> Self {
+        self.value = value;
+        self
+    }
+
+    /// The head's layer sizes ([in, hidden..., out]) the tensors fit.
+    pub fn sizes(mut self, sizes: &[usize]) -> Self {
+        self.sizes = sizes.to_vec();
+        self
+    }
+
+    /// The update: per layer `layers.{i}.weight` [out, in], then
+    /// `layers.{i}.bias` [out].
+    pub fn build(&self) -> Update {
+        let mut tensors = Vec::new();
+        for (i, w) in self.sizes.windows(2).enumerate() {
+            let (inputs, outputs) = (w[0], w[1]);
+            tensors.push(Tensor {
+                name: dai_head::layout::weight_name(i),
+                shape: vec![outputs, inputs],
+                values: vec![self.value; outputs * inputs],
+            });
+            tensors.push(Tensor {
+                name: dai_head::layout::bias_name(i),
+                shape: vec![outputs],
+                values: vec![self.value; outputs],
+            });
+        }
+        Update {
+            meta: self.meta.clone(),
+            tensors,
+        }
+    }
+
+    /// The update's wire bytes (compressed in its encoding).
+    pub fn encode(&self) -> Vec<u8> {
+        self.build().encode().expect("encode update")
+    }
+}
+
+/// The key `[byte; 32]` (hex: `byte` 32 times, as `dai-cloud keygen` writes).
+pub fn signing_key(byte: u8) -> SigningKey {
+    SigningKey::from_bytes(&[byte; 32])
+}
+
+/// The public half of `key` in hex, as the edge config's
+/// `aggregator_public_key` takes it.
+pub fn public_key_hex(key: &SigningKey) -> String {
+    hex::encode(key.verifying_key().to_bytes())
+}
+
+/// FedAvg after `min_updates`, plain mean, no clipping, max staleness 3,
+/// updates with a norm above 1e6 rejected.
+pub fn fedavg(min_updates: usize) -> Settings {
+    Settings {
+        strategy: Strategy::FedAvg { min_updates },
+        aggregation: Aggregation {
+            clip_norm: None,
+            robust: Robust::Mean,
+        },
+        max_staleness: 3,
+        reject_norm: 1e6,
+    }
+}
+
+/// An aggregator on the broker at `127.0.0.1:{port}` serving `models`
+/// (name, base head file): fleet `lab`, client id `dai-cloud`, state in
+/// `dir/agg.sqlite`, [`fedavg`]`(2)`, a 60 s round timeout, the key
+/// [`signing_key`]`(9)`, no server optimiser.
+pub fn service_config<'a>(
+    port: u16,
+    dir: &Path,
+    models: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+) -> ServiceConfig {
+    ServiceConfig {
+        fleet: "lab".into(),
+        broker: BrokerAddr {
+            host: "127.0.0.1".into(),
+            port,
+        },
+        client_id: "dai-cloud".into(),
+        state_path: dir.join("agg.sqlite"),
+        models: models
+            .into_iter()
+            .map(|(name, file)| (name.to_string(), file))
+            .collect(),
+        settings: fedavg(2),
+        round_timeout: Duration::from_secs(60),
+        signing_key: signing_key(9),
+        server_optimizer: None,
+    }
+}
+
+/// Start the aggregator's embedded broker (rumqttd) on a free loopback
+/// port; returns the port once it accepts connections.
+pub fn start_embedded_broker() -> u16 {
+    let port = free_port();
+    start_embedded_broker_on(port);
+    port
+}
+
+/// [`start_embedded_broker`] on a given `port` (a test that starts a
+/// client before its broker picks the port first).
+pub fn start_embedded_broker_on(port: u16) {
+    dai_cloud::service::start_embedded_broker(([127, 0, 0, 1], port).into())
+        .expect("embedded broker");
+    wait_for_port(port, Duration::from_secs(10), "the embedded broker");
+}
+
+/// An MQTT client for tests on the broker at `127.0.0.1:{port}`; the test
+/// drives its event loop through [`MqttProbe::next_publish`].
+pub struct MqttProbe {
+    pub client: AsyncClient,
+    pub events: EventLoop,
+}
+
+impl MqttProbe {
+    /// Connect as `client_id` and subscribe to `topics` (QoS 1); returns
+    /// once every subscription is acknowledged (panics after 10 s).
+    pub async fn connect(port: u16, client_id: &str, topics: &[&str]) -> MqttProbe {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_max_packet_size(16 << 20, 16 << 20);
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        for topic in topics {
+            client
+                .subscribe(*topic, QoS::AtLeastOnce)
+                .await
+                .expect("subscribe");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut subacks = 0;
+        while subacks < topics.len() {
+            assert!(Instant::now() < deadline, "no SUBACK");
+            if let Ok(Ok(Event::Incoming(Packet::SubAck(_)))) =
+                tokio::time::timeout(Duration::from_millis(200), events.poll()).await
+            {
+                subacks += 1;
+            }
+        }
+        MqttProbe { client, events }
+    }
+
+    /// Queue `payload` on `topic` (QoS 1, not retained); it leaves while
+    /// the event loop is polled.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
+    }
+
+    /// Poll the event loop until a message arrives (any subscribed topic)
+    /// or `within` passes (`Ok(None)`); a connection error is returned
+    /// as it happens.
+    pub async fn next_publish(
+        &mut self,
+        within: Duration,
+    ) -> Result<Option<Publish>, ConnectionError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.poll()).await {
+                Err(_) => return Ok(None),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => return Ok(Some(p)),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// The first message on a topic matching `filter` (MQTT wildcards)
+    /// within `within`; others are passed over, connection errors retried.
+    pub async fn wait_for(&mut self, filter: &str, within: Duration) -> Option<Publish> {
+        let deadline = Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.next_publish(left).await {
+                Ok(Some(p)) if rumqttc::matches(&p.topic, filter) => return Some(p),
+                Ok(None) => return None,
+                Ok(Some(_)) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        None
+    }
+}
