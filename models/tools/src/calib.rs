@@ -13,6 +13,7 @@
 use crate::ToolError;
 use crate::proto;
 use crate::runner::InputSpec;
+use safetensors::{Dtype, SafeTensors};
 use std::io::Read;
 use std::path::Path;
 use tract_onnx::prelude::*;
@@ -223,133 +224,22 @@ fn csv(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError> {
 }
 
 fn safetensors(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError> {
-    use safetensors::{Dtype, SafeTensors};
     let src = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| bad(&src, e.to_string()))?;
     let st =
         SafeTensors::deserialize(&bytes).map_err(|e| bad(&src, format!("not safetensors: {e}")))?;
+    // Every input must hold the same number of samples; the first sets it.
     let mut n = None;
     let mut per_input: Vec<Vec<Tensor>> = Vec::new();
     for spec in specs {
-        let t = st.tensor(&spec.name).map_err(|_| {
-            bad(
-                &src,
-                format!(
-                    "no tensor {:?} (the model's inputs are {:?})",
-                    spec.name,
-                    specs.iter().map(|s| &s.name).collect::<Vec<_>>()
-                ),
-            )
-        })?;
-        let shape = t.shape();
-        let per_sample: usize = spec.shape.iter().product();
-        let total: usize = shape.iter().product();
-        if shape.is_empty() || !total.is_multiple_of(per_sample) || shape[1..] != spec.shape[1..] {
-            return Err(bad(
-                &format!("{src}: {}", spec.name),
-                format!(
-                    "shape {shape:?}, expected [N, {:?}...] to match {:?}",
-                    &spec.shape[1..],
-                    spec.shape
-                ),
-            ));
-        }
-        let count = total / per_sample;
-        if *n.get_or_insert(count) != count {
-            return Err(bad(
-                &src,
-                format!(
-                    "{:?} holds {count} samples, other inputs {}",
-                    spec.name,
-                    n.unwrap_or(0)
-                ),
-            ));
-        }
-        let data = t.data();
-        let want = match spec.elem {
-            proto::dt::FLOAT => Dtype::F32,
-            proto::dt::INT64 => Dtype::I64,
-            proto::dt::INT32 => Dtype::I32,
-            _ => {
-                return Err(ToolError::Unsupported(format!(
-                    "safetensors samples for input type {}",
-                    spec.dtype
-                )));
-            }
-        };
-        if t.dtype() != want {
-            return Err(bad(
-                &format!("{src}: {}", spec.name),
-                format!("dtype {:?}, the model input is {}", t.dtype(), spec.dtype),
-            ));
-        }
-        let width = proto::dtype_size(spec.elem);
-        let mut list = Vec::with_capacity(count);
-        for s in 0..count {
-            let chunk = &data[s * per_sample * width..(s + 1) * per_sample * width];
-            let t = match spec.elem {
-                proto::dt::FLOAT => {
-                    let v: Vec<f32> = chunk
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect();
-                    Tensor::from_shape(&spec.shape, &v)
-                }
-                proto::dt::INT64 => {
-                    let v: Vec<i64> = chunk
-                        .chunks_exact(8)
-                        .map(|c| {
-                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
-                        })
-                        .collect();
-                    Tensor::from_shape(&spec.shape, &v)
-                }
-                _ => {
-                    let v: Vec<i32> = chunk
-                        .chunks_exact(4)
-                        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect();
-                    Tensor::from_shape(&spec.shape, &v)
-                }
-            };
-            list.push(t.map_err(|e| ToolError::Runtime(e.to_string()))?);
-        }
-        per_input.push(list);
+        per_input.push(input_samples(&st, spec, specs, &src, &mut n)?);
     }
     let n = n.unwrap_or(0);
     if n == 0 {
         return Err(bad(&src, "no samples".into()));
     }
-    let labels = match st.tensor("labels") {
-        Ok(t) => {
-            let v: Vec<i64> = match t.dtype() {
-                Dtype::I64 => t
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                    .collect(),
-                Dtype::I32 => t
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
-                    .collect(),
-                d => {
-                    return Err(bad(
-                        &format!("{src}: labels"),
-                        format!("dtype {d:?}, expected i64 or i32"),
-                    ));
-                }
-            };
-            if v.len() != n {
-                return Err(bad(
-                    &format!("{src}: labels"),
-                    format!("{} labels for {n} samples", v.len()),
-                ));
-            }
-            Some(v)
-        }
-        Err(_) => None,
-    };
+    let labels = safetensors_labels(&st, &src, n)?;
+    // Stored input by input; a sample is one tensor of each, in spec order.
     let mut samples = vec![Vec::new(); n];
     for list in per_input {
         for (s, t) in list.into_iter().enumerate() {
@@ -361,4 +251,140 @@ fn safetensors(path: &Path, specs: &[InputSpec]) -> Result<SampleSet, ToolError>
         samples,
         labels,
     })
+}
+
+/// The samples of one model input, split along axis 0 of its tensor in
+/// `st`; `n` is the sample count the inputs so far agreed on.
+fn input_samples(
+    st: &SafeTensors,
+    spec: &InputSpec,
+    specs: &[InputSpec],
+    src: &str,
+    n: &mut Option<usize>,
+) -> Result<Vec<Tensor>, ToolError> {
+    let t = st.tensor(&spec.name).map_err(|_| {
+        bad(
+            src,
+            format!(
+                "no tensor {:?} (the model's inputs are {:?})",
+                spec.name,
+                specs.iter().map(|s| &s.name).collect::<Vec<_>>()
+            ),
+        )
+    })?;
+    let shape = t.shape();
+    let per_sample: usize = spec.shape.iter().product();
+    let total: usize = shape.iter().product();
+    if shape.is_empty() || !total.is_multiple_of(per_sample) || shape[1..] != spec.shape[1..] {
+        return Err(bad(
+            &format!("{src}: {}", spec.name),
+            format!(
+                "shape {shape:?}, expected [N, {:?}...] to match {:?}",
+                &spec.shape[1..],
+                spec.shape
+            ),
+        ));
+    }
+    let count = total / per_sample;
+    if *n.get_or_insert(count) != count {
+        return Err(bad(
+            src,
+            format!(
+                "{:?} holds {count} samples, other inputs {}",
+                spec.name,
+                n.unwrap_or(0)
+            ),
+        ));
+    }
+    let want = match spec.elem {
+        proto::dt::FLOAT => Dtype::F32,
+        proto::dt::INT64 => Dtype::I64,
+        proto::dt::INT32 => Dtype::I32,
+        _ => {
+            return Err(ToolError::Unsupported(format!(
+                "safetensors samples for input type {}",
+                spec.dtype
+            )));
+        }
+    };
+    if t.dtype() != want {
+        return Err(bad(
+            &format!("{src}: {}", spec.name),
+            format!("dtype {:?}, the model input is {}", t.dtype(), spec.dtype),
+        ));
+    }
+    let data = t.data();
+    let width = proto::dtype_size(spec.elem);
+    let mut list = Vec::with_capacity(count);
+    for s in 0..count {
+        let chunk = &data[s * per_sample * width..(s + 1) * per_sample * width];
+        list.push(sample_tensor(spec, chunk)?);
+    }
+    Ok(list)
+}
+
+/// One sample's little-endian bytes as a tensor of the input's shape; the
+/// dtype was checked against the input's (f32, i64 or i32) before.
+fn sample_tensor(spec: &InputSpec, chunk: &[u8]) -> Result<Tensor, ToolError> {
+    let t = match spec.elem {
+        proto::dt::FLOAT => {
+            let v: Vec<f32> = chunk
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Tensor::from_shape(&spec.shape, &v)
+        }
+        proto::dt::INT64 => {
+            let v: Vec<i64> = chunk
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect();
+            Tensor::from_shape(&spec.shape, &v)
+        }
+        _ => {
+            let v: Vec<i32> = chunk
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Tensor::from_shape(&spec.shape, &v)
+        }
+    };
+    t.map_err(|e| ToolError::Runtime(e.to_string()))
+}
+
+/// The optional `labels` tensor (i64 or i32, one per sample); `None` when
+/// the file has none, so accuracy is not judged.
+fn safetensors_labels(
+    st: &SafeTensors,
+    src: &str,
+    n: usize,
+) -> Result<Option<Vec<i64>>, ToolError> {
+    let Ok(t) = st.tensor("labels") else {
+        return Ok(None);
+    };
+    let v: Vec<i64> = match t.dtype() {
+        Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+        Dtype::I32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+            .collect(),
+        d => {
+            return Err(bad(
+                &format!("{src}: labels"),
+                format!("dtype {d:?}, expected i64 or i32"),
+            ));
+        }
+    };
+    if v.len() != n {
+        return Err(bad(
+            &format!("{src}: labels"),
+            format!("{} labels for {n} samples", v.len()),
+        ));
+    }
+    Ok(Some(v))
 }

@@ -10,8 +10,8 @@
 use crate::ToolError;
 use crate::proto::{self, Names};
 use crate::runner::{self, Runner};
-use dai_infer::bundle::{Bundle, HeadTransform};
-use dai_train::{Activation, Head};
+use dai_infer::bundle::{Bundle, HeadRef, HeadTransform, Manifest, TensorSpec};
+use dai_train::{Activation, Head, LayerSpec};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tract_onnx::pb;
@@ -34,10 +34,115 @@ pub struct ExportReport {
 
 const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi), as dai-train's GELU
 
-fn scalar(inits: &mut Vec<pb::TensorProto>, names: &mut Names, base: &str, v: f32) -> String {
-    let n = names.fresh(base);
-    inits.push(proto::f32_tensor(&n, &[], &[v]));
-    n
+/// The nodes and initializers a head adds to the backbone's graph, and the
+/// graph's names, so that every new name stays unique in it.
+struct HeadGraph {
+    names: Names,
+    nodes: Vec<pb::NodeProto>,
+    inits: Vec<pb::TensorProto>,
+}
+
+impl HeadGraph {
+    /// A scalar f32 initializer named after `base`; returns its name.
+    fn scalar(&mut self, base: &str, v: f32) -> String {
+        let n = self.names.fresh(base);
+        self.inits.push(proto::f32_tensor(&n, &[], &[v]));
+        n
+    }
+
+    /// Layer `i` as a Gemm on `input` (weights stored [outputs, inputs], as
+    /// dai-train keeps them, hence transB); returns its output's name.
+    fn linear(&mut self, i: usize, l: &LayerSpec, head: &Head, input: &str) -> String {
+        let w = self.names.fresh(&format!("head.{i}.weight"));
+        let b = self.names.fresh(&format!("head.{i}.bias"));
+        self.inits.push(proto::f32_tensor(
+            &w,
+            &[l.outputs, l.inputs],
+            &head.params.weights[i],
+        ));
+        self.inits
+            .push(proto::f32_tensor(&b, &[l.outputs], &head.params.biases[i]));
+        let z = self.names.fresh(&format!("head.{i}.linear"));
+        let gemm = self.names.fresh(&format!("head.{i}.gemm"));
+        self.nodes.push(proto::node(
+            "Gemm",
+            &gemm,
+            &[input, &w, &b],
+            &[&z],
+            vec![proto::attr_int("transB", 1)],
+        ));
+        z
+    }
+
+    /// Layer `i`'s activation applied to `z`; returns its output's name.
+    fn activation(&mut self, i: usize, activation: Activation, z: String) -> String {
+        match activation {
+            Activation::None => z,
+            Activation::Relu => {
+                let y = self.names.fresh(&format!("head.{i}.relu"));
+                self.nodes
+                    .push(proto::node("Relu", &y, &[&z], &[&y], vec![]));
+                y
+            }
+            Activation::Gelu => self.gelu(i, &z),
+        }
+    }
+
+    /// 0.5 z (1 + tanh(c (z + 0.044715 z^3))), dai-train's form, in plain
+    /// Mul/Add/Tanh nodes: standard ONNX has no tanh-approximated GELU
+    /// before opset 20, and the export must match the trainer exactly.
+    fn gelu(&mut self, i: usize, z: &str) -> String {
+        let p = |s: &str| format!("head.{i}.gelu.{s}");
+        let k1 = self.scalar(&p("k"), 0.044715);
+        let kc = self.scalar(&p("c"), GELU_C);
+        let one = self.scalar(&p("one"), 1.0);
+        let half = self.scalar(&p("half"), 0.5);
+        let [z2, z3, kz3, inner, u, t, t1, hz, y] = [
+            "z2", "z3", "kz3", "inner", "u", "tanh", "one_plus", "half_z", "out",
+        ]
+        .map(|s| self.names.fresh(&p(s)));
+        let steps: [(&str, &str, &str, &str); 5] = [
+            ("Mul", z, z, &z2),
+            ("Mul", &z2, z, &z3),
+            ("Mul", &z3, &k1, &kz3),
+            ("Add", z, &kz3, &inner),
+            ("Mul", &inner, &kc, &u),
+        ];
+        for (op, a, b2, o) in steps {
+            self.push_binary(op, a, b2, o);
+        }
+        let tanh = self.names.fresh(&t);
+        self.nodes
+            .push(proto::node("Tanh", &tanh, &[&u], &[&t], vec![]));
+        self.push_binary("Add", &t, &one, &t1);
+        self.push_binary("Mul", z, &half, &hz);
+        self.push_binary("Mul", &hz, &t1, &y);
+        y
+    }
+
+    /// `o = op(a, b)`, the node named after its output.
+    fn push_binary(&mut self, op: &str, a: &str, b: &str, o: &str) {
+        let name = self.names.fresh(o);
+        self.nodes
+            .push(proto::node(op, &name, &[a, b], &[o], vec![]));
+    }
+
+    /// The last node, renaming `current` to `output`: Softmax when the
+    /// bundle applies one, else Identity.
+    fn output(&mut self, transform: HeadTransform, current: &str, output: &str) {
+        self.nodes.push(match transform {
+            HeadTransform::Softmax => proto::node(
+                "Softmax",
+                "head.softmax",
+                &[current],
+                &[output],
+                vec![proto::attr_int("axis", -1)],
+            ),
+            HeadTransform::None => {
+                proto::node("Identity", "head.output", &[current], &[output], vec![])
+            }
+        });
+    }
 }
 
 /// Append `head` after value `input` of `model`; the head's output becomes
@@ -54,118 +159,27 @@ pub fn append_head(
         .graph
         .as_mut()
         .ok_or_else(|| ToolError::Export("the backbone has no graph".into()))?;
-    let mut names = Names::of(g);
+    let names = Names::of(g);
     if names_contains(g, output) {
         return Err(ToolError::Export(format!(
             "the backbone already has a value named {output:?}; the head's output needs that name"
         )));
     }
-    let mut nodes = Vec::new();
-    let mut inits = Vec::new();
+    let mut hg = HeadGraph {
+        names,
+        nodes: Vec::new(),
+        inits: Vec::new(),
+    };
     let mut current = input.to_string();
-    let n = head.spec.layers.len();
     for (i, l) in head.spec.layers.iter().enumerate() {
-        let w = names.fresh(&format!("head.{i}.weight"));
-        let b = names.fresh(&format!("head.{i}.bias"));
-        inits.push(proto::f32_tensor(
-            &w,
-            &[l.outputs, l.inputs],
-            &head.params.weights[i],
-        ));
-        inits.push(proto::f32_tensor(&b, &[l.outputs], &head.params.biases[i]));
-        let z = names.fresh(&format!("head.{i}.linear"));
-        nodes.push(proto::node(
-            "Gemm",
-            &names.fresh(&format!("head.{i}.gemm")),
-            &[&current, &w, &b],
-            &[&z],
-            vec![proto::attr_int("transB", 1)],
-        ));
-        current = match l.activation {
-            Activation::None => z,
-            Activation::Relu => {
-                let y = names.fresh(&format!("head.{i}.relu"));
-                nodes.push(proto::node("Relu", &y, &[&z], &[&y], vec![]));
-                y
-            }
-            Activation::Gelu => {
-                // 0.5 z (1 + tanh(c (z + 0.044715 z^3))), dai-train's form.
-                let p = |s: &str| format!("head.{i}.gelu.{s}");
-                let k1 = scalar(&mut inits, &mut names, &p("k"), 0.044715);
-                let kc = scalar(&mut inits, &mut names, &p("c"), GELU_C);
-                let one = scalar(&mut inits, &mut names, &p("one"), 1.0);
-                let half = scalar(&mut inits, &mut names, &p("half"), 0.5);
-                let z2 = names.fresh(&p("z2"));
-                let z3 = names.fresh(&p("z3"));
-                let kz3 = names.fresh(&p("kz3"));
-                let inner = names.fresh(&p("inner"));
-                let u = names.fresh(&p("u"));
-                let t = names.fresh(&p("tanh"));
-                let t1 = names.fresh(&p("one_plus"));
-                let hz = names.fresh(&p("half_z"));
-                let y = names.fresh(&p("out"));
-                for (op, a, b2, o) in [
-                    ("Mul", &z, &z, &z2),
-                    ("Mul", &z2, &z, &z3),
-                    ("Mul", &z3, &k1, &kz3),
-                    ("Add", &z, &kz3, &inner),
-                    ("Mul", &inner, &kc, &u),
-                ] {
-                    nodes.push(proto::node(op, &names.fresh(o), &[a, b2], &[o], vec![]));
-                }
-                nodes.push(proto::node("Tanh", &names.fresh(&t), &[&u], &[&t], vec![]));
-                nodes.push(proto::node(
-                    "Add",
-                    &names.fresh(&t1),
-                    &[&t, &one],
-                    &[&t1],
-                    vec![],
-                ));
-                nodes.push(proto::node(
-                    "Mul",
-                    &names.fresh(&hz),
-                    &[&z, &half],
-                    &[&hz],
-                    vec![],
-                ));
-                nodes.push(proto::node(
-                    "Mul",
-                    &names.fresh(&y),
-                    &[&hz, &t1],
-                    &[&y],
-                    vec![],
-                ));
-                y
-            }
-        };
-        if i + 1 == n {
-            let last = match transform {
-                HeadTransform::Softmax => {
-                    nodes.push(proto::node(
-                        "Softmax",
-                        "head.softmax",
-                        &[&current],
-                        &[output],
-                        vec![proto::attr_int("axis", -1)],
-                    ));
-                    output.to_string()
-                }
-                HeadTransform::None => {
-                    nodes.push(proto::node(
-                        "Identity",
-                        "head.output",
-                        &[&current],
-                        &[output],
-                        vec![],
-                    ));
-                    output.to_string()
-                }
-            };
-            current = last;
-        }
+        let z = hg.linear(i, l, head, &current);
+        current = hg.activation(i, l.activation, z);
     }
-    g.node.extend(nodes);
-    g.initializer.extend(inits);
+    if !head.spec.layers.is_empty() {
+        hg.output(transform, &current, output);
+    }
+    g.node.extend(hg.nodes);
+    g.initializer.extend(hg.inits);
     g.output = vec![crate::onnx::value_info(output, head.spec.outputs())];
     // The backbone keeps its opset: Gemm, Relu, Tanh, Mul, Add and a 2-D
     // Softmax over the last axis mean the same in every opset from 7 on.
@@ -214,6 +228,50 @@ pub fn export(
         path: head_path.display().to_string(),
         message: e.to_string(),
     })?;
+    let emb = head_input(&m, &head_ref, &head)?;
+    let backbone = proto::load(&bundle.model_path())?;
+    let exported = append_head(
+        &backbone,
+        emb.onnx_name(),
+        &head,
+        head_ref.transform,
+        &head_ref.output,
+    )?;
+    let loaded = daemon_model(&bundle, bundle_dir, &head_path, opts)?;
+    let check = compare_with_daemon(&loaded, &m, &exported, opts.samples)?;
+    if check.max_diff.is_nan() || check.max_diff > opts.tolerance {
+        return Err(ToolError::Verify(format!(
+            "exported model differs from the daemon's output by {:.3e} (> {}); nothing written",
+            check.max_diff, opts.tolerance
+        )));
+    }
+    let bytes = proto::save(&exported, out)?;
+    let (ort_diff, ort_status) = onnxruntime_verdict(opts, out, &m.inputs, &check.rows)?;
+    Ok(ExportReport {
+        bundle: bundle_dir.display().to_string(),
+        head: head_path.display().to_string(),
+        output: head_ref.output.clone(),
+        layers: head
+            .spec
+            .layers
+            .iter()
+            .map(|l| format!("{}->{} {}", l.inputs, l.outputs, l.activation.as_str()))
+            .collect(),
+        bytes,
+        samples: check.samples,
+        max_abs_diff_tract: check.max_diff,
+        max_abs_diff_onnxruntime: ort_diff,
+        onnxruntime: ort_status,
+    })
+}
+
+/// The manifest output the head reads, checked to be [batch, features] with
+/// as many features as the head takes.
+fn head_input<'m>(
+    m: &'m Manifest,
+    head_ref: &HeadRef,
+    head: &Head,
+) -> Result<&'m TensorSpec, ToolError> {
     let emb = m
         .outputs
         .iter()
@@ -233,55 +291,52 @@ pub fn export(
             head.spec.inputs()
         )));
     }
-    let backbone = proto::load(&bundle.model_path())?;
-    let exported = append_head(
-        &backbone,
-        emb.onnx_name(),
-        &head,
-        head_ref.transform,
-        &head_ref.output,
-    )?;
+    Ok(emb)
+}
 
-    // The daemon's path: the same bundle through dai-infer, head applied.
-    // A head given with --head replaces the shipped one there too.
+/// The daemon's path: the same bundle through dai-infer, head applied.
+/// A head given with --head replaces the shipped one there too.
+fn daemon_model(
+    bundle: &Bundle,
+    bundle_dir: &Path,
+    head_path: &Path,
+    opts: &ExportOptions,
+) -> Result<dai_infer::LoadedModel, ToolError> {
     let mut daemon_bundle = bundle.clone();
     if opts.head.is_some() {
-        daemon_bundle.dir = stage_with_head(bundle_dir, &head_path)?;
+        daemon_bundle.dir = stage_with_head(bundle_dir, head_path)?;
     }
-    let loaded = dai_infer::LoadedModel::load(daemon_bundle, 1)
-        .map_err(|e| ToolError::Verify(e.to_string()))?;
+    dai_infer::LoadedModel::load(daemon_bundle, 1).map_err(|e| ToolError::Verify(e.to_string()))
+}
+
+/// How the exported model compared with the daemon in tract.
+struct DaemonCheck {
+    /// Largest |exported - daemon| over all samples.
+    max_diff: f32,
+    /// Each sample's raw inputs and the daemon's output, for onnxruntime.
+    rows: Vec<(Vec<Vec<f32>>, Vec<f32>)>,
+    samples: usize,
+}
+
+/// Run `exported` in tract and the daemon's model on the same `samples`
+/// random inputs (seed 5, so runs are repeatable).
+fn compare_with_daemon(
+    loaded: &dai_infer::LoadedModel,
+    m: &Manifest,
+    exported: &pb::ModelProto,
+    samples: usize,
+) -> Result<DaemonCheck, ToolError> {
     let mut shapes = std::collections::HashMap::new();
     for i in &m.inputs {
         shapes.insert(i.onnx_name().to_string(), i.shape.clone());
     }
-    let (specs, _) = runner::input_specs(&exported, &shapes)?;
-    let runner = Runner::new(&exported, &specs, m.model.ignore_value_info, None)?;
-    let set = crate::calib::load(&format!("random:{}:5", opts.samples.max(1)), &specs)?;
+    let (specs, _) = runner::input_specs(exported, &shapes)?;
+    let runner = Runner::new(exported, &specs, m.model.ignore_value_info, None)?;
+    let set = crate::calib::load(&format!("random:{}:5", samples.max(1)), &specs)?;
     let mut max_diff = 0.0f32;
     let mut rows: Vec<(Vec<Vec<f32>>, Vec<f32>)> = Vec::new();
     for sample in &set.samples {
-        let mut named = std::collections::HashMap::new();
-        let mut raw_inputs = Vec::new();
-        for (spec, t) in m.inputs.iter().zip(sample) {
-            let td = to_tensordata(t)?;
-            raw_inputs.push(runner::values_f32(t)?);
-            named.insert(spec.name.clone(), td);
-        }
-        let (prepared, r) = loaded
-            .prepare(named)
-            .map_err(|e| ToolError::Verify(e.to_string()))?;
-        let refs: Vec<&dai_infer::TensorData> = prepared.iter().collect();
-        let outs = loaded
-            .run(&refs, r)
-            .map_err(|e| ToolError::Verify(e.to_string()))?;
-        let (probs, _) = loaded
-            .apply_head(&outs)
-            .map_err(|e| ToolError::Verify(e.to_string()))?
-            .ok_or_else(|| ToolError::Verify("the daemon applied no head".into()))?;
-        let daemon: Vec<f32> = match probs.data {
-            dai_infer::Data::F32(v) => v,
-            _ => return Err(ToolError::Verify("head output is not f32".into())),
-        };
+        let (raw_inputs, daemon) = daemon_output(loaded, &m.inputs, sample)?;
         let ours = runner::values_f32(&runner.run(sample)?[0])?;
         if ours.len() != daemon.len() {
             return Err(ToolError::Verify(format!(
@@ -295,16 +350,56 @@ pub fn export(
         }
         rows.push((raw_inputs, daemon));
     }
-    if max_diff.is_nan() || max_diff > opts.tolerance {
-        return Err(ToolError::Verify(format!(
-            "exported model differs from the daemon's output by {max_diff:.3e} (> {}); nothing written",
-            opts.tolerance
-        )));
+    Ok(DaemonCheck {
+        max_diff,
+        rows,
+        samples: set.len(),
+    })
+}
+
+/// One sample through the daemon's model (prepare, run, apply the head):
+/// the sample's inputs as plain values, and the head's f32 output.
+fn daemon_output(
+    loaded: &dai_infer::LoadedModel,
+    inputs: &[TensorSpec],
+    sample: &[Tensor],
+) -> Result<(Vec<Vec<f32>>, Vec<f32>), ToolError> {
+    let mut named = std::collections::HashMap::new();
+    let mut raw_inputs = Vec::new();
+    for (spec, t) in inputs.iter().zip(sample) {
+        let td = to_tensordata(t)?;
+        raw_inputs.push(runner::values_f32(t)?);
+        named.insert(spec.name.clone(), td);
     }
-    let bytes = proto::save(&exported, out)?;
+    let (prepared, r) = loaded
+        .prepare(named)
+        .map_err(|e| ToolError::Verify(e.to_string()))?;
+    let refs: Vec<&dai_infer::TensorData> = prepared.iter().collect();
+    let outs = loaded
+        .run(&refs, r)
+        .map_err(|e| ToolError::Verify(e.to_string()))?;
+    let (probs, _) = loaded
+        .apply_head(&outs)
+        .map_err(|e| ToolError::Verify(e.to_string()))?
+        .ok_or_else(|| ToolError::Verify("the daemon applied no head".into()))?;
+    match probs.data {
+        dai_infer::Data::F32(v) => Ok((raw_inputs, v)),
+        _ => Err(ToolError::Verify("head output is not f32".into())),
+    }
+}
+
+/// The onnxruntime check of the written file: its difference and status
+/// line. onnxruntime being unavailable only skips the check; a difference
+/// over the tolerance removes the file and fails the export.
+fn onnxruntime_verdict(
+    opts: &ExportOptions,
+    out: &Path,
+    inputs: &[TensorSpec],
+    rows: &[(Vec<Vec<f32>>, Vec<f32>)],
+) -> Result<(Option<f32>, String), ToolError> {
     let (ort_diff, ort_status) = match opts.python.as_deref() {
         Some("off") => (None, "skipped (--onnxruntime off)".to_string()),
-        py => match check_onnxruntime(py.unwrap_or("python3"), out, &m.inputs, &rows) {
+        py => match check_onnxruntime(py.unwrap_or("python3"), out, inputs, rows) {
             Ok(d) => (Some(d), "checked".to_string()),
             Err(why) => (None, why),
         },
@@ -319,22 +414,7 @@ pub fn export(
             out.display()
         )));
     }
-    Ok(ExportReport {
-        bundle: bundle_dir.display().to_string(),
-        head: head_path.display().to_string(),
-        output: head_ref.output.clone(),
-        layers: head
-            .spec
-            .layers
-            .iter()
-            .map(|l| format!("{}->{} {}", l.inputs, l.outputs, l.activation.as_str()))
-            .collect(),
-        bytes,
-        samples: set.len(),
-        max_abs_diff_tract: max_diff,
-        max_abs_diff_onnxruntime: ort_diff,
-        onnxruntime: ort_status,
-    })
+    Ok((ort_diff, ort_status))
 }
 
 /// A copy of the bundle directory with `head` as its head file (checksum
@@ -375,7 +455,7 @@ fn to_tensordata(t: &Tensor) -> Result<dai_infer::TensorData, ToolError> {
 fn check_onnxruntime(
     python: &str,
     file: &Path,
-    inputs: &[dai_infer::TensorSpec],
+    inputs: &[TensorSpec],
     rows: &[(Vec<Vec<f32>>, Vec<f32>)],
 ) -> Result<f32, String> {
     use std::io::Write;

@@ -71,122 +71,204 @@ pub fn prune(
     samples: &SampleSet,
     opts: &PruneOptions,
 ) -> Result<(pb::ModelProto, PruneReport), ToolError> {
-    if !(0.0..1.0).contains(&opts.sparsity) {
-        return Err(ToolError::Data {
-            path: "--sparsity".into(),
-            message: format!("{} is outside [0, 1)", opts.sparsity),
-        });
-    }
+    check_sparsity(opts.sparsity)?;
     let g = proto::graph(model);
     let consts = proto::constants(g);
-    let mut out = model.clone();
-    let mut names = Names::of(g);
-    let mut new_inits = Vec::new();
-    let mut renames: HashMap<(usize, usize), String> = HashMap::new();
-    let mut tensors = Vec::new();
+    let mut rw = Rewrites {
+        names: Names::of(g),
+        inits: Vec::new(),
+        renames: HashMap::new(),
+        tensors: Vec::new(),
+    };
     for (i, n) in g.node.iter().enumerate() {
         if opts.exclude.iter().any(|e| e == &n.name) {
             continue;
         }
-        // (weight input, channel axis, bias input)
-        let (axis, bias) = match n.op_type.as_str() {
-            "MatMul" => (1usize, None),
-            "Gemm" => {
-                if proto::get_int(n, "transB").unwrap_or(0) != 0 {
-                    (0, Some(2usize))
-                } else {
-                    (1, Some(2))
-                }
-            }
-            "Conv" => (0, Some(2)),
-            _ => continue,
-        };
-        let Some(t) = n.input.get(1).and_then(|w| consts.get(w)) else {
-            continue;
-        };
-        let Some(mut w) = proto::to_f32(t) else {
-            continue;
-        };
-        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-        if w.len() < 16 || dims.len() < 2 || (n.op_type == "MatMul" && dims.len() != 2) {
-            continue;
-        }
-        let mut dead_channels = Vec::new();
-        if opts.structured {
-            let channels = dims[axis];
-            let inner: usize = dims[axis + 1..].iter().product();
-            let chan = |k: usize| (k / inner) % channels;
-            let mut norms = vec![0.0f64; channels];
-            for (k, v) in w.iter().enumerate() {
-                norms[chan(k)] += (*v as f64) * (*v as f64);
-            }
-            let mut order: Vec<usize> = (0..channels).collect();
-            order.sort_by(|a, b| norms[*a].total_cmp(&norms[*b]));
-            let cut = (opts.sparsity * channels as f64).round() as usize;
-            let dead: std::collections::HashSet<usize> = order[..cut].iter().copied().collect();
-            for (k, v) in w.iter_mut().enumerate() {
-                if dead.contains(&chan(k)) {
-                    *v = 0.0;
-                }
-            }
-            dead_channels = dead.into_iter().collect();
-        } else {
-            let mut order: Vec<usize> = (0..w.len()).collect();
-            order.sort_by(|a, b| w[*a].abs().total_cmp(&w[*b].abs()));
-            let cut = (opts.sparsity * w.len() as f64).round() as usize;
-            for &k in &order[..cut] {
-                w[k] = 0.0;
-            }
-        }
-        let zeros = w.iter().filter(|v| **v == 0.0).count();
-        let base = if n.name.is_empty() {
-            n.output[0].clone()
-        } else {
-            n.name.clone()
-        };
-        let w_name = names.fresh(&format!("{}_pruned", n.input[1]));
-        new_inits.push(proto::f32_tensor(&w_name, &dims, &w));
-        renames.insert((i, 1), w_name);
-        if let Some(b) = bias
-            && !dead_channels.is_empty()
-            && let Some(bt) = n.input.get(b).and_then(|x| consts.get(x))
-            && let Some(mut bv) = proto::to_f32(bt)
-        {
-            for &c in &dead_channels {
-                if let Some(v) = bv.get_mut(c) {
-                    *v = 0.0;
-                }
-            }
-            let b_name = names.fresh(&format!("{}_pruned", n.input[b]));
-            let bdims: Vec<usize> = bt.dims.iter().map(|&d| d as usize).collect();
-            new_inits.push(proto::f32_tensor(&b_name, &bdims, &bv));
-            renames.insert((i, b), b_name);
-        }
-        tensors.push(TensorSparsity {
-            node: base,
-            op: n.op_type.clone(),
-            shape: dims,
-            values: w.len(),
-            zeros,
-            sparsity: zeros as f64 / w.len() as f64,
-        });
+        prune_node(i, n, &consts, opts, &mut rw);
     }
-    if tensors.is_empty() {
+    if rw.tensors.is_empty() {
         return Err(ToolError::Unsupported(
             "nothing to prune: no MatMul/Gemm/Conv with constant float weights".into(),
         ));
     }
+    let mut out = model.clone();
     if let Some(og) = out.graph.as_mut() {
-        for ((i, k), name) in renames {
+        for ((i, k), name) in rw.renames {
             og.node[i].input[k] = name;
         }
-        og.initializer.extend(new_inits);
+        og.initializer.extend(rw.inits);
     }
+    // The original weights are no longer read by any node: drop them, or
+    // the file would carry both copies.
     prune_unused(&mut out);
+    let report = measure(model, &out, specs, samples, opts, rw.tensors)?;
+    Ok((out, report))
+}
+
+fn check_sparsity(sparsity: f64) -> Result<(), ToolError> {
+    if !(0.0..1.0).contains(&sparsity) {
+        return Err(ToolError::Data {
+            path: "--sparsity".into(),
+            message: format!("{sparsity} is outside [0, 1)"),
+        });
+    }
+    Ok(())
+}
+
+/// What pruning makes while the original graph is read: new initializers,
+/// which node inputs switch to them, and the per-tensor report rows. They
+/// are applied to the copy only once every node has been seen.
+struct Rewrites {
+    names: Names,
+    inits: Vec<pb::TensorProto>,
+    /// (node index, input index) -> name of the pruned initializer.
+    renames: HashMap<(usize, usize), String>,
+    tensors: Vec<TensorSparsity>,
+}
+
+/// The weight's channel axis and the bias input of a prunable node; `None`
+/// for ops that are not pruned.
+fn channel_layout(n: &pb::NodeProto) -> Option<(usize, Option<usize>)> {
+    match n.op_type.as_str() {
+        "MatMul" => Some((1usize, None)),
+        "Gemm" => {
+            if proto::get_int(n, "transB").unwrap_or(0) != 0 {
+                Some((0, Some(2usize)))
+            } else {
+                Some((1, Some(2)))
+            }
+        }
+        "Conv" => Some((0, Some(2))),
+        _ => None,
+    }
+}
+
+/// Prune node `i`'s constant weight (input 1) into `rw`, and with whole
+/// channels dead its bias too. Nodes without a usable float weight, or one
+/// too small to be worth it, are left alone.
+fn prune_node(
+    i: usize,
+    n: &pb::NodeProto,
+    consts: &HashMap<String, &pb::TensorProto>,
+    opts: &PruneOptions,
+    rw: &mut Rewrites,
+) {
+    let Some((axis, bias)) = channel_layout(n) else {
+        return;
+    };
+    let Some(t) = n.input.get(1).and_then(|w| consts.get(w)) else {
+        return;
+    };
+    let Some(mut w) = proto::to_f32(t) else {
+        return;
+    };
+    let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+    if w.len() < 16 || dims.len() < 2 || (n.op_type == "MatMul" && dims.len() != 2) {
+        return;
+    }
+    let dead_channels = if opts.structured {
+        zero_weakest_channels(&mut w, &dims, axis, opts.sparsity)
+    } else {
+        zero_smallest_values(&mut w, opts.sparsity);
+        Vec::new()
+    };
+    let zeros = w.iter().filter(|v| **v == 0.0).count();
+    let base = if n.name.is_empty() {
+        n.output[0].clone()
+    } else {
+        n.name.clone()
+    };
+    let w_name = rw.names.fresh(&format!("{}_pruned", n.input[1]));
+    rw.inits.push(proto::f32_tensor(&w_name, &dims, &w));
+    rw.renames.insert((i, 1), w_name);
+    if let Some(b) = bias
+        && !dead_channels.is_empty()
+        && let Some(bt) = n.input.get(b).and_then(|x| consts.get(x))
+    {
+        zero_bias(i, n, b, bt, &dead_channels, rw);
+    }
+    rw.tensors.push(TensorSparsity {
+        node: base,
+        op: n.op_type.clone(),
+        shape: dims,
+        values: w.len(),
+        zeros,
+        sparsity: zeros as f64 / w.len() as f64,
+    });
+}
+
+/// Structured pruning: zero the `sparsity` fraction of channels along
+/// `axis` with the smallest L2 norm; returns those channels.
+fn zero_weakest_channels(w: &mut [f32], dims: &[usize], axis: usize, sparsity: f64) -> Vec<usize> {
+    let channels = dims[axis];
+    let inner: usize = dims[axis + 1..].iter().product();
+    let chan = |k: usize| (k / inner) % channels;
+    let mut norms = vec![0.0f64; channels];
+    for (k, v) in w.iter().enumerate() {
+        norms[chan(k)] += (*v as f64) * (*v as f64);
+    }
+    let mut order: Vec<usize> = (0..channels).collect();
+    order.sort_by(|a, b| norms[*a].total_cmp(&norms[*b]));
+    let cut = (sparsity * channels as f64).round() as usize;
+    let dead: std::collections::HashSet<usize> = order[..cut].iter().copied().collect();
+    for (k, v) in w.iter_mut().enumerate() {
+        if dead.contains(&chan(k)) {
+            *v = 0.0;
+        }
+    }
+    dead.into_iter().collect()
+}
+
+/// Unstructured pruning: zero the `sparsity` fraction of values with the
+/// smallest |w|.
+fn zero_smallest_values(w: &mut [f32], sparsity: f64) {
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    order.sort_by(|a, b| w[*a].abs().total_cmp(&w[*b].abs()));
+    let cut = (sparsity * w.len() as f64).round() as usize;
+    for &k in &order[..cut] {
+        w[k] = 0.0;
+    }
+}
+
+/// Zero the dead channels' entries of bias `bt` (input `b` of node `i`), so
+/// those channels output exactly 0 rather than a constant.
+fn zero_bias(
+    i: usize,
+    n: &pb::NodeProto,
+    b: usize,
+    bt: &pb::TensorProto,
+    dead_channels: &[usize],
+    rw: &mut Rewrites,
+) {
+    let Some(mut bv) = proto::to_f32(bt) else {
+        return;
+    };
+    for &c in dead_channels {
+        if let Some(v) = bv.get_mut(c) {
+            *v = 0.0;
+        }
+    }
+    let b_name = rw.names.fresh(&format!("{}_pruned", n.input[b]));
+    let bdims: Vec<usize> = bt.dims.iter().map(|&d| d as usize).collect();
+    rw.inits.push(proto::f32_tensor(&b_name, &bdims, &bv));
+    rw.renames.insert((i, b), b_name);
+}
+
+/// Run both models in tract on `samples` (and time them with `--bench`) and
+/// put the report together.
+fn measure(
+    model: &pb::ModelProto,
+    out: &pb::ModelProto,
+    specs: &[InputSpec],
+    samples: &SampleSet,
+    opts: &PruneOptions,
+    tensors: Vec<TensorSparsity>,
+) -> Result<PruneReport, ToolError> {
     let before = model.encode_to_vec();
     let after = out.encode_to_vec();
     let reference = Runner::new(model, specs, opts.ignore_value_info, None)?;
-    let pruned = Runner::new(&out, specs, opts.ignore_value_info, None)?;
+    let pruned = Runner::new(out, specs, opts.ignore_value_info, None)?;
+    // No tolerance: pruning is judged by the numbers reported, not refused.
     let cmp = compare(
         &reference,
         &pruned,
@@ -205,7 +287,7 @@ pub fn prune(
     }
     let values: usize = tensors.iter().map(|t| t.values).sum();
     let zeros: usize = tensors.iter().map(|t| t.zeros).sum();
-    let report = PruneReport {
+    Ok(PruneReport {
         requested: opts.sparsity,
         structured: opts.structured,
         sparsity: zeros as f64 / values.max(1) as f64,
@@ -219,8 +301,7 @@ pub fn prune(
         accuracy_after: cmp.accuracy_new,
         latency_before_ms: lb,
         latency_after_ms: la,
-    };
-    Ok((out, report))
+    })
 }
 
 impl PruneReport {

@@ -1,0 +1,136 @@
+//! The demo's cloud side, in this process: the embedded MQTT broker, the
+//! aggregator service (FedAvg over every federated device) and its status
+//! page; and the fresh bundle the fleet starts from.
+
+use super::{Options, any_port, free_port};
+use anyhow::{Context, bail};
+use dai_cloud::monitor::Monitor;
+use dai_cloud::service::{BrokerAddr, ServiceConfig, run_monitored, start_embedded_broker};
+use dai_cloud::state::{Settings, Strategy};
+use dai_cloud::{Aggregation, Robust};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The running aggregator and what the driver reads from it.
+pub(super) struct Cloud {
+    pub(super) broker_port: u16,
+    /// The aggregator's public key (hex), written into each federated edge's config.
+    pub(super) public: String,
+    pub(super) monitor: Arc<Monitor>,
+    /// Its status page URL.
+    pub(super) page: String,
+    http_task: tokio::task::JoinHandle<()>,
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    aggregator: tokio::task::JoinHandle<
+        Result<dai_cloud::service::ServiceStats, dai_cloud::service::ServiceError>,
+    >,
+}
+
+impl Cloud {
+    pub(super) async fn start(opts: &Options, dir: &Path, base: Vec<u8>) -> anyhow::Result<Cloud> {
+        let broker_port = any_port()?;
+        start_embedded_broker(SocketAddr::from(([127, 0, 0, 1], broker_port)))?;
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+        let public = hex::encode(key.verifying_key().to_bytes());
+        let monitor = Arc::new(Monitor::new());
+        let state_path = dir.join("dai-cloud.sqlite");
+        let listener = free_port(opts.http)?;
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let page = format!("http://{}/", listener.local_addr()?);
+        let app = dai_cloud::http::router(monitor.clone(), state_path.clone(), "demo".into());
+        let http_task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let config = ServiceConfig {
+            fleet: "demo".into(),
+            broker: BrokerAddr {
+                host: "127.0.0.1".into(),
+                port: broker_port,
+            },
+            client_id: "dai-cloud".into(),
+            state_path,
+            models: vec![("digits".into(), base)],
+            settings: Settings {
+                strategy: Strategy::FedAvg {
+                    min_updates: opts.devices,
+                },
+                aggregation: Aggregation {
+                    clip_norm: None,
+                    robust: Robust::Mean,
+                },
+                max_staleness: 3,
+                reject_norm: 1e4,
+            },
+            round_timeout: opts.round_timeout,
+            signing_key: key,
+            server_optimizer: None,
+        };
+        let aggregator = tokio::spawn(run_monitored(config, monitor.clone(), async move {
+            let _ = stop_rx.await;
+        }));
+        Ok(Cloud {
+            broker_port,
+            public,
+            monitor,
+            page,
+            http_task,
+            stop_tx,
+            aggregator,
+        })
+    }
+
+    pub(super) async fn stop(self) {
+        let _ = self.stop_tx.send(());
+        match tokio::time::timeout(Duration::from_secs(5), self.aggregator).await {
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = %dai_cloud::error_chain(&e), "aggregator stopped with an error")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "aggregator task failed"),
+            _ => {}
+        }
+        self.http_task.abort();
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Copy the digits bundle into `dir/models/digits` with a freshly
+/// initialised head; returns that head file (the aggregator's version 0).
+pub(super) fn fresh_bundle(bundle: &Path, dir: &Path, seed: u64) -> anyhow::Result<Vec<u8>> {
+    let out = dir.join("models/digits");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let manifest_path = bundle.join("manifest.toml");
+    let manifest = std::fs::read_to_string(&manifest_path)
+        .with_context(|| format!("reading {}", manifest_path.display()))?;
+    let shipped_path = bundle.join("head.safetensors");
+    let shipped = std::fs::read(&shipped_path)
+        .with_context(|| format!("reading {}", shipped_path.display()))?;
+    let (head, meta) = dai_train::Head::from_bytes(&shipped)
+        .with_context(|| format!("{} is not a head file", shipped_path.display()))?;
+    let fresh = dai_train::Head::init(head.spec.clone(), seed);
+    let bytes = fresh.to_bytes(&meta)?;
+    let old = sha256_hex(&shipped);
+    if !manifest.contains(&old) {
+        bail!(
+            "{}: the [head] sha256 does not match head.safetensors",
+            manifest_path.display()
+        );
+    }
+    std::fs::write(
+        out.join("manifest.toml"),
+        manifest.replace(&old, &sha256_hex(&bytes)),
+    )?;
+    std::fs::write(out.join("head.safetensors"), &bytes)?;
+    std::fs::copy(bundle.join("backbone.onnx"), out.join("backbone.onnx"))
+        .context("copying backbone.onnx")?;
+    Ok(bytes)
+}
