@@ -296,15 +296,40 @@ impl Bundle {
     }
 }
 
+/// A name the daemon puts in URLs, metrics labels and file names: 1-64
+/// characters of `[A-Za-z0-9._-]`.
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// 64 hex digits: the form every sha256 in a manifest is written in.
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// A relative path that cannot leave the bundle directory.
+fn inside_bundle(file: &str) -> bool {
+    !file.contains("..") && !Path::new(file).is_absolute()
+}
+
 impl Manifest {
-    /// Rules serde cannot express.
+    /// Rules serde cannot express. Each concern has its own step; they run
+    /// in this order, so the first broken rule is the one reported.
     fn check(&self) -> Result<(), String> {
-        let valid_name = |n: &str| {
-            !n.is_empty()
-                && n.len() <= 64
-                && n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        };
+        self.check_identity()?;
+        self.check_model_file()?;
+        self.check_variants()?;
+        self.check_tensors()?;
+        self.check_preprocess()?;
+        self.check_head()?;
+        self.check_source()
+    }
+
+    /// Name and version.
+    fn check_identity(&self) -> Result<(), String> {
         if !valid_name(&self.name) {
             return Err(format!(
                 "name {:?}: expected 1-64 characters of [A-Za-z0-9._-]",
@@ -314,20 +339,29 @@ impl Manifest {
         if self.version.is_empty() {
             return Err("version: must not be empty".into());
         }
-        if self.model.sha256.len() != 64
-            || !self.model.sha256.chars().all(|c| c.is_ascii_hexdigit())
-        {
+        Ok(())
+    }
+
+    /// `[model]`: checksum form and a path inside the bundle.
+    fn check_model_file(&self) -> Result<(), String> {
+        if !is_sha256_hex(&self.model.sha256) {
             return Err(format!(
                 "model.sha256 {:?}: expected 64 hex digits",
                 self.model.sha256
             ));
         }
-        if self.model.file.contains("..") || Path::new(&self.model.file).is_absolute() {
+        if !inside_bundle(&self.model.file) {
             return Err(format!(
                 "model.file {:?}: expected a file name inside the bundle",
                 self.model.file
             ));
         }
+        Ok(())
+    }
+
+    /// `[[variants]]`: unique kinds (the config selects by kind), files
+    /// inside the bundle, checksum form.
+    fn check_variants(&self) -> Result<(), String> {
         let mut kinds = std::collections::HashSet::new();
         for (i, v) in self.variants.iter().enumerate() {
             if !valid_name(&v.kind) || !kinds.insert(v.kind.as_str()) {
@@ -336,19 +370,25 @@ impl Manifest {
                     v.kind
                 ));
             }
-            if v.file.is_empty() || v.file.contains("..") || Path::new(&v.file).is_absolute() {
+            if v.file.is_empty() || !inside_bundle(&v.file) {
                 return Err(format!(
                     "variants[{i}].file {:?}: expected a file name inside the bundle",
                     v.file
                 ));
             }
-            if v.sha256.len() != 64 || !v.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            if !is_sha256_hex(&v.sha256) {
                 return Err(format!(
                     "variants[{i}].sha256 {:?}: expected 64 hex digits",
                     v.sha256
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Inputs and outputs: at least one of each, shapes with no zero axis
+    /// (a batch axis of 1 with batching), unique names per side.
+    fn check_tensors(&self) -> Result<(), String> {
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err("inputs and outputs: at least one of each is required".into());
         }
@@ -371,52 +411,74 @@ impl Manifest {
                 }
             }
         }
-        if let Some(Preprocess::Normalize {
+        Ok(())
+    }
+
+    /// Normalisation: one mean and a non-zero std per channel, and the
+    /// channel axis of every f32 input has that many channels (so a request
+    /// cannot index past them).
+    fn check_preprocess(&self) -> Result<(), String> {
+        let Some(Preprocess::Normalize {
             mean,
             std,
             channel_axis,
             ..
         }) = &self.preprocess
-        {
-            if mean.len() != std.len() || std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
-                return Err("preprocess: mean and std need the same length and std no zero".into());
-            }
-            for s in self.inputs.iter().filter(|s| s.dtype == DType::F32) {
-                if s.shape.get(*channel_axis) != Some(&mean.len()) {
-                    return Err(format!(
-                        "preprocess: input {:?} has shape {:?}, axis {channel_axis} should have {} channels",
-                        s.name,
-                        s.shape,
-                        mean.len()
-                    ));
-                }
-            }
+        else {
+            return Ok(());
+        };
+        if mean.len() != std.len() || std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+            return Err("preprocess: mean and std need the same length and std no zero".into());
         }
-        if let Some(h) = &self.head {
-            if !self.outputs.iter().any(|o| o.name == h.input) {
+        for s in self.inputs.iter().filter(|s| s.dtype == DType::F32) {
+            if s.shape.get(*channel_axis) != Some(&mean.len()) {
                 return Err(format!(
-                    "head.input {:?}: not one of the outputs {:?}",
-                    h.input,
-                    self.outputs
-                        .iter()
-                        .map(|o| o.name.as_str())
-                        .collect::<Vec<_>>()
+                    "preprocess: input {:?} has shape {:?}, axis {channel_axis} should have {} channels",
+                    s.name,
+                    s.shape,
+                    mean.len()
                 ));
             }
-            if h.file.contains("..") || h.sha256.len() != 64 {
-                return Err("head: file must be inside the bundle and sha256 64 hex digits".into());
-            }
         }
-        if let Some(src) = &self.source {
-            if src.kind != "pypi-wheel" {
-                return Err(format!(
-                    "source.kind {:?}: expected \"pypi-wheel\"",
-                    src.kind
-                ));
-            }
-            if src.wheel_sha256.len() != 64 {
-                return Err("source.wheel_sha256: expected 64 hex digits".into());
-            }
+        Ok(())
+    }
+
+    /// `[head]`: consumes one of the outputs; its file stays in the bundle.
+    fn check_head(&self) -> Result<(), String> {
+        let Some(h) = &self.head else {
+            return Ok(());
+        };
+        if !self.outputs.iter().any(|o| o.name == h.input) {
+            return Err(format!(
+                "head.input {:?}: not one of the outputs {:?}",
+                h.input,
+                self.outputs
+                    .iter()
+                    .map(|o| o.name.as_str())
+                    .collect::<Vec<_>>()
+            ));
+        }
+        // Kept as loose as before (length only, `..` only): manifests that
+        // loaded must keep loading.
+        if h.file.contains("..") || h.sha256.len() != 64 {
+            return Err("head: file must be inside the bundle and sha256 64 hex digits".into());
+        }
+        Ok(())
+    }
+
+    /// `[source]`: only PyPI wheels are fetched.
+    fn check_source(&self) -> Result<(), String> {
+        let Some(src) = &self.source else {
+            return Ok(());
+        };
+        if src.kind != "pypi-wheel" {
+            return Err(format!(
+                "source.kind {:?}: expected \"pypi-wheel\"",
+                src.kind
+            ));
+        }
+        if src.wheel_sha256.len() != 64 {
+            return Err("source.wheel_sha256: expected 64 hex digits".into());
         }
         Ok(())
     }
@@ -456,4 +518,76 @@ pub fn discover(models_dir: &Path) -> Result<Vec<PathBuf>, BundleError> {
         .collect();
     dirs.sort();
     Ok(dirs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "04f1295bd3d27aefc580d6c466a2e8ad6eec4d440bc9c1e929d45f79908ea238";
+
+    fn manifest(extra: &str) -> String {
+        format!(
+            "name = \"m\"\nversion = \"1\"\nbatching = true\n{extra}\n\
+             [model]\nfile = \"model.onnx\"\nsha256 = \"{SHA}\"\n\
+             [[inputs]]\nname = \"x\"\ndtype = \"f32\"\nshape = [1, 3]\n\
+             [[outputs]]\nname = \"y\"\ndtype = \"f32\"\nshape = [1, 2]\n"
+        )
+    }
+
+    fn refused(text: &str) -> String {
+        match parse_manifest(text) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_valid_manifest_parses() {
+        let m = parse_manifest(&manifest("")).expect("valid");
+        assert_eq!(m.name, "m");
+        assert!(m.dynamic_batching);
+    }
+
+    #[test]
+    fn helpers_accept_and_refuse() {
+        assert!(valid_name("imu-anomaly_1.0"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(&"a".repeat(65)));
+        assert!(is_sha256_hex(SHA));
+        assert!(!is_sha256_hex(&SHA[1..]));
+        assert!(!is_sha256_hex(&SHA.replace('0', "g")));
+        assert!(inside_bundle("model.onnx"));
+        assert!(!inside_bundle("../model.onnx"));
+        assert!(!inside_bundle("/etc/passwd"));
+    }
+
+    #[test]
+    fn each_concern_reports_its_own_field() {
+        let bad_name = manifest("").replace("name = \"m\"", "name = \"a b\"");
+        assert!(refused(&bad_name).starts_with("name "));
+        let bad_model = manifest("").replace("\"model.onnx\"", "\"../m.onnx\"");
+        assert!(refused(&bad_model).starts_with("model.file"));
+        let dup_variant = format!(
+            "{}[[variants]]\nkind = \"int8\"\nfile = \"a\"\nsha256 = \"{SHA}\"\n\
+             [[variants]]\nkind = \"int8\"\nfile = \"b\"\nsha256 = \"{SHA}\"\n",
+            manifest("")
+        );
+        assert!(refused(&dup_variant).starts_with("variants[1].kind"));
+        let bad_shape = manifest("").replace("shape = [1, 3]", "shape = [2, 3]");
+        assert!(refused(&bad_shape).starts_with("inputs[0]"));
+        let zero_axis = manifest("").replace("shape = [1, 2]", "shape = [1, 0]");
+        assert!(refused(&zero_axis).starts_with("outputs[0]"));
+        let channels = format!(
+            "{}[preprocess]\nkind = \"normalize\"\nscale = 1.0\nmean = [0.0]\nstd = [1.0]\nchannel_axis = 1\n",
+            manifest("")
+        );
+        assert!(refused(&channels).contains("should have 1 channels"));
+        let head = format!(
+            "{}[head]\nfile = \"h\"\nsha256 = \"{SHA}\"\ninput = \"nope\"\noutput = \"p\"\n",
+            manifest("")
+        );
+        assert!(refused(&head).starts_with("head.input"));
+    }
 }

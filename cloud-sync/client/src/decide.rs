@@ -1,0 +1,173 @@
+//! The uplink's decisions on what arrives and what is due, without a
+//! socket or a clock: the session (`session.rs`) measures elapsed times and
+//! does the I/O, these functions say what to do, so the rules are tested
+//! without a broker.
+
+use dai_protocol::messages::Ack;
+use dai_protocol::topics::Topic;
+use std::time::Duration;
+
+/// Longest backoff factor between resends of one update (`2^6` = 64x the
+/// ack timeout).
+const MAX_RESEND_DOUBLINGS: u32 = 6;
+
+/// Whether an outbox row is published on this tick.
+///
+/// `last` is the row's in-flight record on this connection: how long ago
+/// it was last published and how many times it was already published again
+/// without an ack. Returns `None` when it is not due yet, otherwise the
+/// resend count to record: `Some(0)` for a first publish, `Some(n + 1)` for
+/// a republish.
+pub(crate) fn resend_due(last: Option<(Duration, u32)>, ack_timeout: Duration) -> Option<u32> {
+    let Some((since, n)) = last else {
+        return Some(0);
+    };
+    // Each resend waits twice as long (up to 64x), so an aggregator that is
+    // down for hours does not get a backlog of copies queued in its session.
+    // Saturating: a huge configured timeout means "never", not a panic.
+    let wait = ack_timeout.saturating_mul(1u32 << n.min(MAX_RESEND_DOUBLINGS));
+    (since >= wait).then_some(n + 1)
+}
+
+/// Whether the heartbeat is due; `None` means none was sent on this
+/// connection yet.
+pub(crate) fn heartbeat_due(since_last: Option<Duration>, every: Duration) -> bool {
+    since_last.is_none_or(|d| d >= every)
+}
+
+/// What a verified global model is, against the version served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GlobalVerdict {
+    /// Newer: store and serve it.
+    Apply,
+    /// The retained copy of what is served (arrives on every (re)connect).
+    AlreadyServed,
+    /// Below the version served: refused.
+    Older,
+}
+
+pub(crate) fn global_verdict(version: u64, current: u64) -> GlobalVerdict {
+    use std::cmp::Ordering::*;
+    match version.cmp(&current) {
+        Greater => GlobalVerdict::Apply,
+        Equal => GlobalVerdict::AlreadyServed,
+        Less => GlobalVerdict::Older,
+    }
+}
+
+/// An incoming publish, sorted by topic.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// On the device's ack topic: the decoded ack, or why it is unreadable.
+    Ack(Result<Ack, String>),
+    /// On a model's global topic; the payload is verified by the session
+    /// (it needs the key and the version served).
+    Global { model: String },
+    /// Anything else (a topic we did not subscribe to, or unparsable).
+    Ignored,
+}
+
+pub(crate) fn classify(topic: &str, payload: &[u8]) -> Incoming {
+    match Topic::parse(topic) {
+        Ok(Topic::Ack { .. }) => Incoming::Ack(Ack::from_bytes(payload).map_err(|e| e.to_string())),
+        Ok(Topic::Global { model, .. }) => Incoming::Global { model },
+        _ => Incoming::Ignored,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dai_protocol::messages::AckStatus;
+
+    const T: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn first_publish_is_always_due() {
+        assert_eq!(resend_due(None, T), Some(0));
+    }
+
+    #[test]
+    fn resends_wait_for_the_timeout_doubling_each_time() {
+        assert_eq!(resend_due(Some((Duration::from_secs(9), 0)), T), None);
+        assert_eq!(resend_due(Some((T, 0)), T), Some(1));
+        assert_eq!(resend_due(Some((Duration::from_secs(19), 1)), T), None);
+        assert_eq!(resend_due(Some((Duration::from_secs(20), 1)), T), Some(2));
+        assert_eq!(resend_due(Some((Duration::from_secs(40), 3)), T), None);
+        assert_eq!(resend_due(Some((Duration::from_secs(80), 3)), T), Some(4));
+    }
+
+    #[test]
+    fn resend_wait_is_capped_at_64x() {
+        assert_eq!(resend_due(Some((Duration::from_secs(639), 6)), T), None);
+        assert_eq!(resend_due(Some((Duration::from_secs(640), 6)), T), Some(7));
+        assert_eq!(
+            resend_due(Some((Duration::from_secs(640), 40)), T),
+            Some(41)
+        );
+    }
+
+    #[test]
+    fn a_huge_timeout_does_not_overflow() {
+        assert_eq!(
+            resend_due(Some((Duration::from_secs(1), 6)), Duration::MAX),
+            None
+        );
+    }
+
+    #[test]
+    fn heartbeat_is_due_first_and_then_every_period() {
+        assert!(heartbeat_due(None, T));
+        assert!(!heartbeat_due(Some(Duration::from_secs(9)), T));
+        assert!(heartbeat_due(Some(T), T));
+    }
+
+    #[test]
+    fn globals_apply_only_when_newer() {
+        assert_eq!(global_verdict(3, 2), GlobalVerdict::Apply);
+        assert_eq!(global_verdict(1, 0), GlobalVerdict::Apply);
+        assert_eq!(global_verdict(2, 2), GlobalVerdict::AlreadyServed);
+        assert_eq!(global_verdict(1, 2), GlobalVerdict::Older);
+    }
+
+    fn topic(t: Topic) -> String {
+        match t.build() {
+            Ok(s) => s,
+            Err(e) => panic!("topic: {e}"),
+        }
+    }
+
+    #[test]
+    fn incoming_messages_are_sorted_by_topic() {
+        let ack_topic = topic(Topic::Ack {
+            fleet: "f".into(),
+            device: "d".into(),
+        });
+        let global_topic = topic(Topic::Global {
+            fleet: "f".into(),
+            model: "m".into(),
+        });
+        let ack = Ack {
+            update_id: "u1".into(),
+            status: AckStatus::Accepted,
+            reason: None,
+            round: None,
+        };
+        let bytes = ack.to_bytes();
+        match classify(&ack_topic, &bytes) {
+            Incoming::Ack(Ok(a)) => assert_eq!(a.update_id, "u1"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(classify(&ack_topic, b"{"), Incoming::Ack(Err(_))));
+        match classify(&global_topic, b"anything") {
+            Incoming::Global { model } => assert_eq!(model, "m"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(classify("not/ours", b""), Incoming::Ignored));
+        let status = topic(Topic::Status {
+            fleet: "f".into(),
+            device: "d".into(),
+        });
+        assert!(matches!(classify(&status, b""), Incoming::Ignored));
+    }
+}

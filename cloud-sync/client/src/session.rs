@@ -1,0 +1,267 @@
+//! One connection's worth of uplink state and the I/O steps of the event
+//! loop in [`crate::run`]: connect (subscribe, forget what was in flight),
+//! incoming acks and globals, the 200 ms tick (outbox, sensor events,
+//! heartbeat) and connection loss. The decisions themselves are in
+//! [`crate::decide`]; this module only measures time and talks to rumqttc.
+
+use crate::decide::{self, GlobalVerdict, Incoming};
+use crate::{Edge, UplinkConfig, UplinkStats, backoff};
+use dai_protocol::messages::{Ack, AckStatus, Status};
+use dai_protocol::topics::Topic;
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Rows and events taken from the edge per tick: bounded so one tick never
+/// floods the request queue (256 deep).
+const PER_TICK: usize = 64;
+
+/// The device's own topics, built once (a fleet or device name the topic
+/// grammar refuses stops the uplink before it connects).
+pub(crate) struct Topics {
+    pub status: String,
+    pub update: String,
+    pub ack: String,
+    pub event: String,
+}
+
+impl Topics {
+    pub fn new(cfg: &UplinkConfig) -> Option<Topics> {
+        let (fleet, device) = (cfg.fleet.clone(), cfg.device.clone());
+        let status = Topic::Status {
+            fleet: fleet.clone(),
+            device: device.clone(),
+        };
+        let update = Topic::Update {
+            fleet: fleet.clone(),
+            device: device.clone(),
+        };
+        let ack = Topic::Ack {
+            fleet: fleet.clone(),
+            device: device.clone(),
+        };
+        let event = Topic::Event { fleet, device };
+        Some(Topics {
+            status: status.build().ok()?,
+            update: update.build().ok()?,
+            ack: ack.build().ok()?,
+            event: event.build().ok()?,
+        })
+    }
+}
+
+/// Broker options: a persistent session (QoS 1 updates survive a
+/// reconnect) and a retained "offline" last will on the status topic.
+pub(crate) fn mqtt_options(cfg: &UplinkConfig, status_topic: &str) -> MqttOptions {
+    let mut opts = MqttOptions::new(&cfg.device, &cfg.host, cfg.port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_clean_session(false);
+    opts.set_max_packet_size(16 << 20, 16 << 20);
+    let offline = Status {
+        device: cfg.device.clone(),
+        state: "offline".into(),
+        ts: 0.0,
+        models: Default::default(),
+        outbox_pending: 0,
+    };
+    opts.set_last_will(LastWill::new(
+        status_topic,
+        serde_json::to_vec(&offline).unwrap_or_default(),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    opts
+}
+
+/// Everything the event loop keeps between events.
+pub(crate) struct Session {
+    cfg: UplinkConfig,
+    edge: Arc<dyn Edge>,
+    client: AsyncClient,
+    topics: Topics,
+    /// Update id -> (when it was last published on this connection, how
+    /// many times it was published again without an ack).
+    inflight: HashMap<String, (Instant, u32)>,
+    /// An update published while nobody was subscribed (a broker restarted
+    /// without persistence, the aggregator not yet back) gets no ack: it is
+    /// published again after this long. The aggregator counts it once.
+    ack_timeout: Duration,
+    pub connected: bool,
+    attempt: u32,
+    /// `None`: no heartbeat on this connection yet, so one is due.
+    last_heartbeat: Option<Instant>,
+    pub stats: UplinkStats,
+}
+
+impl Session {
+    pub fn new(
+        cfg: UplinkConfig,
+        edge: Arc<dyn Edge>,
+        client: AsyncClient,
+        topics: Topics,
+    ) -> Self {
+        let ack_timeout = cfg.connection_timeout.max(Duration::from_secs(1));
+        Session {
+            cfg,
+            edge,
+            client,
+            topics,
+            inflight: HashMap::new(),
+            ack_timeout,
+            connected: false,
+            attempt: 0,
+            last_heartbeat: None,
+            stats: UplinkStats::default(),
+        }
+    }
+
+    /// ConnAck: (re)subscribe, and treat nothing as in flight, so anything
+    /// not acked goes out again on this connection.
+    pub fn on_connack(&mut self) {
+        self.connected = true;
+        self.attempt = 0;
+        self.inflight.clear();
+        self.last_heartbeat = None;
+        let _ = self
+            .client
+            .try_subscribe(&self.topics.ack, QoS::AtLeastOnce);
+        for model in self.edge.models() {
+            let topic = Topic::Global {
+                fleet: self.cfg.fleet.clone(),
+                model,
+            };
+            if let Ok(t) = topic.build() {
+                let _ = self.client.try_subscribe(t, QoS::AtLeastOnce);
+            }
+        }
+        tracing::info!(host = %self.cfg.host, port = self.cfg.port, "connected to the broker");
+    }
+
+    /// An incoming publish: an ack or a global model.
+    pub fn on_publish(&mut self, topic: &str, payload: &[u8]) {
+        match decide::classify(topic, payload) {
+            Incoming::Ack(Ok(ack)) => self.on_ack(&ack),
+            Incoming::Ack(Err(e)) => tracing::warn!(error = %e, "unreadable ack"),
+            Incoming::Global { model } => self.on_global(&model, payload),
+            Incoming::Ignored => tracing::debug!(%topic, "ignored message"),
+        }
+    }
+
+    /// The aggregator answered (accepted or rejected): the row may go.
+    fn on_ack(&mut self, ack: &Ack) {
+        if ack.status == AckStatus::Rejected {
+            tracing::warn!(update = %ack.update_id, reason = ?ack.reason, "update rejected by the aggregator");
+        }
+        self.inflight.remove(&ack.update_id);
+        self.edge.acked(ack);
+        self.stats.acked += 1;
+    }
+
+    /// A global model: verified (signature, checksum, model name), then
+    /// applied only if newer than the version served.
+    fn on_global(&mut self, model: &str, payload: &[u8]) {
+        let current = self.edge.global_version(model);
+        let g = match dai_protocol::global::verify(payload, &self.cfg.aggregator_key, model) {
+            Ok(g) => g,
+            Err(e) => {
+                self.refuse_global(model, "invalid");
+                tracing::warn!(%model, bytes = payload.len(), error = %e, "global model refused");
+                return;
+            }
+        };
+        match decide::global_verdict(g.version, current) {
+            GlobalVerdict::Apply => match self.edge.apply_global(g) {
+                Ok(()) => self.stats.globals_applied += 1,
+                Err(e) => {
+                    self.refuse_global(model, "apply");
+                    tracing::error!(%model, error = %e, "global model not applied");
+                }
+            },
+            GlobalVerdict::AlreadyServed => {
+                tracing::debug!(%model, version = g.version, "global already served");
+            }
+            GlobalVerdict::Older => {
+                self.refuse_global(model, "older");
+                tracing::warn!(%model, version = g.version, current, "global model refused: older than the one served");
+            }
+        }
+    }
+
+    fn refuse_global(&mut self, model: &str, reason: &'static str) {
+        self.stats.globals_refused += 1;
+        self.edge.global_refused(model, reason);
+    }
+
+    /// The 200 ms tick while connected.
+    pub fn on_tick(&mut self) {
+        self.drain_outbox();
+        self.publish_events();
+        self.heartbeat();
+    }
+
+    /// Publish outbox rows not in flight, and those whose ack is overdue.
+    fn drain_outbox(&mut self) {
+        for (id, payload) in self.edge.outbox(PER_TICK) {
+            let last = self.inflight.get(&id).map(|&(sent, n)| (sent.elapsed(), n));
+            let Some(resends) = decide::resend_due(last, self.ack_timeout) else {
+                continue;
+            };
+            if resends > 0 {
+                tracing::info!(update = %id, resends, "no ack yet; publishing again");
+                self.stats.republished += 1;
+            }
+            let sent =
+                self.client
+                    .try_publish(&self.topics.update, QoS::AtLeastOnce, false, payload);
+            if sent.is_err() {
+                break; // request queue full: next tick
+            }
+            self.inflight.insert(id, (Instant::now(), resends));
+            self.stats.published += 1;
+        }
+    }
+
+    /// Sensor events are best effort: dropped when the queue is full.
+    fn publish_events(&mut self) {
+        for payload in self.edge.events(PER_TICK) {
+            let sent =
+                self.client
+                    .try_publish(&self.topics.event, QoS::AtLeastOnce, false, payload);
+            if sent.is_err() {
+                tracing::warn!("request queue full: a sensor event was dropped");
+                break;
+            }
+            self.stats.events += 1;
+        }
+    }
+
+    /// The retained status, every `heartbeat` (and at once after connecting).
+    fn heartbeat(&mut self) {
+        let since = self.last_heartbeat.map(|t| t.elapsed());
+        if !decide::heartbeat_due(since, self.cfg.heartbeat) {
+            return;
+        }
+        self.last_heartbeat = Some(Instant::now());
+        let s = self.edge.status();
+        let _ = self.client.try_publish(
+            &self.topics.status,
+            QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(&s).unwrap_or_default(),
+        );
+    }
+
+    /// The connection failed (or never came up): count a reconnect if it
+    /// was up, and return how long to wait before polling again.
+    pub fn on_connection_error(&mut self, e: &rumqttc::ConnectionError) -> Duration {
+        if self.connected {
+            self.stats.reconnects += 1;
+        }
+        self.connected = false;
+        let wait = backoff(&self.cfg, self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker unreachable");
+        wait
+    }
+}
