@@ -9,7 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Layers, lowest first; a crate may depend only on crates of lower layers.
 const LAYERS: &[&[&str]] = &[
     &["dai-head", "dai-store"],
-    &["dai-sensors", "dai-protocol", "dai-train", "dai-infer"],
+    &[
+        "dai-sensors",
+        "dai-protocol",
+        "dai-trust",
+        "dai-train",
+        "dai-infer",
+    ],
     &["dai-config", "dai-sync", "dai-models", "dai-cloud"],
     &["dai-edge", "dai-testkit"],
     &["dai"],

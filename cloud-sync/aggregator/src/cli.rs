@@ -8,7 +8,14 @@
 //!   binds), then the status page and [`run_monitored`] until SIGINT/SIGTERM;
 //! - `models list|promote|rollback`: the version registry of a state file
 //!   (a running aggregator on the same file publishes a new version within
-//!   a second).
+//!   a second);
+//! - `fleet init`, `devices add|list|revoke`: fleet identity
+//!   ([`dai_trust`]): the fleet CA, the aggregator's key and certificate,
+//!   device bundles, the registry (`devices.json`) and revocations
+//!   (`revocations.json`) in a fleet directory.
+//!
+//! A [`UsageError`] (a bad name, a missing `--fleet-dir`) exits 64 like a
+//! flag clap refuses; any other error exits 1.
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -16,9 +23,16 @@ use dai_cloud::monitor::Monitor;
 use dai_cloud::service::{BrokerAddr, ServiceConfig, run_monitored, start_embedded_broker};
 use dai_cloud::state::{Settings, State, Strategy};
 use dai_cloud::{Aggregation, FedAdam, Robust};
+use dai_trust::fs::FleetDir;
+use dai_trust::{DeviceBundle, DeviceName, DeviceRecord, FleetName, Validity};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+/// A command line that cannot work as given (exit 64).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
 
 #[derive(Parser, Debug)]
 #[command(name = "dai-cloud", version, about = "DAI federated aggregator")]
@@ -45,6 +59,59 @@ enum Command {
         #[command(subcommand)]
         action: Option<ModelsAction>,
     },
+    /// Fleet identity: create the fleet CA and the aggregator's identity.
+    Fleet {
+        #[command(subcommand)]
+        action: FleetAction,
+    },
+    /// Enrolled devices: add one (writes its bundle), list, revoke.
+    Devices {
+        /// The fleet directory `dai-cloud fleet init` made.
+        #[arg(long, env = "DAI_FLEET_DIR", global = true)]
+        fleet_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: DevicesAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetAction {
+    /// Create DIR: ca.pem + ca.key.pem (the fleet CA), aggregator.key +
+    /// aggregator.pub (`run --key`, the edges' aggregator key),
+    /// aggregator.pem (its certificate), devices.json, revocations.json.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The fleet name (the `{fleet}` of every topic).
+        #[arg(long)]
+        fleet: String,
+        /// Replace an existing fleet (its device certificates stop verifying).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DevicesAction {
+    /// Enrol NAME: a new key and certificate, written as a device bundle
+    /// to OUT (device.pem, device.key.pem, ca.pem, aggregator.pub,
+    /// bundle.json) and recorded in devices.json.
+    Add {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 5 * 365)]
+        days: u32,
+    },
+    /// Every enrolled device.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark NAME revoked (devices.json and revocations.json).
+    Revoke { name: String },
 }
 
 #[derive(Args, Debug)]
@@ -126,7 +193,142 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             models(&state, action.unwrap_or(ModelsAction::List { json: false }))
         }
         Command::Run(args) => run(args),
+        Command::Fleet {
+            action: FleetAction::Init { dir, fleet, force },
+        } => fleet_init(&dir, &fleet, force),
+        Command::Devices { fleet_dir, action } => {
+            let Some(dir) = fleet_dir else {
+                return Err(usage("--fleet-dir (or DAI_FLEET_DIR) is required").into());
+            };
+            devices(&FleetDir::new(dir), action)
+        }
     }
+}
+
+fn usage(msg: impl Into<String>) -> UsageError {
+    UsageError(msg.into())
+}
+
+fn fleet_init(dir: &Path, fleet: &str, force: bool) -> anyhow::Result<()> {
+    let fleet = FleetName::parse(fleet).map_err(|e| usage(format!("--fleet: {e}")))?;
+    let fd = FleetDir::new(dir);
+    let made = match fd.init(fleet, SystemTime::now(), force) {
+        Err(dai_trust::TrustError::Exists { path }) => bail!(
+            "{} already holds a fleet ({} exists); pass --force to replace it \
+             (certificates of its devices stop verifying)",
+            dir.display(),
+            path.display()
+        ),
+        r => r.with_context(|| format!("creating the fleet in {}", dir.display()))?,
+    };
+    println!(
+        "fleet {} in {}: CA ca.pem (key ca.key.pem, secret), aggregator.key (secret, \
+         `dai-cloud run --key`), aggregator.pub, aggregator.pem",
+        made.ca.fleet(),
+        dir.display()
+    );
+    println!(
+        "next: dai-cloud devices add NAME --fleet-dir {} --out DIR",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn devices(fd: &FleetDir, action: DevicesAction) -> anyhow::Result<()> {
+    if !fd.path(dai_trust::fs::FLEET_CA_CERT).is_file() {
+        bail!(
+            "{}: no fleet here (no {}; make one with `dai-cloud fleet init --dir {0}`)",
+            fd.root().display(),
+            dai_trust::fs::FLEET_CA_CERT
+        );
+    }
+    let load = |fd: &FleetDir| {
+        fd.load().with_context(|| {
+            format!(
+                "reading the fleet in {} (made by `dai-cloud fleet init`)",
+                fd.root().display()
+            )
+        })
+    };
+    match action {
+        DevicesAction::Add { name, out, days } => {
+            let name = DeviceName::parse(&name).map_err(|e| usage(e.to_string()))?;
+            if days == 0 {
+                return Err(usage("--days must be at least 1").into());
+            }
+            let _lock = fd.lock()?;
+            let mut fleet = load(fd)?;
+            fleet.registry.check_new(&name)?;
+            DeviceBundle::check_target(&out)?;
+            let now = SystemTime::now();
+            let (bundle, issued) = DeviceBundle::issue(
+                &fleet.ca,
+                fleet.aggregator.public(),
+                &name,
+                Validity::days_from(now, days),
+            )?;
+            // Recorded before the key is written: a failed write leaves a
+            // device that can be revoked, never a key the registry lacks.
+            fleet.registry.add(DeviceRecord {
+                name: name.clone(),
+                serial: issued.serial.clone(),
+                public_key: hex::encode(bundle.key.public_bytes()),
+                created_at: dai_trust::unix_secs(now),
+                not_after: issued.not_after,
+                revoked_at: None,
+            })?;
+            fd.save_registry(&fleet.registry)?;
+            bundle
+                .write_to(&out)
+                .with_context(|| format!("writing the bundle of {name}"))?;
+            println!(
+                "enrolled {name} in fleet {} (serial {}, valid until {}); bundle in {}",
+                fleet.ca.fleet(),
+                issued.serial,
+                dai_trust::utc(issued.not_after),
+                out.display()
+            );
+        }
+        DevicesAction::List { json } => {
+            let fleet = load(fd)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&fleet.registry.devices)?);
+            } else {
+                println!(
+                    "{:<24} {:<32} {:<20} {:<20}  status",
+                    "device", "serial", "created (UTC)", "expires (UTC)"
+                );
+                for d in &fleet.registry.devices {
+                    let status = d.revoked_at.map_or("active".into(), |t| {
+                        format!("revoked {}", dai_trust::utc(t))
+                    });
+                    println!(
+                        "{:<24} {:<32} {:<20} {:<20}  {status}",
+                        d.name,
+                        d.serial,
+                        dai_trust::utc(d.created_at),
+                        dai_trust::utc(d.not_after),
+                    );
+                }
+            }
+        }
+        DevicesAction::Revoke { name } => {
+            let _lock = fd.lock()?;
+            let mut fleet = load(fd)?;
+            let now = dai_trust::unix_secs(SystemTime::now());
+            if fleet.registry.revoke(&name, now)? {
+                fd.save_registry(&fleet.registry)?;
+                println!(
+                    "revoked {name}; {} lists {} certificate(s)",
+                    fd.path(dai_trust::fs::FLEET_REVOCATIONS).display(),
+                    fleet.registry.revocations().revoked.len()
+                );
+            } else {
+                println!("{name} was already revoked");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn keygen(dir: &Path) -> anyhow::Result<()> {
