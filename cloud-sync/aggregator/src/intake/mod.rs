@@ -135,6 +135,8 @@ pub struct Intake {
     /// When the first update of the open round was accepted.
     round_started: Option<Instant>,
     connected: bool,
+    /// A session existed before: the next CONNACK is a reconnect.
+    ever_connected: bool,
     batch: Vec<Incoming>,
     batch_values: usize,
     stats: ServiceStats,
@@ -157,6 +159,7 @@ impl Intake {
             published: HashMap::new(),
             round_started: None,
             connected: false,
+            ever_connected: false,
             batch: Vec::new(),
             batch_values: 0,
             stats: ServiceStats::default(),
@@ -192,6 +195,28 @@ impl Intake {
             topics::all_status(&self.cfg.fleet),
         ] {
             self.outputs.push(Output::Subscribe(filter));
+        }
+        // A broker that restarted without persistence has lost the
+        // retained globals, and edges that connect to it later would never
+        // get one: publish the current global of every model again on each
+        // reconnect (edges apply only newer versions, so a repeat costs
+        // bytes, never a second adoption). The first session's globals were
+        // queued by `new`.
+        if std::mem::replace(&mut self.ever_connected, true) {
+            self.republish_current();
+        }
+    }
+
+    /// The current signed global of every model that has one (version > 0).
+    fn republish_current(&mut self) {
+        for model in self.model_names() {
+            match self.state.current(&model) {
+                Ok((version, head)) if version > 0 => self.push_global(&model, version, &head),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(%model, error = %crate::error_chain(&e), "cannot read the current global to publish it again")
+                }
+            }
         }
     }
 

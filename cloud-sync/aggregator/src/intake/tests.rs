@@ -168,6 +168,39 @@ fn the_broker_session_subscribes_and_counts_disconnects_once() {
     assert!(!monitor.live.lock().broker_connected);
 }
 
+/// A broker restarted without persistence loses the retained global: the
+/// aggregator publishes the current one again when it reconnects.
+#[test]
+fn a_reconnect_publishes_the_current_global_again() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 2);
+    i.connected();
+    i.take_outputs();
+    i.publish(UPDATE_TOPIC, &wire("u1", 1, 1.0));
+    i.publish(UPDATE_TOPIC, &wire("u2", 3, 2.0));
+    i.flush(Instant::now()).expect("flush");
+    let made = i.take_outputs();
+    assert_eq!(
+        globals(&made).iter().map(|g| g.1).collect::<Vec<_>>(),
+        vec![1]
+    );
+    i.disconnected();
+    i.connected();
+    let again = i.take_outputs();
+    let g = globals(&again);
+    assert_eq!(g.len(), 1, "{again:?}");
+    assert_eq!((g[0].0, g[0].1), (GLOBAL_TOPIC, 1));
+    assert_eq!(g[0].2, globals(&made)[0].2, "the same weights");
+    // Before any global (version 0) a reconnect publishes nothing.
+    let dir0 = tempfile::tempdir().expect("tmp");
+    let mut fresh = intake(dir0.path(), 2);
+    fresh.connected();
+    fresh.disconnected();
+    fresh.take_outputs();
+    fresh.connected();
+    assert!(globals(&fresh.take_outputs()).is_empty());
+}
+
 #[test]
 fn valid_updates_are_acked_and_a_full_round_publishes_a_signed_global() {
     let dir = tempfile::tempdir().expect("tmp");
