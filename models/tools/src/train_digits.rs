@@ -126,23 +126,56 @@ pub(crate) fn four_decimals(v: f64) -> f64 {
     format!("{v:.4}").parse().unwrap_or(v)
 }
 
-/// The `[model]` (backbone) and `[head]` tables of the trained bundles: the
-/// head reads the backbone's `embedding` and gives softmax `probs`.
-pub(crate) fn backbone_and_head(onnx_sha256: String, head_sha256: String) -> (ModelFile, HeadRef) {
-    (
-        ModelFile {
+/// What differs between the two trained bundles' manifests.
+pub(crate) struct TrainedBundle<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) version: &'a str,
+    pub(crate) description: String,
+    pub(crate) labels: Vec<String>,
+    /// The backbone's input and its width.
+    pub(crate) input: (&'a str, usize),
+    /// Width of the backbone's `embedding`, which the head reads.
+    pub(crate) embedding: usize,
+    pub(crate) metrics: Vec<(&'a str, f64)>,
+}
+
+/// The manifest of a trained bundle: `backbone.onnx` (input -> `embedding`)
+/// then `head.safetensors` (softmax `probs`).
+pub(crate) fn trained_manifest(
+    b: TrainedBundle<'_>,
+    onnx_sha256: String,
+    head_sha256: String,
+) -> Manifest {
+    Manifest {
+        name: b.name.into(),
+        version: b.version.into(),
+        description: b.description,
+        labels: b.labels,
+        batching: true,
+        dynamic_batching: true,
+        model: ModelFile {
             file: "backbone.onnx".into(),
             sha256: onnx_sha256,
             ignore_value_info: true,
         },
-        HeadRef {
+        source: None,
+        preprocess: None,
+        head: Some(HeadRef {
             file: "head.safetensors".into(),
             sha256: head_sha256,
             input: "embedding".into(),
             output: "probs".into(),
             transform: HeadTransform::Softmax,
-        },
-    )
+        }),
+        metrics: b
+            .metrics
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        inputs: vec![row_spec(b.input.0, b.input.1)],
+        outputs: vec![row_spec("embedding", b.embedding)],
+        variants: Vec::new(),
+    }
 }
 
 /// A per-request f32 tensor of `[1, width]`.
@@ -177,31 +210,24 @@ fn digits_manifest(
     onnx_sha256: String,
     head_sha256: String,
 ) -> Manifest {
-    let (model, head) = backbone_and_head(onnx_sha256, head_sha256);
-    Manifest {
-        name: "digits".into(),
-        version: VERSION.into(),
-        description: "MLP 64-64-32-10 on UCI digits; backbone ONNX + trainable head".into(),
-        labels: (0..10).map(|d| d.to_string()).collect(),
-        batching: true,
-        dynamic_batching: true,
-        model,
-        source: None,
-        preprocess: None,
-        head: Some(head),
-        metrics: [
-            ("test_accuracy", four_decimals(m.test_accuracy)),
-            ("train_samples", m.train_samples as f64),
-            ("test_samples", m.test_samples as f64),
-            ("epochs", m.epochs as f64),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect(),
-        inputs: vec![row_spec("pixels", digits::FEATURES)],
-        outputs: vec![row_spec("embedding", embed)],
-        variants: Vec::new(),
-    }
+    trained_manifest(
+        TrainedBundle {
+            name: "digits",
+            version: VERSION,
+            description: "MLP 64-64-32-10 on UCI digits; backbone ONNX + trainable head".into(),
+            labels: (0..10).map(|d| d.to_string()).collect(),
+            input: ("pixels", digits::FEATURES),
+            embedding: embed,
+            metrics: vec![
+                ("test_accuracy", four_decimals(m.test_accuracy)),
+                ("train_samples", m.train_samples as f64),
+                ("test_samples", m.test_samples as f64),
+                ("epochs", m.epochs as f64),
+            ],
+        },
+        onnx_sha256,
+        head_sha256,
+    )
 }
 
 /// Train, export, verify, write the bundle.

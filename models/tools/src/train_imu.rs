@@ -10,8 +10,8 @@
 
 use crate::ToolError;
 use crate::train_digits::{
-    BundleProbe, argmax, backbone_and_head, four_decimals, manifest_text, row_spec, sha256,
-    sub_head, write,
+    BundleProbe, TrainedBundle, argmax, four_decimals, manifest_text, sha256, sub_head,
+    trained_manifest, write,
 };
 use dai_infer::bundle::Manifest;
 use dai_sensors::features::{PER_CHANNEL, window_features};
@@ -118,34 +118,27 @@ const EMBEDDING: usize = 32;
 /// The `imu-anomaly` bundle's manifest: backbone `features` ->
 /// `embedding`, then the head.
 fn imu_manifest(m: &ImuMetrics, onnx_sha256: String, head_sha256: String) -> Manifest {
-    let (model, head) = backbone_and_head(onnx_sha256, head_sha256);
-    Manifest {
-        name: "imu-anomaly".into(),
-        version: "1.0.0".into(),
-        description: format!(
-            "MLP {FEATURES}-{EMBEDDING}-16-3 on IMU window features: normal / imbalance / impact"
-        ),
-        labels: CLASSES.iter().map(|c| c.to_string()).collect(),
-        batching: true,
-        dynamic_batching: true,
-        model,
-        source: None,
-        preprocess: None,
-        head: Some(head),
-        metrics: [
-            ("test_accuracy", four_decimals(m.test_accuracy)),
-            ("train_windows", m.train_windows as f64),
-            ("test_windows", m.test_windows as f64),
-            ("window", WINDOW as f64),
-            ("rate_hz", RATE_HZ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect(),
-        inputs: vec![row_spec("features", FEATURES)],
-        outputs: vec![row_spec("embedding", EMBEDDING)],
-        variants: Vec::new(),
-    }
+    trained_manifest(
+        TrainedBundle {
+            name: "imu-anomaly",
+            version: "1.0.0",
+            description: format!(
+                "MLP {FEATURES}-{EMBEDDING}-16-3 on IMU window features: normal / imbalance / impact"
+            ),
+            labels: CLASSES.iter().map(|c| c.to_string()).collect(),
+            input: ("features", FEATURES),
+            embedding: EMBEDDING,
+            metrics: vec![
+                ("test_accuracy", four_decimals(m.test_accuracy)),
+                ("train_windows", m.train_windows as f64),
+                ("test_windows", m.test_windows as f64),
+                ("window", WINDOW as f64),
+                ("rate_hz", RATE_HZ),
+            ],
+        },
+        onnx_sha256,
+        head_sha256,
+    )
 }
 
 pub fn run(opts: &ImuOptions) -> Result<ImuReport, ToolError> {

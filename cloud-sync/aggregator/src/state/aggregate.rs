@@ -235,8 +235,7 @@ fn tensor_of(head: &Head, name: &str) -> Vec<f32> {
 }
 
 fn set_tensor(head: &mut Head, name: &str, values: Vec<f32>) -> Result<(), StateError> {
-    let spec = head.spec.clone();
-    dai_head::layout::set(&spec, &mut head.params, name, values)
+    dai_head::layout::set(&head.spec, &mut head.params, name, values)
         .map_err(|e| StateError::Head(e.to_string()))
 }
 
