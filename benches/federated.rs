@@ -279,7 +279,34 @@ fn aggregator_config(
         round_timeout: Duration::from_secs(600),
         signing_key: ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]),
         server_optimizer: None,
+        devices: dai_cloud::auth::DeviceAuth::Unchecked,
+        fleet_dir: None,
+        tls: None,
     }
+}
+
+/// Device `ing{k}`'s signing key in the ingest runs.
+fn device_key(k: usize) -> ed25519_dalek::SigningKey {
+    let mut seed = [7u8; 32];
+    seed[..8].copy_from_slice(&(k as u64).to_le_bytes());
+    ed25519_dalek::SigningKey::from_bytes(&seed)
+}
+
+/// The enrolled keys of devices `ing0..ing{n}` (what a fleet registry holds).
+fn device_keys(n: usize) -> dai_cloud::auth::DeviceKeys {
+    let mut r = dai_trust::Registry::new(dai_trust::FleetName::parse("bench").expect("fleet"));
+    for k in 0..n {
+        r.add(dai_trust::DeviceRecord {
+            name: dai_trust::DeviceName::parse(&format!("ing{k}")).expect("name"),
+            serial: dai_trust::Serial::from_der_bytes(&[k as u8 + 1]),
+            public_key: hex::encode(device_key(k).verifying_key().to_bytes()),
+            created_at: 0,
+            not_after: i64::MAX,
+            revoked_at: None,
+        })
+        .expect("add");
+    }
+    dai_cloud::auth::DeviceKeys::from_registry(&r).expect("keys")
 }
 
 /// A connected device client subscribed to its acks; returns once subscribed.
@@ -302,24 +329,27 @@ async fn device_client(port: u16, name: &str) -> (AsyncClient, rumqttc::EventLoo
     (client, events)
 }
 
-/// (b): updates/s from the first publish to the last ack.
+/// (b): updates/s from the first publish to the last ack. `signed`: each
+/// device signs its updates and the aggregator verifies every signature
+/// against the enrolled keys (as a secure fleet runs).
 async fn ingest(
     port: u16,
     base: &Head,
     devices: usize,
     per_device: usize,
     payload: &Update,
+    signed: bool,
 ) -> f64 {
     let dir = tempfile::tempdir().expect("tmp");
     let monitor = Arc::new(Monitor::new());
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(run_monitored(
-        aggregator_config(port, dir.path(), base, Strategy::FedBuff { k: 10 }),
-        monitor.clone(),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let mut cfg = aggregator_config(port, dir.path(), base, Strategy::FedBuff { k: 10 });
+    if signed {
+        cfg.devices = dai_cloud::auth::DeviceAuth::Signed(device_keys(devices));
+    }
+    let service = tokio::spawn(run_monitored(cfg, monitor.clone(), async move {
+        let _ = stop_rx.await;
+    }));
     let mut clients = Vec::new();
     for k in 0..devices {
         clients.push(device_client(port, &format!("ing{k}")).await);
@@ -330,16 +360,25 @@ async fn ingest(
     for (k, (client, mut events)) in clients.into_iter().enumerate() {
         let mut u = payload.clone();
         tasks.push(tokio::spawn(async move {
+            let topic = format!("dai/v1/bench/dev/ing{k}/update");
+            let key = device_key(k);
             for i in 0..per_device {
                 u.meta.update_id = format!("ing{k}-{i}");
                 u.meta.device = format!("ing{k}");
-                client
-                    .publish(
-                        format!("dai/v1/bench/dev/ing{k}/update"),
-                        QoS::AtLeastOnce,
-                        false,
-                        u.encode().expect("encode"),
+                let body = u.encode().expect("encode");
+                let wire = if signed {
+                    dai_protocol::signed::seal(
+                        dai_protocol::signed::Kind::Update,
+                        &key,
+                        "bench",
+                        &topic,
+                        &body,
                     )
+                } else {
+                    body
+                };
+                client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, wire)
                     .await
                     .expect("publish");
             }
@@ -499,7 +538,8 @@ async fn our_rounds(
             if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
                 tokio::time::timeout(Duration::from_millis(500), globals.poll()).await
             {
-                let gm = dai_protocol::global::verify(&p.payload, &key, "digits").expect("signed");
+                let gm = dai_protocol::global::verify(&p.payload, &key, "bench", "digits")
+                    .expect("signed");
                 if gm.version == version + 1 {
                     global = Head::from_bytes(&gm.head_file).expect("head").0;
                     break;
@@ -662,14 +702,16 @@ fn main() {
     start_embedded_broker(format!("127.0.0.1:{embedded_port}").parse().expect("addr"))
         .expect("broker");
     let mut emb = Vec::new();
+    let mut emb_signed = Vec::new();
     let mut mos = Vec::new();
     let mut mos_rss = f64::NAN;
     let mosq_port = free_port();
     let mut broker = mosquitto(mosq_port);
     for _ in 0..3 {
-        emb.push(rt.block_on(ingest(embedded_port, &d.base, m, per, &payload)));
+        emb.push(rt.block_on(ingest(embedded_port, &d.base, m, per, &payload, false)));
+        emb_signed.push(rt.block_on(ingest(embedded_port, &d.base, m, per, &payload, true)));
         if broker.is_some() {
-            mos.push(rt.block_on(ingest(mosq_port, &d.base, m, per, &payload)));
+            mos.push(rt.block_on(ingest(mosq_port, &d.base, m, per, &payload, false)));
         }
     }
     if let Some(b) = broker.as_mut() {
@@ -684,9 +726,12 @@ fn main() {
          from the first publish to the last ack. Every update is decoded, validated, recorded (one SQLite \
          transaction) and acked; FedBuff aggregates every 10. Median of 3 runs.\n\n\
          | broker | updates/s (median) | runs |\n|---|---:|---|\n\
-         | embedded (rumqttd, in the aggregator process) | {:.0} | {} |\n",
+         | embedded (rumqttd, in the aggregator process) | {:.0} | {} |\n\
+         | embedded, every update signed and its signature verified | {:.0} | {} |\n",
         median(emb.clone()),
-        emb.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", ")
+        emb.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
+        median(emb_signed.clone()),
+        emb_signed.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", ")
     ));
     if mos.is_empty() {
         md.push_str("| Mosquitto | not run: no mosquitto binary on this machine | |\n");
@@ -698,6 +743,11 @@ fn main() {
             median(emb.clone()) / median(mos.clone())
         ));
     }
+    md.push_str(&format!(
+        "\nSignature checks: signed / unsigned ingest {:.2} (each update's Ed25519 signature over fleet, topic \
+         and payload is verified against the enrolled key before it is decoded).\n",
+        median(emb_signed.clone()) / median(emb.clone())
+    ));
     md.push_str(&format!(
         "Bench process peak RSS after (a) and (b): {bench_rss:.1} MiB (aggregator, embedded broker and all simulated devices in one process).\n\n"
     ));

@@ -1,13 +1,20 @@
-//! The demo's cloud side, in this process: the embedded MQTT broker, the
-//! aggregator service (FedAvg over every federated device) and its status
-//! page; and the fresh bundle the fleet starts from.
+//! The demo's cloud side, in this process: a fleet CA in the working
+//! directory (`fleet/`, as `dai-cloud fleet init` makes it) with every
+//! federated device enrolled (its bundle in `{name}/bundle`), the embedded
+//! MQTT broker behind its mutual-TLS gate, the aggregator service (FedAvg
+//! over every federated device, signed updates only) and its status page;
+//! and the fresh bundle the fleet starts from.
 
 use super::{Options, any_port, free_port};
 use anyhow::{Context, bail};
+use dai_cloud::auth::DeviceAuth;
 use dai_cloud::monitor::Monitor;
-use dai_cloud::service::{BrokerAddr, ServiceConfig, run_monitored, start_embedded_broker};
+use dai_cloud::secure::SecureFleet;
+use dai_cloud::service::{ServiceConfig, run_monitored};
 use dai_cloud::state::{Settings, Strategy};
 use dai_cloud::{Aggregation, Robust};
+use dai_trust::fs::FleetDir;
+use dai_trust::{DeviceName, FleetName};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -15,9 +22,10 @@ use std::time::Duration;
 
 /// The running aggregator and what the driver reads from it.
 pub(super) struct Cloud {
+    /// The gate of the embedded broker (mutual TLS) on loopback.
     pub(super) broker_port: u16,
-    /// The aggregator's public key (hex), written into each federated edge's config.
-    pub(super) public: String,
+    /// The fleet directory (CA, aggregator identity, registry).
+    pub(super) fleet_dir: std::path::PathBuf,
     pub(super) monitor: Arc<Monitor>,
     /// Its status page URL.
     pub(super) page: String,
@@ -29,13 +37,21 @@ pub(super) struct Cloud {
 }
 
 impl Cloud {
-    pub(super) async fn start(opts: &Options, dir: &Path, base: Vec<u8>) -> anyhow::Result<Cloud> {
+    /// `devices`: the federated device names to enrol; each bundle goes to
+    /// `dir/{name}/bundle`.
+    pub(super) async fn start(
+        opts: &Options,
+        dir: &Path,
+        base: Vec<u8>,
+        devices: &[String],
+    ) -> anyhow::Result<Cloud> {
+        let fleet_dir = dir.join("fleet");
+        let secure = enrol(&fleet_dir, dir, devices)?;
         let broker_port = any_port()?;
-        start_embedded_broker(SocketAddr::from(([127, 0, 0, 1], broker_port)))?;
-        let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-        let key = ed25519_dalek::SigningKey::from_bytes(&secret);
-        let public = hex::encode(key.verifying_key().to_bytes());
+        let (upstream, _) = secure
+            .start_broker(SocketAddr::from(([127, 0, 0, 1], broker_port)))
+            .await
+            .context("starting the embedded broker")?;
         let monitor = Arc::new(Monitor::new());
         let state_path = dir.join("dai-cloud.sqlite");
         let listener = free_port(opts.http)?;
@@ -47,13 +63,11 @@ impl Cloud {
             let _ = axum::serve(listener, app).await;
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let config = ServiceConfig {
+        let mut config = ServiceConfig {
             fleet: "demo".into(),
-            broker: BrokerAddr {
-                host: "127.0.0.1".into(),
-                port: broker_port,
-            },
-            client_id: "dai-cloud".into(),
+            broker: upstream,
+            // Unique per process, as `dai-cloud run` makes it.
+            client_id: format!("dai-cloud-demo-{}", std::process::id()),
             state_path,
             models: vec![("digits".into(), base)],
             settings: Settings {
@@ -68,15 +82,20 @@ impl Cloud {
                 reject_norm: 1e4,
             },
             round_timeout: opts.round_timeout,
-            signing_key: key,
+            signing_key: secure.fleet.aggregator.signing_key().clone(),
             server_optimizer: None,
+            devices: DeviceAuth::Unchecked,
+            fleet_dir: None,
+            tls: None,
         };
+        // Signed updates from enrolled devices only; the registry is followed.
+        secure.apply(&mut config);
         let aggregator = tokio::spawn(run_monitored(config, monitor.clone(), async move {
             let _ = stop_rx.await;
         }));
         Ok(Cloud {
             broker_port,
-            public,
+            fleet_dir,
             monitor,
             page,
             http_task,
@@ -96,6 +115,29 @@ impl Cloud {
         }
         self.http_task.abort();
     }
+}
+
+/// A new fleet `demo` in `fleet_dir` (replacing an old one: a rerun in the
+/// same directory starts over), a broker certificate for loopback, and a
+/// bundle for each device in `dir/{name}/bundle`.
+fn enrol(fleet_dir: &Path, dir: &Path, devices: &[String]) -> anyhow::Result<SecureFleet> {
+    let now = std::time::SystemTime::now();
+    let fd = FleetDir::new(fleet_dir);
+    let fleet = fd
+        .init(FleetName::parse("demo")?, now, true)
+        .with_context(|| format!("creating the demo fleet in {}", fleet_dir.display()))?;
+    let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+    FleetDir::issue_broker(&fleet.ca, &hosts, now, fleet_dir)?;
+    for name in devices {
+        let out = dir.join(name).join("bundle");
+        if out.exists() {
+            std::fs::remove_dir_all(&out)
+                .with_context(|| format!("removing the old bundle {}", out.display()))?;
+        }
+        fd.enroll(&DeviceName::parse(name)?, &out, 30, now)
+            .with_context(|| format!("enrolling {name}"))?;
+    }
+    Ok(SecureFleet::open(fleet_dir)?)
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -38,8 +38,9 @@ pub(super) struct EdgeSpec<'a> {
     pub(super) name: String,
     pub(super) dir: &'a Path,
     pub(super) port: u16,
-    /// (broker port, public key hex) for a federated edge.
-    pub(super) cloud: Option<(u16, &'a str)>,
+    /// The broker port for a federated edge (its bundle, written at
+    /// enrolment, is `dir/{name}/bundle`).
+    pub(super) cloud: Option<u16>,
     pub(super) encoding: &'a str,
     pub(super) epochs: u32,
 }
@@ -48,10 +49,12 @@ fn edge_config(s: &EdgeSpec<'_>) -> String {
     let data = s.dir.join(&s.name).join("data");
     let models = s.dir.join("models");
     let cloud = match s.cloud {
-        Some((broker, public)) => format!(
+        Some(broker) => format!(
             "cloud:\n  enabled: true\n  broker: 127.0.0.1:{broker}\n  fleet: demo\n  device_id: {}\n  \
-             aggregator_public_key: {public}\n  heartbeat_sec: 2\n  update_encoding: {}\n",
-            s.name, s.encoding
+             bundle_dir: {}\n  heartbeat_sec: 2\n  update_encoding: {}\n",
+            s.name,
+            s.dir.join(&s.name).join("bundle").display(),
+            s.encoding
         ),
         None => "cloud:\n  enabled: false\n".into(),
     };

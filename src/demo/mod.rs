@@ -143,7 +143,7 @@ impl Fleet {
                     name,
                     dir,
                     port: any_port()?,
-                    cloud: federated.then_some((cloud.broker_port, cloud.public.as_str())),
+                    cloud: federated.then_some(cloud.broker_port),
                     encoding: &opts.encoding,
                     epochs: opts.epochs,
                 })
@@ -192,6 +192,13 @@ fn print_header(
     for e in &fleet.fed {
         writeln!(out, "  {} status page: {}/", e.name, e.url)?;
     }
+    writeln!(
+        out,
+        "  fleet \"demo\": CA and registry in {}; mutual TLS on 127.0.0.1:{}, every update \
+         signed by its device",
+        cloud.fleet_dir.display(),
+        cloud.broker_port
+    )?;
     writeln!(out, "  working directory: {}", dir.display())?;
     for (i, s) in data.shards.iter().enumerate() {
         let mut classes: Vec<u32> = s.iter().map(|r| r.1).collect();
@@ -221,7 +228,8 @@ pub async fn run(opts: Options, out: &mut (impl Write + Send)) -> anyhow::Result
     let (dir, _temp) = workdir(&opts)?;
     let data = Data::load(&opts)?;
     let base = fresh_bundle(&opts.bundle, &dir, opts.seed)?;
-    let cloud = Cloud::start(&opts, &dir, base).await?;
+    let federated: Vec<String> = (0..opts.devices).map(|i| format!("edge-{i}")).collect();
+    let cloud = Cloud::start(&opts, &dir, base, &federated).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;

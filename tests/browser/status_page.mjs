@@ -3,7 +3,7 @@
 //
 // usage: node tests/browser/status_page.mjs --url http://127.0.0.1:PORT/ \
 //          --expect-models a,b,c --screenshot PATH [--expect-training MODEL ...] [--timeout-ms 15000]
-//          [--chromium /usr/bin/chromium]
+//          [--chromium /usr/bin/chromium] [--token TOKEN [--login]]
 //
 // Loads the page in headless Chromium (through playwright-core, no bundled browser), waits until
 // every expected model is rendered ready with a numeric p95 and requests > 0 (and, for each
@@ -13,6 +13,12 @@
 // JSON summary on stdout. Exit status 0 only when every check passed and the page logged no console
 // error or warning and threw no page error; 1 otherwise (including bad arguments). Every wait is
 // bounded, and a watchdog ends the run if anything hangs.
+//
+// With --token (a daemon with http.auth_token_file): the page is opened as URL?token=TOKEN (the
+// handoff), and the address bar must no longer show the token once the page has loaded, the tab's
+// sessionStorage must hold it, and every poll must succeed. With --token --login: the page is
+// opened without a token, must show its #login form after a 401 (the only HTTP errors allowed,
+// before the login), takes TOKEN typed into #login-token, and must then pass the same checks.
 
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -48,6 +54,8 @@ try {
       screenshot: { type: 'string' },
       'timeout-ms': { type: 'string', default: '15000' },
       chromium: { type: 'string', default: '/usr/bin/chromium' },
+      token: { type: 'string' },
+      login: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -73,6 +81,12 @@ const expectedTraining = opts['expect-training']
 const readyTimeoutMs = Number(opts['timeout-ms']);
 if (!Number.isFinite(readyTimeoutMs) || readyTimeoutMs <= 0) usage('--timeout-ms must be a positive number');
 const screenshotPath = resolve(opts.screenshot);
+const token = opts.token ?? null;
+if (opts.login && !token) usage('--login needs --token');
+// What the browser is pointed at: the page itself, or the page with the token handoff.
+const openUrl = new URL(pageUrl.href);
+if (token && !opts.login) openUrl.searchParams.set('token', token);
+let loggedIn = !opts.login;
 
 // Second-poll wait: the page polls every second, so a few seconds is plenty.
 const LIVE_TIMEOUT_MS = 10_000;
@@ -204,6 +218,8 @@ function inspectPage({ models: expectedNames, training: expectedTrainingNames })
     }
   }
   if (banner && !banner.hidden) problems.push(`#conn-banner is shown: ${text(banner)}`);
+  const login = document.getElementById('login');
+  if (login && !login.hidden) problems.push(`#login is shown: ${text(login)}`);
   const alerts = document.getElementById('alerts');
   return {
     lastUpdate: text(lu),
@@ -260,11 +276,22 @@ async function main() {
 
   const page = context.pages()[0] ?? (await context.newPage());
   page.setDefaultTimeout(STEP_TIMEOUT_MS);
+  let refusedBeforeLogin = 0;
+  // With --login, Chromium reports each refused poll as a console error; those (no more than the
+  // polls refused before the login, checked at the end) are the expected ones.
+  let refusedLogged = 0;
+  const isRefusedPoll = (text, url) =>
+    opts.login && /status of 401\b/.test(text) && !!url && new URL(url).pathname === '/v1/status';
   page.on('console', (msg) => {
     const type = msg.type();
     if (type === 'error' || type === 'warning') {
       const loc = msg.location();
-      consoleProblems.push({ type, text: msg.text(), url: loc && loc.url ? loc.url : undefined });
+      const url = loc && loc.url ? loc.url : undefined;
+      if (isRefusedPoll(msg.text(), url)) {
+        refusedLogged += 1;
+        return;
+      }
+      consoleProblems.push({ type, text: msg.text(), url });
     }
   });
   page.on('pageerror', (err) => pageErrors.push(String(err && err.stack ? err.stack : err)));
@@ -281,15 +308,42 @@ async function main() {
   });
   page.on('requestfailed', (req) => badRequests.push({ url: req.url(), why: req.failure()?.errorText ?? 'failed' }));
   page.on('response', (res) => {
-    if (res.status() >= 400) badRequests.push({ url: res.url(), why: `HTTP ${res.status()}` });
+    if (res.status() === 401 && !loggedIn) refusedBeforeLogin += 1;
+    else if (res.status() >= 400) badRequests.push({ url: res.url(), why: `HTTP ${res.status()}` });
   });
 
   let resp;
   try {
-    resp = await page.goto(pageUrl.href, { waitUntil: 'load', timeout: STEP_TIMEOUT_MS });
+    resp = await page.goto(openUrl.href, { waitUntil: 'load', timeout: STEP_TIMEOUT_MS });
   } catch (e) {
     failures.push(`cannot load ${pageUrl.href}: ${e.message.split('\n')[0]}`);
     return 1;
+  }
+  if (token && !opts.login) {
+    // The handoff: the token must be gone from the address bar and kept for this tab.
+    const shown = page.url();
+    const stored = await page.evaluate(() => sessionStorage.getItem('dai-edge-token'));
+    summary.checks.address_bar = shown.replace(token, '<TOKEN>');
+    summary.checks.token_in_session_storage = stored === token;
+    if (shown.includes(token) || new URL(shown).searchParams.has('token')) {
+      failures.push(`the address bar still shows the token: ${summary.checks.address_bar}`);
+    }
+    if (stored !== token) failures.push('sessionStorage does not hold the token after the handoff');
+  }
+  if (opts.login) {
+    // No token yet: the first poll is refused and the page asks for one.
+    try {
+      await page.locator('#login').waitFor({ state: 'visible', timeout: readyTimeoutMs });
+      summary.checks.login_shown = true;
+      await page.fill('#login-token', token);
+      loggedIn = true;
+      await page.press('#login-token', 'Enter');
+    } catch (e) {
+      failures.push(`#login was not shown after a refused poll: ${e.message.split('\n')[0]}`);
+      loggedIn = true;
+    }
+    summary.checks.refused_before_login = refusedBeforeLogin;
+    if (refusedBeforeLogin === 0) failures.push('no poll was refused (401) before the login');
   }
   if (!resp) {
     failures.push(`no response for ${pageUrl.href}`);
@@ -354,6 +408,9 @@ async function main() {
 
   // Let late console messages arrive before judging them.
   await sleep(200);
+  if (refusedLogged > refusedBeforeLogin) {
+    failures.push(`${refusedLogged} console errors for refused polls, but only ${refusedBeforeLogin} polls were refused`);
+  }
   const late = [
     ...consoleProblems.map((c) => `console ${c.type}: ${c.text}${c.url ? ` (${c.url})` : ''}`),
     ...pageErrors.map((e) => `page error: ${e.split('\n')[0]}`),

@@ -54,3 +54,48 @@ async fn status_page_renders_live_figures_in_chromium() {
     );
     d.stop().await;
 }
+
+/// With `http.auth_token_file`, the page works in a browser: opened once as
+/// `/?token=TOKEN` (the address bar then no longer shows it), or after a
+/// refused poll through its login field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_works_with_a_token_in_chromium() {
+    use crate::http_auth::{TOKEN, with_token};
+    let d = TestDaemon::start(with_token).await;
+    let r = d
+        .client
+        .post(d.url("/v1/models/digits/infer"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"inputs": {"pixels": {"shape": [1, 64], "data": vec![0.5f32; 64]}}}))
+        .send()
+        .await
+        .expect("infer");
+    assert_eq!(r.status(), 200);
+    let base = vec![
+        "--url".to_string(),
+        d.url("/"),
+        "--expect-models".into(),
+        "digits".into(),
+        "--token".into(),
+        TOKEN.into(),
+    ];
+    if browser_check(
+        "status_page_works_with_a_token_in_chromium",
+        "status_page.mjs",
+        base.clone(),
+        "status-page-token.png",
+    )
+    .await
+    {
+        let mut login = base;
+        login.push("--login".into());
+        browser_check(
+            "status_page_works_with_a_token_in_chromium (login field)",
+            "status_page.mjs",
+            login,
+            "status-page-login.png",
+        )
+        .await;
+    }
+    d.stop().await;
+}

@@ -200,8 +200,8 @@ async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncodi
     let mut intruder = MqttProbe::connect(port, "intruder", &[]).await;
     let topic = format!("dai/v1/{fleet}/model/digits/global");
     for wire in [
-        dai_protocol::global::sign(&stamped(3), &forger),
-        dai_protocol::global::sign(&stamped(1), &older_signer),
+        dai_protocol::global::sign(&stamped(3), &forger, fleet, 1).expect("sign"),
+        dai_protocol::global::sign(&stamped(1), &older_signer, fleet, 1).expect("sign"),
     ] {
         intruder.publish(&topic, wire).await;
     }

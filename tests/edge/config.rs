@@ -39,6 +39,9 @@ cloud:
   heartbeat_sec: 12
   update_encoding: f16
   max_outbox_rows: 5
+  bundle_dir: /etc/dai/identity
+  tls:
+    enabled: false
 daemon:
   listen_addr: 0.0.0.0:9000
   data_dir: /var/lib/dai
@@ -53,6 +56,8 @@ daemon:
   resource_interval_sec: 11
   snapshot_interval_sec: 13
   shutdown_grace_sec: 17
+http:
+  allow_unauthenticated: true
 sensors:
   - name: imu0
     part: mpu6050
@@ -130,6 +135,8 @@ fn every_key_is_parsed() {
     assert_eq!(k.fleet, "lab-2");
     assert_eq!(k.device_id, "cam.7");
     assert!(k.aggregator_public_key.starts_with("0011"));
+    assert_eq!(k.bundle_dir, "/etc/dai/identity");
+    assert!(!k.tls.enabled);
     assert_eq!(k.heartbeat_sec, 12);
     assert_eq!(k.update_encoding, dai_config::UpdateEncoding::F16);
     assert_eq!(k.max_outbox_rows, 5);
@@ -147,6 +154,8 @@ fn every_key_is_parsed() {
     assert_eq!(d.resource_interval_sec, 11);
     assert_eq!(d.snapshot_interval_sec, 13);
     assert_eq!(d.shutdown_grace_sec, 17);
+    // 0.0.0.0 without a token: only because the file says so.
+    assert!(c.http.allow_unauthenticated);
     // cpu_limit 1.5 bounds the 3 agents to one worker thread.
     assert_eq!(c.worker_threads(), 1);
 }

@@ -19,12 +19,16 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use dai_cloud::auth::DeviceAuth;
 use dai_cloud::monitor::Monitor;
-use dai_cloud::service::{BrokerAddr, ServiceConfig, run_monitored, start_embedded_broker};
+use dai_cloud::secure::SecureFleet;
+use dai_cloud::service::{
+    BrokerAddr, ServiceConfig, run_monitored, start_embedded_broker, start_secure_broker,
+};
 use dai_cloud::state::{Settings, State, Strategy};
 use dai_cloud::{Aggregation, FedAdam, Robust};
 use dai_trust::fs::FleetDir;
-use dai_trust::{DeviceBundle, DeviceName, DeviceRecord, FleetName, Validity};
+use dai_trust::{DeviceName, FleetName};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -88,6 +92,21 @@ enum FleetAction {
         /// Replace an existing fleet (its device certificates stop verifying).
         #[arg(long)]
         force: bool,
+        /// Names the embedded broker's TLS certificate (broker.pem) is
+        /// valid for: the host names or IP addresses devices dial.
+        #[arg(long = "broker-host", default_values_t = [String::from("localhost"), String::from("127.0.0.1")])]
+        broker_hosts: Vec<String>,
+    },
+    /// Issue a broker TLS certificate (broker.pem, broker.key.pem) into
+    /// OUT, for a broker we do not run (Mosquitto) or a new host name.
+    BrokerCert {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A host name or IP address clients dial (repeat for several).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -126,9 +145,25 @@ struct RunArgs {
     broker: Option<String>,
     #[arg(long, default_value = "dai-cloud.sqlite")]
     state: PathBuf,
-    /// Secret key file written by `dai-cloud keygen`.
+    /// The fleet directory (`dai-cloud fleet init`): the CA devices must
+    /// chain to, the aggregator's key and certificate, the embedded
+    /// broker's certificate, and the registry of enrolled devices (re-read
+    /// every second: enrolments and revocations apply at once).
+    #[arg(long, env = "DAI_FLEET_DIR")]
+    fleet_dir: Option<PathBuf>,
+    /// Plain TCP MQTT and updates taken unsigned, as their topic names
+    /// them: anyone who reaches the broker can join. Only for tests and
+    /// closed networks; logs a warning.
     #[arg(long)]
-    key: PathBuf,
+    insecure_plaintext: bool,
+    /// Secret key file (`dai-cloud keygen`, or the fleet directory's
+    /// aggregator.key, the default with --fleet-dir).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// The MQTT client id; default `dai-cloud-` and a random suffix, unique
+    /// per process.
+    #[arg(long)]
+    client_id: Option<String>,
     /// Models to aggregate: NAME=PATH/head.safetensors (the base, version 0).
     #[arg(long = "model", required = true)]
     models: Vec<String>,
@@ -163,6 +198,13 @@ struct RunArgs {
     /// Serve the status page, /api/status and /metrics here.
     #[arg(long, default_value = "127.0.0.1:8090")]
     http: String,
+    /// Require `Authorization: Bearer TOKEN` on /api/* with the token in
+    /// this file (16+ characters); needed for a non-loopback --http.
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+    /// Serve /api/* on a non-loopback --http without a token (warned).
+    #[arg(long)]
+    allow_unauthenticated_http: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,8 +236,17 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => run(args),
         Command::Fleet {
-            action: FleetAction::Init { dir, fleet, force },
-        } => fleet_init(&dir, &fleet, force),
+            action:
+                FleetAction::Init {
+                    dir,
+                    fleet,
+                    force,
+                    broker_hosts,
+                },
+        } => fleet_init(&dir, &fleet, force, &broker_hosts),
+        Command::Fleet {
+            action: FleetAction::BrokerCert { dir, hosts, out },
+        } => broker_cert(&FleetDir::new(dir), &hosts, &out),
         Command::Devices { fleet_dir, action } => {
             let Some(dir) = fleet_dir else {
                 return Err(usage("--fleet-dir (or DAI_FLEET_DIR) is required").into());
@@ -209,8 +260,9 @@ fn usage(msg: impl Into<String>) -> UsageError {
     UsageError(msg.into())
 }
 
-fn fleet_init(dir: &Path, fleet: &str, force: bool) -> anyhow::Result<()> {
+fn fleet_init(dir: &Path, fleet: &str, force: bool, hosts: &[String]) -> anyhow::Result<()> {
     let fleet = FleetName::parse(fleet).map_err(|e| usage(format!("--fleet: {e}")))?;
+    check_hosts(hosts)?;
     let fd = FleetDir::new(dir);
     let made = match fd.init(fleet, SystemTime::now(), force) {
         Err(dai_trust::TrustError::Exists { path }) => bail!(
@@ -221,15 +273,57 @@ fn fleet_init(dir: &Path, fleet: &str, force: bool) -> anyhow::Result<()> {
         ),
         r => r.with_context(|| format!("creating the fleet in {}", dir.display()))?,
     };
+    FleetDir::issue_broker(&made.ca, hosts, SystemTime::now(), dir)
+        .context("issuing the embedded broker's certificate")?;
     println!(
         "fleet {} in {}: CA ca.pem (key ca.key.pem, secret), aggregator.key (secret, \
-         `dai-cloud run --key`), aggregator.pub, aggregator.pem",
+         `dai-cloud run --key`), aggregator.pub, aggregator.pem, broker.pem (for {}; \
+         key broker.key.pem, secret)",
         made.ca.fleet(),
-        dir.display()
+        dir.display(),
+        hosts.join(", ")
     );
     println!(
         "next: dai-cloud devices add NAME --fleet-dir {} --out DIR",
         dir.display()
+    );
+    Ok(())
+}
+
+/// Every broker host must be a DNS name or an IP address (exit 64).
+fn check_hosts(hosts: &[String]) -> Result<(), UsageError> {
+    for h in hosts {
+        let dns = !h.is_empty()
+            && h.len() <= 253
+            && h.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if !dns && h.parse::<std::net::IpAddr>().is_err() {
+            return Err(usage(format!(
+                "broker host {h:?}: expected a DNS name or an IP address"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn broker_cert(fd: &FleetDir, hosts: &[String], out: &Path) -> anyhow::Result<()> {
+    check_hosts(hosts)?;
+    let fleet = fd
+        .load()
+        .with_context(|| format!("reading the fleet in {}", fd.root().display()))?;
+    let issued = FleetDir::issue_broker(&fleet.ca, hosts, SystemTime::now(), out)?;
+    println!(
+        "broker certificate for {} (fleet {}, serial {}, valid until {}): {}/broker.pem, \
+         key broker.key.pem",
+        hosts.join(", "),
+        fleet.ca.fleet(),
+        issued.serial,
+        dai_trust::utc(issued.not_after),
+        out.display()
     );
     Ok(())
 }
@@ -256,31 +350,10 @@ fn devices(fd: &FleetDir, action: DevicesAction) -> anyhow::Result<()> {
             if days == 0 {
                 return Err(usage("--days must be at least 1").into());
             }
-            let _lock = fd.lock()?;
-            let mut fleet = load(fd)?;
-            fleet.registry.check_new(&name)?;
-            DeviceBundle::check_target(&out)?;
-            let now = SystemTime::now();
-            let (bundle, issued) = DeviceBundle::issue(
-                &fleet.ca,
-                fleet.aggregator.public(),
-                &name,
-                Validity::days_from(now, days),
-            )?;
-            // Recorded before the key is written: a failed write leaves a
-            // device that can be revoked, never a key the registry lacks.
-            fleet.registry.add(DeviceRecord {
-                name: name.clone(),
-                serial: issued.serial.clone(),
-                public_key: hex::encode(bundle.key.public_bytes()),
-                created_at: dai_trust::unix_secs(now),
-                not_after: issued.not_after,
-                revoked_at: None,
-            })?;
-            fd.save_registry(&fleet.registry)?;
-            bundle
-                .write_to(&out)
-                .with_context(|| format!("writing the bundle of {name}"))?;
+            let issued = fd
+                .enroll(&name, &out, days, SystemTime::now())
+                .with_context(|| format!("enrolling {name}"))?;
+            let fleet = load(fd)?;
             println!(
                 "enrolled {name} in fleet {} (serial {}, valid until {}); bundle in {}",
                 fleet.ca.fleet(),
@@ -419,7 +492,17 @@ fn print_versions(s: &State) -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (cfg, http) = service_config(args)?;
+    let listen: SocketAddr = args
+        .http
+        .parse()
+        .map_err(|_| usage(format!("--http {:?}: expected ip:port", args.http)))?;
+    let access = dai_cloud::http::Access::for_listener(
+        listen,
+        args.auth_token_file.as_deref(),
+        args.allow_unauthenticated_http,
+    )
+    .map_err(|e| usage(e.to_string()))?;
+    let (mut cfg, http, embedded) = service_config(args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -433,8 +516,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             "status page on http://{}",
             listener.local_addr().unwrap_or(http)
         );
-        let app =
-            dai_cloud::http::router(monitor.clone(), cfg.state_path.clone(), cfg.fleet.clone());
+        start_broker(embedded, &mut cfg).await?;
+        let app = dai_cloud::http::router_with(
+            monitor.clone(),
+            cfg.state_path.clone(),
+            cfg.fleet.clone(),
+            access,
+        );
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "HTTP server stopped");
@@ -446,14 +534,118 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every `run` flag checked and turned into the service's configuration
-/// and the status page address. Starts the embedded broker (unless
-/// `--broker`) once everything else parsed.
-fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr)> {
-    let secret =
-        std::fs::read_to_string(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
-    let signing_key =
-        dai_protocol::global::signing_key_from_hex(&secret).context("the key file")?;
+/// The embedded broker to start (inside the runtime: its gate is a task).
+enum Embedded {
+    /// `--broker`: an external one.
+    No,
+    /// `--insecure-plaintext`: rumqttd alone on `--listen`.
+    Plain(SocketAddr),
+    /// rumqttd on loopback behind the mutual-TLS gate on `--listen`.
+    Secure {
+        listen: SocketAddr,
+        ca_pem: String,
+        tls: std::sync::Arc<dai_trust::tls::ServerConfig>,
+    },
+}
+
+/// Start what `embedded` says; a secure broker's aggregator connection goes
+/// to rumqttd's loopback side directly (same process).
+async fn start_broker(embedded: Embedded, cfg: &mut ServiceConfig) -> anyhow::Result<()> {
+    match embedded {
+        Embedded::No => {}
+        Embedded::Plain(addr) => {
+            start_embedded_broker(addr)?;
+            tracing::warn!(%addr, "embedded MQTT broker on plain TCP (--insecure-plaintext): anyone who reaches it can join");
+        }
+        Embedded::Secure {
+            listen,
+            ca_pem,
+            tls,
+        } => {
+            let revocations = match &cfg.fleet_dir {
+                Some(w) => w.revocations.clone(),
+                None => bail!("a secure broker needs the fleet directory"),
+            };
+            let (upstream, _) =
+                start_secure_broker(listen, &cfg.fleet, ca_pem, tls, revocations).await?;
+            tracing::info!(%listen, "embedded MQTT broker started (mutual TLS, fleet CA, topic ACL)");
+            cfg.broker = BrokerAddr {
+                host: upstream.ip().to_string(),
+                port: upstream.port(),
+            };
+            cfg.tls = None;
+        }
+    }
+    Ok(())
+}
+
+fn open_fleet(dir: &Path, fleet_flag: &str) -> anyhow::Result<SecureFleet> {
+    let secure = SecureFleet::open(dir).with_context(|| {
+        format!(
+            "--fleet-dir {}: reading the fleet (made by `dai-cloud fleet init`)",
+            dir.display()
+        )
+    })?;
+    if secure.fleet_name() != fleet_flag {
+        return Err(usage(format!(
+            "--fleet {fleet_flag:?} differs from the fleet directory's fleet {:?}",
+            secure.fleet_name()
+        ))
+        .into());
+    }
+    Ok(secure)
+}
+
+/// A client id unique to this process.
+fn unique_client_id() -> anyhow::Result<String> {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(format!(
+        "{}-{}",
+        dai_trust::ca::AGGREGATOR_NAME,
+        hex::encode(b)
+    ))
+}
+
+/// Every `run` flag checked and turned into the service's configuration,
+/// the status page address and the broker to start.
+fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embedded)> {
+    let secure = match (&a.fleet_dir, a.insecure_plaintext) {
+        (Some(_), true) => {
+            return Err(usage("--fleet-dir and --insecure-plaintext exclude each other").into());
+        }
+        (None, false) => {
+            return Err(usage(
+                "--fleet-dir (or DAI_FLEET_DIR) is required: `dai-cloud fleet init` makes one; \
+                 --insecure-plaintext runs without identities",
+            )
+            .into());
+        }
+        (Some(dir), false) => Some(open_fleet(dir, &a.fleet)?),
+        (None, true) => None,
+    };
+    let signing_key = match (&a.key, &secure) {
+        (Some(path), _) => {
+            let secret = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            dai_protocol::global::signing_key_from_hex(&secret).context("the key file")?
+        }
+        (None, Some(s)) => s.fleet.aggregator.signing_key().clone(),
+        (None, None) => return Err(usage("--key is required with --insecure-plaintext").into()),
+    };
+    if let Some(s) = &secure
+        && signing_key.verifying_key() != s.fleet.aggregator.public()
+    {
+        return Err(usage(
+            "--key is not the fleet's aggregator key: edges verify globals and acks with \
+             aggregator.pub",
+        )
+        .into());
+    }
+    let client_id = match a.client_id.clone() {
+        Some(id) => id,
+        None => unique_client_id()?,
+    };
     let heads = read_models(&a.models)?;
     let strategy = match a.strategy.as_str() {
         "fedavg" => Strategy::FedAvg {
@@ -465,22 +657,49 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr)> {
     let robust = parse_robust(&a.robust)?;
     let server_optimizer = parse_server_opt(&a.server_opt, a.server_lr, a.server_tau)?;
     let http: SocketAddr = a.http.parse().context("--http: expected ip:port")?;
-    let (host, port) = match &a.broker {
+    let (host, port, embedded) = match &a.broker {
         Some(b) => {
             let (h, p) = b.rsplit_once(':').context("--broker: expected host:port")?;
-            (h.to_string(), p.parse::<u16>().context("--broker port")?)
+            (
+                h.to_string(),
+                p.parse::<u16>().context("--broker port")?,
+                Embedded::No,
+            )
         }
         None => {
             let addr: SocketAddr = a.listen.parse().context("--listen: expected ip:port")?;
-            start_embedded_broker(addr)?;
-            tracing::info!(%addr, "embedded MQTT broker started");
-            (addr.ip().to_string(), addr.port())
+            let embedded = match &secure {
+                None => Embedded::Plain(addr),
+                Some(s) => Embedded::Secure {
+                    listen: addr,
+                    ca_pem: s.fleet.ca.cert_pem().to_string(),
+                    tls: std::sync::Arc::new(s.broker_tls().with_context(|| {
+                        format!(
+                            "the embedded broker's certificate in {} (`dai-cloud fleet \
+                             broker-cert` makes a new one)",
+                            s.watch.dir.root().display()
+                        )
+                    })?),
+                },
+            };
+            (addr.ip().to_string(), addr.port(), embedded)
         }
     };
-    let cfg = ServiceConfig {
+    if a.insecure_plaintext {
+        tracing::warn!(
+            "--insecure-plaintext: plain TCP MQTT, unsigned updates accepted; anyone who reaches the broker can join the fleet"
+        );
+    }
+    let tls = match &secure {
+        Some(s) => Some(std::sync::Arc::new(
+            s.client_tls().context("the aggregator's TLS identity")?,
+        )),
+        None => None,
+    };
+    let mut cfg = ServiceConfig {
         fleet: a.fleet,
         broker: BrokerAddr { host, port },
-        client_id: "dai-cloud".into(),
+        client_id,
         state_path: a.state,
         models: heads,
         settings: Settings {
@@ -493,10 +712,18 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr)> {
             reject_norm: a.reject_norm,
         },
         round_timeout: Duration::from_secs(a.round_timeout_sec),
-        signing_key,
+        signing_key: signing_key.clone(),
         server_optimizer,
+        devices: DeviceAuth::Unchecked,
+        fleet_dir: None,
+        tls,
     };
-    Ok((cfg, http))
+    if let Some(s) = secure {
+        s.apply(&mut cfg);
+        // --key, when given, was checked to be the fleet's.
+        cfg.signing_key = signing_key;
+    }
+    Ok((cfg, http, embedded))
 }
 
 /// `--model NAME=PATH` entries: each file read and checked to be a head.

@@ -1,22 +1,187 @@
 //! The aggregator's HTTP side: the status page (`/`), its data
 //! (`/api/status`), the version registry (`/api/models`), OpenMetrics
-//! (`/metrics`) and a liveness probe (`/healthz`).
+//! (`/metrics`), a liveness probe (`/healthz`) and a readiness probe
+//! (`/readyz`: the state file can be read).
 //!
 //! Read-only: the registry comes from the SQLite state file through a
 //! connection of its own (WAL lets it read while the service writes).
+//!
+//! Authentication ([`Access`], `dai-cloud run --auth-token-file`): with a
+//! token, `/api/*` needs `Authorization: Bearer TOKEN` (compared in
+//! constant time), else 401 with `WWW-Authenticate: Bearer`; the page,
+//! `/healthz`, `/readyz` and `/metrics` stay open (the page is static; its
+//! script asks for the token or takes it once from `/?token=`). A
+//! non-loopback address without a token is refused unless
+//! `--allow-unauthenticated-http`. Nothing here logs a token or a query.
 
 use crate::monitor::Monitor;
 use crate::state::State;
 use axum::Router;
-use axum::extract::State as Extract;
-use axum::http::{StatusCode, header};
+use axum::extract::{Request, State as Extract};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
 
 const PAGE: &str = include_str!("../assets/status.html");
+
+/// Shortest token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+/// Largest token file read.
+pub const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+
+/// Who may read `/api/*`.
+#[derive(Debug, Clone, Default)]
+pub enum Access {
+    /// Anyone (loopback, or `--allow-unauthenticated-http`).
+    #[default]
+    Open,
+    /// Requests with `Authorization: Bearer` and this token.
+    Token(Arc<Token>),
+}
+
+/// A bearer token: trimmed, 16 to 4096 visible ASCII characters. `Debug`
+/// does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token(<{} characters, redacted>)", self.0.len())
+    }
+}
+
+/// Why the HTTP side will not start as asked (a usage error).
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error(
+        "--http {addr} is not a loopback address: pass --auth-token-file FILE (or \
+         --allow-unauthenticated-http to serve /api to anyone who reaches it)"
+    )]
+    Unauthenticated { addr: SocketAddr },
+    #[error("--auth-token-file and --allow-unauthenticated-http contradict each other")]
+    Contradiction,
+    #[error(
+        "--auth-token-file {path}: the file {why}: expected a file of at most \
+         {MAX_TOKEN_FILE_BYTES} bytes holding one token of at least {MIN_TOKEN_LEN} visible \
+         ASCII characters"
+    )]
+    TokenFile { path: PathBuf, why: String },
+}
+
+impl Access {
+    /// The access for a listener on `addr`: the token of `token_file`, or
+    /// open where that is allowed (loopback, or `allow_unauthenticated`,
+    /// which logs a warning beyond loopback). A token file that others, or
+    /// a group this process is not in, may read is logged as a warning.
+    pub fn for_listener(
+        addr: SocketAddr,
+        token_file: Option<&Path>,
+        allow_unauthenticated: bool,
+    ) -> Result<Access, AccessError> {
+        let loopback = addr.ip().to_canonical().is_loopback();
+        match token_file {
+            Some(_) if allow_unauthenticated => Err(AccessError::Contradiction),
+            Some(path) => {
+                let (token, mode) = read_token(path).map_err(|why| AccessError::TokenFile {
+                    path: path.to_path_buf(),
+                    why,
+                })?;
+                if let Some(mode) = mode {
+                    tracing::warn!(
+                        "--auth-token-file {} is readable by others or by a group \
+                         this process is not in (mode {mode:03o}); chmod 600 it",
+                        path.display()
+                    );
+                }
+                tracing::info!("/api/* requires a bearer token (--auth-token-file)");
+                Ok(Access::Token(Arc::new(token)))
+            }
+            None if loopback => Ok(Access::Open),
+            None if allow_unauthenticated => {
+                tracing::warn!(
+                    "HTTP API on {addr} WITHOUT authentication (--allow-unauthenticated-http): \
+                     anyone who reaches it can read the fleet's status"
+                );
+                Ok(Access::Open)
+            }
+            None => Err(AccessError::Unauthenticated { addr }),
+        }
+    }
+}
+
+/// Read a token file (capped, trimmed); the permission bits when others,
+/// or a group this process is not in, may read it. The error says what is
+/// wrong with the file.
+fn read_token(path: &Path) -> Result<(Token, Option<u32>), String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot be opened ({e})"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot be read ({e})"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_TOKEN_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot be read ({e})"))?;
+    if bytes.len() as u64 > MAX_TOKEN_FILE_BYTES {
+        return Err(format!("is larger than {MAX_TOKEN_FILE_BYTES} bytes"));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| "is not UTF-8 text".to_string())?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("is empty".into());
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "holds a space, a control or a non-ASCII character, which an \
+                    `Authorization` header cannot carry"
+                .into(),
+        );
+    }
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "holds {} characters, fewer than {MIN_TOKEN_LEN}",
+            token.len()
+        ));
+    }
+    #[cfg(unix)]
+    let mode = {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let mode = meta.permissions().mode() & 0o777;
+        // Group-readable is how a secret reaches a service (root:dai 0640,
+        // a Kubernetes Secret with fsGroup): only a foreign group is loose.
+        let foreign_group =
+            mode & 0o040 != 0 && !own_groups().is_some_and(|g| g.contains(&meta.gid()));
+        (mode & 0o004 != 0 || foreign_group).then_some(mode)
+    };
+    #[cfg(not(unix))]
+    let mode = None;
+    Ok((Token(token.to_string()), mode))
+}
+
+/// The group ids of this process (Linux, `/proc/self/status`); `None`
+/// where that is not known.
+#[cfg(unix)]
+fn own_groups() -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let ids = status
+        .lines()
+        .filter_map(|l| l.strip_prefix("Gid:").or_else(|| l.strip_prefix("Groups:")))
+        .flat_map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|n| n.parse::<u32>().ok())
+        })
+        .collect();
+    Some(ids)
+}
 
 #[derive(Debug, Clone)]
 struct Shared {
@@ -25,19 +190,89 @@ struct Shared {
     fleet: String,
 }
 
-/// The router; serve it with `axum::serve`.
+/// The router, open to anyone; serve it with `axum::serve`.
 pub fn router(monitor: Arc<Monitor>, state_path: PathBuf, fleet: String) -> Router {
-    Router::new()
-        .route("/", get(|| async { Html(PAGE) }))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
+    router_with(monitor, state_path, fleet, Access::Open)
+}
+
+/// The router with `/api/*` behind `access`.
+pub fn router_with(
+    monitor: Arc<Monitor>,
+    state_path: PathBuf,
+    fleet: String,
+    access: Access,
+) -> Router {
+    let api = Router::new()
         .route("/api/status", get(status))
-        .route("/api/models", get(models))
+        .route("/api/models", get(models));
+    let api = match access {
+        Access::Open => api,
+        Access::Token(token) => api.route_layer(from_fn_with_state(token, require_token)),
+    };
+    Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api)
         .with_state(Shared {
             monitor,
             state_path,
             fleet,
         })
+}
+
+async fn page() -> Response {
+    (
+        [
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            // The page may be opened as /?token=...: never pass that URL on.
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(PAGE),
+    )
+        .into_response()
+}
+
+/// Middleware: pass requests with `Authorization: Bearer <token>` on,
+/// answer 401 to the rest (logged with the path only).
+async fn require_token(Extract(token): Extract<Arc<Token>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .and_then(|v| v.split_at_checked(7))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer "))
+        .map(|(_, t)| t.trim_ascii());
+    let why = match presented {
+        Some(t) if bool::from(token.0.as_bytes().ct_eq(t)) => return next.run(req).await,
+        Some(_) => "the bearer token is not valid",
+        None => "this endpoint needs `Authorization: Bearer TOKEN` (--auth-token-file)",
+    };
+    tracing::debug!(path = %req.uri().path(), why, "request refused");
+    let mut resp = (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(json!({"error": format!("unauthorized: {why}")})),
+    )
+        .into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"dai-cloud\""),
+    );
+    resp
+}
+
+/// 200 once the state file can be read (the version registry), else 503.
+async fn readyz(Extract(s): Extract<Shared>) -> Response {
+    match read_state(s.state_path, |st| st.versions()).await {
+        Ok(v) => (StatusCode::OK, format!("ready: {} version(s)\n", v.len())).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("state file unreadable: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(Extract(s): Extract<Shared>) -> Response {

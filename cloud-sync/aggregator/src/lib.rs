@@ -15,10 +15,16 @@
 //! - [`state`]: durable SQLite state — seen ids, the pending buffer and the
 //!   registry of global versions; ingest and aggregation are transactions,
 //!   so duplicates count once and a restart continues where it stopped;
+//! - [`auth`]: the enrolled devices' keys and the end-to-end check of an
+//!   update (signed by the device its topic names, for this fleet);
 //! - [`intake`]: the service's sans-IO core — MQTT publishes and timer
 //!   ticks in; acks, signed globals and monitor events out;
 //! - [`service`]: the I/O loop around the intake — an embedded rumqttd
 //!   broker or an external one, one task owning the rumqttc event loop;
+//! - [`gate`]: the embedded broker's mutual-TLS front and topic ACL
+//!   ([`gate::acl`], pure);
+//! - [`secure`]: a secure service from a fleet directory (identities,
+//!   the gated broker);
 //! - [`monitor`] and [`http`]: metrics, the status page, `/api/status`
 //!   and `/api/models`.
 //!
@@ -27,9 +33,12 @@
 
 use dai_protocol::update::Update;
 
+pub mod auth;
+pub mod gate;
 pub mod http;
 pub mod intake;
 pub mod monitor;
+pub mod secure;
 pub mod service;
 pub mod state;
 

@@ -64,6 +64,9 @@ pub enum Outcome {
     Rejected,
     /// The payload was not an update at all.
     Undecodable,
+    /// Not authenticated (signature, unknown or revoked device, fleet):
+    /// dropped without an ack.
+    Refused,
 }
 
 impl Outcome {
@@ -73,6 +76,7 @@ impl Outcome {
             Outcome::Duplicate => "duplicate",
             Outcome::Rejected => "rejected",
             Outcome::Undecodable => "undecodable",
+            Outcome::Refused => "refused",
         }
     }
 }
@@ -124,6 +128,9 @@ pub enum MonitorEvent {
 pub struct LiveView {
     pub broker: String,
     pub broker_connected: bool,
+    /// Subscriptions acknowledged on the current broker session (updates
+    /// published before this are not delivered to the aggregator).
+    pub subscriptions: u64,
     pub strategy: String,
     pub devices: BTreeMap<String, DeviceView>,
     pub recent: VecDeque<RecentUpdate>,
@@ -274,7 +281,9 @@ impl Monitor {
                     self.broker_disconnects.inc();
                 }
                 self.broker_connected.set(0);
-                self.live.lock().broker_connected = false;
+                let mut live = self.live.lock();
+                live.broker_connected = false;
+                live.subscriptions = 0;
             }
             MonitorEvent::UpdateBytes(n) => {
                 self.update_bytes.inc_by(n);

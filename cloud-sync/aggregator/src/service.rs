@@ -18,16 +18,21 @@
 //! (`.../dev/{device}/status`) feed the [`Monitor`].
 
 use crate::FedAdam;
+use crate::auth::{DeviceAuth, DeviceKeys};
+use crate::gate::{GateConfig, GateStats};
 use crate::intake::{Intake, IntakeConfig, Output, strategy_label};
 use crate::monitor::Monitor;
 use crate::state::{Settings, State};
+use dai_trust::Revocations;
+use dai_trust::fs::FleetDir;
 use ed25519_dalek::SigningKey;
 use futures::FutureExt;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use parking_lot::RwLock;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 pub use crate::intake::{ServiceStats, base_of};
 
@@ -41,6 +46,8 @@ pub enum ServiceError {
     State(#[from] crate::state::StateError),
     #[error("broker: {0}")]
     Broker(String),
+    #[error("fleet directory")]
+    Fleet(#[from] dai_trust::TrustError),
 }
 
 /// Where the broker is.
@@ -64,6 +71,118 @@ pub struct ServiceConfig {
     pub signing_key: SigningKey,
     /// Server optimiser (FedAdam); `None` adds the aggregated delta as is.
     pub server_optimizer: Option<FedAdam>,
+    /// How updates are authenticated ([`DeviceAuth::Signed`] unless
+    /// `--insecure-plaintext`).
+    pub devices: DeviceAuth,
+    /// Re-read for enrolments and revocations (every [`FLEET_POLL`]).
+    pub fleet_dir: Option<FleetWatch>,
+    /// Mutual TLS to the broker (an external one); `None` is plain TCP
+    /// (the embedded broker's loopback side, or `--insecure-plaintext`).
+    pub tls: Option<Arc<dai_trust::tls::ClientConfig>>,
+}
+
+/// How often the fleet directory is checked for a changed registry.
+pub const FLEET_POLL: Duration = Duration::from_secs(1);
+
+/// The fleet directory as the running service follows it: a changed
+/// `devices.json` gives the intake new keys and the gate new revocations
+/// (a revoked device is refused within [`FLEET_POLL`]).
+#[derive(Debug, Clone)]
+pub struct FleetWatch {
+    pub dir: FleetDir,
+    /// Shared with the gate of the embedded broker.
+    pub revocations: Arc<RwLock<Revocations>>,
+    seen: Option<(SystemTime, u64)>,
+}
+
+impl FleetWatch {
+    /// Reads the registry now (it must be readable at start).
+    pub fn open(dir: FleetDir) -> Result<(FleetWatch, DeviceKeys), ServiceError> {
+        let registry = dir.load_registry()?;
+        let keys = DeviceKeys::from_registry(&registry)?;
+        let mut w = FleetWatch {
+            revocations: Arc::new(RwLock::new(registry.revocations())),
+            seen: None,
+            dir,
+        };
+        w.seen = w.stamp();
+        Ok((w, keys))
+    }
+
+    fn stamp(&self) -> Option<(SystemTime, u64)> {
+        let m = std::fs::metadata(self.dir.path(dai_trust::fs::FLEET_DEVICES)).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    }
+
+    /// New keys if `devices.json` changed since the last look. A registry
+    /// that cannot be read is logged and the old one kept (a half-written
+    /// file is never seen: the CLI writes by rename).
+    pub fn poll(&mut self) -> Option<DeviceKeys> {
+        let stamp = self.stamp();
+        if stamp == self.seen {
+            return None;
+        }
+        self.seen = stamp;
+        let loaded = self
+            .dir
+            .load_registry()
+            .and_then(|r| Ok((DeviceKeys::from_registry(&r)?, r.revocations())));
+        match loaded {
+            Ok((keys, revocations)) => {
+                *self.revocations.write() = revocations;
+                Some(keys)
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "the device registry changed but cannot be read; keeping the previous one");
+                None
+            }
+        }
+    }
+}
+
+/// Start the embedded broker behind its mutual-TLS gate: rumqttd on a free
+/// loopback port, and the gate ([`crate::gate`]) on `listen`. Returns
+/// rumqttd's loopback address (the aggregator's own connection, in the
+/// same process) and the gate's counters.
+pub async fn start_secure_broker(
+    listen: SocketAddr,
+    fleet: &str,
+    ca_pem: String,
+    tls: Arc<dai_trust::tls::ServerConfig>,
+    revocations: Arc<RwLock<Revocations>>,
+) -> Result<(SocketAddr, Arc<GateStats>), ServiceError> {
+    let broker_err = |e: std::io::Error| ServiceError::Broker(e.to_string());
+    let upstream = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map_err(broker_err)?;
+    start_embedded_broker(upstream)?;
+    // rumqttd binds in its own thread: wait until it listens.
+    let mut up = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(upstream).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !up {
+        return Err(ServiceError::Broker(format!(
+            "the embedded broker did not start on {upstream}"
+        )));
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| ServiceError::Broker(format!("binding {listen}: {e}")))?;
+    let stats = Arc::new(GateStats::default());
+    let cfg = GateConfig {
+        fleet: fleet.to_string(),
+        ca_pem,
+        tls,
+        upstream,
+        revocations,
+    };
+    tokio::spawn(crate::gate::serve(listener, cfg, stats.clone()));
+    Ok((upstream, stats))
 }
 
 /// Start rumqttd on `addr` in its own thread (MQTT 3.1.1). Keeps nothing
@@ -140,11 +259,22 @@ pub async fn run_monitored(
             round_timeout: cfg.round_timeout,
             signing_key: cfg.signing_key.clone(),
             server_optimizer: cfg.server_optimizer.clone(),
+            devices: cfg.devices.clone(),
         },
     )?;
+    let mut fleet_dir = cfg.fleet_dir.clone();
     let mut opts = MqttOptions::new(&cfg.client_id, &cfg.broker.host, cfg.broker.port);
     opts.set_keep_alive(Duration::from_secs(10));
-    opts.set_clean_session(false);
+    // A clean session: the id is unique per process (nobody can take over
+    // a queued session by reusing a well-known id), and what is published
+    // while no aggregator is connected stays in the edges' outboxes, which
+    // send it again when no ack comes.
+    opts.set_clean_session(true);
+    if let Some(tls) = &cfg.tls {
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
+    }
     opts.set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut events) = AsyncClient::new(opts, 256);
     // Publishing goes through a task of its own: `AsyncClient::publish`
@@ -171,11 +301,17 @@ pub async fn run_monitored(
     io.apply(intake.take_outputs());
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut fleet_poll = tokio::time::interval(FLEET_POLL);
     let mut backoff = Duration::from_millis(100);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => intake.tick(Instant::now())?,
+            _ = fleet_poll.tick(), if fleet_dir.is_some() => {
+                if let Some(keys) = fleet_dir.as_mut().and_then(FleetWatch::poll) {
+                    intake.set_devices(keys);
+                }
+            }
             ev = events.poll() => {
                 // Take every event that is already there (up to the
                 // intake's batch bound), so a burst of updates is ingested
@@ -188,6 +324,7 @@ pub async fn run_monitored(
                             intake.connected();
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => intake.publish(&p.topic, &p.payload),
+                        Ok(Event::Incoming(Packet::SubAck(_))) => monitor.live.lock().subscriptions += 1,
                         Ok(_) => {}
                         Err(e) => {
                             intake.disconnected();
@@ -236,7 +373,7 @@ impl Io<'_> {
                         tracing::error!(error = %e, "subscribe failed");
                     }
                 }
-                Output::Ack { topic, ack } => self.send(topic, false, ack.to_bytes()),
+                Output::Ack { topic, payload, .. } => self.send(topic, false, payload),
                 Output::Global { topic, payload, .. } => self.send(topic, true, payload),
                 Output::Monitor(event) => self.monitor.apply(event),
             }

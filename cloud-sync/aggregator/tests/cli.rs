@@ -35,6 +35,7 @@ fn keygen_run_stop_and_list() {
             &format!("127.0.0.1:{port}"),
             "--model",
             &format!("digits={head}"),
+            "--insecure-plaintext",
         ])
         .arg("--key")
         .arg(dir.path().join("aggregator.key"))
@@ -73,10 +74,91 @@ fn keygen_run_stop_and_list() {
     );
 
     let bad = bin()
-        .args(["run", "--model", "digits=/nonexistent", "--key"])
+        .args([
+            "run",
+            "--insecure-plaintext",
+            "--model",
+            "digits=/nonexistent",
+            "--key",
+        ])
         .arg(dir.path().join("aggregator.key"))
         .output()
         .expect("run");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("reading /nonexistent"));
+}
+
+/// `--http` beyond loopback without `--auth-token-file` is refused before
+/// anything starts (no broker, no state file), exit 64.
+#[test]
+fn run_refuses_an_open_http_beyond_loopback_with_exit_64() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("s.sqlite");
+    let broker = free_port();
+    let out = bin()
+        .args([
+            "run",
+            "--model",
+            "digits=/nonexistent",
+            "--http",
+            "0.0.0.0:0",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{broker}")])
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--http 0.0.0.0:0 is not a loopback address")
+            && err.contains("--auth-token-file")
+            && err.contains("--allow-unauthenticated-http"),
+        "{err}"
+    );
+    assert!(!state.exists(), "the aggregator started");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "0123456789abcdef-cloud\n").expect("write");
+    let out = bin()
+        .args([
+            "run",
+            "--model",
+            "digits=/nonexistent",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .arg("--auth-token-file")
+        .arg(&token)
+        .arg("--allow-unauthenticated-http")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("contradict"));
+}
+
+#[test]
+fn an_auth_token_file_that_is_no_token_exits_64_naming_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = dir.path().join("token");
+    for (text, why) in [("\n", "is empty"), ("short", "fewer than 16")] {
+        std::fs::write(&token, text).expect("write");
+        let out = bin()
+            .args([
+                "run",
+                "--model",
+                "digits=/nonexistent",
+                "--http",
+                "0.0.0.0:0",
+            ])
+            .arg("--auth-token-file")
+            .arg(&token)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(64), "{why}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&token.display().to_string()) && err.contains(why),
+            "{err}"
+        );
+    }
 }

@@ -55,7 +55,15 @@ async fn updates_are_acked_and_a_signed_global_is_published() {
     while (acks.len() < 4 || global.is_none()) && tokio::time::Instant::now() < deadline {
         match edge.next_publish(Duration::from_millis(500)).await {
             Ok(Some(p)) if p.topic.ends_with("/ack") => {
-                acks.push(Ack::from_bytes(&p.payload).expect("ack"))
+                let body = dai_protocol::signed::open(
+                    dai_protocol::signed::Kind::Ack,
+                    &key.verifying_key(),
+                    "lab",
+                    &p.topic,
+                    &p.payload,
+                )
+                .expect("an ack signed by the aggregator");
+                acks.push(Ack::from_bytes(body).expect("ack"))
             }
             Ok(Some(p)) if p.topic.ends_with("/global") => global = Some(p.payload.to_vec()),
             Err(e) => panic!("client connection: {e}"),
@@ -91,9 +99,13 @@ async fn updates_are_acked_and_a_signed_global_is_published() {
         ("u2", AckStatus::Accepted)
     );
 
-    let g =
-        dai_protocol::global::verify(&global.expect("a global model"), &key.verifying_key(), "m")
-            .expect("signed global");
+    let g = dai_protocol::global::verify(
+        &global.expect("a global model"),
+        &key.verifying_key(),
+        "lab",
+        "m",
+    )
+    .expect("signed global");
     assert_eq!(g.version, 1);
     let (head, _) = Head::from_bytes(&g.head_file).expect("head");
     // FedAvg of int8-coded deltas 0.5 (1 sample) and 1.0 (3 samples) = 0.875.
@@ -101,9 +113,9 @@ async fn updates_are_acked_and_a_signed_global_is_published() {
         assert!((a - b - 0.875).abs() < 0.01, "{a} - {b}");
     }
     let other = ed25519_dalek::SigningKey::from_bytes(&[1u8; 32]);
-    let again = dai_protocol::global::sign(&g.head_file, &other);
+    let again = dai_protocol::global::sign(&g.head_file, &other, "lab", g.epoch).expect("sign");
     assert!(
-        dai_protocol::global::verify(&again, &key.verifying_key(), "m").is_err(),
+        dai_protocol::global::verify(&again, &key.verifying_key(), "lab", "m").is_err(),
         "another key's signature is refused"
     );
     let _ = stop_tx.send(());

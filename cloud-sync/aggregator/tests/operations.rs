@@ -61,6 +61,7 @@ impl Aggregator {
                 &min_updates.to_string(),
                 "--model",
                 &format!("m={}", head.display()),
+                "--insecure-plaintext",
             ])
             .arg("--key")
             .arg(dir.join("aggregator.key"))
@@ -130,10 +131,19 @@ async fn collect(
         );
         match device.next_publish(Duration::from_millis(200)).await {
             Ok(Some(p)) if p.topic.ends_with("/ack") => {
-                got.push(Ack::from_bytes(&p.payload).expect("ack"))
+                let body = dai_protocol::signed::open(
+                    dai_protocol::signed::Kind::Ack,
+                    public,
+                    "ops",
+                    &p.topic,
+                    &p.payload,
+                )
+                .expect("an ack signed by the aggregator");
+                got.push(Ack::from_bytes(body).expect("ack"))
             }
             Ok(Some(p)) if p.topic.ends_with("/global") => {
-                let g = dai_protocol::global::verify(&p.payload, public, "m").expect("signed");
+                let g =
+                    dai_protocol::global::verify(&p.payload, public, "ops", "m").expect("signed");
                 if Some(g.version) == global_version {
                     global = Some(Head::from_bytes(&g.head_file).expect("head").0);
                 }

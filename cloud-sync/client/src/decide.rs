@@ -4,7 +4,9 @@
 //! without a broker.
 
 use dai_protocol::messages::Ack;
+use dai_protocol::signed::{self, Kind};
 use dai_protocol::topics::Topic;
+use ed25519_dalek::VerifyingKey;
 use std::time::Duration;
 
 /// Longest backoff factor between resends of one update (`2^6` = 64x the
@@ -58,7 +60,9 @@ pub(crate) fn global_verdict(version: u64, current: u64) -> GlobalVerdict {
 /// An incoming publish, sorted by topic.
 #[derive(Debug)]
 pub(crate) enum Incoming {
-    /// On the device's ack topic: the decoded ack, or why it is unreadable.
+    /// On the device's own ack topic: the verified, decoded ack, or why it
+    /// was refused (unsigned, not the aggregator's signature for this
+    /// topic, unreadable). A refused ack deletes nothing.
     Ack(Result<Ack, String>),
     /// On a model's global topic; the payload is verified by the session
     /// (it needs the key and the version served).
@@ -67,10 +71,22 @@ pub(crate) enum Incoming {
     Ignored,
 }
 
-pub(crate) fn classify(topic: &str, payload: &[u8]) -> Incoming {
+/// Who the uplink is and whom it trusts, for [`classify`].
+pub(crate) struct Trust<'a> {
+    pub fleet: &'a str,
+    /// This device's ack topic; an ack on any other is ignored.
+    pub ack_topic: &'a str,
+    pub aggregator: &'a VerifyingKey,
+}
+
+pub(crate) fn classify(topic: &str, payload: &[u8], trust: &Trust<'_>) -> Incoming {
     match Topic::parse(topic) {
-        Ok(Topic::Ack { .. }) => Incoming::Ack(Ack::from_bytes(payload).map_err(|e| e.to_string())),
-        Ok(Topic::Global { model, .. }) => Incoming::Global { model },
+        Ok(Topic::Ack { .. }) if topic == trust.ack_topic => Incoming::Ack(
+            signed::open(Kind::Ack, trust.aggregator, trust.fleet, topic, payload)
+                .and_then(Ack::from_bytes)
+                .map_err(|e| e.to_string()),
+        ),
+        Ok(Topic::Global { fleet, model }) if fleet == trust.fleet => Incoming::Global { model },
         _ => Incoming::Ignored,
     }
 }
@@ -153,21 +169,56 @@ mod tests {
             reason: None,
             round: None,
         };
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let forger = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
+        let public = key.verifying_key();
+        let trust = Trust {
+            fleet: "f",
+            ack_topic: &ack_topic,
+            aggregator: &public,
+        };
         let bytes = ack.to_bytes();
-        match classify(&ack_topic, &bytes) {
+        let signed = signed::seal(Kind::Ack, &key, "f", &ack_topic, &bytes);
+        match classify(&ack_topic, &signed, &trust) {
             Incoming::Ack(Ok(a)) => assert_eq!(a.update_id, "u1"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(classify(&ack_topic, b"{"), Incoming::Ack(Err(_))));
-        match classify(&global_topic, b"anything") {
+        // Forged acks: unsigned, another key, signed for another device's
+        // topic, garbage under a good signature.
+        let other_topic = topic(Topic::Ack {
+            fleet: "f".into(),
+            device: "e".into(),
+        });
+        for forged in [
+            bytes.clone(),
+            signed::seal(Kind::Ack, &forger, "f", &ack_topic, &bytes),
+            signed::seal(Kind::Ack, &key, "f", &other_topic, &bytes),
+            signed::seal(Kind::Update, &key, "f", &ack_topic, &bytes),
+            signed::seal(Kind::Ack, &key, "f", &ack_topic, b"{"),
+        ] {
+            assert!(
+                matches!(classify(&ack_topic, &forged, &trust), Incoming::Ack(Err(_))),
+                "forged ack accepted"
+            );
+        }
+        // Another device's genuine ack is not ours.
+        let theirs = signed::seal(Kind::Ack, &key, "f", &other_topic, &bytes);
+        assert!(matches!(
+            classify(&other_topic, &theirs, &trust),
+            Incoming::Ignored
+        ));
+        match classify(&global_topic, b"anything", &trust) {
             Incoming::Global { model } => assert_eq!(model, "m"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(classify("not/ours", b""), Incoming::Ignored));
+        assert!(matches!(
+            classify("not/ours", b"", &trust),
+            Incoming::Ignored
+        ));
         let status = topic(Topic::Status {
             fleet: "f".into(),
             device: "d".into(),
         });
-        assert!(matches!(classify(&status, b""), Incoming::Ignored));
+        assert!(matches!(classify(&status, b"", &trust), Incoming::Ignored));
     }
 }

@@ -9,9 +9,16 @@
 //!   not acked is published again after a reconnect, or when no ack came
 //!   within `connection_timeout` (a broker restarted without persistence
 //!   drops messages nobody was subscribed for); the aggregator dedups;
-//! - acks arrive on `.../dev/{device}/ack`;
+//! - each update is signed with the device's key for its topic and fleet
+//!   (`dai_protocol::signed`) when the uplink has one (a device bundle);
+//! - acks arrive on `.../dev/{device}/ack` and count only if the
+//!   aggregator signed them for that topic: a forged ack deletes nothing;
 //! - globals arrive retained on `.../model/{model}/global` and are verified
-//!   (ed25519 signature, checksum, model name) and applied only if newer;
+//!   (ed25519 signature over fleet, model, version and epoch, checksum) and
+//!   applied only if newer; after each connect the device asks for newer
+//!   ones on `.../dev/{device}/want` (a cleared retained message heals);
+//! - with [`UplinkConfig::tls`], the connection is mutual TLS (rustls,
+//!   ring; configs from `dai_trust::tls`);
 //! - a retained status heartbeat, with a last will saying "offline";
 //! - on connection loss: exponential backoff from `retry_delay` up to
 //!   `connection_timeout`, with jitter.
@@ -50,6 +57,10 @@ pub trait Edge: Send + Sync + 'static {
     /// checksum, model name or format), `older` (a version below the one
     /// served) or `apply` (verified, but it could not be stored or served).
     fn global_refused(&self, _model: &str, _reason: &'static str) {}
+    /// A failure the daemon counts: `connection` (the broker is
+    /// unreachable or refused the TLS handshake) or `ack_refused` (an ack
+    /// that is not the aggregator's signature for this device).
+    fn uplink_error(&self, _kind: &'static str) {}
     /// Sensor events waiting to be published (drained; at most `max`).
     fn events(&self, _max: usize) -> Vec<Vec<u8>> {
         Vec::new()
@@ -64,6 +75,11 @@ pub struct UplinkConfig {
     pub host: String,
     pub port: u16,
     pub aggregator_key: VerifyingKey,
+    /// Signs every update (the device bundle's key); `None` sends them
+    /// unsigned, which only an `--insecure-plaintext` aggregator takes.
+    pub device_key: Option<ed25519_dalek::SigningKey>,
+    /// Mutual TLS to the broker; `None` is plain TCP.
+    pub tls: Option<Arc<dai_trust::tls::ClientConfig>>,
     pub retry_delay: Duration,
     pub connection_timeout: Duration,
     pub heartbeat: Duration,
@@ -74,6 +90,8 @@ pub struct UplinkConfig {
 pub struct UplinkStats {
     pub published: u64,
     pub acked: u64,
+    /// Acks refused: unsigned, not the aggregator's, or unreadable.
+    pub acks_refused: u64,
     pub globals_applied: u64,
     pub globals_refused: u64,
     pub reconnects: u64,
@@ -142,6 +160,8 @@ mod tests {
             host: "h".into(),
             port: 1,
             aggregator_key: ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+            device_key: None,
+            tls: None,
             retry_delay: Duration::from_millis(100),
             connection_timeout: Duration::from_secs(2),
             heartbeat: Duration::from_secs(30),

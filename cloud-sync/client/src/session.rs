@@ -4,11 +4,12 @@
 //! heartbeat) and connection loss. The decisions themselves are in
 //! [`crate::decide`]; this module only measures time and talks to rumqttc.
 
-use crate::decide::{self, GlobalVerdict, Incoming};
+use crate::decide::{self, GlobalVerdict, Incoming, Trust};
 use crate::{Edge, UplinkConfig, UplinkStats, backoff};
-use dai_protocol::messages::{Ack, AckStatus, Status};
+use dai_protocol::messages::{Ack, AckStatus, Status, Want};
+use dai_protocol::signed::{self, Kind};
 use dai_protocol::topics::Topic;
-use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ pub(crate) struct Topics {
     pub update: String,
     pub ack: String,
     pub event: String,
+    pub want: String,
 }
 
 impl Topics {
@@ -41,20 +43,32 @@ impl Topics {
             fleet: fleet.clone(),
             device: device.clone(),
         };
-        let event = Topic::Event { fleet, device };
+        let event = Topic::Event {
+            fleet: fleet.clone(),
+            device: device.clone(),
+        };
+        let want = Topic::Want { fleet, device };
         Some(Topics {
             status: status.build().ok()?,
             update: update.build().ok()?,
             ack: ack.build().ok()?,
             event: event.build().ok()?,
+            want: want.build().ok()?,
         })
     }
 }
 
-/// Broker options: a persistent session (QoS 1 updates survive a
-/// reconnect) and a retained "offline" last will on the status topic.
+/// Broker options: the device name as client id (a TLS broker requires it
+/// to equal the certificate's name), a persistent session (QoS 1 updates
+/// survive a reconnect), a retained "offline" last will on the status
+/// topic, and mutual TLS when configured.
 pub(crate) fn mqtt_options(cfg: &UplinkConfig, status_topic: &str) -> MqttOptions {
     let mut opts = MqttOptions::new(&cfg.device, &cfg.host, cfg.port);
+    if let Some(tls) = &cfg.tls {
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
+    }
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_clean_session(false);
     opts.set_max_packet_size(16 << 20, 16 << 20);
@@ -135,14 +149,37 @@ impl Session {
                 let _ = self.client.try_subscribe(t, QoS::AtLeastOnce);
             }
         }
-        tracing::info!(host = %self.cfg.host, port = self.cfg.port, "connected to the broker");
+        // Ask for anything newer than what is served: if the retained
+        // global was lost or cleared, the aggregator publishes it again.
+        for model in self.edge.models() {
+            let want = Want {
+                version: self.edge.global_version(&model),
+                model,
+            };
+            let _ = self.client.try_publish(
+                &self.topics.want,
+                QoS::AtLeastOnce,
+                false,
+                want.to_bytes(),
+            );
+        }
+        tracing::info!(host = %self.cfg.host, port = self.cfg.port, tls = self.cfg.tls.is_some(), "connected to the broker");
     }
 
     /// An incoming publish: an ack or a global model.
     pub fn on_publish(&mut self, topic: &str, payload: &[u8]) {
-        match decide::classify(topic, payload) {
+        let trust = Trust {
+            fleet: &self.cfg.fleet,
+            ack_topic: &self.topics.ack,
+            aggregator: &self.cfg.aggregator_key,
+        };
+        match decide::classify(topic, payload, &trust) {
             Incoming::Ack(Ok(ack)) => self.on_ack(&ack),
-            Incoming::Ack(Err(e)) => tracing::warn!(error = %e, "unreadable ack"),
+            Incoming::Ack(Err(e)) => {
+                self.stats.acks_refused += 1;
+                self.edge.uplink_error("ack_refused");
+                tracing::warn!(error = %e, "ack refused; nothing deleted");
+            }
             Incoming::Global { model } => self.on_global(&model, payload),
             Incoming::Ignored => tracing::debug!(%topic, "ignored message"),
         }
@@ -162,7 +199,12 @@ impl Session {
     /// applied only if newer than the version served.
     fn on_global(&mut self, model: &str, payload: &[u8]) {
         let current = self.edge.global_version(model);
-        let g = match dai_protocol::global::verify(payload, &self.cfg.aggregator_key, model) {
+        let g = match dai_protocol::global::verify(
+            payload,
+            &self.cfg.aggregator_key,
+            &self.cfg.fleet,
+            model,
+        ) {
             Ok(g) => g,
             Err(e) => {
                 self.refuse_global(model, "invalid");
@@ -211,6 +253,16 @@ impl Session {
                 tracing::info!(update = %id, resends, "no ack yet; publishing again");
                 self.stats.republished += 1;
             }
+            let payload = match &self.cfg.device_key {
+                Some(key) => signed::seal(
+                    Kind::Update,
+                    key,
+                    &self.cfg.fleet,
+                    &self.topics.update,
+                    &payload,
+                ),
+                None => payload,
+            };
             let sent =
                 self.client
                     .try_publish(&self.topics.update, QoS::AtLeastOnce, false, payload);
@@ -259,6 +311,7 @@ impl Session {
             self.stats.reconnects += 1;
         }
         self.connected = false;
+        self.edge.uplink_error("connection");
         let wait = backoff(&self.cfg, self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker unreachable");

@@ -75,6 +75,8 @@ async fn outbox_drains_on_acks_and_the_global_arrives_even_if_the_broker_comes_l
         host: "127.0.0.1".into(),
         port,
         aggregator_key: key.verifying_key(),
+        device_key: None,
+        tls: None,
         retry_delay: Duration::from_millis(100),
         connection_timeout: Duration::from_secs(1),
         heartbeat: Duration::from_secs(1),

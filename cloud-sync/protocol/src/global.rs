@@ -1,19 +1,25 @@
 //! A global head published by the aggregator, signed with ed25519.
 //!
-//! Wire form: `"DAIG1"` (5 bytes) | signature (64) | sha256 of the head
-//! file (32) | zstd(head.safetensors). The signature covers everything after
-//! it (checksum and compressed head). The head file's `__metadata__` carries
-//! `model`, `version` (global version, an integer), `parent` and
-//! `created_at`. Edges verify in this order: size, magic, signature,
-//! decompression bound, checksum, model name, version newer than theirs.
+//! Wire form: `"DAIG2"` (5 bytes) | signature (64) | epoch (u64 BE) |
+//! version (u64 BE) | sha256 of the head file (32) | zstd(head.safetensors).
+//! The signature covers `"dai/v1 global" 0 fleet 0 model 0` and everything
+//! after it, so a global is bound to its fleet, model, version and the
+//! aggregator's epoch (which changes when an aggregator starts a new
+//! version line from an empty state). The head file's `__metadata__`
+//! carries `model`, `version` (which must equal the signed one), `parent`
+//! and `created_at`. Edges verify in this order: size, magic, signature,
+//! decompression bound, checksum, model name and version, newer than
+//! theirs.
 
 use crate::{ProtocolError, compress, decompress};
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
-const MAGIC: &[u8; 5] = b"DAIG1";
-const HEADER: usize = 5 + 64 + 32;
+const MAGIC: &[u8; 5] = b"DAIG2";
+const DOMAIN: &[u8] = b"dai/v1 global";
+/// Magic, signature, epoch, version, checksum.
+const HEADER: usize = 5 + 64 + 8 + 8 + 32;
 
 /// Largest signed global model accepted (16 MiB compressed, 64 MiB raw).
 pub const MAX_WIRE_BYTES: usize = 16 << 20;
@@ -24,6 +30,8 @@ pub const MAX_RAW_BYTES: usize = 64 << 20;
 pub struct GlobalModel {
     pub model: String,
     pub version: u64,
+    /// The aggregator epoch it was signed in.
+    pub epoch: u64,
     pub parent: Option<u64>,
     pub created_at: f64,
     /// The head file (safetensors) as the edge stores and loads it.
@@ -31,25 +39,65 @@ pub struct GlobalModel {
     pub sha256: String,
 }
 
-/// Sign `head_file` (a head.safetensors whose metadata names model/version).
-pub fn sign(head_file: &[u8], key: &SigningKey) -> Vec<u8> {
+fn signed_message(fleet: &str, model: &str, rest: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(DOMAIN.len() + fleet.len() + model.len() + 3 + rest.len());
+    m.extend_from_slice(DOMAIN);
+    m.push(0);
+    m.extend_from_slice(fleet.as_bytes());
+    m.push(0);
+    m.extend_from_slice(model.as_bytes());
+    m.push(0);
+    m.extend_from_slice(rest);
+    m
+}
+
+fn metadata(head_file: &[u8]) -> Result<HashMap<String, String>, ProtocolError> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(head_file)
+        .map_err(|e| ProtocolError::Format(e.to_string()))?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
+fn model_and_version(md: &HashMap<String, String>) -> Result<(String, u64), ProtocolError> {
+    let model = md
+        .get("model")
+        .cloned()
+        .ok_or_else(|| ProtocolError::Metadata("missing `model`".into()))?;
+    let version = md
+        .get("version")
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| ProtocolError::Metadata("`version` must be an unsigned integer".into()))?;
+    Ok((model, version))
+}
+
+/// Sign `head_file` (a head.safetensors whose metadata names model and
+/// version) for `fleet` in aggregator `epoch`.
+pub fn sign(
+    head_file: &[u8],
+    key: &SigningKey,
+    fleet: &str,
+    epoch: u64,
+) -> Result<Vec<u8>, ProtocolError> {
+    let (model, version) = model_and_version(&metadata(head_file)?)?;
     let digest = Sha256::digest(head_file);
     let body = compress(head_file, 3);
-    let mut signed = Vec::with_capacity(32 + body.len());
+    let mut signed = Vec::with_capacity(48 + body.len());
+    signed.extend_from_slice(&epoch.to_be_bytes());
+    signed.extend_from_slice(&version.to_be_bytes());
     signed.extend_from_slice(&digest);
     signed.extend_from_slice(&body);
-    let sig = key.sign(&signed);
+    let sig = key.sign(&signed_message(fleet, &model, &signed));
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&sig.to_bytes());
     out.extend_from_slice(&signed);
-    out
+    Ok(out)
 }
 
-/// Verify and open a signed global model.
+/// Verify and open a signed global model of `expected_model` in `fleet`.
 pub fn verify(
     bytes: &[u8],
     key: &VerifyingKey,
+    fleet: &str,
     expected_model: &str,
 ) -> Result<GlobalModel, ProtocolError> {
     if bytes.len() > MAX_WIRE_BYTES {
@@ -60,43 +108,49 @@ pub fn verify(
     }
     if bytes.len() < HEADER || &bytes[..5] != MAGIC {
         return Err(ProtocolError::Format(
-            "not a DAIG1 signed global model".into(),
+            "not a DAIG2 signed global model".into(),
         ));
     }
     let mut sig = [0u8; 64];
     sig.copy_from_slice(&bytes[5..69]);
-    key.verify(&bytes[69..], &Signature::from_bytes(&sig))
-        .map_err(|_| {
-            ProtocolError::Signature(
-                "ed25519 signature does not match the fleet's aggregator key".into(),
-            )
-        })?;
+    key.verify_strict(
+        &signed_message(fleet, expected_model, &bytes[69..]),
+        &Signature::from_bytes(&sig),
+    )
+    .map_err(|_| {
+        ProtocolError::Signature(
+            "ed25519 signature does not match the fleet's aggregator key, fleet and model".into(),
+        )
+    })?;
+    let be = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_be_bytes(b)
+    };
+    let (epoch, signed_version) = (be(69), be(77));
     let head_file = decompress(&bytes[HEADER..], MAX_RAW_BYTES)?;
     let digest = Sha256::digest(&head_file);
-    if digest.as_slice() != &bytes[69..101] {
+    if digest.as_slice() != &bytes[85..117] {
         return Err(ProtocolError::Checksum(
             "sha256 of the head does not match the signed checksum".into(),
         ));
     }
-    let (_, header) = safetensors::SafeTensors::read_metadata(&head_file)
-        .map_err(|e| ProtocolError::Format(e.to_string()))?;
-    let md: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
-    let model = md
-        .get("model")
-        .cloned()
-        .ok_or_else(|| ProtocolError::Metadata("missing `model`".into()))?;
+    let md = metadata(&head_file)?;
+    let (model, version) = model_and_version(&md)?;
     if model != expected_model {
         return Err(ProtocolError::Metadata(format!(
             "model {model:?}, expected {expected_model:?}"
         )));
     }
-    let version = md
-        .get("version")
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or_else(|| ProtocolError::Metadata("`version` must be an unsigned integer".into()))?;
+    if version != signed_version {
+        return Err(ProtocolError::Metadata(format!(
+            "version {version} in the head, {signed_version} signed"
+        )));
+    }
     Ok(GlobalModel {
         model,
         version,
+        epoch,
         parent: md.get("parent").and_then(|p| p.parse().ok()),
         created_at: md
             .get("created_at")
@@ -146,25 +200,39 @@ mod tests {
     fn signed_models_verify_and_tampering_is_caught() {
         let key = SigningKey::from_bytes(&[7u8; 32]);
         let other = SigningKey::from_bytes(&[8u8; 32]);
-        let wire = sign(&head("digits", "4"), &key);
-        let g = verify(&wire, &key.verifying_key(), "digits").expect("verify");
-        assert_eq!((g.version, g.parent), (4, Some(3)));
+        let wire = sign(&head("digits", "4"), &key, "lab", 9).expect("sign");
+        let pk = key.verifying_key();
+        let g = verify(&wire, &pk, "lab", "digits").expect("verify");
+        assert_eq!((g.version, g.parent, g.epoch), (4, Some(3), 9));
         assert!(matches!(
-            verify(&wire, &other.verifying_key(), "digits"),
+            verify(&wire, &other.verifying_key(), "lab", "digits"),
             Err(ProtocolError::Signature(_))
         ));
-        let mut flipped = wire.clone();
-        let last = flipped.len() - 1;
-        flipped[last] ^= 1;
+        // Bound to its fleet and model.
         assert!(matches!(
-            verify(&flipped, &key.verifying_key(), "digits"),
+            verify(&wire, &pk, "other-fleet", "digits"),
             Err(ProtocolError::Signature(_))
         ));
         assert!(matches!(
-            verify(&wire, &key.verifying_key(), "other"),
-            Err(ProtocolError::Metadata(_))
+            verify(&wire, &pk, "lab", "other"),
+            Err(ProtocolError::Signature(_))
         ));
-        assert!(verify(b"junk", &key.verifying_key(), "digits").is_err());
+        // Every signed byte counts: body, checksum, version and epoch.
+        for at in [wire.len() - 1, 100, 80, 70] {
+            let mut flipped = wire.clone();
+            flipped[at] ^= 1;
+            assert!(
+                matches!(
+                    verify(&flipped, &pk, "lab", "digits"),
+                    Err(ProtocolError::Signature(_))
+                ),
+                "byte {at}"
+            );
+        }
+        // A head whose metadata disagrees with what was signed.
+        let mismatched = sign(&head("digits", "x"), &key, "lab", 1);
+        assert!(matches!(mismatched, Err(ProtocolError::Metadata(_))));
+        assert!(verify(b"junk", &pk, "lab", "digits").is_err());
         let hexed = hex::encode(key.to_bytes());
         assert_eq!(
             signing_key_from_hex(&hexed).expect("hex").to_bytes(),

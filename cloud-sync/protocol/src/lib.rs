@@ -8,8 +8,11 @@
 //!   compressed with zstd; encodings `f32`, `f16` and `int8` (per-row scale);
 //! - [`feedback`]: error feedback for lossy encodings (what one update
 //!   dropped is added to a later one);
-//! - [`global`]: a global head signed with ed25519 by the aggregator;
-//! - [`messages`]: the JSON ack and status heartbeat.
+//! - [`global`]: a global head signed with ed25519 by the aggregator over
+//!   fleet, model, version and epoch;
+//! - [`signed`]: the signed envelope of updates (device key) and acks
+//!   (aggregator key), bound to fleet and topic;
+//! - [`messages`]: the JSON ack, status heartbeat and global request.
 //!
 //! Every decoder takes a size bound and returns a [`ProtocolError`] that
 //! says what was wrong; nothing here panics on input.
@@ -17,6 +20,7 @@
 pub mod feedback;
 pub mod global;
 pub mod messages;
+pub mod signed;
 pub mod topics;
 pub mod update;
 

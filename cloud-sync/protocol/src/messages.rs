@@ -1,5 +1,6 @@
-//! JSON messages: the aggregator's ack for one update, and the edge's
-//! retained status heartbeat (its last will is the same shape, "offline").
+//! JSON messages: the aggregator's ack for one update (sent signed, see
+//! [`crate::signed`]), the edge's retained status heartbeat (its last will
+//! is the same shape, "offline") and its request for a newer global.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,36 @@ pub struct Status {
     pub models: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub outbox_pending: u64,
+}
+
+/// A device's request on `.../dev/{device}/want`: "I serve `version` of
+/// `model`; publish the current global if it is newer". The aggregator
+/// answers with the retained global itself, so a lost or cleared retained
+/// message heals for every device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Want {
+    pub model: String,
+    pub version: u64,
+}
+
+/// Largest want message read (it is two short fields).
+pub const MAX_WANT_BYTES: usize = 1024;
+
+impl Want {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<Want, crate::ProtocolError> {
+        if b.len() > MAX_WANT_BYTES {
+            return Err(crate::ProtocolError::TooLarge {
+                size: b.len(),
+                limit: MAX_WANT_BYTES,
+            });
+        }
+        serde_json::from_slice(b).map_err(|e| crate::ProtocolError::Format(format!("want: {e}")))
+    }
 }
 
 impl Ack {

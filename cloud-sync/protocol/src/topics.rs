@@ -25,6 +25,12 @@ pub enum Topic {
         fleet: String,
         device: String,
     },
+    /// A device asks for the current global of a model
+    /// ([`crate::messages::Want`]); answered only with a newer one.
+    Want {
+        fleet: String,
+        device: String,
+    },
     Global {
         fleet: String,
         model: String,
@@ -57,13 +63,15 @@ impl Topic {
             Topic::Update { fleet, device }
             | Topic::Ack { fleet, device }
             | Topic::Status { fleet, device }
-            | Topic::Event { fleet, device } => {
+            | Topic::Event { fleet, device }
+            | Topic::Want { fleet, device } => {
                 check("fleet", fleet)?;
                 check("device", device)?;
                 let leaf = match self {
                     Topic::Update { .. } => "update",
                     Topic::Ack { .. } => "ack",
                     Topic::Event { .. } => "event",
+                    Topic::Want { .. } => "want",
                     _ => "status",
                 };
                 format!("{PREFIX}/{fleet}/dev/{device}/{leaf}")
@@ -95,9 +103,10 @@ impl Topic {
                     "ack" => Topic::Ack { fleet, device },
                     "status" => Topic::Status { fleet, device },
                     "event" => Topic::Event { fleet, device },
+                    "want" => Topic::Want { fleet, device },
                     _ => {
                         return Err(bad(
-                            "expected update, ack, status or event after dev/{device}",
+                            "expected update, ack, status, event or want after dev/{device}",
                         ));
                     }
                 }
@@ -108,7 +117,7 @@ impl Topic {
             },
             _ => {
                 return Err(bad(
-                    "expected {fleet}/dev/{device}/{update|ack|status|event} or {fleet}/model/{model}/global",
+                    "expected {fleet}/dev/{device}/{update|ack|status|event|want} or {fleet}/model/{model}/global",
                 ));
             }
         };
@@ -126,6 +135,10 @@ pub fn all_updates(fleet: &str) -> String {
 
 pub fn all_status(fleet: &str) -> String {
     format!("{PREFIX}/{fleet}/dev/+/status")
+}
+
+pub fn all_wants(fleet: &str) -> String {
+    format!("{PREFIX}/{fleet}/dev/+/want")
 }
 
 pub fn all_globals(fleet: &str) -> String {
@@ -154,6 +167,10 @@ mod tests {
             Topic::Global {
                 fleet: "lab".into(),
                 model: "digits".into(),
+            },
+            Topic::Want {
+                fleet: "lab".into(),
+                device: "cam-01".into(),
             },
         ] {
             let s = t.build().expect("build");

@@ -26,6 +26,8 @@ use zeroize::Zeroizing;
 pub const CA_COMMON_NAME: &str = "dai fleet CA";
 /// The aggregator's certificate name (and its MQTT client id prefix).
 pub const AGGREGATOR_NAME: &str = "dai-cloud";
+/// The broker certificate's name (its CN and SAN URI name).
+pub const BROKER_NAME: &str = "broker";
 /// How far `not_before` is set back from "now", for clocks a little behind.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 
@@ -34,6 +36,9 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 pub enum Role {
     Device,
     Aggregator,
+    /// The MQTT broker's TLS server certificate (serverAuth, DNS and IP
+    /// names): the embedded broker's or a Mosquitto's.
+    Broker,
 }
 
 impl Role {
@@ -41,6 +46,7 @@ impl Role {
         match self {
             Role::Device => "device",
             Role::Aggregator => "aggregator",
+            Role::Broker => "broker",
         }
     }
 
@@ -48,6 +54,7 @@ impl Role {
         match s {
             "device" => Some(Role::Device),
             "aggregator" => Some(Role::Aggregator),
+            "broker" => Some(Role::Broker),
             _ => None,
         }
     }
@@ -211,12 +218,50 @@ impl FleetCa {
         self.issue(Role::Device, name.as_str(), public, validity)
     }
 
+    /// A TLS server certificate for the broker, valid for `hosts` (DNS
+    /// names or IP addresses, as clients dial them), for `public`.
+    pub fn issue_broker(
+        &self,
+        hosts: &[String],
+        public: &VerifyingKey,
+        validity: Validity,
+    ) -> Result<IssuedCert, TrustError> {
+        let mut sans = Vec::with_capacity(hosts.len());
+        for h in hosts {
+            sans.push(match h.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => {
+                    SanType::DnsName(h.clone().try_into().map_err(|_| TrustError::InvalidHost {
+                        host: h.chars().take(80).collect(),
+                    })?)
+                }
+            });
+        }
+        if sans.is_empty() {
+            return Err(TrustError::InvalidHost {
+                host: String::new(),
+            });
+        }
+        self.issue_with(Role::Broker, BROKER_NAME, public, validity, sans)
+    }
+
     pub(crate) fn issue(
         &self,
         role: Role,
         name: &str,
         public: &VerifyingKey,
         validity: Validity,
+    ) -> Result<IssuedCert, TrustError> {
+        self.issue_with(role, name, public, validity, Vec::new())
+    }
+
+    fn issue_with(
+        &self,
+        role: Role,
+        name: &str,
+        public: &VerifyingKey,
+        validity: Validity,
+        extra_sans: Vec<SanType>,
     ) -> Result<IssuedCert, TrustError> {
         if !valid(name) {
             return Err(TrustError::InvalidName {
@@ -236,11 +281,16 @@ impl FleetCa {
             uri.try_into()
                 .map_err(|source| TrustError::Generate { source })?,
         )];
+        p.subject_alt_names.extend(extra_sans);
         (p.not_before, p.not_after) = validity.to_rcgen()?;
         p.serial_number = Some(SerialNumber::from_slice(serial.as_bytes()));
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages = vec![if role == Role::Broker {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
         p.use_authority_key_identifier_extension = true;
         p.key_identifier_method = key_id(public);
         let issuer = Issuer::new(

@@ -23,6 +23,7 @@
 //! | `aggregator.pem` | its certificate (CN `dai-cloud`) |
 //! | `devices.json` | the [`Registry`] |
 //! | `revocations.json` | the [`Revocations`] the registry implies |
+//! | `broker.pem`, `broker.key.pem` | the broker's TLS server certificate and key (0600) |
 
 use crate::ca::{AggregatorKey, FleetCa, Validity};
 use crate::keys::{SecretKey, public_from_hex, public_to_hex};
@@ -52,6 +53,11 @@ pub const FLEET_AGGREGATOR_PUB: &str = "aggregator.pub";
 pub const FLEET_AGGREGATOR_CERT: &str = "aggregator.pem";
 pub const FLEET_DEVICES: &str = "devices.json";
 pub const FLEET_REVOCATIONS: &str = "revocations.json";
+pub const BROKER_CERT: &str = "broker.pem";
+pub const BROKER_KEY: &str = "broker.key.pem";
+
+/// The broker certificate's lifetime, days.
+pub const BROKER_DAYS: u32 = 2 * 365;
 
 /// The CA's lifetime at `fleet init`, days.
 pub const CA_DAYS: u32 = 20 * 365;
@@ -381,6 +387,72 @@ impl FleetDir {
             .map_err(write_err)?;
         f.lock().map_err(write_err)?;
         Ok(f)
+    }
+
+    /// A broker server certificate for `hosts` with a fresh key, written
+    /// as [`BROKER_CERT`] and [`BROKER_KEY`] (0600) into `out` (the fleet
+    /// directory itself for the embedded broker, or a Mosquitto host's).
+    pub fn issue_broker(
+        ca: &FleetCa,
+        hosts: &[String],
+        now: SystemTime,
+        out: &Path,
+    ) -> Result<crate::IssuedCert, TrustError> {
+        let key = SecretKey::generate()?;
+        let issued =
+            ca.issue_broker(hosts, &key.public(), Validity::days_from(now, BROKER_DAYS))?;
+        create_dir(out)?;
+        write_file(
+            &out.join(BROKER_KEY),
+            key.to_pkcs8_pem().as_bytes(),
+            PRIVATE,
+        )?;
+        write_file(&out.join(BROKER_CERT), issued.cert_pem.as_bytes(), PUBLIC)?;
+        Ok(issued)
+    }
+
+    /// Enrol `name`: a new key and certificate valid for `days`, recorded
+    /// in the registry (under the directory lock, before the key is
+    /// written: a failed write leaves a device that can be revoked, never a
+    /// key the registry lacks), then written as a device bundle to `out`.
+    pub fn enroll(
+        &self,
+        name: &DeviceName,
+        out: &Path,
+        days: u32,
+        now: SystemTime,
+    ) -> Result<crate::IssuedCert, TrustError> {
+        let _lock = self.lock()?;
+        let mut fleet = self.load()?;
+        fleet.registry.check_new(name)?;
+        DeviceBundle::check_target(out)?;
+        let (bundle, issued) = DeviceBundle::issue(
+            &fleet.ca,
+            fleet.aggregator.public(),
+            name,
+            Validity::days_from(now, days),
+        )?;
+        fleet.registry.add(crate::DeviceRecord {
+            name: name.clone(),
+            serial: issued.serial.clone(),
+            public_key: public_to_hex(&bundle.key.public()),
+            created_at: crate::unix_secs(now),
+            not_after: issued.not_after,
+            revoked_at: None,
+        })?;
+        self.save_registry(&fleet.registry)?;
+        bundle.write_to(out)?;
+        Ok(issued)
+    }
+
+    /// `devices.json` alone (what a running aggregator re-reads to learn of
+    /// enrolments and revocations; no secret is read).
+    pub fn load_registry(&self) -> Result<Registry, TrustError> {
+        let path = self.path(FLEET_DEVICES);
+        Registry::from_json(
+            &read_capped(&path, MAX_JSON_BYTES)?,
+            &path.display().to_string(),
+        )
     }
 
     pub fn load_revocations(&self) -> Result<Revocations, TrustError> {

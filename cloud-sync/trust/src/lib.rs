@@ -16,6 +16,8 @@
 //! - [`bundle`]: [`DeviceBundle`], what an installer writes onto a device;
 //! - [`registry`]: [`Registry`] of enrolled devices (`devices.json`) and
 //!   [`Revocations`] (`revocations.json`);
+//! - [`tls`]: rustls client and server configurations (ring provider) for
+//!   mutual TLS from these identities;
 //! - [`fs`]: the file layout of a bundle directory and of a fleet directory,
 //!   size-capped reads and private (0600) writes.
 //!
@@ -33,6 +35,7 @@ pub mod fs;
 pub mod keys;
 pub mod name;
 pub mod registry;
+pub mod tls;
 pub mod verify;
 
 #[cfg(test)]
@@ -43,7 +46,7 @@ pub use ca::{AggregatorKey, FleetCa, IssuedCert, Role, Validity};
 pub use keys::{SecretKey, Serial};
 pub use name::{DeviceName, FleetName};
 pub use registry::{DeviceRecord, Registry, Revocations, Revoked};
-pub use verify::{PeerCert, verify_device_cert, verify_peer_cert};
+pub use verify::{PeerCert, verify_device_cert, verify_peer_cert, verify_peer_der};
 
 use std::path::PathBuf;
 
@@ -112,6 +115,14 @@ pub enum TrustError {
     UnknownDevice { name: String },
     #[error("device {name:?} (serial {serial}) is revoked")]
     Revoked { name: String, serial: Serial },
+    #[error("broker host {host:?}: expected a DNS name or an IP address")]
+    InvalidHost { host: String },
+    #[error("{what}")]
+    Tls {
+        what: String,
+        #[source]
+        source: rustls::Error,
+    },
     #[error("the validity period is empty or does not fit a certificate")]
     Validity,
     #[error("generating a certificate")]

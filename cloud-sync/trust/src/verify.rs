@@ -67,12 +67,17 @@ pub fn verify_peer_cert(
         u64::try_from(unix_secs(now)).unwrap_or(0),
     ));
     let when = |t: UnixTime| utc(i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
+    let usage = if role == Role::Broker {
+        webpki::KeyUsage::server_auth()
+    } else {
+        webpki::KeyUsage::client_auth()
+    };
     ee.verify_for_usage(
         &[webpki::ring::ED25519],
         &[anchor],
         &[],
         at,
-        webpki::KeyUsage::client_auth(),
+        usage,
         None,
         None,
     )
@@ -101,6 +106,15 @@ pub fn verify_peer_cert(
         });
     }
     Ok(cert)
+}
+
+/// A peer's certificate as TLS presented it (DER), verified against the
+/// fleet CA `ca_pem` at `now` for the role it claims (device, aggregator
+/// or broker): who is on the other end of a mutual-TLS connection.
+pub fn verify_peer_der(ca_pem: &str, der: &[u8], now: SystemTime) -> Result<PeerCert, TrustError> {
+    let claimed = read_fields(der, "peer certificate")?;
+    let pem = crate::keys::pem_encode("CERTIFICATE", der);
+    verify_peer_cert(ca_pem, &pem, now, claimed.role)
 }
 
 /// The fields of `cert_pem`, NOT verified (for listings and for matching a
@@ -199,7 +213,7 @@ fn read_fields(der: &[u8], what: &str) -> Result<PeerCert, TrustError> {
     };
     let role = Role::parse(role_s).ok_or_else(|| {
         bad(format!(
-            "subjectAltName {urn:?}: role {role_s:?} is neither device nor aggregator"
+            "subjectAltName {urn:?}: role {role_s:?} is not device, aggregator or broker"
         ))
     })?;
     if !valid(name) {

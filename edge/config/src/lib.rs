@@ -4,12 +4,15 @@
 //! [`DEFAULT_CONFIG_YAML`]: every knob of the performance guide plus the
 //! daemon's own settings, each documented in that file with its default.
 //!
-//! Loading happens in two steps, once, before anything binds or loads:
+//! Loading happens in three steps, once, before anything binds or loads:
 //! 1. *parse*: YAML -> [`Config`] with `deny_unknown_fields`; the error names
 //!    the key path (via `serde_path_to_error`) and what was expected;
 //! 2. *validate* (module `validate`, a file per section): ranges and
 //!    cross-field rules, [`ConfigError::Invalid`] names the key, the value and
-//!    what is allowed.
+//!    what is allowed;
+//! 3. *tokens*: the bearer token files of the `http:` section are read
+//!    (size-capped, trimmed) into [`HttpTokens`], so a missing or short
+//!    token is refused like a bad value, naming its key and path.
 //!
 //! One run names every problem of a file ([`ConfigError::Many`] when there is
 //! more than one): a key that does not parse is taken out of the tree and the
@@ -47,6 +50,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("DAI_LATENCY_THRESHOLD_MS", "latency_threshold_ms"),
     ("DAI_THROUGHPUT_TARGET_RPS", "throughput_target_rps"),
     ("DAI_TRAINING_ENABLED", "training.enabled"),
+    ("DAI_HTTP_AUTH_TOKEN_FILE", "http.auth_token_file"),
 ];
 
 /// Why a configuration was refused.
@@ -146,6 +150,8 @@ pub struct Config {
     pub cloud: CloudConfig,
     /// The daemon's own settings.
     pub daemon: DaemonConfig,
+    /// Who may use the HTTP API (bearer tokens).
+    pub http: HttpConfig,
     /// Sensors and their pipelines (`dai_sensors::config::SensorConfig`).
     pub sensors: Vec<dai_sensors::config::SensorConfig>,
 }
@@ -170,6 +176,28 @@ pub struct CloudConfig {
     pub update_encoding: UpdateEncoding,
     /// Outbox bound while offline.
     pub max_outbox_rows: u64,
+    /// The device bundle directory (`dai-cloud devices add --out`): its
+    /// certificate and key (mutual TLS, signed updates), the fleet CA and
+    /// the aggregator's key. Empty: no identity (only an aggregator run
+    /// with `--insecure-plaintext` takes this device's updates).
+    pub bundle_dir: String,
+    /// Transport security of the MQTT connection.
+    pub tls: CloudTlsConfig,
+}
+
+/// `cloud.tls`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudTlsConfig {
+    /// Mutual TLS with the bundle's certificate (needs `cloud.bundle_dir`);
+    /// false is plain TCP, which logs a warning at start.
+    pub enabled: bool,
+}
+
+impl Default for CloudTlsConfig {
+    fn default() -> Self {
+        CloudTlsConfig { enabled: true }
+    }
 }
 
 /// Encoding of uplinked head deltas.
@@ -194,6 +222,8 @@ impl Default for CloudConfig {
             heartbeat_sec: 30,
             update_encoding: UpdateEncoding::Int8,
             max_outbox_rows: 1000,
+            bundle_dir: String::new(),
+            tls: CloudTlsConfig::default(),
         }
     }
 }
@@ -270,6 +300,7 @@ impl Default for Config {
             training: TrainingConfig::default(),
             cloud: CloudConfig::default(),
             daemon: DaemonConfig::default(),
+            http: HttpConfig::default(),
             sensors: Vec::new(),
         }
     }
@@ -331,6 +362,149 @@ impl Default for DaemonConfig {
             snapshot_interval_sec: 60,
             shutdown_grace_sec: 10,
         }
+    }
+}
+
+/// Who may use the HTTP API. Without `auth_token_file` the API is open,
+/// which is allowed on a loopback `daemon.listen_addr` only, unless
+/// `allow_unauthenticated` says so.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// File holding the bearer token every endpoint but `/`, `/healthz`,
+    /// `/readyz` and `/metrics` requires; empty: no token.
+    pub auth_token_file: PathBuf,
+    /// File holding a token `/metrics` requires (the API token works too);
+    /// empty leaves `/metrics` open.
+    pub metrics_token_file: PathBuf,
+    /// Serve a non-loopback `daemon.listen_addr` without a token.
+    pub allow_unauthenticated: bool,
+    /// The tokens read from the files above while loading; never
+    /// serialized, redacted in `Debug`.
+    #[serde(skip)]
+    pub tokens: HttpTokens,
+}
+
+/// The tokens of [`HttpConfig`], read once at load.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HttpTokens {
+    /// From `http.auth_token_file`.
+    pub api: Option<BearerToken>,
+    /// From `http.metrics_token_file`.
+    pub metrics: Option<BearerToken>,
+}
+
+/// A bearer token as read from its file: trimmed, 16 to 4096 visible
+/// ASCII characters. `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken {
+    token: String,
+    /// The file's permission bits when others, or a group this process is
+    /// not in, may read it.
+    loose_mode: Option<u32>,
+}
+
+impl BearerToken {
+    /// Shortest token accepted.
+    pub const MIN_LEN: usize = 16;
+    /// Largest token file read.
+    pub const MAX_FILE_BYTES: u64 = 4096;
+
+    /// A token from its text (trimmed), as if read from a private file.
+    pub fn new(text: &str) -> Result<BearerToken, String> {
+        let token = text.trim();
+        if token.is_empty() {
+            return Err("is empty".into());
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "holds a space, a control or a non-ASCII character, which an \
+                        `Authorization` header cannot carry"
+                    .into(),
+            );
+        }
+        if token.len() < Self::MIN_LEN {
+            return Err(format!(
+                "holds {} characters, fewer than {}",
+                token.len(),
+                Self::MIN_LEN
+            ));
+        }
+        Ok(BearerToken {
+            token: token.to_string(),
+            loose_mode: None,
+        })
+    }
+
+    /// Read a token file: at most [`Self::MAX_FILE_BYTES`], one token of
+    /// at least [`Self::MIN_LEN`] characters; the message says what is wrong.
+    pub fn read(path: &Path) -> Result<BearerToken, String> {
+        use std::io::Read;
+        let file = std::fs::File::open(path).map_err(|e| format!("cannot be opened ({e})"))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("cannot be read ({e})"))?;
+        if !meta.is_file() {
+            return Err("is not a regular file".into());
+        }
+        let mut bytes = Vec::new();
+        file.take(Self::MAX_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot be read ({e})"))?;
+        if bytes.len() as u64 > Self::MAX_FILE_BYTES {
+            return Err(format!("is larger than {} bytes", Self::MAX_FILE_BYTES));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| "is not UTF-8 text".to_string())?;
+        let mut token = Self::new(&text)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let mode = meta.permissions().mode() & 0o777;
+            // Group-readable is the usual way to hand a secret to a service
+            // (root:dai 0640, a Kubernetes Secret with fsGroup): only a
+            // group this process is not in counts as loose.
+            let foreign_group =
+                mode & 0o040 != 0 && !own_groups().is_some_and(|g| g.contains(&meta.gid()));
+            token.loose_mode = (mode & 0o004 != 0 || foreign_group).then_some(mode);
+        }
+        Ok(token)
+    }
+
+    /// The token itself.
+    pub fn expose(&self) -> &str {
+        &self.token
+    }
+
+    /// The file's permission bits (e.g. `0o644`) when others, or a group
+    /// this process is not in, may read it: worth a warning.
+    pub fn loose_mode(&self) -> Option<u32> {
+        self.loose_mode
+    }
+}
+
+/// The group ids of this process (Linux, `/proc/self/status`); `None`
+/// where that is not known.
+#[cfg(unix)]
+fn own_groups() -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let ids = status
+        .lines()
+        .filter_map(|l| l.strip_prefix("Gid:").or_else(|| l.strip_prefix("Groups:")))
+        .flat_map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|n| n.parse::<u32>().ok())
+        })
+        .collect();
+    Some(ids)
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BearerToken(<{} characters, redacted>)",
+            self.token.len()
+        )
     }
 }
 

@@ -25,6 +25,13 @@ pub enum DaemonError {
     Serve(#[source] std::io::Error),
     #[error("starting the async runtime")]
     Runtime(#[source] std::io::Error),
+    /// A non-loopback listener for an API without a token (the config
+    /// refuses that too; this catches a listener bound elsewhere).
+    #[error(
+        "refusing to serve the HTTP API on {addr} without authentication: set \
+         http.auth_token_file (or http.allow_unauthenticated: true)"
+    )]
+    Unauthenticated { addr: std::net::SocketAddr },
     #[error("binding {addr}")]
     Bind {
         addr: std::net::SocketAddr,

@@ -29,6 +29,8 @@
 //! future resolves, drains in-flight requests for at most
 //! `shutdown_grace_sec`, stops the tasks and stores a last snapshot.
 //! [`run_until_signal`] is the whole process around those two calls.
+//! `serve` refuses a non-loopback listener when the API has no token and
+//! `http.allow_unauthenticated` is off (see [`http::auth`]).
 //!
 //! Tests bind `127.0.0.1:0` and run the daemon in-process through
 //! `build` and `serve`.
@@ -170,10 +172,14 @@ impl Daemon {
         let inference = Inference::new(Runtime::new(&config.runtime_options()));
         let host = host_name();
         // The device's name towards the aggregator: topics and update ids.
-        let device = if config.cloud.device_id.is_empty() {
-            host.clone()
-        } else {
+        // A bundle's certificate names it; otherwise `cloud.device_id` or
+        // the host name.
+        let device = if !config.cloud.device_id.is_empty() {
             config.cloud.device_id.clone()
+        } else if let Some(name) = uplink::bundle_device(&config) {
+            name
+        } else {
+            host.clone()
         };
         let boot_id = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -232,7 +238,14 @@ impl Daemon {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), DaemonError> {
         let app = self.app;
-        *app.listen.lock() = listener.local_addr().ok();
+        let addr = listener.local_addr().ok();
+        if let Some(addr) = addr
+            && http::auth::refused(&app.config.http, addr)
+        {
+            return Err(DaemonError::Unauthenticated { addr });
+        }
+        http::auth::log_at_start(&app.config.http, addr);
+        *app.listen.lock() = addr;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let tasks = tasks::spawn_all(&app, self.uplink, &stop_rx);
         let grace = Duration::from_secs(app.config.daemon.shutdown_grace_sec);

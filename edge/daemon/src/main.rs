@@ -5,6 +5,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dai_config::Config;
+use dai_edge::DaemonError;
 use dai_edge::error::chain;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,7 +82,13 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing();
-            report(run(config))
+            match dai_edge::run_until_signal(config) {
+                Err(e @ DaemonError::Unauthenticated { .. }) => {
+                    eprintln!("dai-edge: invalid configuration: {}", chain(&e));
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                r => report(r.map_err(anyhow::Error::from)),
+            }
         }
     }
 }
@@ -127,8 +134,4 @@ fn fetch(config: &Config) -> anyhow::Result<()> {
     }
     anyhow::ensure!(failed == 0, "{failed} bundle(s) could not be fetched");
     Ok(())
-}
-
-fn run(config: Config) -> anyhow::Result<()> {
-    Ok(dai_edge::run_until_signal(config)?)
 }

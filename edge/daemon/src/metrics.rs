@@ -118,6 +118,10 @@ pub struct Metrics {
     pub training_val_accuracy: Family<ModelWhen, FGauge>,
     pub training_diverged: Counter,
     pub sync_acks: Family<Outcome, Counter>,
+    /// Uplink failures by kind: `identity` (the bundle cannot be used),
+    /// `connection` (broker unreachable, TLS refused), `ack_refused` (an
+    /// ack that is not the aggregator's).
+    pub sync_errors: Family<Outcome, Counter>,
     pub sync_globals: Counter,
     /// Globals refused, by model and reason (invalid, older, apply).
     pub sync_globals_refused: Family<ModelOutcome, Counter>,
@@ -199,6 +203,7 @@ impl Metrics {
             training_val_accuracy: Family::default(),
             training_diverged: Counter::default(),
             sync_acks: Family::default(),
+            sync_errors: Family::default(),
             sync_globals: Counter::default(),
             sync_globals_refused: Family::default(),
             sensor_samples: Family::default(),
@@ -362,6 +367,11 @@ impl Metrics {
             "sync_acks",
             "Outbox updates answered by the aggregator (accepted, rejected)",
             self.sync_acks.clone(),
+        );
+        r.register(
+            "sync_errors",
+            "Uplink failures: identity (bundle unusable), connection (broker or TLS), ack_refused",
+            self.sync_errors.clone(),
         );
         r.register(
             "sync_globals_adopted",

@@ -57,37 +57,43 @@ impl Uplink {
         }
     }
 
-    /// Start the uplink task when `cloud.enabled` (and its settings are
-    /// usable; otherwise say why and run without it).
+    /// Start the uplink task when `cloud.enabled`. Its identity (the
+    /// device bundle) is loaded in the task: a missing, unreadable, expired
+    /// or foreign bundle is one error line and a counted failure, retried
+    /// every `retry_delay_sec`, while the daemon goes on serving.
     pub fn spawn(
         self,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Option<tokio::task::JoinHandle<()>> {
-        let c = &self.config.cloud;
-        if !c.enabled {
+        if !self.config.cloud.enabled {
             return None;
         }
-        let key = match dai_protocol::global::verifying_key_from_hex(&c.aggregator_public_key) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::error!(error = %e, "cloud sync disabled: bad aggregator_public_key");
-                return None;
-            }
-        };
-        // Validated as host:port when the config was loaded.
-        let (host, port) = c.broker.rsplit_once(':')?;
-        let cfg = dai_sync::UplinkConfig {
-            fleet: c.fleet.clone(),
-            device: self.device.clone(),
-            host: host.to_string(),
-            port: port.parse().ok()?,
-            aggregator_key: key,
-            retry_delay: Duration::from_secs(self.config.retry_delay_sec.max(1)),
-            connection_timeout: Duration::from_secs(self.config.connection_timeout_sec),
-            heartbeat: Duration::from_secs(c.heartbeat_sec),
-        };
-        let edge: Arc<dyn dai_sync::Edge> = Arc::new(self.edge);
+        if !self.config.cloud.tls.enabled {
+            tracing::warn!(broker = %self.config.cloud.broker, "cloud.tls.enabled is false: MQTT over plain TCP; anyone on the path can read and inject traffic");
+        }
+        let retry = Duration::from_secs(self.config.retry_delay_sec.max(1));
         Some(tokio::spawn(async move {
+            let cfg = loop {
+                match self.uplink_config() {
+                    Ok(cfg) => break cfg,
+                    Err(e) => {
+                        self.edge
+                            .inference
+                            .metrics
+                            .sync_errors
+                            .get_or_create(&crate::metrics::Outcome {
+                                outcome: "identity".into(),
+                            })
+                            .inc();
+                        tracing::error!(error = %format!("{e:#}"), retry_in_s = retry.as_secs(), "cloud uplink not started");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = stop.changed() => return,
+                }
+            };
+            let edge: Arc<dyn dai_sync::Edge> = Arc::new(self.edge);
             let stats = dai_sync::run(cfg, edge, async move {
                 let _ = stop.changed().await;
             })
@@ -95,9 +101,104 @@ impl Uplink {
             tracing::info!(?stats, "cloud uplink stopped");
         }))
     }
+
+    /// The uplink's settings: the bundle's identity when `cloud.bundle_dir`
+    /// is set (checked against the CA, the clock and the config), else the
+    /// configured names and aggregator key.
+    fn uplink_config(&self) -> anyhow::Result<dai_sync::UplinkConfig> {
+        use anyhow::{Context, bail};
+        let c = &self.config.cloud;
+        // Validated as host:port when the config was loaded.
+        let (host, port) = c
+            .broker
+            .rsplit_once(':')
+            .context("cloud.broker: expected host:port")?;
+        let port: u16 = port.parse().context("cloud.broker: the port")?;
+        let mut cfg = dai_sync::UplinkConfig {
+            fleet: c.fleet.clone(),
+            device: self.device.clone(),
+            host: host.to_string(),
+            port,
+            aggregator_key: ed25519_dalek::VerifyingKey::default(),
+            device_key: None,
+            tls: None,
+            retry_delay: Duration::from_secs(self.config.retry_delay_sec.max(1)),
+            connection_timeout: Duration::from_secs(self.config.connection_timeout_sec),
+            heartbeat: Duration::from_secs(c.heartbeat_sec),
+        };
+        let configured_key = (!c.aggregator_public_key.is_empty())
+            .then(|| dai_protocol::global::verifying_key_from_hex(&c.aggregator_public_key))
+            .transpose()
+            .context("cloud.aggregator_public_key")?;
+        if c.bundle_dir.is_empty() {
+            cfg.aggregator_key = configured_key
+                .context("cloud.aggregator_public_key is required without cloud.bundle_dir")?;
+            return Ok(cfg);
+        }
+        let dir = std::path::Path::new(&c.bundle_dir);
+        let bundle = dai_trust::DeviceBundle::read_from(dir)
+            .with_context(|| format!("cloud.bundle_dir {}", dir.display()))?;
+        bundle
+            .verify(std::time::SystemTime::now())
+            .with_context(|| {
+                format!("cloud.bundle_dir {}: the device certificate", dir.display())
+            })?;
+        if bundle.device.as_str() != self.device {
+            bail!(
+                "cloud.bundle_dir {}: the bundle is device {:?}, but cloud.device_id says {:?}",
+                dir.display(),
+                bundle.device.as_str(),
+                self.device
+            );
+        }
+        if c.fleet != bundle.fleet.as_str() {
+            bail!(
+                "cloud.bundle_dir {}: the bundle is for fleet {:?}, but cloud.fleet is {:?}",
+                dir.display(),
+                bundle.fleet.as_str(),
+                c.fleet
+            );
+        }
+        if configured_key.is_some_and(|k| k != bundle.aggregator_public_key) {
+            bail!(
+                "cloud.aggregator_public_key differs from the bundle's aggregator.pub in {}",
+                dir.display()
+            );
+        }
+        cfg.aggregator_key = bundle.aggregator_public_key;
+        cfg.device_key = Some(bundle.key.signing_key().clone());
+        if c.tls.enabled {
+            let tls = dai_trust::tls::client_config(&bundle.ca_pem, &bundle.cert_pem, &bundle.key)
+                .with_context(|| format!("cloud.bundle_dir {}: the TLS identity", dir.display()))?;
+            cfg.tls = Some(Arc::new(tls));
+        }
+        Ok(cfg)
+    }
+}
+
+/// The device name a bundle in `cloud.bundle_dir` carries, if it can be
+/// read now (the uplink reports a bundle it cannot use).
+pub fn bundle_device(config: &Config) -> Option<String> {
+    let c = &config.cloud;
+    if !c.enabled || c.bundle_dir.is_empty() {
+        return None;
+    }
+    dai_trust::DeviceBundle::read_from(std::path::Path::new(&c.bundle_dir))
+        .ok()
+        .map(|b| b.device.to_string())
 }
 
 impl dai_sync::Edge for DaemonEdge {
+    fn uplink_error(&self, kind: &'static str) {
+        self.inference
+            .metrics
+            .sync_errors
+            .get_or_create(&crate::metrics::Outcome {
+                outcome: kind.into(),
+            })
+            .inc();
+    }
+
     fn outbox(&self, limit: usize) -> Vec<(String, Vec<u8>)> {
         match self.store.outbox(limit) {
             Ok(rows) => rows.into_iter().map(|r| (r.update_id, r.payload)).collect(),

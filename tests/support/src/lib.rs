@@ -16,7 +16,11 @@
 //!   settings, [`signing_key`], [`public_key_hex`];
 //! - MQTT: [`start_embedded_broker`] (rumqttd on a free loopback port,
 //!   listening when it returns) and [`MqttProbe`], a client that is
-//!   subscribed when it returns and waits for messages with a deadline.
+//!   subscribed when it returns and waits for messages with a deadline;
+//! - identities: [`make_fleet`] (a real fleet directory with devices
+//!   enrolled, as `dai-cloud fleet init` + `devices add` make it),
+//!   [`bundle_tls`] / [`aggregator_tls`] (mutual-TLS client configs) and
+//!   [`start_secure`] (a secure aggregator behind the gated broker).
 
 use dai_cloud::service::{BrokerAddr, ServiceConfig};
 use dai_cloud::state::{Settings, Strategy};
@@ -210,9 +214,11 @@ pub fn fedavg(min_updates: usize) -> Settings {
 }
 
 /// An aggregator on the broker at `127.0.0.1:{port}` serving `models`
-/// (name, base head file): fleet `lab`, client id `dai-cloud`, state in
+/// (name, base head file): fleet `lab`, a [`unique_client_id`], state in
 /// `dir/agg.sqlite`, [`fedavg`]`(2)`, a 60 s round timeout, the key
-/// [`signing_key`]`(9)`, no server optimiser.
+/// [`signing_key`]`(9)`, no server optimiser; plain TCP and unsigned
+/// updates (`DeviceAuth::Unchecked`, what `--insecure-plaintext` runs):
+/// a test about identities uses [`secure`] instead.
 pub fn service_config<'a>(
     port: u16,
     dir: &Path,
@@ -224,7 +230,7 @@ pub fn service_config<'a>(
             host: "127.0.0.1".into(),
             port,
         },
-        client_id: "dai-cloud".into(),
+        client_id: unique_client_id(),
         state_path: dir.join("agg.sqlite"),
         models: models
             .into_iter()
@@ -234,7 +240,19 @@ pub fn service_config<'a>(
         round_timeout: Duration::from_secs(60),
         signing_key: signing_key(9),
         server_optimizer: None,
+        devices: dai_cloud::auth::DeviceAuth::Unchecked,
+        fleet_dir: None,
+        tls: None,
     }
+}
+
+/// `dai-cloud-{pid}-{n}`: unique per aggregator, as `dai-cloud run` makes
+/// its own. Tests share one Mosquitto; two aggregators with one id would
+/// take the session from each other in a loop.
+pub fn unique_client_id() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("dai-cloud-{}-{n}", std::process::id())
 }
 
 /// Start the aggregator's embedded broker (rumqttd) on a free loopback
@@ -253,6 +271,99 @@ pub fn start_embedded_broker_on(port: u16) {
     wait_for_port(port, Duration::from_secs(10), "the embedded broker");
 }
 
+/// A fleet `fleet` in `dir/fleet` (CA, aggregator identity, a broker
+/// certificate for 127.0.0.1 and localhost) with `devices` enrolled, each
+/// bundle in `dir/{name}`; returns the fleet directory.
+pub fn make_fleet(dir: &Path, fleet: &str, devices: &[&str]) -> std::path::PathBuf {
+    use dai_trust::fs::FleetDir;
+    let root = dir.join("fleet");
+    let now = std::time::SystemTime::now();
+    let fd = FleetDir::new(&root);
+    let made = fd
+        .init(
+            dai_trust::FleetName::parse(fleet).expect("fleet name"),
+            now,
+            false,
+        )
+        .expect("fleet init");
+    let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+    FleetDir::issue_broker(&made.ca, &hosts, now, &root).expect("broker certificate");
+    for name in devices {
+        fd.enroll(
+            &dai_trust::DeviceName::parse(name).expect("device name"),
+            &dir.join(name),
+            30,
+            now,
+        )
+        .expect("enrol");
+    }
+    root
+}
+
+/// The mutual-TLS client config of the bundle in `bundle_dir`.
+pub fn bundle_tls(bundle_dir: &Path) -> std::sync::Arc<dai_trust::tls::ClientConfig> {
+    let b = dai_trust::DeviceBundle::read_from(bundle_dir).expect("bundle");
+    std::sync::Arc::new(
+        dai_trust::tls::client_config(&b.ca_pem, &b.cert_pem, &b.key).expect("tls config"),
+    )
+}
+
+/// The aggregator identity's mutual-TLS client config (an operator's
+/// client, or an attacker who stole it).
+pub fn aggregator_tls(fleet_dir: &Path) -> std::sync::Arc<dai_trust::tls::ClientConfig> {
+    let f = dai_trust::fs::FleetDir::new(fleet_dir)
+        .load()
+        .expect("fleet");
+    std::sync::Arc::new(
+        dai_trust::tls::client_config(f.ca.cert_pem(), f.aggregator.cert_pem(), f.aggregator.key())
+            .expect("tls config"),
+    )
+}
+
+/// A secure aggregator from `fleet_dir` serving `models`: its embedded
+/// broker's gate on `127.0.0.1:{port}` (mutual TLS, ACL), signed updates
+/// only, the registry followed; state in `dir/agg.sqlite`. `edit` adjusts
+/// the config (strategy, timeouts) before it starts. Returns the service
+/// task and a sender that stops it.
+pub async fn start_secure<'a>(
+    port: u16,
+    dir: &Path,
+    fleet_dir: &Path,
+    models: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+    edit: impl FnOnce(&mut ServiceConfig),
+) -> (
+    tokio::task::JoinHandle<
+        Result<dai_cloud::service::ServiceStats, dai_cloud::service::ServiceError>,
+    >,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let secure = dai_cloud::secure::SecureFleet::open(fleet_dir).expect("fleet");
+    let (upstream, _) = secure
+        .start_broker(([127, 0, 0, 1], port).into())
+        .await
+        .expect("secure broker");
+    let mut cfg = service_config(upstream.port, dir, models);
+    secure.apply(&mut cfg);
+    edit(&mut cfg);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let monitor = std::sync::Arc::new(dai_cloud::monitor::Monitor::new());
+    let task = tokio::spawn(dai_cloud::service::run_monitored(
+        cfg,
+        monitor.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    // Ready once every subscription of the intake is acknowledged: an
+    // update published earlier would find no subscriber.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while monitor.live.lock().subscriptions < dai_cloud::intake::SUBSCRIPTIONS {
+        assert!(Instant::now() < deadline, "the aggregator never subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (task, stop_tx)
+}
+
 /// An MQTT client for tests on the broker at `127.0.0.1:{port}`; the test
 /// drives its event loop through [`MqttProbe::next_publish`].
 pub struct MqttProbe {
@@ -264,9 +375,61 @@ impl MqttProbe {
     /// Connect as `client_id` and subscribe to `topics` (QoS 1); returns
     /// once every subscription is acknowledged (panics after 10 s).
     pub async fn connect(port: u16, client_id: &str, topics: &[&str]) -> MqttProbe {
+        Self::connect_with(port, client_id, topics, None)
+            .await
+            .expect("connect")
+    }
+
+    /// [`MqttProbe::connect`] over mutual TLS with `tls`.
+    pub async fn connect_tls(
+        port: u16,
+        client_id: &str,
+        topics: &[&str],
+        tls: std::sync::Arc<dai_trust::tls::ClientConfig>,
+    ) -> MqttProbe {
+        Self::connect_with(port, client_id, topics, Some(tls))
+            .await
+            .expect("connect")
+    }
+
+    /// The options a probe connects with (for a test that drives its own
+    /// event loop, e.g. to see a refusal).
+    pub fn options(
+        port: u16,
+        client_id: &str,
+        tls: Option<std::sync::Arc<dai_trust::tls::ClientConfig>>,
+    ) -> MqttOptions {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_max_packet_size(16 << 20, 16 << 20);
-        let (client, mut events) = AsyncClient::new(opts, 64);
+        if let Some(tls) = tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        }
+        opts
+    }
+
+    /// Connect and subscribe, or the first connection error (a refused
+    /// handshake, a closed connection) within 10 s.
+    pub async fn connect_with(
+        port: u16,
+        client_id: &str,
+        topics: &[&str],
+        tls: Option<std::sync::Arc<dai_trust::tls::ClientConfig>>,
+    ) -> Result<MqttProbe, String> {
+        let (client, mut events) = AsyncClient::new(Self::options(port, client_id, tls), 64);
+        // Wait for the CONNACK first: a refusal shows here.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if Instant::now() > deadline {
+                return Err("no CONNACK within 10 s".into());
+            }
+            match tokio::time::timeout(Duration::from_millis(200), events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
+                Ok(Err(e)) => return Err(e.to_string()),
+                _ => {}
+            }
+        }
         for topic in topics {
             client
                 .subscribe(*topic, QoS::AtLeastOnce)
@@ -276,14 +439,16 @@ impl MqttProbe {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut subacks = 0;
         while subacks < topics.len() {
-            assert!(Instant::now() < deadline, "no SUBACK");
-            if let Ok(Ok(Event::Incoming(Packet::SubAck(_)))) =
-                tokio::time::timeout(Duration::from_millis(200), events.poll()).await
-            {
-                subacks += 1;
+            if Instant::now() > deadline {
+                return Err("no SUBACK within 10 s".into());
+            }
+            match tokio::time::timeout(Duration::from_millis(200), events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subacks += 1,
+                Ok(Err(e)) => return Err(e.to_string()),
+                _ => {}
             }
         }
-        MqttProbe { client, events }
+        Ok(MqttProbe { client, events })
     }
 
     /// Queue `payload` on `topic` (QoS 1, not retained); it leaves while

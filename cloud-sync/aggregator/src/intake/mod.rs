@@ -5,8 +5,9 @@
 //!
 //! In: [`Intake::connected`] / [`Intake::disconnected`] (the broker
 //! session), [`Intake::publish`] (an incoming publish: topic and payload
-//! bytes), [`Intake::flush`] (the batch so far is complete) and
-//! [`Intake::tick`] (the periodic timer). Time comes in as an `Instant`
+//! bytes), [`Intake::flush`] (the batch so far is complete),
+//! [`Intake::tick`] (the periodic timer) and [`Intake::set_devices`] (the
+//! enrolled devices changed). Time comes in as an `Instant`
 //! argument, so a test can jump past a round timeout.
 //!
 //! Out: [`Output`]s, taken with [`Intake::take_outputs`] in the order they
@@ -22,20 +23,35 @@
 //! after its update's transaction committed. Log lines go to `tracing`
 //! directly: they need no ordering with the outputs.
 //!
+//! Every update is authenticated first ([`crate::auth`]): an update that
+//! is not signed by the enrolled, unrevoked device its topic names is
+//! refused, counted by reason and not acked; a signed update whose
+//! payload names another device is rejected with an ack. Acks are signed
+//! for their topic ([`dai_protocol::signed`]); globals are signed over
+//! fleet, model, version and the state's epoch. A want (a device's
+//! request for a newer global) or a retained global that is not the one
+//! last signed (cleared or overwritten) publishes the current global again
+//! on the next tick.
+//!
 //! Updates are batched: [`Intake::publish`] decodes and buffers them until
 //! [`Intake::batch_full`] or [`Intake::flush`]; the flush records the whole
 //! batch in one transaction (group commit), acks each update, and
 //! aggregates the models it touched when their strategy says so.
 
 use crate::FedAdam;
+use crate::auth::{DeviceAuth, DeviceKeys, Refusal};
 use crate::monitor::{DeviceView, MonitorEvent, Outcome};
 use crate::state::{DUPLICATE_REASON, NewGlobal, Settings, State, StateError};
-use dai_protocol::messages::{Ack, AckStatus, Status};
+use dai_protocol::messages::{Ack, AckStatus, Status, Want};
+use dai_protocol::signed::{self, Kind};
 use dai_protocol::topics::{self, Topic};
 use dai_protocol::update::Update;
 use ed25519_dalek::SigningKey;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+/// Filters subscribed on each broker session ([`Intake::connected`]).
+pub const SUBSCRIPTIONS: u64 = 4;
 
 /// Most updates ingested in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -54,6 +70,8 @@ pub struct IntakeConfig {
     pub signing_key: SigningKey,
     /// Server optimiser (FedAdam); `None` adds the aggregated delta as is.
     pub server_optimizer: Option<FedAdam>,
+    /// Which devices may submit, and how that is checked.
+    pub devices: DeviceAuth,
 }
 
 /// Something the I/O loop must do, in order.
@@ -61,17 +79,20 @@ pub struct IntakeConfig {
 pub enum Output {
     /// Subscribe to this filter (QoS 1).
     Subscribe(String),
-    /// Publish `ack` on `topic` (QoS 1, not retained).
+    /// Publish `ack` on `topic` (QoS 1, not retained); `payload` is the
+    /// ack signed with the aggregator's key for that topic.
     Ack {
         topic: String,
         ack: Ack,
+        payload: Vec<u8>,
     },
     /// Publish a signed global model on `topic` (QoS 1, retained).
     Global {
         topic: String,
         model: String,
         version: u64,
-        /// `dai_protocol::global::sign` of the version's head file.
+        /// `dai_protocol::global::sign` of the version's head file (fleet,
+        /// model, version and epoch signed).
         payload: Vec<u8>,
     },
     Monitor(MonitorEvent),
@@ -85,6 +106,10 @@ pub struct ServiceStats {
     /// Redeliveries of an id already recorded (acked again, counted once).
     pub duplicates: u64,
     pub globals_published: u64,
+    /// Updates refused before decoding (no ack), by
+    /// [`Refusal::label`]: bad or missing signature, unknown or revoked
+    /// device, another fleet.
+    pub refused: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// `"1.0.0"` (a bundle version: the shipped head) is global 0;
@@ -114,12 +139,15 @@ pub fn strategy_label(settings: &Settings, server_optimizer: Option<&FedAdam>) -
     }
 }
 
-/// An update as it arrived, decoded or not.
+/// An update as it arrived, decoded or not. `refusal`: authenticated
+/// and decoded, but refused before ingest (its payload names another
+/// device than its topic); it gets a rejected ack.
 #[derive(Debug)]
 struct Incoming {
     device: String,
     bytes: usize,
     update: Result<Update, dai_protocol::ProtocolError>,
+    refusal: Option<String>,
 }
 
 /// The sans-IO aggregator (see the module doc).
@@ -141,6 +169,15 @@ pub struct Intake {
     batch_values: usize,
     stats: ServiceStats,
     outputs: Vec<Output>,
+    /// The aggregator epoch globals are signed in (the state file's).
+    epoch: u64,
+    /// The signed global last published per model: a retained message on
+    /// its topic that differs (cleared or overwritten by someone else) is
+    /// healed by publishing this again.
+    signed: HashMap<String, Vec<u8>>,
+    /// Models whose global must be published again on the next tick (a
+    /// want or a damaged retained message); at most once per tick.
+    heal: Vec<String>,
 }
 
 impl Intake {
@@ -152,6 +189,7 @@ impl Intake {
         for (model, head) in &cfg.models {
             state.register(model, head)?;
         }
+        let epoch = state.epoch()?;
         let mut intake = Intake {
             adam: cfg.server_optimizer.clone(),
             cfg,
@@ -164,6 +202,9 @@ impl Intake {
             batch_values: 0,
             stats: ServiceStats::default(),
             outputs: Vec::new(),
+            epoch,
+            signed: HashMap::new(),
+            heal: Vec::new(),
         };
         for model in intake.model_names() {
             let (version, head) = intake.state.current(&model)?;
@@ -193,6 +234,8 @@ impl Intake {
         for filter in [
             topics::all_updates(&self.cfg.fleet),
             topics::all_status(&self.cfg.fleet),
+            topics::all_wants(&self.cfg.fleet),
+            topics::all_globals(&self.cfg.fleet),
         ] {
             self.outputs.push(Output::Subscribe(filter));
         }
@@ -226,24 +269,112 @@ impl Intake {
         self.monitor(MonitorEvent::BrokerLost { was_connected });
     }
 
-    /// An incoming publish. Updates are decoded and held for the next
-    /// [`Intake::flush`]; heartbeats go to the monitor at once.
+    /// The enrolled devices changed (an enrolment or a revocation in the
+    /// fleet directory): from now on updates are checked against `keys`.
+    pub fn set_devices(&mut self, keys: DeviceKeys) {
+        tracing::info!(devices = keys.len(), "device registry loaded");
+        self.cfg.devices = DeviceAuth::Signed(keys);
+    }
+
+    /// An incoming publish. Updates are authenticated, decoded and held
+    /// for the next [`Intake::flush`]; heartbeats go to the monitor at
+    /// once; wants and retained globals may schedule a global again.
     pub fn publish(&mut self, topic: &str, payload: &[u8]) {
         match Topic::parse(topic) {
-            Ok(Topic::Update { device, .. }) => {
-                self.monitor(MonitorEvent::UpdateBytes(payload.len() as u64));
-                let update = Update::decode(payload);
-                self.batch_values += update
-                    .as_ref()
-                    .map_or(0, |u| u.tensors.iter().map(|t| t.values.len()).sum());
-                self.batch.push(Incoming {
-                    device,
-                    bytes: payload.len(),
-                    update,
-                });
+            Ok(Topic::Update { fleet, device }) => self.update(&fleet, device, topic, payload),
+            Ok(Topic::Status { fleet, device }) if fleet == self.cfg.fleet => {
+                self.heartbeat(device, payload)
             }
-            Ok(Topic::Status { device, .. }) => self.heartbeat(device, payload),
+            Ok(Topic::Want { fleet, device }) if fleet == self.cfg.fleet => {
+                self.want(&device, payload)
+            }
+            Ok(Topic::Global { fleet, model }) if fleet == self.cfg.fleet => {
+                self.retained_global(model, payload)
+            }
             _ => tracing::warn!(%topic, "ignoring a message on an unexpected topic"),
+        }
+    }
+
+    fn update(&mut self, fleet: &str, device: String, topic: &str, payload: &[u8]) {
+        self.monitor(MonitorEvent::UpdateBytes(payload.len() as u64));
+        let body =
+            match self
+                .cfg
+                .devices
+                .authenticate(&self.cfg.fleet, fleet, &device, topic, payload)
+            {
+                Ok(body) => body,
+                Err(refusal) => return self.refuse(device, payload.len(), &refusal),
+            };
+        let update = Update::decode(body);
+        // Signed by the topic's device, so this is that device's claim:
+        // refused with an ack, and never counted for the device it names.
+        let refusal = match &update {
+            Ok(u) if u.meta.device != device => Some(format!(
+                "the update names device {:?}, but was sent by {device:?}",
+                u.meta.device
+            )),
+            _ => None,
+        };
+        if refusal.is_none() {
+            self.batch_values += update
+                .as_ref()
+                .map_or(0, |u| u.tensors.iter().map(|t| t.values.len()).sum());
+        }
+        self.batch.push(Incoming {
+            device,
+            bytes: payload.len(),
+            update,
+            refusal,
+        });
+    }
+
+    /// Count, log and report an update refused before decoding (no ack).
+    fn refuse(&mut self, device: String, bytes: usize, refusal: &Refusal) {
+        *self.stats.refused.entry(refusal.label()).or_insert(0) += 1;
+        tracing::warn!(%device, bytes, reason = refusal.label(), error = %refusal, "update refused");
+        self.monitor(MonitorEvent::Update {
+            device,
+            update_id: String::new(),
+            bytes,
+            outcome: Outcome::Refused,
+            reason: Some(refusal.to_string()),
+        });
+    }
+
+    /// A device asks for a model's global: scheduled if it holds an older
+    /// version than the current one (so asking cannot make the aggregator
+    /// flood the broker with what devices already have).
+    fn want(&mut self, device: &str, payload: &[u8]) {
+        let w = match Want::from_bytes(payload) {
+            Ok(w) => w,
+            Err(e) => return tracing::warn!(%device, error = %e, "unreadable global request"),
+        };
+        match self.published.get(&w.model) {
+            Some(&current) if current > w.version => self.schedule_heal(w.model),
+            Some(_) => {}
+            None => {
+                tracing::debug!(%device, model = %w.model, "global request for an unknown model")
+            }
+        }
+    }
+
+    /// A retained global on a model topic (our own publish comes back, and
+    /// the broker sends the retained one on subscribe): anything but what
+    /// we last signed means it was cleared or overwritten, so publish ours
+    /// again.
+    fn retained_global(&mut self, model: String, payload: &[u8]) {
+        if let Some(ours) = self.signed.get(&model)
+            && ours.as_slice() != payload
+        {
+            tracing::warn!(%model, bytes = payload.len(), "the retained global was cleared or replaced; publishing the current one again");
+            self.schedule_heal(model);
+        }
+    }
+
+    fn schedule_heal(&mut self, model: String) {
+        if !self.heal.contains(&model) {
+            self.heal.push(model);
         }
     }
 
@@ -266,6 +397,7 @@ impl Intake {
         self.batch_values = 0;
         let decoded: Vec<&Update> = batch
             .iter()
+            .filter(|b| b.refusal.is_none())
             .filter_map(|b| b.update.as_ref().ok())
             .collect();
         let mut acks = self
@@ -275,6 +407,17 @@ impl Intake {
         let mut touched: Vec<String> = Vec::new();
         for b in &batch {
             let (ack, outcome) = match &b.update {
+                Ok(update) if b.refusal.is_some() => {
+                    self.stats.rejected += 1;
+                    tracing::warn!(device = %b.device, update = %update.meta.update_id, reason = ?b.refusal, "update rejected");
+                    let ack = Ack {
+                        update_id: update.meta.update_id.clone(),
+                        status: AckStatus::Rejected,
+                        reason: b.refusal.clone(),
+                        round: None,
+                    };
+                    (ack, Outcome::Rejected)
+                }
                 Ok(update) => {
                     let Some(ack) = acks.next() else { break };
                     let outcome = self.count(b, &ack);
@@ -311,7 +454,18 @@ impl Intake {
             };
             // The device came from a parsed topic, so its ack topic builds.
             if let Ok(topic) = topic.build() {
-                self.outputs.push(Output::Ack { topic, ack });
+                let payload = signed::seal(
+                    Kind::Ack,
+                    &self.cfg.signing_key,
+                    &self.cfg.fleet,
+                    &topic,
+                    &ack.to_bytes(),
+                );
+                self.outputs.push(Output::Ack {
+                    topic,
+                    ack,
+                    payload,
+                });
             }
         }
         for model in touched {
@@ -340,6 +494,12 @@ impl Intake {
                 self.push_pending(&model)?;
             }
             self.round_started = None;
+        }
+        for model in std::mem::take(&mut self.heal) {
+            let (version, head) = self.state.current(&model)?;
+            if version > 0 {
+                self.push_global(&model, version, &head);
+            }
         }
         for model in self.model_names() {
             let (version, head) = self.state.current(&model)?;
@@ -450,17 +610,31 @@ impl Intake {
             fleet: self.cfg.fleet.clone(),
             model: model.to_string(),
         };
-        match topic.build() {
-            Ok(topic) => self.outputs.push(Output::Global {
-                topic,
-                model: model.to_string(),
-                version,
-                payload: dai_protocol::global::sign(head_file, &self.cfg.signing_key),
-            }),
-            Err(e) => tracing::error!(error = %e, "bad global topic"),
+        let signed = topic.build().and_then(|topic| {
+            dai_protocol::global::sign(
+                head_file,
+                &self.cfg.signing_key,
+                &self.cfg.fleet,
+                self.epoch,
+            )
+            .map(|payload| (topic, payload))
+        });
+        match signed {
+            Ok((topic, payload)) => {
+                self.signed.insert(model.to_string(), payload.clone());
+                self.outputs.push(Output::Global {
+                    topic,
+                    model: model.to_string(),
+                    version,
+                    payload,
+                });
+            }
+            Err(e) => tracing::error!(%model, version, error = %e, "global not signed"),
         }
     }
 }
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trust_tests;

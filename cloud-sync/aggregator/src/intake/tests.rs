@@ -4,7 +4,7 @@
 use super::*;
 use crate::monitor::Monitor;
 use crate::state::Strategy;
-use crate::state::fixtures::{base, base_file, settings, upd};
+use crate::state::fixtures::{base, base_file, settings};
 use dai_head::Head;
 use std::collections::BTreeMap;
 
@@ -16,8 +16,13 @@ fn key() -> SigningKey {
     SigningKey::from_bytes(&[9u8; 32])
 }
 
-/// An intake over a fresh state file in `dir`, FedAvg with `min_updates`.
+/// An intake over a fresh state file in `dir`, FedAvg with `min_updates`,
+/// updates taken unsigned (`--insecure-plaintext`).
 fn intake(dir: &std::path::Path, min_updates: usize) -> Intake {
+    intake_with(dir, min_updates, DeviceAuth::Unchecked)
+}
+
+fn intake_with(dir: &std::path::Path, min_updates: usize, devices: DeviceAuth) -> Intake {
     let state = State::open(&dir.join("agg.sqlite")).expect("open");
     Intake::new(
         state,
@@ -31,9 +36,17 @@ fn intake(dir: &std::path::Path, min_updates: usize) -> Intake {
             round_timeout: Duration::from_secs(60),
             signing_key: key(),
             server_optimizer: None,
+            devices,
         },
     )
     .expect("intake")
+}
+
+/// The fixture update, from `edge-1` (the device of [`UPDATE_TOPIC`]).
+fn upd(id: &str, base: &str, samples: u64, v: f32) -> dai_protocol::update::Update {
+    let mut u = crate::state::fixtures::upd(id, base, samples, v);
+    u.meta.device = "edge-1".into();
+    u
 }
 
 fn wire(id: &str, samples: u64, v: f32) -> Vec<u8> {
@@ -44,7 +57,16 @@ fn acks(outputs: &[Output]) -> Vec<(&str, &Ack)> {
     outputs
         .iter()
         .filter_map(|o| match o {
-            Output::Ack { topic, ack } => Some((topic.as_str(), ack)),
+            Output::Ack {
+                topic,
+                ack,
+                payload,
+            } => {
+                let body = signed::open(Kind::Ack, &key().verifying_key(), "lab", topic, payload)
+                    .expect("every ack is signed for its topic");
+                assert_eq!(&Ack::from_bytes(body).expect("ack"), ack);
+                Some((topic.as_str(), ack))
+            }
             _ => None,
         })
         .collect()
@@ -61,7 +83,7 @@ fn globals(outputs: &[Output]) -> Vec<(&str, u64, Head)> {
                 version,
                 payload,
             } => {
-                let g = dai_protocol::global::verify(payload, &key().verifying_key(), model)
+                let g = dai_protocol::global::verify(payload, &key().verifying_key(), "lab", model)
                     .expect("signed with the configured key");
                 assert_eq!(g.version, *version, "the head file carries its version");
                 let (head, _) = Head::from_bytes(&g.head_file).expect("head");
@@ -141,6 +163,8 @@ fn the_broker_session_subscribes_and_counts_disconnects_once() {
             Output::Monitor(MonitorEvent::BrokerConnected),
             Output::Subscribe("dai/v1/lab/dev/+/update".into()),
             Output::Subscribe("dai/v1/lab/dev/+/status".into()),
+            Output::Subscribe("dai/v1/lab/dev/+/want".into()),
+            Output::Subscribe("dai/v1/lab/model/+/global".into()),
         ]
     );
     let monitor = Monitor::new();
@@ -215,6 +239,12 @@ fn valid_updates_are_acked_and_a_full_round_publishes_a_signed_global() {
         ))],
         "nothing is acked before the batch is recorded"
     );
+    let u1_ack = Ack {
+        update_id: "u1".into(),
+        status: AckStatus::Accepted,
+        reason: None,
+        round: Some(1),
+    };
     i.flush(Instant::now()).expect("flush");
     assert_eq!(
         i.take_outputs(),
@@ -228,12 +258,8 @@ fn valid_updates_are_acked_and_a_full_round_publishes_a_signed_global() {
             }),
             Output::Ack {
                 topic: ACK_TOPIC.into(),
-                ack: Ack {
-                    update_id: "u1".into(),
-                    status: AckStatus::Accepted,
-                    reason: None,
-                    round: Some(1),
-                },
+                ack: u1_ack.clone(),
+                payload: signed::seal(Kind::Ack, &key(), "lab", ACK_TOPIC, &u1_ack.to_bytes()),
             },
             Output::Monitor(MonitorEvent::Pending {
                 model: "m".into(),
@@ -282,6 +308,7 @@ fn valid_updates_are_acked_and_a_full_round_publishes_a_signed_global() {
             rejected: 0,
             duplicates: 0,
             globals_published: 1,
+            refused: BTreeMap::new(),
         }
     );
 }

@@ -145,6 +145,18 @@ impl State {
             |r| r.get::<_, i64>(0),
         )? as usize)
     }
+
+    /// (device, sample count) of each pending update of `model`, by
+    /// device then id (what a round would count per device).
+    pub fn pending_devices(&self, model: &str) -> Result<Vec<(String, u64)>, StateError> {
+        let mut q = self.conn.prepare(
+            "SELECT device, sample_count FROM pending WHERE model = ?1 ORDER BY device, update_id",
+        )?;
+        let rows = q.query_map(params![model], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
 }
 
 /// Pending tensors as a blob: per tensor, a u32 LE count then f32 LE values

@@ -43,6 +43,8 @@ pub enum StateError {
     AlreadyCurrent { model: String, version: u64 },
     #[error("version {version} of {model:?} has no parent to roll back to")]
     NoParent { model: String, version: u64 },
+    #[error("the state file is damaged: {0}")]
+    Corrupt(String),
 }
 
 /// How pending updates become a global version.
@@ -118,6 +120,10 @@ CREATE TABLE IF NOT EXISTS pending (
     tensors BLOB NOT NULL,
     loss REAL NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS versions (
     model TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -163,7 +169,25 @@ impl State {
                 conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
             }
         }
+        // The epoch: fixed when the state file is made, so every global
+        // this version line signs carries it, and a new line (a new state
+        // file) is told apart from the old one by edges and auditors.
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)",
+            params![(now() as u64).to_string()],
+        )?;
         Ok(State { conn })
+    }
+
+    /// The aggregator epoch of this state file (Unix seconds of its making).
+    pub fn epoch(&self) -> Result<u64, StateError> {
+        let v: String =
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                    r.get(0)
+                })?;
+        v.parse()
+            .map_err(|_| StateError::Corrupt(format!("meta epoch {v:?} is not an integer")))
     }
 
     /// The tensor layout updates of `model` must have, read from its head

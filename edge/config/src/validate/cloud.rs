@@ -31,11 +31,21 @@ pub(super) fn check(p: &mut Problems<'_>, k: &CloudConfig) {
         && k.aggregator_public_key
             .chars()
             .all(|c| c.is_ascii_hexdigit());
+    // A bundle carries the aggregator's key (aggregator.pub).
+    let key_optional = !k.enabled || !k.bundle_dir.is_empty();
     p.check(
-        key_ok || (!k.enabled && k.aggregator_public_key.is_empty()),
+        key_ok || (key_optional && k.aggregator_public_key.is_empty()),
         "cloud.aggregator_public_key",
         format_args!("{:?}", k.aggregator_public_key),
-        "expected 64 hex digits (dai-cloud keygen writes it); required when cloud.enabled",
+        "expected 64 hex digits (dai-cloud keygen writes it); required when cloud.enabled \
+         without cloud.bundle_dir",
+    );
+    p.check(
+        !(k.enabled && k.tls.enabled && k.bundle_dir.is_empty()),
+        "cloud.bundle_dir",
+        format_args!("{:?}", k.bundle_dir),
+        "expected a device bundle directory (dai-cloud devices add NAME --out DIR) when \
+         cloud.enabled with cloud.tls.enabled; set cloud.tls.enabled: false for plain TCP",
     );
     p.check(
         (1..=1_000_000).contains(&k.max_outbox_rows),

@@ -1,7 +1,8 @@
 //! Step 2 of loading: the range and cross-field rules of a parsed
 //! [`Config`], one module per section of the file (`performance`: the
 //! top-level knobs of the performance guide; `training`, `cloud`, `daemon`,
-//! `sensors`: their sections).
+//! `http`, `sensors`: their sections). Last, `http` reads the token files
+//! it names (a file that is no token is refused like a value).
 //!
 //! Every rule runs, so one run names every invalid key; more than one
 //! problem is [`ConfigError::Many`]. Parsing cannot go past a key whose
@@ -14,6 +15,7 @@
 
 mod cloud;
 mod daemon;
+mod http;
 mod performance;
 mod sensors;
 mod training;
@@ -57,10 +59,15 @@ pub(crate) fn parse_and_validate(
             }
         }
     };
-    let Some(config) = config else {
+    let Some(mut config) = config else {
         return Err(one_or_many(found));
     };
-    found.extend(check(&config, origin, cores).into_iter().filter(|e| {
+    let mut p = Problems {
+        origin,
+        found: check(&config, origin, cores),
+    };
+    http::read_tokens(&mut p, &mut config.http);
+    found.extend(p.found.into_iter().filter(|e| {
         !e.key()
             .is_some_and(|k| taken_out.iter().any(|t| is_under(k, t)))
     }));
@@ -83,6 +90,7 @@ pub(crate) fn check(c: &Config, origin: &str, cores: Option<usize>) -> Vec<Confi
     training::check(&mut p, &c.training);
     cloud::check(&mut p, &c.cloud);
     daemon::check(&mut p, &c.daemon);
+    http::check(&mut p, &c.http, &c.daemon);
     p.found
 }
 

@@ -168,3 +168,25 @@ fn a_config_file_that_cannot_be_read_names_the_file_and_keeps_the_cause_as_sourc
         "the cause is the source, not part of the message: {text:?}"
     );
 }
+
+#[test]
+fn cloud_sync_needs_an_identity_unless_plain_tcp_is_chosen_explicitly() {
+    let on = "cloud: {enabled: true, aggregator_public_key: 00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff}";
+    let e = load(on, None).expect_err("no bundle with TLS on");
+    assert_eq!(keys(&e), vec!["cloud.bundle_dir"]);
+    assert!(e.to_string().contains("dai-cloud devices add"), "{e}");
+    // Plain TCP written out, or a bundle (which carries the aggregator key).
+    load(
+        "cloud: {enabled: true, tls: {enabled: false}, aggregator_public_key: 00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff}",
+        None,
+    )
+    .expect("plain TCP");
+    load(
+        "cloud: {enabled: true, bundle_dir: /etc/dai/identity}",
+        None,
+    )
+    .expect("bundle");
+    // Without a bundle the key is still required.
+    let e = load("cloud: {enabled: true, tls: {enabled: false}}", None).expect_err("no key");
+    assert_eq!(keys(&e), vec!["cloud.aggregator_public_key"]);
+}

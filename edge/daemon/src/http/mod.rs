@@ -26,8 +26,15 @@
 //! Errors are JSON `{"error": {"code", "message"}}` with a 4xx/5xx status
 //! ([`ApiError`]); overload is 503 with `Retry-After`.
 //!
+//! Authentication ([`auth`]): with `http.auth_token_file`, every endpoint
+//! but `/`, `/healthz`, `/readyz` and `/metrics` needs `Authorization:
+//! Bearer TOKEN` (401 otherwise, before the body is read); with
+//! `http.metrics_token_file`, `/metrics` needs that token or the API's.
+//! The page itself is static and open; its script sends the token.
+//!
 //! Handlers share one [`App`], composed of the daemon's handles.
 
+pub mod auth;
 pub mod codec;
 pub mod infer;
 pub mod status;
@@ -40,6 +47,7 @@ use crate::training::Training;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -82,18 +90,31 @@ impl App {
 
 pub fn router(app: Arc<App>) -> Router {
     let limit = (app.config.daemon.max_body_mb * 1024 * 1024) as usize;
+    let tokens = &app.config.http.tokens;
+    let api = guarded(
+        Router::new()
+            .route("/v1/status", get(status::status))
+            .route("/v1/models", get(status::models))
+            .route("/v1/models/{name}", get(status::model_detail))
+            .route("/v1/models/{name}/infer", post(infer::infer))
+            .route("/v1/models/{name}/samples", post(training::samples))
+            .route("/v1/models/{name}/train", post(training::train_now))
+            .route("/v1/feedback", post(training::feedback)),
+        auth::Guard::new(&tokens.api),
+    );
+    let metrics = guarded(
+        Router::new().route("/metrics", get(status::metrics_text)),
+        tokens
+            .metrics
+            .as_ref()
+            .and_then(|m| auth::Guard::new([m].into_iter().chain(&tokens.api))),
+    );
     Router::new()
         .route("/", get(status::status_page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(status::readyz))
-        .route("/metrics", get(status::metrics_text))
-        .route("/v1/status", get(status::status))
-        .route("/v1/models", get(status::models))
-        .route("/v1/models/{name}", get(status::model_detail))
-        .route("/v1/models/{name}/infer", post(infer::infer))
-        .route("/v1/models/{name}/samples", post(training::samples))
-        .route("/v1/models/{name}/train", post(training::train_now))
-        .route("/v1/feedback", post(training::feedback))
+        .merge(metrics)
+        .merge(api)
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -103,6 +124,14 @@ pub fn router(app: Arc<App>) -> Router {
         })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
+}
+
+/// `routes` behind `guard`, or open without one.
+fn guarded(routes: Router<Arc<App>>, guard: Option<Arc<auth::Guard>>) -> Router<Arc<App>> {
+    match guard {
+        Some(g) => routes.route_layer(from_fn_with_state(g, auth::require)),
+        None => routes,
+    }
 }
 
 /// A JSON error answer.

@@ -1,0 +1,237 @@
+//! The topic ACL of the embedded broker's gate, the same rules as the
+//! shipped Mosquitto ACL (`deploy/mosquitto/acl`). Pure: a peer (from its
+//! verified certificate) and a packet's client id, topic or filter in, a
+//! verdict out.
+//!
+//! - A device `N` connects with client id `N`; it may publish only on
+//!   `dai/v1/{fleet}/dev/N/{update,status,event,want}` (its last will is
+//!   its status) and subscribe only to `dai/v1/{fleet}/dev/N/ack` and
+//!   `dai/v1/{fleet}/model/{M|+}/global`.
+//! - The aggregator (certificate name `dai-cloud`) connects with a client
+//!   id `dai-cloud` or `dai-cloud-…`; it may publish acks and globals of
+//!   the fleet and subscribe to every device's update, status, event and
+//!   want topic and to the globals.
+//! - A broker certificate is not a client.
+
+use dai_protocol::topics::{PREFIX, Topic, valid_segment};
+use dai_trust::{PeerCert, Role};
+
+/// Why a packet was refused (the gate closes the connection).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("client id {client_id:?} is not the certificate's name {name:?}")]
+    ClientId { client_id: String, name: String },
+    #[error("{role} {name:?} may not publish on {topic:?}")]
+    Publish {
+        role: Role,
+        name: String,
+        topic: String,
+    },
+    #[error("{role} {name:?} may not subscribe to {filter:?}")]
+    Subscribe {
+        role: Role,
+        name: String,
+        filter: String,
+    },
+    #[error("a {0} certificate cannot connect as an MQTT client")]
+    Role(Role),
+}
+
+/// The rules for one authenticated peer in one fleet.
+#[derive(Debug, Clone)]
+pub struct Acl {
+    fleet: String,
+    role: Role,
+    name: String,
+}
+
+impl Acl {
+    pub fn new(fleet: &str, peer: &PeerCert) -> Acl {
+        Acl {
+            fleet: fleet.to_string(),
+            role: peer.role,
+            name: peer.name.clone(),
+        }
+    }
+
+    /// The CONNECT: the client id must be the certificate's name (the
+    /// aggregator's may carry a per-process suffix).
+    pub fn connect(&self, client_id: &str) -> Result<(), Denied> {
+        let ok = match self.role {
+            Role::Device => client_id == self.name,
+            Role::Aggregator => {
+                client_id == self.name
+                    || client_id
+                        .strip_prefix(self.name.as_str())
+                        .and_then(|rest| rest.strip_prefix('-'))
+                        .is_some_and(valid_segment)
+            }
+            Role::Broker => return Err(Denied::Role(Role::Broker)),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Denied::ClientId {
+                client_id: client_id.chars().take(80).collect(),
+                name: self.name.clone(),
+            })
+        }
+    }
+
+    /// A PUBLISH (or the last will's topic).
+    pub fn publish(&self, topic: &str) -> Result<(), Denied> {
+        let ok = match (self.role, Topic::parse(topic)) {
+            (
+                Role::Device,
+                Ok(
+                    Topic::Update { fleet, device }
+                    | Topic::Status { fleet, device }
+                    | Topic::Event { fleet, device }
+                    | Topic::Want { fleet, device },
+                ),
+            ) => fleet == self.fleet && device == self.name,
+            (Role::Aggregator, Ok(Topic::Ack { fleet, .. } | Topic::Global { fleet, .. })) => {
+                fleet == self.fleet
+            }
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Denied::Publish {
+                role: self.role,
+                name: self.name.clone(),
+                topic: topic.chars().take(200).collect(),
+            })
+        }
+    }
+
+    /// One SUBSCRIBE filter.
+    pub fn subscribe(&self, filter: &str) -> Result<(), Denied> {
+        if self.subscribe_ok(filter) {
+            Ok(())
+        } else {
+            Err(Denied::Subscribe {
+                role: self.role,
+                name: self.name.clone(),
+                filter: filter.chars().take(200).collect(),
+            })
+        }
+    }
+
+    fn subscribe_ok(&self, filter: &str) -> bool {
+        let Some(rest) = filter
+            .strip_prefix(PREFIX)
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            return false;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        // A segment is a name or, where allowed, the single-level wildcard.
+        let name_or_plus = |s: &str| s == "+" || valid_segment(s);
+        match (self.role, parts.as_slice()) {
+            (_, [fleet, "model", model, "global"]) => *fleet == self.fleet && name_or_plus(model),
+            (Role::Device, [fleet, "dev", device, "ack"]) => {
+                *fleet == self.fleet && *device == self.name
+            }
+            (Role::Aggregator, [fleet, "dev", device, leaf]) => {
+                *fleet == self.fleet
+                    && name_or_plus(device)
+                    && matches!(*leaf, "update" | "status" | "event" | "want")
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dai_trust::{FleetName, Serial};
+
+    fn peer(role: Role, name: &str) -> PeerCert {
+        PeerCert {
+            role,
+            fleet: FleetName::parse("f").expect("fleet"),
+            name: name.into(),
+            serial: Serial::from_der_bytes(&[1]),
+            public_key: [0; 32],
+            not_before: 0,
+            not_after: i64::MAX,
+        }
+    }
+
+    #[test]
+    fn a_device_speaks_only_for_itself() {
+        let a = Acl::new("f", &peer(Role::Device, "a"));
+        assert!(a.connect("a").is_ok());
+        for id in ["b", "dai-cloud", "a-2", ""] {
+            assert!(a.connect(id).is_err(), "{id}");
+        }
+        for t in ["update", "status", "event", "want"] {
+            assert!(a.publish(&format!("dai/v1/f/dev/a/{t}")).is_ok(), "{t}");
+            assert!(a.publish(&format!("dai/v1/f/dev/b/{t}")).is_err(), "{t}");
+            assert!(a.publish(&format!("dai/v1/g/dev/a/{t}")).is_err(), "{t}");
+        }
+        for t in [
+            "dai/v1/f/dev/a/ack",
+            "dai/v1/f/dev/b/ack",
+            "dai/v1/f/model/m/global",
+            "dai/v1/f/dev/a/other",
+            "x",
+        ] {
+            assert!(a.publish(t).is_err(), "{t}");
+        }
+        for ok in [
+            "dai/v1/f/dev/a/ack",
+            "dai/v1/f/model/m/global",
+            "dai/v1/f/model/+/global",
+        ] {
+            assert!(a.subscribe(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "#",
+            "dai/#",
+            "dai/v1/f/#",
+            "dai/v1/f/dev/+/update",
+            "dai/v1/f/dev/b/update",
+            "dai/v1/f/dev/b/ack",
+            "dai/v1/f/dev/+/ack",
+            "dai/v1/f/dev/a/update",
+            "dai/v1/f/model/#",
+            "dai/v1/g/model/m/global",
+            "dai/v1/+/model/m/global",
+            "$SYS/#",
+        ] {
+            assert!(a.subscribe(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_aggregator_reads_devices_and_writes_acks_and_globals() {
+        let c = Acl::new("f", &peer(Role::Aggregator, "dai-cloud"));
+        assert!(c.connect("dai-cloud").is_ok());
+        assert!(c.connect("dai-cloud-1f2e").is_ok());
+        assert!(c.connect("a").is_err());
+        assert!(c.connect("dai-cloud-").is_err());
+        assert!(c.connect("dai-cloud-a/b").is_err());
+        assert!(c.publish("dai/v1/f/dev/a/ack").is_ok());
+        assert!(c.publish("dai/v1/f/model/m/global").is_ok());
+        assert!(c.publish("dai/v1/f/dev/a/update").is_err());
+        assert!(c.publish("dai/v1/g/dev/a/ack").is_err());
+        for ok in [
+            "dai/v1/f/dev/+/update",
+            "dai/v1/f/dev/+/status",
+            "dai/v1/f/dev/+/want",
+            "dai/v1/f/dev/a/event",
+            "dai/v1/f/model/+/global",
+        ] {
+            assert!(c.subscribe(ok).is_ok(), "{ok}");
+        }
+        for bad in ["#", "dai/v1/f/dev/+/ack", "dai/v1/g/dev/+/update"] {
+            assert!(c.subscribe(bad).is_err(), "{bad}");
+        }
+        let b = Acl::new("f", &peer(Role::Broker, "broker"));
+        assert!(b.connect("broker").is_err());
+    }
+}
