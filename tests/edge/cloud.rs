@@ -1,12 +1,13 @@
-//! A small fleet end to end: the aggregator with its embedded broker and
-//! three edge daemons, real training on digits, two federated rounds.
+//! A small fleet end to end: the aggregator with its embedded broker (or a
+//! Mosquitto) and three enrolled edge daemons over mutual TLS, real
+//! training on digits, two federated rounds.
 
 use crate::support::*;
 use dai_cloud::service::ServiceConfig;
 use dai_cloud::state::Settings;
 use dai_testkit::{
-    MqttProbe, fedavg, free_port, public_key_hex, service_config, signing_key,
-    start_embedded_broker, wait_for_port,
+    MqttProbe, SecureMosquitto, aggregator_tls, fedavg, free_port, make_fleet, public_key_hex,
+    service_config, signing_key, start_secure, wait_for_port,
 };
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -63,70 +64,90 @@ async fn wait_global(d: &TestDaemon, version: i64) -> Value {
     }
 }
 
+/// The fleet over mutual TLS through the embedded broker's gate: enrolled
+/// devices, signed updates, signed acks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_edges_two_rounds_through_the_embedded_broker() {
-    let port = start_embedded_broker();
     // Sparse updates with error feedback on this one; int8 through Mosquitto.
-    fleet_rounds(port, "lab", dai_config::UpdateEncoding::Topk8).await;
+    fleet_rounds(Via::Embedded, dai_config::UpdateEncoding::Topk8).await;
 }
 
-/// The same fleet through a real Mosquitto server. CI installs and starts
-/// one and sets DAI_MOSQUITTO_PORT; without it the test says it skipped.
+/// The same fleet through a real Mosquitto running the shipped
+/// `deploy/mosquitto` configuration (mutual TLS, the fleet ACL). CI
+/// installs Mosquitto and sets DAI_MOSQUITTO_PORT; without it the test
+/// says it skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_edges_two_rounds_through_mosquitto() {
-    let Some(port) = std::env::var("DAI_MOSQUITTO_PORT")
-        .ok()
-        .and_then(|p| p.parse::<u16>().ok())
-    else {
+    if std::env::var("DAI_MOSQUITTO_PORT").is_err() {
         eprintln!(
-            "SKIPPED three_edges_two_rounds_through_mosquitto: set DAI_MOSQUITTO_PORT to a running Mosquitto (.ci/run starts one)"
+            "SKIPPED three_edges_two_rounds_through_mosquitto: needs the mosquitto binary; set DAI_MOSQUITTO_PORT (.ci/run installs it)"
         );
         return;
-    };
-    // A fresh fleet name: the server may hold retained globals of earlier runs.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    fleet_rounds(
-        port,
-        &format!("ci{nanos:x}"),
-        dai_config::UpdateEncoding::Int8,
-    )
-    .await;
+    }
+    fleet_rounds(Via::Mosquitto, dai_config::UpdateEncoding::Int8).await;
 }
 
-async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncoding) {
+enum Via {
+    Embedded,
+    Mosquitto,
+}
+
+const FLEET: &str = "lab";
+
+async fn fleet_rounds(via: Via, encoding: dai_config::UpdateEncoding) {
     ensure_zoo();
-    let key = signing_key(0x42);
-    let public = public_key_hex(&key);
+    let fleet = FLEET;
+    let ids = tempfile::tempdir().expect("tmp");
+    let fleet_dir = make_fleet(ids.path(), fleet, &["edge-0", "edge-1", "edge-2"]);
+    let key = dai_trust::fs::FleetDir::new(&fleet_dir)
+        .load()
+        .expect("fleet")
+        .aggregator
+        .signing_key()
+        .clone();
     let agg_dir = tempfile::tempdir().expect("tmp");
     let forger = signing_key(0x66);
     let older_signer = key.clone();
     let base = std::fs::read(zoo().join("digits/head.safetensors")).expect("base head");
     let base_head = base.clone();
-    let (agg_stop, agg_rx) = tokio::sync::oneshot::channel::<()>();
-    let aggregator = tokio::spawn(dai_cloud::service::run(
-        ServiceConfig {
-            fleet: fleet.into(),
-            settings: Settings {
-                max_staleness: 2,
-                reject_norm: 1e3,
-                ..fedavg(3)
-            },
-            round_timeout: Duration::from_secs(120),
-            signing_key: key,
-            ..service_config(port, agg_dir.path(), [("digits", base)])
-        },
-        async move {
-            let _ = agg_rx.await;
-        },
-    ));
+    let edit = |c: &mut ServiceConfig| {
+        c.settings = Settings {
+            max_staleness: 2,
+            reject_norm: 1e3,
+            ..fedavg(3)
+        };
+        c.round_timeout = Duration::from_secs(120);
+    };
+    let mut mosquitto = None;
+    let (port, aggregator, agg_stop) = match via {
+        Via::Embedded => {
+            let port = free_port();
+            let (task, stop) =
+                start_secure(port, agg_dir.path(), &fleet_dir, [("digits", base)], edit).await;
+            (port, task, stop)
+        }
+        Via::Mosquitto => {
+            let m = SecureMosquitto::start(&fleet_dir, fleet).expect("mosquitto (CI installs it)");
+            let port = m.port;
+            mosquitto = Some(m);
+            let secure = dai_cloud::secure::SecureFleet::open(&fleet_dir).expect("fleet");
+            let mut cfg = service_config(port, agg_dir.path(), [("digits", base)]);
+            cfg.tls = Some(std::sync::Arc::new(secure.client_tls().expect("tls")));
+            secure.apply(&mut cfg);
+            edit(&mut cfg);
+            let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(dai_cloud::service::run(cfg, async move {
+                let _ = rx.await;
+            }));
+            (port, task, stop)
+        }
+    };
     let rows = dai_models::digits::load(&repo().join("models/data/digits.csv.gz")).expect("digits");
     let eval = &rows[1400..1700];
     let mut edges = Vec::new();
     for i in 0..3 {
-        let public = public.clone();
         let fleet = fleet.to_string();
+        let bundle = ids.path().join(format!("edge-{i}"));
         edges.push(
             TestDaemon::start(move |c| {
                 c.daemon.models = vec!["digits".into()];
@@ -138,7 +159,7 @@ async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncodi
                 c.cloud.broker = format!("127.0.0.1:{port}");
                 c.cloud.fleet = fleet;
                 c.cloud.device_id = format!("edge-{i}");
-                c.cloud.aggregator_public_key = public;
+                c.cloud.bundle_dir = bundle.display().to_string();
                 c.cloud.heartbeat_sec = 1;
                 c.cloud.update_encoding = encoding;
                 c.retry_delay_sec = 1;
@@ -187,9 +208,11 @@ async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncodi
         others.iter().all(|a| (a - after).abs() < 1e-9),
         "every edge serves the same global head"
     );
-    // Bad globals on the model topic: another key's signature (claiming
-    // version 3) and a genuine but older version 1. Both are refused,
-    // counted, and the edges keep serving global 2.
+    // Bad globals on the model topic, as a hostile broker (or a stolen
+    // aggregator TLS identity) could publish them: another key's signature
+    // (claiming version 3) and a genuine but older version 1. Both are
+    // refused, counted, and the edges keep serving global 2 (the
+    // aggregator also heals the retained message).
     let stamped = |version: u64| {
         let (head, _) = dai_train::Head::from_bytes(&base_head).expect("head");
         let mut meta = std::collections::HashMap::new();
@@ -197,7 +220,8 @@ async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncodi
         meta.insert("version".to_string(), version.to_string());
         head.to_bytes(&meta).expect("bytes")
     };
-    let mut intruder = MqttProbe::connect(port, "intruder", &[]).await;
+    let mut intruder =
+        MqttProbe::connect_tls(port, "dai-cloud-intruder", &[], aggregator_tls(&fleet_dir)).await;
     let topic = format!("dai/v1/{fleet}/model/digits/global");
     for wire in [
         dai_protocol::global::sign(&stamped(3), &forger, fleet, 1).expect("sign"),
@@ -244,6 +268,8 @@ async fn fleet_rounds(port: u16, fleet: &str, encoding: dai_config::UpdateEncodi
         (6, 2),
         "{stats:?}"
     );
+    assert!(stats.refused.is_empty(), "{stats:?}");
+    drop(mosquitto);
 }
 
 fn mosquitto(port: u16) -> std::process::Child {

@@ -140,3 +140,110 @@ async fn outbox_drains_on_acks_and_the_global_arrives_even_if_the_broker_comes_l
     let _ = agg_stop.send(());
     let _ = aggregator.await;
 }
+
+/// A hostile broker (here: anyone on a plain broker) answers an update with
+/// forged acks: unsigned, signed by another key, and a genuine signature
+/// made for another device's ack topic. None deletes the row; the real
+/// aggregator's signed ack does, and the update is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_acks_delete_nothing_and_the_update_is_counted_once() {
+    let port = free_port();
+    start_embedded_broker_on(port);
+    let key = signing_key(5);
+    let device_key = signing_key(11);
+    let edge = Arc::new(FakeEdge::default());
+    edge.outbox.lock().push(update("a-1", 0.25));
+    let cfg = UplinkConfig {
+        fleet: "lab".into(),
+        device: "edge-a".into(),
+        host: "127.0.0.1".into(),
+        port,
+        aggregator_key: key.verifying_key(),
+        device_key: Some(device_key.clone()),
+        tls: None,
+        retry_delay: Duration::from_millis(100),
+        connection_timeout: Duration::from_secs(1),
+        heartbeat: Duration::from_secs(1),
+    };
+    let mut attacker =
+        dai_testkit::MqttProbe::connect(port, "attacker", &["dai/v1/lab/dev/edge-a/update"]).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let uplink = tokio::spawn(run(cfg, edge.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    // The update goes out signed by the device for its topic.
+    let seen = attacker
+        .wait_for("dai/v1/lab/dev/edge-a/update", Duration::from_secs(20))
+        .await
+        .expect("the update is published");
+    let body = dai_protocol::signed::open(
+        dai_protocol::signed::Kind::Update,
+        &device_key.verifying_key(),
+        "lab",
+        &seen.topic,
+        &seen.payload,
+    )
+    .expect("signed by the device");
+    assert_eq!(
+        dai_protocol::update::Update::decode(body)
+            .expect("update")
+            .meta
+            .update_id,
+        "a-1"
+    );
+    let ack = Ack {
+        update_id: "a-1".into(),
+        status: AckStatus::Accepted,
+        reason: None,
+        round: Some(1),
+    }
+    .to_bytes();
+    let ours = "dai/v1/lab/dev/edge-a/ack";
+    let seal = |k: &ed25519_dalek::SigningKey, topic: &str| {
+        dai_protocol::signed::seal(dai_protocol::signed::Kind::Ack, k, "lab", topic, &ack)
+    };
+    for forged in [
+        ack.clone(),
+        seal(&signing_key(66), ours),
+        seal(&key, "dai/v1/lab/dev/edge-b/ack"),
+    ] {
+        attacker.publish(ours, forged).await;
+    }
+    // Drive the attacker's event loop so the forgeries leave, then look.
+    let _ = attacker.next_publish(Duration::from_secs(2)).await;
+    assert_eq!(
+        edge.outbox.lock().len(),
+        1,
+        "a forged ack deleted the update"
+    );
+    assert!(edge.acks.lock().is_empty());
+
+    // The real aggregator comes up: the uplink publishes again (no ack
+    // came within the timeout), the signed ack deletes the row.
+    let dir = tempfile::tempdir().expect("tmp");
+    let (agg_stop, agg_rx) = tokio::sync::oneshot::channel::<()>();
+    let aggregator = tokio::spawn(dai_cloud::service::run(
+        ServiceConfig {
+            signing_key: key.clone(),
+            settings: dai_testkit::fedavg(5),
+            ..service_config(port, dir.path(), [("m", head_bytes(&head(&[3, 2], 3)))])
+        },
+        async move {
+            let _ = agg_rx.await;
+        },
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !edge.outbox.lock().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        edge.outbox.lock().is_empty(),
+        "the genuine ack deletes the row"
+    );
+    let _ = stop_tx.send(());
+    let stats = uplink.await.expect("uplink");
+    assert_eq!(stats.acks_refused, 3, "{stats:?}");
+    let _ = agg_stop.send(());
+    let agg = aggregator.await.expect("join").expect("aggregator");
+    assert_eq!(agg.accepted, 1, "counted once: {agg:?}");
+}

@@ -493,3 +493,80 @@ impl MqttProbe {
         None
     }
 }
+
+/// A Mosquitto running the shipped `deploy/mosquitto` configuration
+/// (mutual TLS, the fleet ACL) for the fleet in a fleet directory, on a
+/// free loopback port; killed on drop (its log printed if the test failed).
+pub struct SecureMosquitto {
+    pub port: u16,
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SecureMosquitto {
+    /// `None` (the caller prints SKIPPED) when there is no mosquitto binary.
+    pub fn start(fleet_dir: &Path, fleet: &str) -> Option<SecureMosquitto> {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|b| Path::new(b).exists())?;
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/mosquitto");
+        let dir = tempfile::tempdir().expect("tmp");
+        let files = dir.path().join("dai");
+        std::fs::create_dir_all(&files).expect("mkdir");
+        for f in ["ca.pem", "broker.pem", "broker.key.pem"] {
+            std::fs::copy(fleet_dir.join(f), files.join(f)).expect("copy fleet file");
+        }
+        let acl = std::fs::read_to_string(shipped.join("acl")).expect("shipped acl");
+        std::fs::write(files.join("acl"), acl.replace("@FLEET@", fleet)).expect("acl");
+        let port = free_port();
+        let log = dir.path().join("mosquitto.log");
+        let mut conf = std::fs::read_to_string(shipped.join("mosquitto.conf")).expect("conf");
+        for (from, to) in [
+            (
+                "\nlistener 8883\n",
+                format!("\nlistener {port} 127.0.0.1\n"),
+            ),
+            ("/etc/mosquitto/dai/", format!("{}/", files.display())),
+            ("/var/lib/mosquitto/", format!("{}/", dir.path().display())),
+            (
+                "log_dest stdout",
+                format!("log_dest file {}", log.display()),
+            ),
+        ] {
+            assert!(conf.contains(from), "mosquitto.conf no longer has {from:?}");
+            conf = conf.replace(from, &to);
+        }
+        // As root (CI) Mosquitto would drop to the user "mosquitto", which
+        // cannot read the 0600 key in a 0700 temp dir; as anyone else this
+        // line has no effect.
+        conf.push_str("user root\n");
+        let conf_path = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf_path, conf).expect("conf");
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        wait_for_port(port, Duration::from_secs(10), "mosquitto");
+        Some(SecureMosquitto {
+            port,
+            child,
+            log,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for SecureMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("mosquitto log ({}):\n{log}", self.log.display());
+        }
+    }
+}
