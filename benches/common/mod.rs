@@ -5,6 +5,8 @@
 // Each benchmark uses the part it needs.
 #![allow(dead_code)]
 
+pub mod ingest;
+
 use std::path::PathBuf;
 
 /// The repository root: `DAI_REPO` when set (a prebuilt bench binary copied to

@@ -3,7 +3,10 @@
 
 Usage: decode_update.py FILE [--json]
 
-The payload is zstd(safetensors). Tensors are f32, f16, or int8 with a
+The payload is zstd(safetensors), as published on MQTT optionally inside
+the signed envelope "DAIU1" | Ed25519 signature (64 bytes) | payload (the
+signature is the device's over domain, fleet, topic and payload; this tool
+shows the payload and does not check the signature). Tensors are f32, f16, or int8 with a
 `{name}.scale` (f32 per row: value = int8 * scale); or, with encoding
 "topk8", sparse: `{name}.mask` (u8 bitmap over the flattened tensor, bit
 i % 8 of byte i // 8), `{name}.values` (int8, the set entries in order) and
@@ -21,6 +24,8 @@ def decode(payload: bytes) -> tuple[dict, dict]:
     import zstandard
     from safetensors.numpy import load
 
+    if payload[:5] == b"DAIU1" and len(payload) > 69:
+        payload = payload[69:]
     raw = zstandard.ZstdDecompressor().decompressobj().decompress(payload)
     header_len = struct.unpack("<Q", raw[:8])[0]
     metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__", {})

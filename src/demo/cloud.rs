@@ -82,7 +82,7 @@ impl Cloud {
                 reject_norm: 1e4,
             },
             round_timeout: opts.round_timeout,
-            signing_key: secure.fleet.aggregator.signing_key().clone(),
+            signing_key: secure.identity.aggregator.signing_key().clone(),
             server_optimizer: None,
             devices: DeviceAuth::Unchecked,
             fleet_dir: None,

@@ -400,3 +400,57 @@ async fn broker_restart_delivers_each_update_exactly_once() {
         stats.duplicates
     );
 }
+
+/// The uplink's failures as `dai_edge_sync_errors_total{outcome}`.
+fn sync_errors(metrics: &str, outcome: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("dai_edge_sync_errors_total")
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A bundle the uplink cannot use, and a broker that does not speak TLS:
+/// each is counted (and logged once per attempt) while the uplink
+/// retries, and the daemon goes on serving inference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_identity_or_a_plain_broker_is_counted_and_inference_goes_on() {
+    ensure_zoo();
+    let ids = tempfile::tempdir().expect("tmp");
+    make_fleet(ids.path(), FLEET, &["edge-x"]);
+    let plain = dai_testkit::start_embedded_broker();
+    let good = ids.path().join("edge-x");
+    for (bundle, outcome) in [
+        (ids.path().join("no-such-bundle"), "identity"),
+        (good, "connection"),
+    ] {
+        let d = TestDaemon::start(move |c| {
+            c.daemon.models = vec!["digits".into()];
+            c.training.enabled = false;
+            c.cloud.enabled = true;
+            c.cloud.broker = format!("127.0.0.1:{plain}");
+            c.cloud.fleet = FLEET.into();
+            c.cloud.device_id = "edge-x".into();
+            c.cloud.bundle_dir = bundle.display().to_string();
+            c.retry_delay_sec = 1;
+        })
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sync_errors(&d.get_text("/metrics").await, outcome) < 2.0 {
+            assert!(Instant::now() < deadline, "no {outcome} failures counted");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (status, body) = d
+            .infer(
+                "digits",
+                &json!({"inputs": {"pixels": {"shape": [1, 64], "data": vec![0.5f32; 64]}}}),
+            )
+            .await;
+        assert_eq!(status, 200, "inference goes on: {body}");
+        d.stop().await;
+    }
+}

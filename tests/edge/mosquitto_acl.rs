@@ -1,8 +1,8 @@
 //! The shipped Mosquitto setup (`deploy/mosquitto/mosquitto.conf` and the
 //! ACL `render.sh` makes of `deploy/mosquitto/acl`) against a real fleet:
-//! a CA, a broker certificate for 127.0.0.1, the devices `dev-a` and
-//! `dev-b`, the aggregator's identity and a second CA's `dev-a`, all made
-//! by `dai-trust`. Each test starts its own Mosquitto on a free loopback
+//! a CA and its CRL, a broker certificate for 127.0.0.1, the enrolled
+//! devices `dev-a` and `dev-b`, the aggregator's identity and a second
+//! CA's `dev-a`, all made by `dai-trust`. Each test starts its own Mosquitto on a free loopback
 //! port and talks to it with `mosquitto_pub` / `mosquitto_sub`.
 //!
 //! Every refusal is paired with a delivery through the same subscriber or
@@ -20,7 +20,7 @@ use crate::support::repo;
 use dai_testkit::free_port;
 use dai_trust::fs::{
     BROKER_CERT, BROKER_KEY, BUNDLE_CERT, BUNDLE_KEY, FLEET_AGGREGATOR_CERT, FLEET_CA_CERT,
-    FleetDir,
+    FLEET_CRL, FleetDir,
 };
 use dai_trust::{DeviceBundle, DeviceName, FleetCa, FleetName, Validity};
 use std::io::{BufRead, BufReader, Read};
@@ -66,6 +66,7 @@ struct Broker {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
+    fleet_dir: FleetDir,
     log: PathBuf,
     dev_a: Id,
     dev_b: Id,
@@ -130,6 +131,7 @@ impl Broker {
         FleetDir::issue_broker(&fleet.ca, &["127.0.0.1".to_string()], now, &files)
             .expect("broker cert");
         std::fs::write(files.join(FLEET_CA_CERT), fleet.ca.cert_pem()).expect("ca.pem");
+        std::fs::copy(fleet_dir.path(FLEET_CRL), files.join(FLEET_CRL)).expect("crl.pem");
         let acl = Command::new("sh")
             .arg(repo().join("deploy/mosquitto/render.sh"))
             .arg(FLEET)
@@ -142,8 +144,13 @@ impl Broker {
         // there is hex, mosquitto_pub wants PKCS#8 PEM.
         let agg_key = root.join("aggregator.key.pem");
         std::fs::write(&agg_key, fleet.aggregator.key().to_pkcs8_pem().as_bytes()).expect("key");
-        let dev_a = issue_device(&fleet.ca, &fleet, "dev-a", &root.join("dev-a"));
-        let dev_b = issue_device(&fleet.ca, &fleet, "dev-b", &root.join("dev-b"));
+        let enrol = |name: &str| {
+            let dir = root.join(name);
+            let name = DeviceName::parse(name).expect("device name");
+            fleet_dir.enroll(&name, &dir, 1, now).expect("enrol");
+            Id::files(&dir, BUNDLE_CERT, BUNDLE_KEY)
+        };
+        let (dev_a, dev_b) = (enrol("dev-a"), enrol("dev-b"));
         // Another CA of the same fleet name: only its key differs.
         let other = FleetCa::generate(
             FleetName::parse(FLEET).expect("fleet name"),
@@ -186,6 +193,7 @@ impl Broker {
             dev_b,
             other_ca_dev_a,
             anonymous: Id { cert: None },
+            fleet_dir,
         };
         broker.wait_listening();
         broker
@@ -609,4 +617,60 @@ fn only_the_aggregator_writes_globals_and_acks() {
         [&format!("{digits} G1")],
         "the retained globals a new subscriber finds"
     );
+}
+
+/// dev-a connects; once it is revoked (the registry, then the CRL the
+/// fleet directory writes, copied to the broker as an operator would) and
+/// Mosquitto has reloaded (SIGHUP), its connection is refused in the TLS
+/// handshake, while dev-b, not revoked, still connects.
+#[test]
+fn a_revoked_device_is_refused_at_connect() {
+    if !enabled("a_revoked_device_is_refused_at_connect") {
+        return;
+    }
+    let b = Broker::start();
+    let own_a = topic("dev/dev-a/status");
+    let own_b = topic("dev/dev-b/status");
+    b.publish_ok(&b.dev_a, "dev-a", &own_a, Payload::Message("online"));
+
+    let _lock = b.fleet_dir.lock().expect("lock");
+    let mut fleet = b.fleet_dir.load().expect("fleet");
+    let now = SystemTime::now();
+    assert!(
+        fleet
+            .registry
+            .revoke("dev-a", dai_trust::unix_secs(now))
+            .expect("dev-a is enrolled")
+    );
+    b.fleet_dir.save_registry(&fleet.registry).expect("save");
+    b.fleet_dir
+        .write_crl(&fleet.ca, &fleet.registry, now)
+        .expect("crl.pem");
+    std::fs::copy(
+        b.fleet_dir.path(FLEET_CRL),
+        b.dir.path().join("mosquitto").join(FLEET_CRL),
+    )
+    .expect("copy crl.pem");
+    let hup = Command::new("kill")
+        .args(["-HUP", &b.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(hup.success(), "kill -HUP mosquitto: {hup}");
+
+    // The reload happens in Mosquitto's main loop, some time after the
+    // signal: retry until it refuses.
+    let mut last = String::new();
+    let refused = (0..20).any(|i| {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let p = b.publish(&b.dev_a, "dev-a", &own_a, Payload::Message("revoked"));
+        last = p.output;
+        !p.connected
+    });
+    assert!(
+        refused,
+        "revoked dev-a still connects after the reload: {last}"
+    );
+    b.publish_ok(&b.dev_b, "dev-b", &own_b, Payload::Message("online"));
 }

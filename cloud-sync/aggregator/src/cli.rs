@@ -82,7 +82,8 @@ enum Command {
 enum FleetAction {
     /// Create DIR: ca.pem + ca.key.pem (the fleet CA), aggregator.key +
     /// aggregator.pub (`run --key`, the edges' aggregator key),
-    /// aggregator.pem (its certificate), devices.json, revocations.json.
+    /// aggregator.pem (its certificate), devices.json, revocations.json,
+    /// crl.pem (the CA's revocation list, for Mosquitto).
     Init {
         #[arg(long)]
         dir: PathBuf,
@@ -107,6 +108,13 @@ enum FleetAction {
         hosts: Vec<String>,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// (Re)write crl.pem in DIR, the CA's revocation list for Mosquitto's
+    /// `crlfile` (for a fleet made before `fleet init` wrote one, or one
+    /// about to expire: it is valid for a year).
+    Crl {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -247,6 +255,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Fleet {
             action: FleetAction::BrokerCert { dir, hosts, out },
         } => broker_cert(&FleetDir::new(dir), &hosts, &out),
+        Command::Fleet {
+            action: FleetAction::Crl { dir },
+        } => fleet_crl(&FleetDir::new(dir)),
         Command::Devices { fleet_dir, action } => {
             let Some(dir) = fleet_dir else {
                 return Err(usage("--fleet-dir (or DAI_FLEET_DIR) is required").into());
@@ -328,6 +339,22 @@ fn broker_cert(fd: &FleetDir, hosts: &[String], out: &Path) -> anyhow::Result<()
     Ok(())
 }
 
+fn fleet_crl(fd: &FleetDir) -> anyhow::Result<()> {
+    let _lock = fd.lock()?;
+    let fleet = fd
+        .load()
+        .with_context(|| format!("reading the fleet in {}", fd.root().display()))?;
+    fd.write_crl(&fleet.ca, &fleet.registry, SystemTime::now())?;
+    println!(
+        "{} lists {} revoked certificate(s), valid for {} days; a running Mosquitto \
+         reads it again on SIGHUP (`systemctl reload mosquitto`, or `kill -HUP` its pid)",
+        fd.path(dai_trust::fs::FLEET_CRL).display(),
+        fleet.registry.revocations().revoked.len(),
+        dai_trust::crl::CRL_DAYS
+    );
+    Ok(())
+}
+
 fn devices(fd: &FleetDir, action: DevicesAction) -> anyhow::Result<()> {
     if !fd.path(dai_trust::fs::FLEET_CA_CERT).is_file() {
         bail!(
@@ -347,6 +374,15 @@ fn devices(fd: &FleetDir, action: DevicesAction) -> anyhow::Result<()> {
     match action {
         DevicesAction::Add { name, out, days } => {
             let name = DeviceName::parse(&name).map_err(|e| usage(e.to_string()))?;
+            if dai_trust::ca::RESERVED_NAMES.contains(&name.as_str()) {
+                return Err(usage(
+                    dai_trust::TrustError::ReservedName {
+                        name: name.to_string(),
+                    }
+                    .to_string(),
+                )
+                .into());
+            }
             if days == 0 {
                 return Err(usage("--days must be at least 1").into());
             }
@@ -391,9 +427,13 @@ fn devices(fd: &FleetDir, action: DevicesAction) -> anyhow::Result<()> {
             let now = dai_trust::unix_secs(SystemTime::now());
             if fleet.registry.revoke(&name, now)? {
                 fd.save_registry(&fleet.registry)?;
+                fd.write_crl(&fleet.ca, &fleet.registry, SystemTime::now())?;
                 println!(
-                    "revoked {name}; {} lists {} certificate(s)",
+                    "revoked {name}; {} and {} list {} certificate(s); a Mosquitto \
+                     broker refuses it once it has the new crl.pem and reloads it \
+                     (`systemctl reload mosquitto`, or `kill -HUP` its pid)",
                     fd.path(dai_trust::fs::FLEET_REVOCATIONS).display(),
+                    fd.path(dai_trust::fs::FLEET_CRL).display(),
                     fleet.registry.revocations().revoked.len()
                 );
             } else {
@@ -630,11 +670,11 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
                 .with_context(|| format!("reading {}", path.display()))?;
             dai_protocol::global::signing_key_from_hex(&secret).context("the key file")?
         }
-        (None, Some(s)) => s.fleet.aggregator.signing_key().clone(),
+        (None, Some(s)) => s.identity.aggregator.signing_key().clone(),
         (None, None) => return Err(usage("--key is required with --insecure-plaintext").into()),
     };
     if let Some(s) = &secure
-        && signing_key.verifying_key() != s.fleet.aggregator.public()
+        && signing_key.verifying_key() != s.identity.aggregator.public()
     {
         return Err(usage(
             "--key is not the fleet's aggregator key: edges verify globals and acks with \
@@ -672,7 +712,7 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
                 None => Embedded::Plain(addr),
                 Some(s) => Embedded::Secure {
                     listen: addr,
-                    ca_pem: s.fleet.ca.cert_pem().to_string(),
+                    ca_pem: s.identity.ca_pem.clone(),
                     tls: std::sync::Arc::new(s.broker_tls().with_context(|| {
                         format!(
                             "the embedded broker's certificate in {} (`dai-cloud fleet \

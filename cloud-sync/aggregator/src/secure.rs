@@ -1,8 +1,8 @@
 //! A secure aggregator from a fleet directory (`dai-cloud fleet init`):
 //! what `dai-cloud run --fleet-dir`, `dai demo` and the fleet tests share.
 //!
-//! [`SecureFleet::open`] reads the CA, the aggregator's key and
-//! certificate and the registry; [`SecureFleet::start_broker`] starts the
+//! [`SecureFleet::open`] reads the CA certificate (not its key: that can
+//! stay offline), the aggregator's key and certificate and the registry; [`SecureFleet::start_broker`] starts the
 //! embedded broker behind its mutual-TLS gate; [`SecureFleet::apply`] makes
 //! a [`ServiceConfig`] check every update against the enrolled devices,
 //! sign with the fleet's aggregator key and follow the registry.
@@ -10,7 +10,7 @@
 use crate::auth::{DeviceAuth, DeviceKeys};
 use crate::gate::GateStats;
 use crate::service::{BrokerAddr, FleetWatch, ServiceConfig, ServiceError, start_secure_broker};
-use dai_trust::fs::{BROKER_CERT, BROKER_KEY, FLEET_CA_CERT, Fleet, FleetDir, MAX_PEM_BYTES};
+use dai_trust::fs::{BROKER_CERT, BROKER_KEY, FleetDir, MAX_PEM_BYTES, ServiceIdentity};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use std::sync::Arc;
 /// A fleet directory, loaded.
 #[derive(Debug)]
 pub struct SecureFleet {
-    pub fleet: Fleet,
+    pub identity: ServiceIdentity,
     pub watch: FleetWatch,
     keys: DeviceKeys,
 }
@@ -26,21 +26,37 @@ pub struct SecureFleet {
 impl SecureFleet {
     pub fn open(dir: &Path) -> Result<SecureFleet, ServiceError> {
         let fd = FleetDir::new(dir);
-        let fleet = fd.load()?;
+        let identity = fd.load_service()?;
+        let registry = fd.load_registry()?;
+        if registry.fleet != identity.fleet {
+            return Err(dai_trust::TrustError::InFile {
+                path: fd.path(dai_trust::fs::FLEET_DEVICES),
+                source: Box::new(dai_trust::TrustError::WrongFleet {
+                    expected: identity.fleet.to_string(),
+                    found: registry.fleet.to_string(),
+                }),
+            }
+            .into());
+        }
         let (watch, keys) = FleetWatch::open(fd)?;
-        Ok(SecureFleet { fleet, watch, keys })
+        Ok(SecureFleet {
+            identity,
+            watch,
+            keys,
+        })
     }
 
     pub fn fleet_name(&self) -> &str {
-        self.fleet.ca.fleet().as_str()
+        self.identity.fleet.as_str()
     }
 
     /// The aggregator's mutual-TLS client (for a broker we do not run).
     pub fn client_tls(&self) -> Result<dai_trust::tls::ClientConfig, ServiceError> {
+        let a = &self.identity.aggregator;
         Ok(dai_trust::tls::client_config(
-            self.fleet.ca.cert_pem(),
-            self.fleet.aggregator.cert_pem(),
-            self.fleet.aggregator.key(),
+            &self.identity.ca_pem,
+            a.cert_pem(),
+            a.key(),
         )?)
     }
 
@@ -61,7 +77,7 @@ impl SecureFleet {
             },
         )?;
         Ok(dai_trust::tls::server_config(
-            &text(FLEET_CA_CERT)?,
+            &self.identity.ca_pem,
             &text(BROKER_CERT)?,
             &key,
         )?)
@@ -76,7 +92,7 @@ impl SecureFleet {
         let (upstream, stats) = start_secure_broker(
             listen,
             self.fleet_name(),
-            self.fleet.ca.cert_pem().to_string(),
+            self.identity.ca_pem.clone(),
             Arc::new(self.broker_tls()?),
             self.watch.revocations.clone(),
         )
@@ -94,7 +110,7 @@ impl SecureFleet {
     /// aggregator key and re-reads the registry as it changes.
     pub fn apply(self, cfg: &mut ServiceConfig) {
         cfg.fleet = self.fleet_name().to_string();
-        cfg.signing_key = self.fleet.aggregator.signing_key().clone();
+        cfg.signing_key = self.identity.aggregator.signing_key().clone();
         cfg.devices = DeviceAuth::Signed(self.keys);
         cfg.fleet_dir = Some(self.watch);
     }

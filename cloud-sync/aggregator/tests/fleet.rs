@@ -63,6 +63,29 @@ fn init_enrol_list_revoke() {
         stderr(&bad)
     );
 
+    // The aggregator's and the broker's certificate names are not device
+    // names (a broker that knows clients by CN would give such a device
+    // the aggregator's rights).
+    for reserved in ["dai-cloud", "broker"] {
+        let out = tmp.path().join(reserved);
+        let refused = dai_cloud(
+            &[
+                "devices",
+                "add",
+                reserved,
+                "--out",
+                out.to_str().expect("path"),
+            ],
+            &fleet,
+        );
+        assert_eq!(refused.status.code(), Some(64), "{}", stderr(&refused));
+        assert!(
+            stderr(&refused).contains("reserved"),
+            "{}",
+            stderr(&refused)
+        );
+        assert!(!out.exists());
+    }
     for name in ["cam-1", "cam-2"] {
         let out = tmp.path().join(name);
         let text = ok(dai_cloud(
@@ -181,4 +204,81 @@ fn init_enrol_list_revoke() {
             assert_eq!(mode & 0o777, 0o600, "{}", key.display());
         }
     }
+}
+
+/// `openssl crl -text` of `crl`, its signature verified against `ca`
+/// (`None`, the caller prints SKIPPED, without an openssl binary).
+fn openssl_crl(crl: &Path, ca: &Path) -> Option<String> {
+    let out = Command::new("openssl")
+        .args(["crl", "-noout", "-text", "-in"])
+        .arg(crl)
+        .arg("-CAfile")
+        .arg(ca)
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success() && stderr(&out).contains("verify OK"),
+        "openssl crl: {}",
+        stderr(&out)
+    );
+    Some(String::from_utf8(out.stdout).expect("utf-8"))
+}
+
+/// `fleet init` writes an empty CRL signed by the fleet CA, `devices
+/// revoke` rewrites it with the revoked serial, and `fleet crl` writes it
+/// again where it is missing.
+#[test]
+fn the_crl_lists_revoked_devices() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fleet = tmp.path().join("fleet");
+    let f = fleet.to_str().expect("utf-8 path");
+    ok(dai_cloud(
+        &["fleet", "init", "--dir", f, "--fleet", "lab"],
+        &fleet,
+    ));
+    let (crl, ca) = (fleet.join("crl.pem"), fleet.join("ca.pem"));
+    let pem = std::fs::read_to_string(&crl).expect("fleet init writes crl.pem");
+    assert!(pem.starts_with("-----BEGIN X509 CRL-----\n"), "{pem}");
+    let Some(text) = openssl_crl(&crl, &ca) else {
+        eprintln!("SKIPPED the_crl_lists_revoked_devices: no openssl binary");
+        return;
+    };
+    assert!(text.contains("No Revoked Certificates"), "{text}");
+    assert!(
+        text.contains("Issuer: O = lab, CN = dai fleet CA"),
+        "{text}"
+    );
+
+    for name in ["cam-1", "cam-2"] {
+        let out = tmp.path().join(name);
+        ok(dai_cloud(
+            &["devices", "add", name, "--out", out.to_str().expect("path")],
+            &fleet,
+        ));
+    }
+    let said = ok(dai_cloud(&["devices", "revoke", "cam-2"], &fleet));
+    assert!(said.contains("crl.pem") && said.contains("HUP"), "{said}");
+    let list: Value =
+        serde_json::from_str(&ok(dai_cloud(&["devices", "list", "--json"], &fleet))).expect("json");
+    let serial = |i: usize| {
+        list[i]["serial"]
+            .as_str()
+            .expect("serial")
+            .to_ascii_uppercase()
+    };
+    let listed = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix("Serial Number: "))
+            .map(str::to_string)
+            .collect()
+    };
+    let text = openssl_crl(&crl, &ca).expect("openssl");
+    assert_eq!(listed(&text), [serial(1)], "{text}");
+
+    std::fs::remove_file(&crl).expect("rm crl.pem");
+    let said = ok(dai_cloud(&["fleet", "crl", "--dir", f], &fleet));
+    assert!(said.contains("1 revoked"), "{said}");
+    let text = openssl_crl(&crl, &ca).expect("openssl");
+    assert_eq!(listed(&text), [serial(1)], "{text}");
+    assert_ne!(serial(0), serial(1));
 }

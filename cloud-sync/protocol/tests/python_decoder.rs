@@ -43,7 +43,21 @@ fn python_decodes_every_encoding() {
         };
         let bytes = u.encode().expect("encode");
         let path = dir.path().join(format!("{}.upd", enc.as_str()));
-        std::fs::write(&path, &bytes).expect("write");
+        // As published on MQTT: inside the device's signed envelope (f16
+        // and topk8 plain, as a file on disk would be).
+        let on_disk = if matches!(enc, Encoding::F32 | Encoding::Int8) {
+            let key = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+            dai_protocol::signed::seal(
+                dai_protocol::signed::Kind::Update,
+                &key,
+                "lab",
+                "dai/v1/lab/dev/edge-7/update",
+                &bytes,
+            )
+        } else {
+            bytes.clone()
+        };
+        std::fs::write(&path, &on_disk).expect("write");
         let out = std::process::Command::new("python3")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/decode_update.py"))
             .arg(&path)

@@ -28,6 +28,8 @@ pub const CA_COMMON_NAME: &str = "dai fleet CA";
 pub const AGGREGATOR_NAME: &str = "dai-cloud";
 /// The broker certificate's name (its CN and SAN URI name).
 pub const BROKER_NAME: &str = "broker";
+/// Names no device may have: the CNs of the aggregator and the broker.
+pub const RESERVED_NAMES: &[&str] = &[AGGREGATOR_NAME, BROKER_NAME];
 /// How far `not_before` is set back from "now", for clocks a little behind.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 
@@ -208,6 +210,19 @@ impl FleetCa {
         self.key.to_pkcs8_pem()
     }
 
+    /// rcgen's view of the CA as a signer (for [`crate::crl`]).
+    pub(crate) fn issuer(&self) -> Issuer<'static, Signer25519<'_>> {
+        Issuer::new(
+            ca_params(&self.fleet, &self.key.public()),
+            self.key.signer(),
+        )
+    }
+
+    /// The CA's key identifier (its subject key identifier).
+    pub(crate) fn key_id(&self) -> KeyIdMethod {
+        key_id(&self.key.public())
+    }
+
     /// A device certificate for `public` (the device's own key).
     pub fn issue_device(
         &self,
@@ -215,6 +230,14 @@ impl FleetCa {
         public: &VerifyingKey,
         validity: Validity,
     ) -> Result<IssuedCert, TrustError> {
+        // A broker knows a client by its certificate's CN alone (Mosquitto's
+        // use_identity_as_username): a device named like the aggregator
+        // would get the aggregator's ACL there.
+        if RESERVED_NAMES.contains(&name.as_str()) {
+            return Err(TrustError::ReservedName {
+                name: name.to_string(),
+            });
+        }
         self.issue(Role::Device, name.as_str(), public, validity)
     }
 

@@ -24,6 +24,7 @@
 //! | `devices.json` | the [`Registry`] |
 //! | `revocations.json` | the [`Revocations`] the registry implies |
 //! | `broker.pem`, `broker.key.pem` | the broker's TLS server certificate and key (0600) |
+//! | `crl.pem` | the CA's CRL of the revoked serials ([`FleetDir::write_crl`], Mosquitto's `crlfile`) |
 
 use crate::ca::{AggregatorKey, FleetCa, Validity};
 use crate::keys::{SecretKey, public_from_hex, public_to_hex};
@@ -53,6 +54,7 @@ pub const FLEET_AGGREGATOR_PUB: &str = "aggregator.pub";
 pub const FLEET_AGGREGATOR_CERT: &str = "aggregator.pem";
 pub const FLEET_DEVICES: &str = "devices.json";
 pub const FLEET_REVOCATIONS: &str = "revocations.json";
+pub const FLEET_CRL: &str = "crl.pem";
 pub const BROKER_CERT: &str = "broker.pem";
 pub const BROKER_KEY: &str = "broker.key.pem";
 
@@ -246,6 +248,14 @@ pub struct Fleet {
     pub registry: Registry,
 }
 
+/// A running aggregator's view of its fleet ([`FleetDir::load_service`]).
+#[derive(Debug)]
+pub struct ServiceIdentity {
+    pub fleet: FleetName,
+    pub ca_pem: String,
+    pub aggregator: AggregatorKey,
+}
+
 /// A fleet directory (see the module docs for its files).
 #[derive(Debug, Clone)]
 pub struct FleetDir {
@@ -313,6 +323,7 @@ impl FleetDir {
             PUBLIC,
         )?;
         self.save_registry(&registry)?;
+        self.write_crl(&ca, &registry, now)?;
         Ok(Fleet {
             ca,
             aggregator,
@@ -356,6 +367,39 @@ impl FleetDir {
         })
     }
 
+    /// What a running aggregator needs, without the CA's key (which can
+    /// stay offline: a Kubernetes Secret need not hold it): the CA
+    /// certificate, the aggregator's key and certificate.
+    pub fn load_service(&self) -> Result<ServiceIdentity, TrustError> {
+        let ca_cert = self.path(FLEET_CA_CERT);
+        let ca_pem = read_text(&ca_cert, MAX_PEM_BYTES)?;
+        let der: rustls_pki_types::CertificateDer<'static> =
+            crate::keys::one_pem(ca_pem.as_bytes(), "fleet CA certificate", "CERTIFICATE")
+                .map_err(|e| in_file(&ca_cert, e))?;
+        let ca = crate::verify::inspect_ca(&der).map_err(|e| in_file(&ca_cert, e))?;
+        let key = parse_file(&self.path(FLEET_AGGREGATOR_KEY), MAX_PEM_BYTES, |t| {
+            SecretKey::from_hex(t, "aggregator key")
+        })?;
+        let cert_path = self.path(FLEET_AGGREGATOR_CERT);
+        let aggregator = parse_file(&cert_path, MAX_PEM_BYTES, |cert| {
+            AggregatorKey::from_parts(key, cert.to_string())
+        })?;
+        if aggregator.cert().fleet != ca.fleet {
+            return Err(in_file(
+                &cert_path,
+                TrustError::WrongFleet {
+                    expected: ca.fleet.to_string(),
+                    found: aggregator.cert().fleet.to_string(),
+                },
+            ));
+        }
+        Ok(ServiceIdentity {
+            fleet: ca.fleet,
+            ca_pem,
+            aggregator,
+        })
+    }
+
     /// Writes `devices.json` and the `revocations.json` it implies.
     pub fn save_registry(&self, registry: &Registry) -> Result<(), TrustError> {
         write_file(
@@ -368,6 +412,27 @@ impl FleetDir {
             registry.to_json().as_bytes(),
             PUBLIC,
         )
+    }
+
+    /// Writes [`FLEET_CRL`]: the CA's CRL of every revoked device in
+    /// `registry` (empty at `fleet init`, so a broker can have its
+    /// `crlfile` from the start). Its CRL number is the Unix time of `now`,
+    /// which grows from one CRL to the next as long as the clock does.
+    pub fn write_crl(
+        &self,
+        ca: &FleetCa,
+        registry: &Registry,
+        now: SystemTime,
+    ) -> Result<(), TrustError> {
+        let revoked: Vec<_> = registry
+            .revocations()
+            .revoked
+            .into_iter()
+            .map(|r| (r.serial, r.revoked_at))
+            .collect();
+        let number = u64::try_from(crate::unix_secs(now)).unwrap_or(0);
+        let crl = ca.crl(&revoked, now, number)?;
+        write_file(&self.path(FLEET_CRL), crl.as_bytes(), PUBLIC)
     }
 
     /// An exclusive lock on `FLEET_DIR/.lock` (released on drop), held

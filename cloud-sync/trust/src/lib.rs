@@ -11,6 +11,8 @@
 //! - [`ca`]: [`FleetCa`] (self-signed CA, issues certificates with rcgen),
 //!   [`AggregatorKey`] (signs globals and acks, and has its own certificate),
 //!   [`Validity`], [`IssuedCert`];
+//! - [`crl`]: [`FleetCa::crl`], the CA-signed X.509 CRL of revoked serials
+//!   (`crl.pem`) for an OpenSSL broker (Mosquitto's `crlfile`);
 //! - [`verify`]: [`verify_device_cert`] (rustls-webpki path validation to the
 //!   CA, then the names read with x509-parser) and [`PeerCert`];
 //! - [`bundle`]: [`DeviceBundle`], what an installer writes onto a device;
@@ -31,6 +33,7 @@
 
 pub mod bundle;
 pub mod ca;
+pub mod crl;
 pub mod fs;
 pub mod keys;
 pub mod name;
@@ -109,6 +112,10 @@ pub enum TrustError {
     NameMismatch { cn: String, san: String },
     #[error("the certificate is for device {found:?}, expected device {expected:?}")]
     WrongDevice { expected: String, found: String },
+    #[error(
+        "device name {name:?} is reserved (the aggregator's and the broker's certificate names)"
+    )]
+    ReservedName { name: String },
     #[error("device {name:?} is already enrolled (serial {serial})")]
     Duplicate { name: String, serial: Serial },
     #[error("device {name:?} is not enrolled")]

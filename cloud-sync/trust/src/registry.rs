@@ -64,6 +64,11 @@ impl Registry {
 
     /// Refuses a name already enrolled (revoked ones included).
     pub fn check_new(&self, name: &DeviceName) -> Result<(), TrustError> {
+        if crate::ca::RESERVED_NAMES.contains(&name.as_str()) {
+            return Err(TrustError::ReservedName {
+                name: name.to_string(),
+            });
+        }
         match self.get(name.as_str()) {
             Some(d) => Err(TrustError::Duplicate {
                 name: name.to_string(),

@@ -102,12 +102,23 @@ impl Uplink {
         }))
     }
 
-    /// The uplink's settings: the bundle's identity when `cloud.bundle_dir`
-    /// is set (checked against the CA, the clock and the config), else the
-    /// configured names and aggregator key.
     fn uplink_config(&self) -> anyhow::Result<dai_sync::UplinkConfig> {
+        uplink_config(&self.config, &self.device, std::time::SystemTime::now())
+    }
+}
+
+/// The uplink's settings: the bundle's identity when `cloud.bundle_dir` is
+/// set (checked against its CA at `now`, and against the config), else the
+/// configured names and aggregator key. A refusal is one error chain that
+/// names the bundle directory and what is wrong with it.
+fn uplink_config(
+    config: &Config,
+    device: &str,
+    now: std::time::SystemTime,
+) -> anyhow::Result<dai_sync::UplinkConfig> {
+    {
         use anyhow::{Context, bail};
-        let c = &self.config.cloud;
+        let c = &config.cloud;
         // Validated as host:port when the config was loaded.
         let (host, port) = c
             .broker
@@ -116,14 +127,14 @@ impl Uplink {
         let port: u16 = port.parse().context("cloud.broker: the port")?;
         let mut cfg = dai_sync::UplinkConfig {
             fleet: c.fleet.clone(),
-            device: self.device.clone(),
+            device: device.to_string(),
             host: host.to_string(),
             port,
             aggregator_key: ed25519_dalek::VerifyingKey::default(),
             device_key: None,
             tls: None,
-            retry_delay: Duration::from_secs(self.config.retry_delay_sec.max(1)),
-            connection_timeout: Duration::from_secs(self.config.connection_timeout_sec),
+            retry_delay: Duration::from_secs(config.retry_delay_sec.max(1)),
+            connection_timeout: Duration::from_secs(config.connection_timeout_sec),
             heartbeat: Duration::from_secs(c.heartbeat_sec),
         };
         let configured_key = (!c.aggregator_public_key.is_empty())
@@ -138,17 +149,15 @@ impl Uplink {
         let dir = std::path::Path::new(&c.bundle_dir);
         let bundle = dai_trust::DeviceBundle::read_from(dir)
             .with_context(|| format!("cloud.bundle_dir {}", dir.display()))?;
-        bundle
-            .verify(std::time::SystemTime::now())
-            .with_context(|| {
-                format!("cloud.bundle_dir {}: the device certificate", dir.display())
-            })?;
-        if bundle.device.as_str() != self.device {
+        bundle.verify(now).with_context(|| {
+            format!("cloud.bundle_dir {}: the device certificate", dir.display())
+        })?;
+        if bundle.device.as_str() != device {
             bail!(
                 "cloud.bundle_dir {}: the bundle is device {:?}, but cloud.device_id says {:?}",
                 dir.display(),
                 bundle.device.as_str(),
-                self.device
+                device
             );
         }
         if c.fleet != bundle.fleet.as_str() {
@@ -311,5 +320,92 @@ impl dai_sync::Edge for DaemonEdge {
             models: models.collect(),
             outbox_pending: self.store.outbox(100_000).map_or(0, |o| o.len() as u64),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dai_trust::fs::FleetDir;
+    use dai_trust::{DeviceBundle, DeviceName, FleetName};
+    use std::time::{Duration, SystemTime};
+
+    /// A fleet `f` in `dir/fleet` with `cam-1` enrolled in `dir/cam-1`.
+    fn fleet(dir: &std::path::Path) -> std::path::PathBuf {
+        let fd = FleetDir::new(dir.join("fleet"));
+        fd.init(
+            FleetName::parse("f").expect("fleet"),
+            SystemTime::now(),
+            false,
+        )
+        .expect("init");
+        let out = dir.join("cam-1");
+        fd.enroll(
+            &DeviceName::parse("cam-1").expect("name"),
+            &out,
+            30,
+            SystemTime::now(),
+        )
+        .expect("enrol");
+        out
+    }
+
+    fn config(bundle: &std::path::Path) -> Config {
+        let mut c = Config::default();
+        c.cloud.enabled = true;
+        c.cloud.fleet = "f".into();
+        c.cloud.bundle_dir = bundle.display().to_string();
+        c
+    }
+
+    fn refusal(c: &Config, now: SystemTime) -> String {
+        match uplink_config(c, "cam-1", now) {
+            Ok(_) => panic!("a bad identity was accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn a_good_bundle_gives_tls_and_a_signing_key() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let bundle = fleet(tmp.path());
+        let cfg = uplink_config(&config(&bundle), "cam-1", SystemTime::now()).expect("usable");
+        assert!(cfg.tls.is_some() && cfg.device_key.is_some());
+    }
+
+    #[test]
+    fn each_unusable_identity_gets_one_precise_error() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let bundle = fleet(tmp.path());
+        let c = config(&bundle);
+        let now = SystemTime::now();
+        // Missing.
+        let e = refusal(&config(&tmp.path().join("nowhere")), now);
+        assert!(e.contains("nowhere") && e.contains("reading"), "{e}");
+        // Expired: the clock past the certificate's 30 days.
+        let e = refusal(&c, now + Duration::from_secs(40 * 86_400));
+        assert!(e.contains("expired"), "{e}");
+        // The fleet in the config is not the bundle's.
+        let mut elsewhere = c.clone();
+        elsewhere.cloud.fleet = "g".into();
+        let e = refusal(&elsewhere, now);
+        assert!(e.contains("fleet \"f\"") && e.contains("\"g\""), "{e}");
+        // A certificate from another CA.
+        let other = tempfile::tempdir().expect("tmp");
+        let foreign = fleet(other.path());
+        let ours_ca = std::fs::read(bundle.join("ca.pem")).expect("ca");
+        std::fs::copy(foreign.join("ca.pem"), bundle.join("ca.pem")).expect("copy");
+        let e = refusal(&c, now);
+        assert!(e.contains("does not chain to the fleet CA"), "{e}");
+        std::fs::write(bundle.join("ca.pem"), ours_ca).expect("restore");
+        // A key that is not the certificate's.
+        let wrong = DeviceBundle::read_from(&foreign).expect("bundle");
+        std::fs::write(
+            bundle.join("device.key.pem"),
+            wrong.key.to_pkcs8_pem().as_bytes(),
+        )
+        .expect("write");
+        let e = refusal(&c, now);
+        assert!(e.contains("does not belong to the certificate"), "{e}");
     }
 }

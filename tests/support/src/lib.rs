@@ -514,7 +514,7 @@ impl SecureMosquitto {
         let dir = tempfile::tempdir().expect("tmp");
         let files = dir.path().join("dai");
         std::fs::create_dir_all(&files).expect("mkdir");
-        for f in ["ca.pem", "broker.pem", "broker.key.pem"] {
+        for f in ["ca.pem", "broker.pem", "broker.key.pem", "crl.pem"] {
             std::fs::copy(fleet_dir.join(f), files.join(f)).expect("copy fleet file");
         }
         let acl = std::fs::read_to_string(shipped.join("acl")).expect("shipped acl");
