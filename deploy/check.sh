@@ -109,11 +109,12 @@ run "mosquitto: render.sh refuses fleet names that are not topic segments" \
     sh -c "! sh '$D/mosquitto/render.sh' 'a/b' 2>/dev/null && ! sh '$D/mosquitto/render.sh' '#' 2>/dev/null && ! sh '$D/mosquitto/render.sh' '' 2>/dev/null"
 # Mosquitto has no config test mode: start it on the shipped config (its
 # file paths pointed at a scratch directory, the listener at a free
-# loopback port) with throwaway Ed25519 certificates shaped like
-# dai-trust's, and require that it listens, is still running a second
-# later and logged no error. What the ACL allows and refuses is the Rust
-# test tests/edge/mosquitto_acl.rs (real fleet certificates, mosquitto_pub
-# and mosquitto_sub).
+# loopback port) with throwaway Ed25519 certificates and an empty CRL
+# shaped like dai-trust's, and require that it listens, is still running a
+# second later and logged no error. What the ACL allows and refuses, and
+# that a revoked device is refused, is the Rust test
+# tests/edge/mosquitto_acl.rs (real fleet certificates, mosquitto_pub and
+# mosquitto_sub).
 mosquitto_starts() {
     local m="$WORK/mosquitto" port pid
     mkdir -p "$m/data"
@@ -128,6 +129,14 @@ mosquitto_starts() {
         "extendedKeyUsage=serverAuth" "subjectAltName=IP:127.0.0.1" >"$m/broker.ext"
     openssl x509 -req -in "$m/broker.csr" -CA "$m/ca.pem" -CAkey "$m/ca.key.pem" \
         -set_serial 1 -days 1 -extfile "$m/broker.ext" -out "$m/broker.pem"
+    # An empty CRL of that CA (what `dai-cloud fleet init` writes as
+    # crl.pem): `openssl ca -gencrl` with a minimal config and an empty
+    # database ("default_md = default": Ed25519 hashes internally).
+    : >"$m/index.txt"
+    printf '%s\n' "[ca]" "default_ca = fleet" "[fleet]" "database = $m/index.txt" \
+        "default_md = default" "default_crl_days = 1" >"$m/ca.cnf"
+    openssl ca -batch -config "$m/ca.cnf" -gencrl -cert "$m/ca.pem" \
+        -keyfile "$m/ca.key.pem" -out "$m/crl.pem"
     sh "$D/mosquitto/render.sh" default >"$m/acl"
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     sed -e "s#^listener 8883\$#listener $port 127.0.0.1#" \
@@ -149,7 +158,11 @@ mosquitto_starts() {
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     cat "$m/log"
-    [ "$up" = 1 ] && ! grep -q 'Error' "$m/log"
+    # The probes (connect, then close without TLS) are logged as failed
+    # handshakes, "unexpected eof while reading", at times on an "OpenSSL
+    # Error" line: expected. Any other error fails.
+    [ "$up" = 1 ] && ! awk '/Error/ && !/unexpected eof while reading/ { bad = 1 }
+        END { exit !bad }' "$m/log"
 }
 run "mosquitto: mosquitto -c $D/mosquitto/mosquitto.conf starts and listens (TLS, ACL of render.sh default)" \
     mosquitto_starts

@@ -15,6 +15,7 @@ mod inference;
 mod lifecycle;
 mod metrics;
 mod mosquitto_acl;
+mod mosquitto_takeover;
 mod sensors;
 mod support;
 mod training;

@@ -9,10 +9,11 @@
 //! - `models list|promote|rollback`: the version registry of a state file
 //!   (a running aggregator on the same file publishes a new version within
 //!   a second);
-//! - `fleet init`, `devices add|list|revoke`: fleet identity
-//!   ([`dai_trust`]): the fleet CA, the aggregator's key and certificate,
-//!   device bundles, the registry (`devices.json`) and revocations
-//!   (`revocations.json`) in a fleet directory.
+//! - `fleet init|broker-cert|crl`, `devices add|list|revoke`: fleet
+//!   identity ([`dai_trust`]): the fleet CA, the aggregator's key and
+//!   certificate, broker certificates, device bundles, the registry
+//!   (`devices.json`), revocations (`revocations.json`) and the CRL
+//!   (`crl.pem`) in a fleet directory.
 //!
 //! A [`UsageError`] (a bad name, a missing `--fleet-dir`) exits 64 like a
 //! flag clap refuses; any other error exits 1.
