@@ -1,0 +1,333 @@
+//! `run`: every flag checked and turned into the service configuration,
+//! the embedded broker (plain or behind its mutual-TLS gate) started, then
+//! the status page and the service until SIGINT/SIGTERM.
+
+use super::*;
+
+pub(super) fn run(args: RunArgs) -> anyhow::Result<()> {
+    let listen: SocketAddr = args
+        .http
+        .parse()
+        .map_err(|_| usage(format!("--http {:?}: expected ip:port", args.http)))?;
+    let access = dai_cloud::http::Access::for_listener(
+        listen,
+        args.auth_token_file.as_deref(),
+        args.allow_unauthenticated_http,
+    )
+    .map_err(|e| usage(e.to_string()))?;
+    let (mut cfg, http, embedded) = service_config(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let stats = rt.block_on(async move {
+        let monitor = std::sync::Arc::new(Monitor::new());
+        let listener = tokio::net::TcpListener::bind(http)
+            .await
+            .with_context(|| format!("--http: binding {http}"))?;
+        tracing::info!(
+            "status page on http://{}",
+            listener.local_addr().unwrap_or(http)
+        );
+        start_broker(embedded, &mut cfg).await?;
+        let app = dai_cloud::http::router_with(
+            monitor.clone(),
+            cfg.state_path.clone(),
+            cfg.fleet.clone(),
+            access,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+        anyhow::Ok(run_monitored(cfg, monitor, shutdown_signal()).await?)
+    })?;
+    tracing::info!(?stats, "dai-cloud stopped");
+    Ok(())
+}
+
+/// The embedded broker to start (inside the runtime: its gate is a task).
+enum Embedded {
+    /// `--broker`: an external one.
+    No,
+    /// `--insecure-plaintext`: rumqttd alone on `--listen`.
+    Plain(SocketAddr),
+    /// rumqttd on loopback behind the mutual-TLS gate on `--listen`.
+    Secure {
+        listen: SocketAddr,
+        ca_pem: String,
+        tls: std::sync::Arc<dai_trust::tls::ServerConfig>,
+    },
+}
+
+/// Start what `embedded` says; a secure broker's aggregator connection goes
+/// to rumqttd's loopback side directly (same process).
+async fn start_broker(embedded: Embedded, cfg: &mut ServiceConfig) -> anyhow::Result<()> {
+    match embedded {
+        Embedded::No => {}
+        Embedded::Plain(addr) => {
+            start_embedded_broker(addr)?;
+            tracing::warn!(%addr, "embedded MQTT broker on plain TCP (--insecure-plaintext): anyone who reaches it can join");
+        }
+        Embedded::Secure {
+            listen,
+            ca_pem,
+            tls,
+        } => {
+            let revocations = match &cfg.fleet_dir {
+                Some(w) => w.revocations.clone(),
+                None => bail!("a secure broker needs the fleet directory"),
+            };
+            let (upstream, _) =
+                start_secure_broker(listen, &cfg.fleet, ca_pem, tls, revocations).await?;
+            tracing::info!(%listen, "embedded MQTT broker started (mutual TLS, fleet CA, topic ACL)");
+            cfg.broker = BrokerAddr {
+                host: upstream.ip().to_string(),
+                port: upstream.port(),
+            };
+            cfg.tls = None;
+        }
+    }
+    Ok(())
+}
+
+fn open_fleet(dir: &Path, fleet_flag: &str) -> anyhow::Result<SecureFleet> {
+    let secure = SecureFleet::open(dir).with_context(|| {
+        format!(
+            "--fleet-dir {}: reading the fleet (made by `dai-cloud fleet init`)",
+            dir.display()
+        )
+    })?;
+    if secure.fleet_name() != fleet_flag {
+        return Err(usage(format!(
+            "--fleet {fleet_flag:?} differs from the fleet directory's fleet {:?}",
+            secure.fleet_name()
+        ))
+        .into());
+    }
+    Ok(secure)
+}
+
+/// A client id unique to this process.
+fn unique_client_id() -> anyhow::Result<String> {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(format!(
+        "{}-{}",
+        dai_trust::ca::AGGREGATOR_NAME,
+        hex::encode(b)
+    ))
+}
+
+/// Every `run` flag checked and turned into the service's configuration,
+/// the status page address and the broker to start.
+fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embedded)> {
+    let secure = match (&a.fleet_dir, a.insecure_plaintext) {
+        (Some(_), true) => {
+            return Err(usage("--fleet-dir and --insecure-plaintext exclude each other").into());
+        }
+        (None, false) => {
+            return Err(usage(
+                "--fleet-dir (or DAI_FLEET_DIR) is required: `dai-cloud fleet init` makes one; \
+                 --insecure-plaintext runs without identities",
+            )
+            .into());
+        }
+        (Some(dir), false) => Some(open_fleet(dir, &a.fleet)?),
+        (None, true) => None,
+    };
+    let signing_key = match (&a.key, &secure) {
+        (Some(path), _) => {
+            let secret = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            dai_protocol::global::signing_key_from_hex(&secret).context("the key file")?
+        }
+        (None, Some(s)) => s.identity.aggregator.signing_key().clone(),
+        (None, None) => return Err(usage("--key is required with --insecure-plaintext").into()),
+    };
+    if let Some(s) = &secure
+        && signing_key.verifying_key() != s.identity.aggregator.public()
+    {
+        return Err(usage(
+            "--key is not the fleet's aggregator key: edges verify globals and acks with \
+             aggregator.pub",
+        )
+        .into());
+    }
+    let client_id = match a.client_id.clone() {
+        Some(id) => id,
+        None => unique_client_id()?,
+    };
+    let heads = read_models(&a.models)?;
+    let strategy = match a.strategy.as_str() {
+        "fedavg" => Strategy::FedAvg {
+            min_updates: a.min_updates,
+        },
+        "fedbuff" => Strategy::FedBuff { k: a.min_updates },
+        other => bail!("--strategy {other:?}: expected fedavg or fedbuff"),
+    };
+    let robust = parse_robust(&a.robust)?;
+    let server_optimizer = parse_server_opt(&a.server_opt, a.server_lr, a.server_tau)?;
+    let http: SocketAddr = a.http.parse().context("--http: expected ip:port")?;
+    let (host, port, embedded) = match &a.broker {
+        Some(b) => {
+            let (h, p) = b.rsplit_once(':').context("--broker: expected host:port")?;
+            (
+                h.to_string(),
+                p.parse::<u16>().context("--broker port")?,
+                Embedded::No,
+            )
+        }
+        None => {
+            let addr: SocketAddr = a.listen.parse().context("--listen: expected ip:port")?;
+            let embedded = match &secure {
+                None => Embedded::Plain(addr),
+                Some(s) => Embedded::Secure {
+                    listen: addr,
+                    ca_pem: s.identity.ca_pem.clone(),
+                    tls: std::sync::Arc::new(s.broker_tls().with_context(|| {
+                        format!(
+                            "the embedded broker's certificate in {} (`dai-cloud fleet \
+                             broker-cert` makes a new one)",
+                            s.watch.dir.root().display()
+                        )
+                    })?),
+                },
+            };
+            (addr.ip().to_string(), addr.port(), embedded)
+        }
+    };
+    if a.insecure_plaintext {
+        tracing::warn!(
+            "--insecure-plaintext: plain TCP MQTT, unsigned updates accepted; anyone who reaches the broker can join the fleet"
+        );
+    }
+    let tls = match &secure {
+        Some(s) => Some(std::sync::Arc::new(
+            s.client_tls().context("the aggregator's TLS identity")?,
+        )),
+        None => None,
+    };
+    let mut cfg = ServiceConfig {
+        fleet: a.fleet,
+        broker: BrokerAddr { host, port },
+        client_id,
+        state_path: a.state,
+        models: heads,
+        settings: Settings {
+            strategy,
+            aggregation: Aggregation {
+                clip_norm: a.clip_norm,
+                robust,
+            },
+            max_staleness: a.max_staleness,
+            reject_norm: a.reject_norm,
+        },
+        round_timeout: Duration::from_secs(a.round_timeout_sec),
+        signing_key: signing_key.clone(),
+        server_optimizer,
+        devices: DeviceAuth::Unchecked,
+        fleet_dir: None,
+        tls,
+    };
+    if let Some(s) = secure {
+        s.apply(&mut cfg);
+        // --key, when given, was checked to be the fleet's.
+        cfg.signing_key = signing_key;
+    }
+    Ok((cfg, http, embedded))
+}
+
+/// `--model NAME=PATH` entries: each file read and checked to be a head.
+fn read_models(models: &[String]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut heads = Vec::new();
+    for m in models {
+        let Some((name, path)) = m.split_once('=') else {
+            bail!("--model {m:?}: expected NAME=PATH")
+        };
+        let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        dai_head::Head::from_bytes(&bytes).with_context(|| format!("{path} is not a head file"))?;
+        heads.push((name.to_string(), bytes));
+    }
+    Ok(heads)
+}
+
+fn parse_robust(s: &str) -> anyhow::Result<Robust> {
+    Ok(match s {
+        "mean" => Robust::Mean,
+        "median" => Robust::Median,
+        t => match t
+            .strip_prefix("trimmed:")
+            .and_then(|f| f.parse::<f64>().ok())
+        {
+            Some(fraction) if (0.0..0.5).contains(&fraction) => Robust::TrimmedMean { fraction },
+            _ => bail!(
+                "--robust {t:?}: expected mean, median or trimmed:FRACTION with FRACTION in [0, 0.5)"
+            ),
+        },
+    })
+}
+
+fn parse_server_opt(s: &str, lr: f32, tau: f32) -> anyhow::Result<Option<FedAdam>> {
+    match s {
+        "none" => Ok(None),
+        "fedadam" => {
+            let positive = |x: f32| x.is_finite() && x > 0.0;
+            if !positive(lr) || !positive(tau) {
+                bail!("--server-lr and --server-tau must be positive");
+            }
+            Ok(Some(FedAdam::new(lr, 0.9, 0.99, tau)))
+        }
+        other => bail!("--server-opt {other:?}: expected none or fedadam"),
+    }
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_refused_with_their_name() {
+        let err = |r: anyhow::Result<Robust>| format!("{:#}", r.expect_err("refused"));
+        assert!(err(parse_robust("trimmed:0.5")).contains("--robust \"trimmed:0.5\""));
+        assert!(err(parse_robust("avg")).contains("--robust"));
+        assert_eq!(
+            parse_robust("trimmed:0.2").expect("ok"),
+            Robust::TrimmedMean { fraction: 0.2 }
+        );
+        assert!(parse_server_opt("none", 0.0, 0.0).expect("none").is_none());
+        assert!(
+            parse_server_opt("fedadam", 0.01, 1e-3)
+                .expect("adam")
+                .is_some()
+        );
+        let e = parse_server_opt("fedadam", -1.0, 1e-3).expect_err("negative lr");
+        assert!(e.to_string().contains("must be positive"), "{e:#}");
+        assert!(parse_server_opt("sgd", 0.1, 0.1).is_err());
+        let e = read_models(&["digits".into()]).expect_err("no path");
+        assert!(e.to_string().contains("expected NAME=PATH"), "{e:#}");
+    }
+}
