@@ -1,9 +1,14 @@
 //! Client-id takeover against the shipped Mosquitto configuration: a
 //! second connection that reuses a device's or the aggregator's client id
-//! with its own certificate inherits nothing of the other's (Mosquitto
-//! knows clients by certificate CN and checks the ACL on every delivery).
-//! Gated like the other Mosquitto tests (DAI_MOSQUITTO_PORT, which CI sets
-//! after installing Mosquitto).
+//! with its own certificate inherits nothing of the other's session (its
+//! subscriptions and queued messages). What holds this is Mosquitto's rule
+//! that a persistent session resumes only for the same username, which
+//! `use_identity_as_username` makes the certificate's CN; a subscription
+//! the intruder makes itself is the ACL's business (`mosquitto_acl.rs`).
+//! The embedded broker's gate refuses such a connection outright
+//! (`cloud-sync/aggregator/tests/trust.rs`). Gated like the other
+//! Mosquitto tests (DAI_MOSQUITTO_PORT, which CI sets after installing
+//! Mosquitto).
 
 use dai_testkit::{MqttProbe, SecureMosquitto, aggregator_tls, bundle_tls, make_fleet};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
@@ -106,7 +111,9 @@ async fn reusing_another_clients_id_inherits_none_of_its_messages() {
     let (_agg, mut agg_events) =
         persistent(port, "dai-cloud-1", agg_tls.clone(), &[&updates]).await;
     let (_b2, mut b2_events) = persistent(port, "dai-cloud-1", b_tls, &[]).await;
-    let dev_a = MqttProbe::connect_tls(port, "dev-a", &[], a_tls.clone()).await;
+    // (Mosquitto knows dev-a by its certificate; this second dev-a
+    // connection gets its own id so it does not replace the one below.)
+    let dev_a = MqttProbe::connect_tls(port, "dev-a-publisher", &[], a_tls.clone()).await;
     dev_a
         .publish(&format!("dai/v1/{FLEET}/dev/dev-a/update"), b"u".to_vec())
         .await;
