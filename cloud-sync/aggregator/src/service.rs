@@ -300,8 +300,14 @@ pub async fn run_monitored(
     };
     io.apply(intake.take_outputs());
     tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut fleet_poll = tokio::time::interval(FLEET_POLL);
+    // First ticks one period from now, not at once: a timer branch that is
+    // ready on the first pass of the select below would drop the event
+    // loop's first poll mid-connect, and rumqttc would open a second
+    // connection (seen in the broker's log).
+    let every =
+        |period: Duration| tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut tick = every(Duration::from_millis(250));
+    let mut fleet_poll = every(FLEET_POLL);
     let mut backoff = Duration::from_millis(100);
     loop {
         tokio::select! {
