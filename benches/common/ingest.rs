@@ -179,5 +179,6 @@ pub fn settings(strategy: Strategy) -> Settings {
         },
         max_staleness: 1_000_000,
         reject_norm: 1e6,
+        sample_cap: dai_cloud::state::SampleCap::Auto,
     }
 }

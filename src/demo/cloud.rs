@@ -80,6 +80,7 @@ impl Cloud {
                 },
                 max_staleness: 3,
                 reject_norm: 1e4,
+                sample_cap: dai_cloud::state::SampleCap::Auto,
             },
             round_timeout: opts.round_timeout,
             signing_key: secure.identity.aggregator.signing_key().clone(),

@@ -210,6 +210,7 @@ pub fn fedavg(min_updates: usize) -> Settings {
         },
         max_staleness: 3,
         reject_norm: 1e6,
+        sample_cap: dai_cloud::state::SampleCap::Auto,
     }
 }
 

@@ -26,7 +26,7 @@ use dai_cloud::secure::SecureFleet;
 use dai_cloud::service::{
     BrokerAddr, ServiceConfig, run_monitored, start_embedded_broker, start_secure_broker,
 };
-use dai_cloud::state::{Settings, State, Strategy};
+use dai_cloud::state::{SampleCap, Settings, State, Strategy};
 use dai_cloud::{Aggregation, FedAdam, Robust};
 use dai_trust::fs::FleetDir;
 use dai_trust::{DeviceName, FleetName};
@@ -197,6 +197,10 @@ struct RunArgs {
     /// Reject updates whose L2 norm exceeds this.
     #[arg(long, default_value_t = 100.0)]
     reject_norm: f64,
+    /// The most one update's claimed sample count weighs in a round: auto
+    /// (2x the round's median claim), off, or a number of samples.
+    #[arg(long, default_value = "auto")]
+    max_sample_weight: String,
     /// Clip each update to this L2 norm before averaging.
     #[arg(long)]
     clip_norm: Option<f64>,

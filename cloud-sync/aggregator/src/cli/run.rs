@@ -209,6 +209,12 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
         )),
         None => None,
     };
+    let sample_cap = SampleCap::parse(&a.max_sample_weight).ok_or_else(|| {
+        usage(format!(
+            "--max-sample-weight {:?}: expected auto, off or a positive number of samples",
+            a.max_sample_weight
+        ))
+    })?;
     let mut cfg = ServiceConfig {
         fleet: a.fleet,
         broker: BrokerAddr { host, port },
@@ -223,6 +229,7 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
             },
             max_staleness: a.max_staleness,
             reject_norm: a.reject_norm,
+            sample_cap,
         },
         round_timeout: Duration::from_secs(a.round_timeout_sec),
         signing_key: signing_key.clone(),

@@ -131,12 +131,21 @@ pub fn strategy_label(settings: &Settings, server_optimizer: Option<&FedAdam>) -
         }
         Strategy::FedBuff { k } => format!("fedbuff (K = {k})"),
     };
-    base + match (server_optimizer, settings.aggregation.robust) {
+    let combiner = match (server_optimizer, settings.aggregation.robust) {
         (Some(_), _) => ", FedAdam",
         (None, Robust::Median) => ", median",
         (None, Robust::TrimmedMean { .. }) => ", trimmed mean",
         (None, Robust::Mean) => "",
-    }
+    };
+    let cap = match settings.sample_cap {
+        crate::state::SampleCap::Auto => format!(
+            ", sample weight at most {}x the round's median",
+            crate::state::SAMPLE_CAP_MEDIAN_MULTIPLE
+        ),
+        crate::state::SampleCap::Fixed(n) => format!(", sample weight at most {n}"),
+        crate::state::SampleCap::Off => String::new(),
+    };
+    base + combiner + &cap
 }
 
 /// An update as it arrived, decoded or not. `refusal`: authenticated

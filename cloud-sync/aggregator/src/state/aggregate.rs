@@ -45,8 +45,22 @@ impl State {
             tx.commit()?;
             return Ok(None);
         }
-        let metrics = round_metrics(&rows, version);
-        let contribs: Vec<Contribution> = rows.into_iter().map(|(c, _)| c).collect();
+        let mut metrics = round_metrics(&rows, version);
+        let mut contribs: Vec<Contribution> = rows.into_iter().map(|(c, _)| c).collect();
+        let claims: Vec<u64> = contribs.iter().map(|c| c.sample_count).collect();
+        let cap = settings.sample_cap.for_round(&claims);
+        let mut capped = 0usize;
+        if let Some(cap) = cap {
+            for c in contribs.iter_mut().filter(|c| c.sample_count > cap) {
+                tracing::warn!(%model, update = %c.update_id, device = %c.device, claimed = c.sample_count, cap, "sample count above the round's cap; weighed at the cap");
+                c.sample_count = cap;
+                capped += 1;
+            }
+        }
+        metrics["sample_cap"] = cap.map_or(serde_json::Value::Null, |c| c.into());
+        metrics["capped"] = capped.into();
+        metrics["claimed_samples"] = metrics["samples"].clone();
+        metrics["samples"] = contribs.iter().map(|c| c.sample_count).sum::<u64>().into();
         let weights = weights(&contribs, settings.strategy, version);
         // Nothing to combine (e.g. zero total weight): the transaction is
         // dropped, so the buffer stays as it was.
@@ -359,6 +373,53 @@ mod tests {
         assert_eq!(
             unpack(rusqlite::types::ValueRef::Text(b"[[1.0,-2.5],[],[3.25]]")),
             Some(t)
+        );
+    }
+
+    #[test]
+    fn an_inflated_sample_count_weighs_no_more_than_the_cap() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut s = State::open(&dir.path().join("agg.sqlite")).expect("open");
+        s.register("m", &base_file()).expect("register");
+        let five = Settings {
+            strategy: Strategy::FedAvg { min_updates: 5 },
+            ..settings()
+        };
+        // Four devices with 100 samples push +1; one claims 10^15 and
+        // pushes -1. Uncapped, the global would move by ~-1.
+        for i in 0..4 {
+            s.ingest(&upd(&format!("h{i}"), "0", 100, 1.0), &five, |b| {
+                b.parse().ok()
+            })
+            .expect("ingest");
+        }
+        s.ingest(&upd("big", "0", 1_000_000_000_000_000, -1.0), &five, |b| {
+            b.parse().ok()
+        })
+        .expect("ingest");
+        let g = s
+            .aggregate("m", &five, false, &mut None)
+            .expect("agg")
+            .expect("a full round");
+        // Capped at 2 x the median claim (100): (4*100 - 200) / 600.
+        let (head, _) = Head::from_bytes(&g.head_file).expect("head");
+        let base = super::super::fixtures::base();
+        let moved = head.params.weights[0][0] - base.params.weights[0][0];
+        assert!((moved - 200.0 / 600.0).abs() < 1e-4, "moved {moved}");
+        assert_eq!(g.metrics["sample_cap"], 200);
+        assert_eq!(g.metrics["capped"], 1);
+        assert_eq!(g.metrics["samples"], 600);
+        assert_eq!(g.metrics["claimed_samples"], 1_000_000_000_000_400u64);
+        // Off: the claim decides.
+        assert_eq!(crate::state::SampleCap::Off.for_round(&[1, 2]), None);
+        assert_eq!(
+            crate::state::SampleCap::Auto.for_round(&[100, 100, 100, 100, u64::MAX]),
+            Some(200)
+        );
+        assert_eq!(crate::state::SampleCap::parse("0"), None);
+        assert_eq!(
+            crate::state::SampleCap::parse("500"),
+            Some(crate::state::SampleCap::Fixed(500))
         );
     }
 

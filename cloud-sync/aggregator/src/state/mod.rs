@@ -65,6 +65,66 @@ pub struct Settings {
     pub aggregation: Aggregation,
     pub max_staleness: u64,
     pub reject_norm: f64,
+    /// The most an update's `sample_count` weighs in a round.
+    pub sample_cap: SampleCap,
+}
+
+/// The cap on one update's FedAvg weight (its claimed `sample_count`),
+/// which no one checks: one client claiming 10^15 samples would decide the
+/// global. The cap in force is recorded in each version's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleCap {
+    /// [`SAMPLE_CAP_MEDIAN_MULTIPLE`] times the median claim of the round.
+    Auto,
+    /// A fixed number of samples.
+    Fixed(u64),
+    /// Weights as claimed.
+    Off,
+}
+
+/// `SampleCap::Auto`: the cap is this many times the round's median claim.
+pub const SAMPLE_CAP_MEDIAN_MULTIPLE: u64 = 2;
+
+impl SampleCap {
+    /// `auto`, `off` or a positive number of samples (`--max-sample-weight`).
+    pub fn parse(s: &str) -> Option<SampleCap> {
+        match s {
+            "auto" => Some(SampleCap::Auto),
+            "off" => Some(SampleCap::Off),
+            n => n
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(SampleCap::Fixed),
+        }
+    }
+
+    /// The cap for a round whose updates claim `claims` samples.
+    pub fn for_round(self, claims: &[u64]) -> Option<u64> {
+        match self {
+            SampleCap::Off => None,
+            SampleCap::Fixed(n) => Some(n),
+            SampleCap::Auto => {
+                let mut v = claims.to_vec();
+                v.sort_unstable();
+                // The median (the mean of the middle two for an even
+                // count): one inflated claim cannot raise it while the
+                // others are more than half the round; in a round of two
+                // nothing can tell the honest claim from the other.
+                let n = v.len();
+                let median = match n {
+                    0 => return None,
+                    _ if n % 2 == 1 => v[n / 2],
+                    _ => {
+                        v[n / 2 - 1] / 2
+                            + v[n / 2] / 2
+                            + (v[n / 2 - 1] % 2 + v[n / 2] % 2).div_ceil(2)
+                    }
+                };
+                Some(median.saturating_mul(SAMPLE_CAP_MEDIAN_MULTIPLE).max(1))
+            }
+        }
+    }
 }
 
 /// The reason in the ack of a redelivered update id.
@@ -261,6 +321,7 @@ pub(crate) mod fixtures {
             },
             max_staleness: 3,
             reject_norm: 100.0,
+            sample_cap: super::SampleCap::Auto,
         }
     }
 }
