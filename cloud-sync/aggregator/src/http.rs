@@ -31,9 +31,9 @@ use subtle::ConstantTimeEq;
 const PAGE: &str = include_str!("../assets/status.html");
 
 /// Shortest token accepted.
-pub const MIN_TOKEN_LEN: usize = 16;
+pub const MIN_TOKEN_LEN: usize = dai_trust::token::BearerToken::MIN_LEN;
 /// Largest token file read.
-pub const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+pub const MAX_TOKEN_FILE_BYTES: u64 = dai_trust::token::BearerToken::MAX_FILE_BYTES;
 
 /// Who may read `/api/*`.
 #[derive(Debug, Clone, Default)]
@@ -115,72 +115,12 @@ impl Access {
     }
 }
 
-/// Read a token file (capped, trimmed); the permission bits when others,
-/// or a group this process is not in, may read it. The error says what is
-/// wrong with the file.
+/// Read a token file with the token reader both HTTP APIs share
+/// ([`dai_trust::token::BearerToken`]); the permission bits when others,
+/// or a group this process is not in, may read it.
 fn read_token(path: &Path) -> Result<(Token, Option<u32>), String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot be opened ({e})"))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot be read ({e})"))?;
-    if !meta.is_file() {
-        return Err("is not a regular file".into());
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_TOKEN_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot be read ({e})"))?;
-    if bytes.len() as u64 > MAX_TOKEN_FILE_BYTES {
-        return Err(format!("is larger than {MAX_TOKEN_FILE_BYTES} bytes"));
-    }
-    let text = String::from_utf8(bytes).map_err(|_| "is not UTF-8 text".to_string())?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err("is empty".into());
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(
-            "holds a space, a control or a non-ASCII character, which an \
-                    `Authorization` header cannot carry"
-                .into(),
-        );
-    }
-    if token.len() < MIN_TOKEN_LEN {
-        return Err(format!(
-            "holds {} characters, fewer than {MIN_TOKEN_LEN}",
-            token.len()
-        ));
-    }
-    #[cfg(unix)]
-    let mode = {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        let mode = meta.permissions().mode() & 0o777;
-        // Group-readable is how a secret reaches a service (root:dai 0640,
-        // a Kubernetes Secret with fsGroup): only a foreign group is loose.
-        let foreign_group =
-            mode & 0o040 != 0 && !own_groups().is_some_and(|g| g.contains(&meta.gid()));
-        (mode & 0o004 != 0 || foreign_group).then_some(mode)
-    };
-    #[cfg(not(unix))]
-    let mode = None;
-    Ok((Token(token.to_string()), mode))
-}
-
-/// The group ids of this process (Linux, `/proc/self/status`); `None`
-/// where that is not known.
-#[cfg(unix)]
-fn own_groups() -> Option<Vec<u32>> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let ids = status
-        .lines()
-        .filter_map(|l| l.strip_prefix("Gid:").or_else(|| l.strip_prefix("Groups:")))
-        .flat_map(|rest| {
-            rest.split_whitespace()
-                .filter_map(|n| n.parse::<u32>().ok())
-        })
-        .collect();
-    Some(ids)
+    let t = dai_trust::token::BearerToken::read(path)?;
+    Ok((Token(t.expose().to_string()), t.loose_mode()))
 }
 
 #[derive(Debug, Clone)]

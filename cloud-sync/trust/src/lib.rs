@@ -20,6 +20,7 @@
 //!   [`Revocations`] (`revocations.json`);
 //! - [`tls`]: rustls client and server configurations (ring provider) for
 //!   mutual TLS from these identities;
+//! - [`token`]: HTTP bearer tokens read from their files (both APIs);
 //! - [`fs`]: the file layout of a bundle directory and of a fleet directory,
 //!   size-capped reads and private (0600) writes.
 //!
@@ -39,6 +40,7 @@ pub mod keys;
 pub mod name;
 pub mod registry;
 pub mod tls;
+pub mod token;
 pub mod verify;
 
 #[cfg(test)]
