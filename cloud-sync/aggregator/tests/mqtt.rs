@@ -10,8 +10,9 @@ use dai_testkit::{
 };
 use std::time::Duration;
 
-fn update(id: &str, samples: u64, v: f32) -> Vec<u8> {
+fn update(device: &str, id: &str, samples: u64, v: f32) -> Vec<u8> {
     dai_testkit::update(id)
+        .device(device)
         .samples(samples)
         .value(v)
         .encoding(Encoding::Int8)
@@ -38,16 +39,22 @@ async fn updates_are_acked_and_a_signed_global_is_published() {
     let mut edge = MqttProbe::connect(
         port,
         "edge-1",
-        &["dai/v1/lab/dev/edge-1/ack", "dai/v1/lab/model/m/global"],
+        // Two devices' acks (a plain broker: no ACL in this test).
+        &["dai/v1/lab/dev/+/ack", "dai/v1/lab/model/m/global"],
     )
     .await;
     // Let the aggregator connect and subscribe before publishing.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let topic = "dai/v1/lab/dev/edge-1/update";
-    edge.publish(topic, update("u1", 1, 0.5)).await;
-    edge.publish(topic, update("u1", 1, 0.5)).await;
+    edge.publish(topic, update("edge-1", "u1", 1, 0.5)).await;
+    edge.publish(topic, update("edge-1", "u1", 1, 0.5)).await;
     edge.publish(topic, b"not an update".to_vec()).await;
-    edge.publish(topic, update("u2", 3, 1.0)).await;
+    // A round closes on two devices: u2 is edge-2's.
+    edge.publish(
+        "dai/v1/lab/dev/edge-2/update",
+        update("edge-2", "u2", 3, 1.0),
+    )
+    .await;
 
     let mut acks = Vec::new();
     let mut global = None;

@@ -21,8 +21,19 @@ fn base_head(dir: &Path) -> (PathBuf, Head) {
     (path, head)
 }
 
+/// Update `uN` comes from device `edge-N`: a device has one live
+/// contribution per base, and a round closes on distinct devices.
+fn device_of(id: &str) -> String {
+    format!("edge-{}", id.strip_prefix('u').unwrap_or(id))
+}
+
+fn topic_of(id: &str) -> String {
+    format!("dai/v1/ops/dev/{}/update", device_of(id))
+}
+
 fn update(id: &str, samples: u64, v: f32) -> Vec<u8> {
     dai_testkit::update(id)
+        .device(&device_of(id))
         .samples(samples)
         .value(v)
         .loss(0.2)
@@ -106,7 +117,8 @@ async fn device(broker: u16, name: &str) -> MqttProbe {
     let probe = MqttProbe::connect(
         broker,
         name,
-        &["dai/v1/ops/dev/edge-1/ack", "dai/v1/ops/model/m/global"],
+        // Every device's acks: a plain broker (--insecure-plaintext).
+        &["dai/v1/ops/dev/+/ack", "dai/v1/ops/model/m/global"],
     )
     .await;
     // Give the aggregator time to (re)subscribe on its side.
@@ -177,9 +189,8 @@ async fn sigkill_mid_round_keeps_the_buffer_and_seen_ids() {
     let agg = Aggregator::start(dir.path(), &head_path, broker, 3);
     let public = public_key(dir.path());
     let mut edge = device(broker, "edge-1").await;
-    let topic = "dai/v1/ops/dev/edge-1/update";
     for (id, samples, v) in [("u1", 1, 1.0), ("u2", 1, 2.0)] {
-        edge.publish(topic, update(id, samples, v)).await;
+        edge.publish(&topic_of(id), update(id, samples, v)).await;
     }
     let (acks, _) = collect(&mut edge, 2, None, &public).await;
     assert!(
@@ -206,8 +217,8 @@ async fn sigkill_mid_round_keeps_the_buffer_and_seen_ids() {
     let mut edge = device(broker, "edge-1b").await;
     // The edge never saw u2's ack before the crash, so it sends u2 again,
     // then its next update.
-    edge.publish(topic, update("u2", 1, 2.0)).await;
-    edge.publish(topic, update("u3", 2, 4.0)).await;
+    edge.publish(&topic_of("u2"), update("u2", 1, 2.0)).await;
+    edge.publish(&topic_of("u3"), update("u3", 2, 4.0)).await;
     let (acks, global) = collect(&mut edge, 2, Some(1), &public).await;
     assert_eq!(acks[0].update_id, "u2");
     assert_eq!(acks[0].status, AckStatus::Accepted);

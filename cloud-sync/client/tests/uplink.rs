@@ -104,12 +104,30 @@ async fn outbox_drains_on_acks_and_the_global_arrives_even_if_the_broker_comes_l
     ));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while (edge.globals.lock().is_empty() || !edge.outbox.lock().is_empty())
-        && tokio::time::Instant::now() < deadline
-    {
+    while !edge.outbox.lock().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(edge.outbox.lock().is_empty(), "acked rows leave the outbox");
+    // a-2 (cumulative, same base) superseded a-1: edge-a is one device
+    // with one contribution, and the round of two closes when a second
+    // device's update arrives.
+    assert!(
+        edge.globals.lock().is_empty(),
+        "one device closed a round of two"
+    );
+    let other = dai_testkit::MqttProbe::connect(port, "edge-b", &[]).await;
+    let b = dai_testkit::update("b-1")
+        .device("edge-b")
+        .samples(10)
+        .loss(0.2)
+        .encoding(Encoding::F16)
+        .value(0.25)
+        .encode();
+    other.publish("dai/v1/lab/dev/edge-b/update", b).await;
+    let mut other = other;
+    while edge.globals.lock().is_empty() && tokio::time::Instant::now() < deadline {
+        let _ = other.next_publish(Duration::from_millis(100)).await;
+    }
     let acks = edge.acks.lock().clone();
     assert!(
         acks.iter()
@@ -128,7 +146,7 @@ async fn outbox_drains_on_acks_and_the_global_arrives_even_if_the_broker_comes_l
     for (a, b) in head.params.weights[0].iter().zip(&base.params.weights[0]) {
         assert!(
             (a - b - 0.5).abs() < 1e-3,
-            "FedAvg of 0.25 and 0.75: {a} - {b}"
+            "FedAvg of edge-a's newest (0.75) and edge-b's 0.25: {a} - {b}"
         );
     }
     let _ = stop_tx.send(());

@@ -110,6 +110,8 @@ pub struct ServiceStats {
     /// [`Refusal::label`]: bad or missing signature, unknown or revoked
     /// device, another fleet.
     pub refused: std::collections::BTreeMap<&'static str, u64>,
+    /// Pending updates replaced by a newer one of the same device and base.
+    pub superseded: u64,
 }
 
 /// `"1.0.0"` (a bundle version: the shipped head) is global 0;
@@ -409,10 +411,10 @@ impl Intake {
             .filter(|b| b.refusal.is_none())
             .filter_map(|b| b.update.as_ref().ok())
             .collect();
-        let mut acks = self
-            .state
-            .ingest_batch(&decoded, &self.cfg.settings, base_of)?
-            .into_iter();
+        let (acks, superseded) =
+            self.state
+                .ingest_batch_superseding(&decoded, &self.cfg.settings, base_of)?;
+        let mut acks = acks.into_iter();
         let mut touched: Vec<String> = Vec::new();
         for b in &batch {
             let (ack, outcome) = match &b.update {
@@ -457,25 +459,20 @@ impl Intake {
                 outcome,
                 reason: ack.reason.clone(),
             });
-            let topic = Topic::Ack {
-                fleet: self.cfg.fleet.clone(),
-                device: b.device.clone(),
+            self.push_ack(&b.device, ack);
+        }
+        // The replaced update's id is acked again, as superseded: it was
+        // counted, then replaced, never silently dropped.
+        for s in superseded {
+            self.stats.superseded += 1;
+            tracing::info!(device = %s.device, update = %s.update_id, by = %s.by, "update superseded");
+            let ack = Ack {
+                update_id: s.update_id,
+                status: AckStatus::Accepted,
+                reason: Some(s.reason),
+                round: None,
             };
-            // The device came from a parsed topic, so its ack topic builds.
-            if let Ok(topic) = topic.build() {
-                let payload = signed::seal(
-                    Kind::Ack,
-                    &self.cfg.signing_key,
-                    &self.cfg.fleet,
-                    &topic,
-                    &ack.to_bytes(),
-                );
-                self.outputs.push(Output::Ack {
-                    topic,
-                    ack,
-                    payload,
-                });
-            }
+            self.push_ack(&s.device, ack);
         }
         for model in touched {
             if let Some(g) = self.aggregate(&model, false)? {
@@ -591,6 +588,29 @@ impl Intake {
             self.monitor(MonitorEvent::AggregationSeconds(t.elapsed().as_secs_f64()));
         }
         Ok(g)
+    }
+
+    /// `ack`, signed for `device`'s ack topic.
+    fn push_ack(&mut self, device: &str, ack: Ack) {
+        let topic = Topic::Ack {
+            fleet: self.cfg.fleet.clone(),
+            device: device.to_string(),
+        };
+        // The device came from a parsed topic, so its ack topic builds.
+        if let Ok(topic) = topic.build() {
+            let payload = signed::seal(
+                Kind::Ack,
+                &self.cfg.signing_key,
+                &self.cfg.fleet,
+                &topic,
+                &ack.to_bytes(),
+            );
+            self.outputs.push(Output::Ack {
+                topic,
+                ack,
+                payload,
+            });
+        }
     }
 
     fn push_pending(&mut self, model: &str) -> Result<(), StateError> {

@@ -42,10 +42,27 @@ fn intake_with(dir: &std::path::Path, min_updates: usize, devices: DeviceAuth) -
     .expect("intake")
 }
 
-/// The fixture update, from `edge-1` (the device of [`UPDATE_TOPIC`]).
+/// Update `uN`'s device: `edge-N` (so `u1` comes from the device of
+/// [`UPDATE_TOPIC`]); every id its own device, as one device has one live
+/// contribution per base.
+fn device_of(id: &str) -> String {
+    format!("edge-{}", id.strip_prefix('u').unwrap_or(id))
+}
+
+/// The update topic of update `id`'s device.
+fn topic(id: &str) -> String {
+    format!("dai/v1/lab/dev/{}/update", device_of(id))
+}
+
+/// The ack topic of update `id`'s device.
+fn ack_topic(id: &str) -> String {
+    format!("dai/v1/lab/dev/{}/ack", device_of(id))
+}
+
+/// The fixture update, from [`device_of`] its id.
 fn upd(id: &str, base: &str, samples: u64, v: f32) -> dai_protocol::update::Update {
     let mut u = crate::state::fixtures::upd(id, base, samples, v);
-    u.meta.device = "edge-1".into();
+    u.meta.device = device_of(id);
     u
 }
 
@@ -200,8 +217,8 @@ fn a_reconnect_publishes_the_current_global_again() {
     let mut i = intake(dir.path(), 2);
     i.connected();
     i.take_outputs();
-    i.publish(UPDATE_TOPIC, &wire("u1", 1, 1.0));
-    i.publish(UPDATE_TOPIC, &wire("u2", 3, 2.0));
+    i.publish(&topic("u1"), &wire("u1", 1, 1.0));
+    i.publish(&topic("u2"), &wire("u2", 3, 2.0));
     i.flush(Instant::now()).expect("flush");
     let made = i.take_outputs();
     assert_eq!(
@@ -269,14 +286,14 @@ fn valid_updates_are_acked_and_a_full_round_publishes_a_signed_global() {
         "one of two updates: acked, no global yet"
     );
 
-    i.publish(UPDATE_TOPIC, &wire("u2", 3, 2.0));
+    i.publish(&topic("u2"), &wire("u2", 3, 2.0));
     i.flush(Instant::now()).expect("flush");
     let out = i.take_outputs();
     let a = acks(&out);
     assert_eq!(a.len(), 1);
     assert_eq!(
         (a[0].0, a[0].1.update_id.as_str(), a[0].1.status),
-        (ACK_TOPIC, "u2", AckStatus::Accepted)
+        (ack_topic("u2").as_str(), "u2", AckStatus::Accepted)
     );
     let g = globals(&out);
     assert_eq!(g.len(), 1);
@@ -309,6 +326,7 @@ fn valid_updates_are_acked_and_a_full_round_publishes_a_signed_global() {
             duplicates: 0,
             globals_published: 1,
             refused: BTreeMap::new(),
+            superseded: 0,
         }
     );
 }
@@ -321,7 +339,7 @@ fn a_malformed_payload_gets_a_rejection_ack_with_the_reason() {
     i.publish(UPDATE_TOPIC, b"not an update");
     let mut wrong = upd("u9", "1.0.0", 1, 0.5);
     wrong.tensors[0].shape = vec![4];
-    i.publish(UPDATE_TOPIC, &wrong.encode().expect("encode"));
+    i.publish(&topic("u9"), &wrong.encode().expect("encode"));
     i.flush(Instant::now()).expect("flush");
     let out = i.take_outputs();
     let a = acks(&out);
@@ -386,7 +404,7 @@ fn a_duplicate_id_is_acked_as_duplicate_and_counted_once() {
     assert_eq!((i.stats().accepted, i.stats().duplicates), (1, 2));
     assert_eq!(i.state.pending_count("m").expect("pending"), 1);
 
-    i.publish(UPDATE_TOPIC, &wire("u2", 1, 3.0));
+    i.publish(&topic("u2"), &wire("u2", 1, 3.0));
     i.flush(Instant::now()).expect("flush");
     let out = i.take_outputs();
     let g = globals(&out);
@@ -401,13 +419,13 @@ fn a_round_timeout_closes_a_round_with_fewer_updates() {
     let mut i = intake(dir.path(), 3);
     i.take_outputs();
     let t0 = Instant::now();
-    i.publish(UPDATE_TOPIC, &wire("u1", 2, 0.5));
+    i.publish(&topic("u1"), &wire("u1", 2, 0.5));
     i.flush(t0).expect("flush");
     i.take_outputs();
     i.tick(t0 + Duration::from_secs(59)).expect("tick");
     assert!(i.take_outputs().is_empty(), "the round is still open");
     // A second update does not restart the round's clock.
-    i.publish(UPDATE_TOPIC, &wire("u2", 2, 1.5));
+    i.publish(&topic("u2"), &wire("u2", 2, 1.5));
     i.flush(t0 + Duration::from_secs(30)).expect("flush");
     assert!(globals(&i.take_outputs()).is_empty(), "2 of 3");
 
@@ -428,7 +446,7 @@ fn a_round_timeout_closes_a_round_with_fewer_updates() {
     assert!(i.take_outputs().is_empty());
     let t1 = t0 + Duration::from_secs(700);
     i.publish(
-        UPDATE_TOPIC,
+        &topic("u3"),
         &upd("u3", "1.0.0+g1", 1, 1.0).encode().expect("encode"),
     );
     i.flush(t1).expect("flush");
@@ -511,7 +529,7 @@ fn heartbeats_update_the_device_monitor() {
 fn a_version_made_by_another_process_is_published_on_the_next_tick() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut i = intake(dir.path(), 1);
-    i.publish(UPDATE_TOPIC, &wire("u1", 1, 1.0));
+    i.publish(&topic("u1"), &wire("u1", 1, 1.0));
     i.flush(Instant::now()).expect("flush");
     assert_eq!(globals(&i.take_outputs()).len(), 1);
     i.tick(Instant::now()).expect("tick");
@@ -552,7 +570,8 @@ fn a_batch_is_bounded_and_recorded_in_one_flush() {
     i.take_outputs();
     for n in 0..MAX_BATCH {
         assert!(!i.batch_full(), "full after {n}");
-        i.publish(UPDATE_TOPIC, &wire(&format!("u{n}"), 1, 0.1));
+        let id = format!("u{n}");
+        i.publish(&topic(&id), &wire(&id, 1, 0.1));
     }
     assert!(i.batch_full());
     i.flush(Instant::now()).expect("flush");
@@ -578,4 +597,61 @@ fn base_versions_map_to_globals() {
     assert_eq!(base_of("1.0.0+g7"), Some(7));
     assert_eq!(base_of("1.0.0+gx"), None);
     assert_eq!(base_of(""), None);
+}
+
+/// A device that trains three times before the next global sends three
+/// cumulative deltas on one base: the round does not close on it alone, it
+/// is counted once (the newest), and the replaced ids are acked as
+/// superseded, never dropped silently.
+#[test]
+fn a_device_counts_once_per_round_however_often_it_trains() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 3);
+    i.take_outputs();
+    let solo = |id: &str, samples: u64| {
+        let mut u = crate::state::fixtures::upd(id, "1.0.0", samples, 1.0);
+        u.meta.device = "solo".into();
+        u.encode().expect("encode")
+    };
+    let solo_topic = "dai/v1/lab/dev/solo/update";
+    for (n, id) in ["s1", "s2", "s3"].iter().enumerate() {
+        i.publish(solo_topic, &solo(id, 10 * (n as u64 + 1)));
+        i.flush(Instant::now()).expect("flush");
+    }
+    let out = i.take_outputs();
+    assert!(globals(&out).is_empty(), "one device closed a round of 3");
+    let a: Vec<(&str, Option<&str>)> = acks(&out)
+        .iter()
+        .map(|(_, a)| (a.update_id.as_str(), a.reason.as_deref()))
+        .collect();
+    assert_eq!(a.len(), 5, "{a:?}");
+    assert!(
+        a.iter()
+            .any(|(id, r)| *id == "s1" && r.is_some_and(|r| r.contains("superseded by s2")))
+    );
+    assert!(
+        a.iter()
+            .any(|(id, r)| *id == "s2" && r.is_some_and(|r| r.contains("superseded by s3")))
+    );
+    assert_eq!(i.stats().superseded, 2);
+    assert_eq!(
+        i.state.pending_devices("m").expect("pending"),
+        vec![("solo".to_string(), 30)]
+    );
+    // Two more devices: the round closes on three devices, three updates.
+    i.publish(&topic("u1"), &wire("u1", 10, 1.0));
+    i.publish(&topic("u2"), &wire("u2", 10, 1.0));
+    i.flush(Instant::now()).expect("flush");
+    let out = i.take_outputs();
+    assert_eq!(globals(&out).len(), 1, "{out:?}");
+    let v = i.state.versions().expect("versions");
+    let m = &v
+        .iter()
+        .rfind(|r| r.model == "m")
+        .expect("a version")
+        .metrics;
+    assert_eq!(
+        (m["devices"].as_u64(), m["updates"].as_u64()),
+        (Some(3), Some(3))
+    );
 }

@@ -26,7 +26,10 @@ impl State {
     ) -> Result<Option<NewGlobal>, StateError> {
         let pending = self.pending_count(model)?;
         let due = match settings.strategy {
-            Strategy::FedAvg { min_updates } => pending >= min_updates.max(1),
+            // A round closes on distinct devices, not updates.
+            Strategy::FedAvg { min_updates } => {
+                self.pending_device_count(model)? >= min_updates.max(1)
+            }
             Strategy::FedBuff { k } => pending >= k.max(1),
         };
         if pending == 0 || !(due || force) {

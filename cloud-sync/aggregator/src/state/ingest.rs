@@ -10,6 +10,16 @@ use dai_protocol::messages::{Ack, AckStatus};
 use dai_protocol::update::Update;
 use rusqlite::{OptionalExtension, params};
 
+/// A pending update replaced by a newer one of the same device and base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superseded {
+    pub device: String,
+    pub update_id: String,
+    /// The update that replaced it.
+    pub by: String,
+    pub reason: String,
+}
+
 impl State {
     /// Validate and record one update; returns the ack to send.
     /// `base_of` maps the update's base_version string to a global version.
@@ -33,15 +43,37 @@ impl State {
         settings: &Settings,
         base_of: impl Fn(&str) -> Option<u64>,
     ) -> Result<Vec<Ack>, StateError> {
+        Ok(self.ingest_batch_superseding(updates, settings, base_of)?.0)
+    }
+
+    /// [`State::ingest_batch`], and the pending updates the accepted ones
+    /// superseded: a device has at most one live contribution per base
+    /// version (its deltas are cumulative: `head - the global it started
+    /// from`), so a newer accepted update replaces its pending one on the
+    /// same base. The older one's `seen` row says so; the caller acks it as
+    /// superseded.
+    pub fn ingest_batch_superseding(
+        &mut self,
+        updates: &[&Update],
+        settings: &Settings,
+        base_of: impl Fn(&str) -> Option<u64>,
+    ) -> Result<(Vec<Ack>, Vec<Superseded>), StateError> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut acks = Vec::with_capacity(updates.len());
+        let mut superseded = Vec::new();
         for update in updates {
-            acks.push(Self::ingest_in(&tx, update, settings, &base_of)?);
+            acks.push(Self::ingest_in(
+                &tx,
+                update,
+                settings,
+                &base_of,
+                &mut superseded,
+            )?);
         }
         tx.commit()?;
-        Ok(acks)
+        Ok((acks, superseded))
     }
 
     fn ingest_in(
@@ -49,6 +81,7 @@ impl State {
         update: &Update,
         settings: &Settings,
         base_of: &impl Fn(&str) -> Option<u64>,
+        superseded: &mut Vec<Superseded>,
     ) -> Result<Ack, StateError> {
         let m = &update.meta;
         let seen: bool = tx
@@ -78,6 +111,27 @@ impl State {
         };
         let ack = match result {
             Ok(c) => {
+                let older: Vec<String> = tx
+                    .prepare("SELECT update_id FROM pending WHERE model = ?1 AND device = ?2 AND base_version = ?3")?
+                    .query_map(params![m.model, c.device, c.base_version as i64], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for old in older {
+                    let reason = format!(
+                        "superseded by {}: one live contribution per device and base",
+                        c.update_id
+                    );
+                    tx.execute("DELETE FROM pending WHERE update_id = ?1", params![old])?;
+                    tx.execute(
+                        "UPDATE seen SET status = 'superseded', reason = ?2 WHERE update_id = ?1",
+                        params![old, reason],
+                    )?;
+                    superseded.push(Superseded {
+                        device: c.device.clone(),
+                        update_id: old,
+                        by: c.update_id.clone(),
+                        reason,
+                    });
+                }
                 tx.execute(
                     "INSERT INTO seen (update_id, device, model, status, reason, received_at) VALUES (?1, ?2, ?3, 'accepted', NULL, ?4)",
                     params![c.update_id, c.device, m.model, now()],
@@ -135,6 +189,16 @@ impl State {
             [],
             |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
         )?)
+    }
+
+    /// Distinct devices with a pending update of `model` (what closes a
+    /// FedAvg round: one device, one vote).
+    pub fn pending_device_count(&self, model: &str) -> Result<usize, StateError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(DISTINCT device) FROM pending WHERE model = ?1",
+            params![model],
+            |r| r.get::<_, i64>(0),
+        )? as usize)
     }
 
     /// Accepted updates of `model` waiting for the next aggregation.

@@ -17,6 +17,7 @@
 
 mod aggregate;
 mod ingest;
+pub use ingest::Superseded;
 mod versions;
 
 use crate::{Aggregation, ModelLayout};
