@@ -272,7 +272,28 @@ async fn fleet_rounds(via: Via, encoding: dai_config::UpdateEncoding) {
     drop(mosquitto);
 }
 
-fn mosquitto(port: u16) -> std::process::Child {
+/// A Mosquitto child killed when dropped, so a failing test cannot leave
+/// it running (holding its port, and any lock its parent held).
+struct Broker(std::process::Child);
+
+impl Broker {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn mosquitto(port: u16) -> Broker {
+    Broker(mosquitto_child(port))
+}
+
+fn mosquitto_child(port: u16) -> std::process::Child {
     let bin = ["/usr/sbin/mosquitto", "mosquitto"]
         .into_iter()
         .find(|b| std::path::Path::new(b).exists() || *b == "mosquitto")
@@ -355,8 +376,7 @@ async fn broker_restart_delivers_each_update_exactly_once() {
         assert!(Instant::now() < deadline, "edge never connected");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = broker.kill();
-    let _ = broker.wait();
+    broker.kill();
 
     let rows = dai_models::digits::load(&repo().join("models/data/digits.csv.gz")).expect("digits");
     for part in [&rows[0..100], &rows[100..160]] {
@@ -391,8 +411,7 @@ async fn broker_restart_delivers_each_update_exactly_once() {
     edge.stop().await;
     let _ = agg_stop.send(());
     let stats = aggregator.await.expect("join").expect("aggregator");
-    let _ = broker.kill();
-    let _ = broker.wait();
+    broker.kill();
     assert_eq!(stats.accepted, 2, "each update accepted once: {stats:?}");
     let versions = dai_cloud::state::State::open(&agg_dir.path().join("agg.sqlite"))
         .expect("state")
