@@ -74,21 +74,38 @@ async fn acks(
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strangers_are_refused_at_connect_and_devices_act_only_as_themselves() {
+/// A fleet `lab` with dev-a and dev-b enrolled and a secure aggregator
+/// (FedAvg over `min_devices`) behind the gate on a free port.
+async fn secure_lab(
+    min_devices: usize,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    u16,
+    tokio::task::JoinHandle<
+        Result<dai_cloud::service::ServiceStats, dai_cloud::service::ServiceError>,
+    >,
+    tokio::sync::oneshot::Sender<()>,
+) {
     let tmp = tempfile::tempdir().expect("tmp");
     let fleet_dir = make_fleet(tmp.path(), FLEET, &["dev-a", "dev-b"]);
-    let other = tempfile::tempdir().expect("tmp");
-    let foreign = make_fleet(other.path(), FLEET, &["dev-a"]);
     let port = free_port();
     let (service, stop) = start_secure(
         port,
         tmp.path(),
         &fleet_dir,
         [("m", head_bytes(&head(&[3, 2], 1)))],
-        |c| c.settings = dai_testkit::fedavg(10),
+        |c| c.settings = dai_testkit::fedavg(min_devices),
     )
     .await;
+    (tmp, fleet_dir, port, service, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_are_refused_at_connect_and_devices_act_only_as_themselves() {
+    let (tmp, fleet_dir, port, service, stop) = secure_lab(10).await;
+    let other = tempfile::tempdir().expect("tmp");
+    let foreign = make_fleet(other.path(), FLEET, &["dev-a"]);
     let (a_dir, b_dir) = (tmp.path().join("dev-a"), tmp.path().join("dev-b"));
     let agg = aggregator_public(&fleet_dir);
 
@@ -234,17 +251,7 @@ async fn strangers_are_refused_at_connect_and_devices_act_only_as_themselves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_device_is_cut_off_and_the_rest_carry_on() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let fleet_dir = make_fleet(tmp.path(), FLEET, &["dev-a", "dev-b"]);
-    let port = free_port();
-    let (service, stop) = start_secure(
-        port,
-        tmp.path(),
-        &fleet_dir,
-        [("m", head_bytes(&head(&[3, 2], 1)))],
-        |c| c.settings = dai_testkit::fedavg(10),
-    )
-    .await;
+    let (tmp, fleet_dir, port, service, stop) = secure_lab(10).await;
     let (a_dir, b_dir) = (tmp.path().join("dev-a"), tmp.path().join("dev-b"));
     let agg = aggregator_public(&fleet_dir);
     let mut a =
@@ -289,17 +296,7 @@ async fn a_revoked_device_is_cut_off_and_the_rest_carry_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cleared_retained_global_heals_for_a_device_that_connects_later() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let fleet_dir = make_fleet(tmp.path(), FLEET, &["dev-a", "dev-b"]);
-    let port = free_port();
-    let (service, stop) = start_secure(
-        port,
-        tmp.path(),
-        &fleet_dir,
-        [("m", head_bytes(&head(&[3, 2], 1)))],
-        |c| c.settings = dai_testkit::fedavg(1),
-    )
-    .await;
+    let (tmp, fleet_dir, port, service, stop) = secure_lab(1).await;
     let a_dir = tmp.path().join("dev-a");
     let global = format!("dai/v1/{FLEET}/model/m/global");
     let mut a = MqttProbe::connect_tls(port, "dev-a", &[&global], bundle_tls(&a_dir)).await;
