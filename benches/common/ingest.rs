@@ -174,11 +174,13 @@ pub fn settings(strategy: Strategy) -> Settings {
     Settings {
         strategy,
         aggregation: Aggregation {
-            clip_norm: None,
+            clip: dai_cloud::Clip::Off,
             robust: Robust::Mean,
         },
         max_staleness: 1_000_000,
         reject_norm: 1e6,
         sample_cap: dai_cloud::state::SampleCap::Auto,
+        max_updates_per_minute: 0,
+        dp: None,
     }
 }

@@ -7,12 +7,12 @@
 
 use super::{Options, any_port, free_port};
 use anyhow::{Context, bail};
+use dai_cloud::Aggregation;
 use dai_cloud::auth::DeviceAuth;
 use dai_cloud::monitor::Monitor;
 use dai_cloud::secure::SecureFleet;
 use dai_cloud::service::{ServiceConfig, run_monitored};
 use dai_cloud::state::{Settings, Strategy};
-use dai_cloud::{Aggregation, Robust};
 use dai_trust::fs::FleetDir;
 use dai_trust::{DeviceName, FleetName};
 use std::net::SocketAddr;
@@ -74,13 +74,13 @@ impl Cloud {
                 strategy: Strategy::FedAvg {
                     min_updates: opts.devices,
                 },
-                aggregation: Aggregation {
-                    clip_norm: None,
-                    robust: Robust::Mean,
-                },
+                // The robust defaults `dai-cloud run` has.
+                aggregation: Aggregation::default(),
                 max_staleness: 3,
                 reject_norm: 1e4,
                 sample_cap: dai_cloud::state::SampleCap::Auto,
+                max_updates_per_minute: dai_cloud::state::DEFAULT_MAX_UPDATES_PER_MINUTE,
+                dp: None,
             },
             round_timeout: opts.round_timeout,
             signing_key: secure.identity.aggregator.signing_key().clone(),

@@ -5,10 +5,12 @@
 //!   model's tensor layout (names, shapes), for finite values, a norm bound,
 //!   staleness of its base version and duplicate ids, and becomes a
 //!   [`Contribution`] or a [`Rejection`] with the reason the ack carries;
-//! - [`aggregate`]: sample-count-weighted mean (FedAvg), optionally with
-//!   per-update norm clipping, or a robust coordinate-wise trimmed mean or
-//!   median; [`staleness_weight`] for buffered asynchronous aggregation
+//! - [`combine`]: clipping (fixed or adaptive) and combining a round
+//!   (weighted mean, weighted trimmed mean, median), with the robust
+//!   defaults; [`staleness_weight`] for buffered asynchronous aggregation
 //!   (FedBuff);
+//! - [`dp`]: central differential privacy: the Rényi-DP accountant and
+//!   Gaussian noise;
 //! - [`FedAdam`]: the server optimiser applied to the aggregated delta.
 //!
 //! Around it:
@@ -34,6 +36,9 @@
 use dai_protocol::update::Update;
 
 pub mod auth;
+pub mod combine;
+pub mod dp;
+pub use combine::{Aggregation, Clip, Robust, aggregate};
 pub mod gate;
 pub mod http;
 pub mod intake;
@@ -91,6 +96,8 @@ pub enum Rejection {
     },
     #[error("base version {base} is newer than the current global version {current}")]
     FromTheFuture { base: u64, current: u64 },
+    #[error("base is global {base} of epoch {epoch}, but this aggregator's epoch is {current}")]
+    OtherEpoch { base: u64, epoch: u64, current: u64 },
     #[error("update norm {norm:.4} exceeds the bound {bound}")]
     NormTooLarge { norm: f64, bound: f64 },
     #[error("sample_count must be at least 1")]
@@ -99,10 +106,26 @@ pub enum Rejection {
     Duplicate(String),
 }
 
+impl Rejection {
+    /// Whether the ack says `rebase` rather than `rejected`: the update's
+    /// base is not a global of this version line (another epoch, or a
+    /// version this state never made: the aggregator lost its state), so
+    /// the edge must start again from the current global.
+    pub fn is_rebase(&self) -> bool {
+        matches!(
+            self,
+            Rejection::FromTheFuture { .. } | Rejection::OtherEpoch { .. }
+        )
+    }
+}
+
 /// Limits applied to every update.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     pub current_version: u64,
+    /// The aggregator's epoch: a base label of another epoch is refused
+    /// with a rebase ([`dai_protocol::base`]).
+    pub epoch: u64,
     pub max_staleness: u64,
     /// Updates with a larger L2 norm are rejected (clipping happens later).
     pub reject_norm: f64,
@@ -130,6 +153,15 @@ pub fn validate(
     }
     let base =
         base_of(&m.base_version).ok_or_else(|| Rejection::BadBase(m.base_version.clone()))?;
+    if let Some(epoch) = dai_protocol::base::parse(&m.base_version).and_then(|b| b.epoch)
+        && epoch != limits.epoch
+    {
+        return Err(Rejection::OtherEpoch {
+            base,
+            epoch,
+            current: limits.epoch,
+        });
+    }
     if base > limits.current_version {
         return Err(Rejection::FromTheFuture {
             base,
@@ -197,108 +229,6 @@ pub fn norm(tensors: &[Vec<f32>]) -> f64 {
 /// FedBuff's staleness discount: `1 / sqrt(1 + staleness)`.
 pub fn staleness_weight(staleness: u64) -> f64 {
     1.0 / (1.0 + staleness as f64).sqrt()
-}
-
-/// How contributions are combined.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Robust {
-    /// Weighted mean (FedAvg).
-    Mean,
-    /// Drop the `fraction` largest and smallest values per coordinate, then average.
-    TrimmedMean { fraction: f64 },
-    /// Coordinate-wise median.
-    Median,
-}
-
-/// Aggregation settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Aggregation {
-    /// Scale each update down to this L2 norm first (differential-privacy
-    /// style clipping); `None` leaves them as they are.
-    pub clip_norm: Option<f64>,
-    pub robust: Robust,
-}
-
-/// Combine `contribs` with `weights` (e.g. sample counts x staleness
-/// weights). Returns the aggregated delta in layout order, or `None` when
-/// there is nothing to aggregate or the contributions' tensors differ in
-/// count or length (callers check them against the model's layout first).
-pub fn aggregate(
-    contribs: &[Contribution],
-    weights: &[f64],
-    agg: &Aggregation,
-) -> Option<Vec<Vec<f32>>> {
-    if contribs.is_empty() || contribs.len() != weights.len() {
-        return None;
-    }
-    let first = &contribs[0].tensors;
-    let same_shape = |c: &Contribution| {
-        c.tensors.len() == first.len()
-            && c.tensors.iter().zip(first).all(|(a, b)| a.len() == b.len())
-    };
-    if !contribs.iter().all(same_shape) {
-        return None;
-    }
-    let scale: Vec<f64> = contribs
-        .iter()
-        .map(|c| match agg.clip_norm {
-            Some(bound) => {
-                let n = norm(&c.tensors);
-                if n > bound && n > 0.0 { bound / n } else { 1.0 }
-            }
-            None => 1.0,
-        })
-        .collect();
-    let total: f64 = weights.iter().sum();
-    if total <= 0.0 || !total.is_finite() {
-        return None;
-    }
-    let mut out = Vec::with_capacity(contribs[0].tensors.len());
-    for t in 0..contribs[0].tensors.len() {
-        let len = contribs[0].tensors[t].len();
-        let mut agg_t = vec![0.0f32; len];
-        let mut column = Vec::with_capacity(contribs.len());
-        for (i, slot) in agg_t.iter_mut().enumerate() {
-            match agg.robust {
-                Robust::Mean => {
-                    let mut acc = 0.0f64;
-                    for (c, (w, s)) in contribs.iter().zip(weights.iter().zip(&scale)) {
-                        acc += c.tensors[t][i] as f64 * s * w;
-                    }
-                    *slot = (acc / total) as f32;
-                }
-                Robust::TrimmedMean { .. } | Robust::Median => {
-                    column.clear();
-                    column.extend(
-                        contribs
-                            .iter()
-                            .zip(&scale)
-                            .map(|(c, s)| c.tensors[t][i] as f64 * s),
-                    );
-                    column.sort_by(|a, b| a.total_cmp(b));
-                    *slot = match agg.robust {
-                        Robust::Median => {
-                            let n = column.len();
-                            if n % 2 == 1 {
-                                column[n / 2]
-                            } else {
-                                (column[n / 2 - 1] + column[n / 2]) / 2.0
-                            }
-                        }
-                        Robust::TrimmedMean { fraction } => {
-                            let k = ((column.len() as f64) * fraction.clamp(0.0, 0.49)).floor()
-                                as usize;
-                            let kept = &column[k..column.len() - k];
-                            kept.iter().sum::<f64>() / kept.len() as f64
-                        }
-                        Robust::Mean => 0.0,
-                    } as f32;
-                }
-            }
-        }
-        out.push(agg_t);
-    }
-    Some(out)
 }
 
 /// FedAdam (Reddi et al., "Adaptive Federated Optimization"): the
@@ -384,6 +314,7 @@ mod tests {
 
     const LIMITS: Limits = Limits {
         current_version: 5,
+        epoch: 77,
         max_staleness: 2,
         reject_norm: 100.0,
     };
@@ -416,6 +347,29 @@ mod tests {
             ok(&update("u", "x", 1, [0.0; 4], [0.0; 2])),
             Err(Rejection::BadBase(_))
         ));
+        // A base of another epoch: a rebase, not a plain rejection; this
+        // epoch's labels pass.
+        let other = validate(
+            &update("u", "1.0+g5@e76", 1, [0.0; 4], [0.0; 2]),
+            &layout(),
+            &LIMITS,
+            |b| dai_protocol::base::parse(b).map(|b| b.version),
+            |_| false,
+        );
+        assert!(
+            matches!(other, Err(ref r @ Rejection::OtherEpoch { epoch: 76, current: 77, .. }) if r.is_rebase()),
+            "{other:?}"
+        );
+        assert!(
+            validate(
+                &update("u", "1.0+g5@e77", 1, [0.0; 4], [0.0; 2]),
+                &layout(),
+                &LIMITS,
+                |b| dai_protocol::base::parse(b).map(|b| b.version),
+                |_| false,
+            )
+            .is_ok()
+        );
         assert!(matches!(
             ok(&update("u", "5", 0, [0.0; 4], [0.0; 2])),
             Err(Rejection::NoSamples)
@@ -430,77 +384,6 @@ mod tests {
         let mut other = update("u", "5", 1, [0.0; 4], [0.0; 2]);
         other.meta.model = "cats".into();
         assert!(matches!(ok(&other), Err(Rejection::UnknownModel(_))));
-    }
-
-    fn contrib(v: f32, samples: u64) -> Contribution {
-        Contribution {
-            update_id: format!("{v}"),
-            device: "d".into(),
-            base_version: 5,
-            sample_count: samples,
-            tensors: vec![vec![v, -v]],
-        }
-    }
-
-    #[test]
-    fn fedavg_weights_by_samples_and_robust_options_resist_outliers() {
-        let cs = vec![contrib(1.0, 1), contrib(2.0, 3)];
-        let mean = Aggregation {
-            clip_norm: None,
-            robust: Robust::Mean,
-        };
-        let w: Vec<f64> = cs.iter().map(|c| c.sample_count as f64).collect();
-        assert_eq!(
-            aggregate(&cs, &w, &mean).expect("agg"),
-            vec![vec![1.75, -1.75]]
-        );
-
-        let mut with_outlier = vec![
-            contrib(1.0, 1),
-            contrib(1.1, 1),
-            contrib(0.9, 1),
-            contrib(1.0, 1),
-            contrib(1000.0, 1),
-        ];
-        let ones = vec![1.0; with_outlier.len()];
-        let med = aggregate(
-            &with_outlier,
-            &ones,
-            &Aggregation {
-                clip_norm: None,
-                robust: Robust::Median,
-            },
-        )
-        .expect("median");
-        assert_eq!(med[0][0], 1.0);
-        let trimmed = aggregate(
-            &with_outlier,
-            &ones,
-            &Aggregation {
-                clip_norm: None,
-                robust: Robust::TrimmedMean { fraction: 0.2 },
-            },
-        )
-        .expect("trim");
-        assert!((trimmed[0][0] - 1.0333).abs() < 1e-3, "{trimmed:?}");
-        let plain = aggregate(&with_outlier, &ones, &mean).expect("mean");
-        assert!(
-            plain[0][0] > 100.0,
-            "the plain mean is dragged by the outlier"
-        );
-        // Clipping bounds each update's influence.
-        with_outlier.truncate(5);
-        let clipped = aggregate(
-            &with_outlier,
-            &ones,
-            &Aggregation {
-                clip_norm: Some(2.0_f64.sqrt()),
-                robust: Robust::Mean,
-            },
-        )
-        .expect("clip");
-        assert!(clipped[0][0] <= 1.0001, "{clipped:?}");
-        assert!(aggregate(&[], &[], &mean).is_none());
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub enum Outcome {
     /// A redelivered id: acked again, counted once.
     Duplicate,
     Rejected,
+    /// Its base is not of this version line: acked `rebase`.
+    Rebase,
     /// The payload was not an update at all.
     Undecodable,
     /// Not authenticated (signature, unknown or revoked device, fleet):
@@ -75,6 +77,7 @@ impl Outcome {
             Outcome::Accepted => "accepted",
             Outcome::Duplicate => "duplicate",
             Outcome::Rejected => "rejected",
+            Outcome::Rebase => "rebase",
             Outcome::Undecodable => "undecodable",
             Outcome::Refused => "refused",
         }
@@ -121,6 +124,12 @@ pub enum MonitorEvent {
     },
     /// Time an aggregation that produced a version took.
     AggregationSeconds(f64),
+    /// Central DP: the epsilon a model's versions spent so far (infinite
+    /// when a version was made without noise).
+    Privacy {
+        model: String,
+        epsilon: f64,
+    },
 }
 
 /// The live part of the status page.
@@ -138,6 +147,8 @@ pub struct LiveView {
     pub last_global: BTreeMap<String, f64>,
     /// Model -> updates waiting for the next aggregation.
     pub pending: BTreeMap<String, usize>,
+    /// Model -> epsilon spent (central DP on; `null` when infinite).
+    pub dp_epsilon: BTreeMap<String, Option<f64>>,
 }
 
 /// Metrics and the live view, shared by the service loop and HTTP.
@@ -153,6 +164,8 @@ pub struct Monitor {
     /// Unix seconds of the last new global, per model (alert: aggregation stalled).
     pub last_aggregation: Family<ModelLabel, FGauge>,
     pub aggregation_seconds: Histogram,
+    /// Central DP: epsilon spent per model (+Inf: a version without noise).
+    pub dp_epsilon: Family<ModelLabel, FGauge>,
     pub devices_online: Gauge,
     pub devices_known: Gauge,
     /// Sum of the outbox backlogs the devices report in their heartbeats.
@@ -189,6 +202,7 @@ impl Monitor {
             aggregation_seconds: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
             ]),
+            dp_epsilon: Family::default(),
             devices_online: Gauge::default(),
             devices_known: Gauge::default(),
             devices_outbox: Gauge::default(),
@@ -212,6 +226,11 @@ impl Monitor {
             "globals_published",
             "New global versions signed and published",
             m.globals_published.clone(),
+        );
+        r.register(
+            "dp_epsilon",
+            "Central differential privacy: epsilon spent by the model's versions (at the configured delta)",
+            m.dp_epsilon.clone(),
         );
         r.register(
             "global_version",
@@ -322,6 +341,17 @@ impl Monitor {
                 self.global(&model, version, unix_now());
             }
             MonitorEvent::AggregationSeconds(s) => self.aggregation_seconds.observe(s),
+            MonitorEvent::Privacy { model, epsilon } => {
+                self.dp_epsilon
+                    .get_or_create(&ModelLabel {
+                        model: model.clone(),
+                    })
+                    .set(epsilon);
+                self.live
+                    .lock()
+                    .dp_epsilon
+                    .insert(model, epsilon.is_finite().then_some(epsilon));
+            }
         }
     }
 

@@ -73,6 +73,11 @@ impl Aggregator {
                 "--model",
                 &format!("m={}", head.display()),
                 "--insecure-plaintext",
+                // Plain FedAvg: the tests check its exact arithmetic.
+                "--robust",
+                "mean",
+                "--clip-norm",
+                "off",
             ])
             .arg("--key")
             .arg(dir.join("aggregator.key"))

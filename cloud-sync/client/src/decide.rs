@@ -3,6 +3,7 @@
 //! does the I/O, these functions say what to do, so the rules are tested
 //! without a broker.
 
+use dai_protocol::base::GlobalId;
 use dai_protocol::messages::Ack;
 use dai_protocol::signed::{self, Kind};
 use dai_protocol::topics::Topic;
@@ -37,20 +38,21 @@ pub(crate) fn heartbeat_due(since_last: Option<Duration>, every: Duration) -> bo
     since_last.is_none_or(|d| d >= every)
 }
 
-/// What a verified global model is, against the version served.
+/// What a verified global model is, against the one served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum GlobalVerdict {
-    /// Newer: store and serve it.
+    /// Newer (a larger version, or a newer epoch): store and serve it.
     Apply,
     /// The retained copy of what is served (arrives on every (re)connect).
     AlreadyServed,
-    /// Below the version served: refused.
+    /// Below the one served (an older version, or any version of an older
+    /// epoch: a replayed global of a retired version line): refused.
     Older,
 }
 
-pub(crate) fn global_verdict(version: u64, current: u64) -> GlobalVerdict {
+pub(crate) fn global_verdict(global: GlobalId, current: GlobalId) -> GlobalVerdict {
     use std::cmp::Ordering::*;
-    match version.cmp(&current) {
+    match global.cmp(&current) {
         Greater => GlobalVerdict::Apply,
         Equal => GlobalVerdict::AlreadyServed,
         Less => GlobalVerdict::Older,
@@ -140,10 +142,18 @@ mod tests {
 
     #[test]
     fn globals_apply_only_when_newer() {
-        assert_eq!(global_verdict(3, 2), GlobalVerdict::Apply);
-        assert_eq!(global_verdict(1, 0), GlobalVerdict::Apply);
-        assert_eq!(global_verdict(2, 2), GlobalVerdict::AlreadyServed);
-        assert_eq!(global_verdict(1, 2), GlobalVerdict::Older);
+        let g = |epoch, version| GlobalId { epoch, version };
+        assert_eq!(global_verdict(g(1, 3), g(1, 2)), GlobalVerdict::Apply);
+        assert_eq!(global_verdict(g(1, 1), g(0, 0)), GlobalVerdict::Apply);
+        assert_eq!(
+            global_verdict(g(1, 2), g(1, 2)),
+            GlobalVerdict::AlreadyServed
+        );
+        assert_eq!(global_verdict(g(1, 1), g(1, 2)), GlobalVerdict::Older);
+        // A new epoch (the aggregator lost its state and started again)
+        // wins whatever the version; a replayed old epoch never does.
+        assert_eq!(global_verdict(g(2, 0), g(1, 50)), GlobalVerdict::Apply);
+        assert_eq!(global_verdict(g(1, 99), g(2, 0)), GlobalVerdict::Older);
     }
 
     fn topic(t: Topic) -> String {

@@ -15,7 +15,8 @@
 //!   aggregator signed them for that topic: a forged ack deletes nothing;
 //! - globals arrive retained on `.../model/{model}/global` and are verified
 //!   (ed25519 signature over fleet, model, version and epoch, checksum) and
-//!   applied only if newer; after each connect the device asks for newer
+//!   applied only if newer in (epoch, version) order, so a new epoch's
+//!   version 1 replaces an old epoch's version 50; after each connect the device asks for newer
 //!   ones on `.../dev/{device}/want` (a cleared retained message heals);
 //! - with [`UplinkConfig::tls`], the connection is mutual TLS (rustls,
 //!   ring; configs from `dai_trust::tls`);
@@ -30,6 +31,7 @@
 mod decide;
 mod session;
 
+use dai_protocol::base::GlobalId;
 use dai_protocol::global::GlobalModel;
 use dai_protocol::messages::{Ack, Status};
 use ed25519_dalek::VerifyingKey;
@@ -47,9 +49,13 @@ pub trait Edge: Send + Sync + 'static {
     fn acked(&self, ack: &Ack);
     /// Models to receive globals for.
     fn models(&self) -> Vec<String>;
-    /// Global version currently served for `model` (0 = none yet).
-    fn global_version(&self, model: &str) -> u64;
-    /// Store and serve a verified, newer global model.
+    /// The global currently served for `model`: its aggregator epoch and
+    /// version (`GlobalId::default()`: none yet, the shipped head).
+    fn served_global(&self, model: &str) -> GlobalId;
+    /// Store and serve a verified global model that is newer: a larger
+    /// version of the same epoch, or any version of a newer epoch (the
+    /// aggregator started a new version line; pending updates on the old
+    /// one can never count and are the daemon's to drop, counted).
     fn apply_global(&self, global: GlobalModel) -> Result<(), String>;
     /// The heartbeat's content.
     fn status(&self) -> Status;
@@ -90,6 +96,9 @@ pub struct UplinkConfig {
 pub struct UplinkStats {
     pub published: u64,
     pub acked: u64,
+    /// Acks saying `rebase`: the update's base is not of the aggregator's
+    /// epoch (counted in `acked` too).
+    pub rebased: u64,
     /// Acks refused: unsigned, not the aggregator's, or unreadable.
     pub acks_refused: u64,
     pub globals_applied: u64,

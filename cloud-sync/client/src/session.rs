@@ -6,6 +6,7 @@
 
 use crate::decide::{self, GlobalVerdict, Incoming, Trust};
 use crate::{Edge, UplinkConfig, UplinkStats, backoff};
+use dai_protocol::base::GlobalId;
 use dai_protocol::messages::{Ack, AckStatus, Status, Want};
 use dai_protocol::signed::{self, Kind};
 use dai_protocol::topics::Topic;
@@ -152,8 +153,10 @@ impl Session {
         // Ask for anything newer than what is served: if the retained
         // global was lost or cleared, the aggregator publishes it again.
         for model in self.edge.models() {
+            let served = self.edge.served_global(&model);
             let want = Want {
-                version: self.edge.global_version(&model),
+                version: served.version,
+                epoch: served.epoch,
                 model,
             };
             let _ = self.client.try_publish(
@@ -187,8 +190,15 @@ impl Session {
 
     /// The aggregator answered (accepted or rejected): the row may go.
     fn on_ack(&mut self, ack: &Ack) {
-        if ack.status == AckStatus::Rejected {
-            tracing::warn!(update = %ack.update_id, reason = ?ack.reason, "update rejected by the aggregator");
+        match ack.status {
+            AckStatus::Rejected => {
+                tracing::warn!(update = %ack.update_id, reason = ?ack.reason, "update rejected by the aggregator")
+            }
+            AckStatus::Rebase => {
+                self.stats.rebased += 1;
+                tracing::warn!(update = %ack.update_id, reason = ?ack.reason, "update on a base the aggregator does not have (a new epoch); dropped, the current global follows")
+            }
+            AckStatus::Accepted => {}
         }
         self.inflight.remove(&ack.update_id);
         self.edge.acked(ack);
@@ -198,7 +208,7 @@ impl Session {
     /// A global model: verified (signature, checksum, model name), then
     /// applied only if newer than the version served.
     fn on_global(&mut self, model: &str, payload: &[u8]) {
-        let current = self.edge.global_version(model);
+        let current = self.edge.served_global(model);
         let g = match dai_protocol::global::verify(
             payload,
             &self.cfg.aggregator_key,
@@ -212,7 +222,14 @@ impl Session {
                 return;
             }
         };
-        match decide::global_verdict(g.version, current) {
+        let id = GlobalId {
+            epoch: g.epoch,
+            version: g.version,
+        };
+        if id.epoch != current.epoch && id > current && current != GlobalId::default() {
+            tracing::warn!(%model, epoch = id.epoch, version = id.version, served_epoch = current.epoch, served_version = current.version, "a global of a new aggregator epoch: adopting it and dropping updates on the old one");
+        }
+        match decide::global_verdict(id, current) {
             GlobalVerdict::Apply => match self.edge.apply_global(g) {
                 Ok(()) => self.stats.globals_applied += 1,
                 Err(e) => {
@@ -225,7 +242,7 @@ impl Session {
             }
             GlobalVerdict::Older => {
                 self.refuse_global(model, "older");
-                tracing::warn!(%model, version = g.version, current, "global model refused: older than the one served");
+                tracing::warn!(%model, epoch = id.epoch, version = id.version, served_epoch = current.epoch, served_version = current.version, "global model refused: older than the one served");
             }
         }
     }

@@ -4,6 +4,7 @@
 
 use dai_cloud::service::ServiceConfig;
 use dai_head::Head;
+use dai_protocol::base::GlobalId;
 use dai_protocol::global::GlobalModel;
 use dai_protocol::messages::{Ack, AckStatus, Status};
 use dai_protocol::update::Encoding;
@@ -33,8 +34,14 @@ impl Edge for FakeEdge {
     fn models(&self) -> Vec<String> {
         vec!["m".into()]
     }
-    fn global_version(&self, _: &str) -> u64 {
-        self.globals.lock().last().map_or(0, |g| g.version)
+    fn served_global(&self, _: &str) -> GlobalId {
+        self.globals
+            .lock()
+            .last()
+            .map_or(GlobalId::default(), |g| GlobalId {
+                epoch: g.epoch,
+                version: g.version,
+            })
     }
     fn apply_global(&self, g: GlobalModel) -> Result<(), String> {
         self.globals.lock().push(g);

@@ -6,6 +6,8 @@
 //! - [`update`]: an edge's head delta: safetensors (tensors + `__metadata__`:
 //!   device, model, base_version, update_id, sample_count, loss, encoding)
 //!   compressed with zstd; encodings `f32`, `f16` and `int8` (per-row scale);
+//! - [`base`]: an update's `base_version` label (which global, which
+//!   aggregator epoch) and the (epoch, version) order of globals;
 //! - [`feedback`]: error feedback for lossy encodings (what one update
 //!   dropped is added to a later one);
 //! - [`global`]: a global head signed with ed25519 by the aggregator over
@@ -17,6 +19,7 @@
 //! Every decoder takes a size bound and returns a [`ProtocolError`] that
 //! says what was wrong; nothing here panics on input.
 
+pub mod base;
 pub mod feedback;
 pub mod global;
 pub mod messages;

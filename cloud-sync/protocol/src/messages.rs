@@ -9,7 +9,11 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct Ack {
     pub update_id: String,
-    /// `accepted` (persisted; safe to delete from the outbox) or `rejected`.
+    /// `accepted` (persisted; safe to delete from the outbox), `rejected`,
+    /// or `rebase`: its base is not a global of the aggregator's epoch (a
+    /// new version line), so it can never count; the edge drops it and
+    /// trains again from the current global, which the aggregator
+    /// publishes.
     pub status: AckStatus,
     /// Why it was rejected (or a note), for logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -24,6 +28,7 @@ pub struct Ack {
 pub enum AckStatus {
     Accepted,
     Rejected,
+    Rebase,
 }
 
 /// Retained heartbeat on `.../dev/{device}/status`.
@@ -41,7 +46,8 @@ pub struct Status {
 }
 
 /// A device's request on `.../dev/{device}/want`: "I serve `version` of
-/// `model`; publish the current global if it is newer". The aggregator
+/// `model` from aggregator `epoch`; publish the current global if it is
+/// newer or of another epoch" (epoch 0: no global yet). The aggregator
 /// answers with the retained global itself, so a lost or cleared retained
 /// message heals for every device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +55,8 @@ pub struct Status {
 pub struct Want {
     pub model: String,
     pub version: u64,
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Largest want message read (it is two short fields).

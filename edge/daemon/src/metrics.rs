@@ -134,6 +134,8 @@ pub struct Metrics {
     pub sensor_events_dropped: Counter,
     pub sensor_latency: Family<SensorLabel, Histogram, fn() -> Histogram>,
     pub outbox_evicted: Counter,
+    /// Outbox updates on a retired aggregator epoch, dropped.
+    pub outbox_rebased: Counter,
     /// Evictions already copied from the cache's own counter.
     pub evictions_seen: Mutex<u64>,
 }
@@ -218,6 +220,7 @@ impl Metrics {
                 ])
             }),
             outbox_evicted: Counter::default(),
+            outbox_rebased: Counter::default(),
             evictions_seen: Mutex::new(0),
             registry: Registry::default(),
         };
@@ -365,8 +368,13 @@ impl Metrics {
     fn register_links(&self, r: &mut Registry) {
         r.register(
             "sync_acks",
-            "Outbox updates answered by the aggregator (accepted, rejected)",
+            "Outbox updates answered by the aggregator (accepted, rejected, rebase)",
             self.sync_acks.clone(),
+        );
+        r.register(
+            "outbox_rebased",
+            "Outbox updates dropped because their base is of a retired aggregator epoch (a rebase ack, or a global of a new epoch); their samples stay and train again",
+            self.outbox_rebased.clone(),
         );
         r.register(
             "sync_errors",

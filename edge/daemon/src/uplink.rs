@@ -3,8 +3,12 @@
 //! Outbox rows come from the store and leave it on the aggregator's ack; a
 //! verified newer global head is stored and adopted (one transaction) and
 //! swapped into the runtime; local training then starts from it and sends
-//! deltas against it (`base_version = "{bundle}+g{N}"`). Sensor events go
-//! out from the sensors' [`EventQueue`].
+//! deltas against it (`base_version = "{bundle}+g{N}@e{epoch}"`). A global
+//! of a new aggregator epoch also drops the outbox rows against the old
+//! epoch's globals (in the same transaction), as does a `rebase` ack for
+//! one row: both are counted in `dai_edge_outbox_rebased_total` and
+//! logged, never taken for accepted. Sensor events go out from the
+//! sensors' [`EventQueue`].
 //!
 //! [`Uplink`] holds what that needs (the inference and store handles, the
 //! event queue, the cloud settings); `tasks` starts it when `cloud.enabled`.
@@ -12,6 +16,7 @@
 use crate::handles::{Inference, StoreHandle};
 use crate::sensors::EventQueue;
 use dai_config::Config;
+use dai_protocol::base::GlobalId;
 use dai_protocol::global::GlobalModel;
 use dai_protocol::messages::{Ack, AckStatus, Status};
 use std::sync::Arc;
@@ -221,10 +226,14 @@ impl dai_sync::Edge for DaemonEdge {
     fn acked(&self, ack: &Ack) {
         match self.store.delete_outbox(&ack.update_id) {
             Ok(true) => {
-                let status = if ack.status == AckStatus::Accepted {
-                    "accepted"
-                } else {
-                    "rejected"
+                let status = match ack.status {
+                    AckStatus::Accepted => "accepted",
+                    AckStatus::Rejected => "rejected",
+                    AckStatus::Rebase => {
+                        self.inference.metrics.outbox_rebased.inc();
+                        tracing::warn!(update = %ack.update_id, reason = ?ack.reason, "update dropped: its base is not of the aggregator's epoch; its samples train again from the current global");
+                        "rebase"
+                    }
                 };
                 self.inference
                     .metrics
@@ -256,12 +265,15 @@ impl dai_sync::Edge for DaemonEdge {
             .collect()
     }
 
-    fn global_version(&self, model: &str) -> u64 {
+    fn served_global(&self, model: &str) -> GlobalId {
         self.store
             .latest_global(model)
             .ok()
             .flatten()
-            .map_or(0, |(v, _)| v as u64)
+            .map_or(GlobalId::default(), |g| GlobalId {
+                epoch: g.epoch,
+                version: g.version as u64,
+            })
     }
 
     fn apply_global(&self, g: GlobalModel) -> Result<(), String> {
@@ -275,16 +287,25 @@ impl dai_sync::Edge for DaemonEdge {
                 g.version, g.model
             ));
         }
-        let version = self
+        let adopted = self
             .store
             .adopt_global(
                 &g.model,
                 m.version(),
                 g.version as i64,
+                g.epoch,
                 &g.head_file,
                 &g.sha256,
             )
             .map_err(|e| crate::error::chain(&e).to_string())?;
+        if !adopted.rebased.is_empty() {
+            self.inference
+                .metrics
+                .outbox_rebased
+                .inc_by(adopted.rebased.len() as u64);
+            tracing::warn!(model = %g.model, epoch = g.epoch, dropped = adopted.rebased.len(), first = %adopted.rebased[0], "a new aggregator epoch: pending updates on the old one dropped; their samples train again");
+        }
+        let version = adopted.head_version;
         runtime
             .set_head_if_current(&m, head, version)
             .map_err(|e| e.to_string())?;
@@ -310,7 +331,7 @@ impl dai_sync::Edge for DaemonEdge {
 
     fn status(&self) -> Status {
         let models = self.models().into_iter().map(|m| {
-            let v = self.global_version(&m);
+            let v = self.served_global(&m).version;
             (m, v)
         });
         Status {

@@ -29,6 +29,7 @@ mod samples;
 mod snapshots;
 mod training;
 
+pub use globals::{Adopted, StoredGlobal};
 pub use models::ModelRecord;
 pub use outbox::OutboxRow;
 pub use samples::{NewSample, Sample};
@@ -157,6 +158,8 @@ pub const MIGRATIONS: &[&str] = &[
         payload BLOB NOT NULL,
         updated_at REAL NOT NULL
     );",
+    // 6: the aggregator epoch of each global (0: received before epochs)
+    "ALTER TABLE globals ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The store. Cheap to share behind an `Arc`; one connection, serialised.
@@ -281,6 +284,7 @@ mod tests {
                     base_version: "1",
                     weights: b"w",
                     update_id: &id,
+                    update_base: "1",
                     delta_payload: b"p",
                     encoding: "f32",
                     sample_count: 10,
@@ -310,8 +314,9 @@ mod tests {
         assert!(s.delete_outbox("u1").expect("delete"));
         assert!(!s.delete_outbox("u1").expect("again"));
         let v = s
-            .adopt_global("m", "1", 4, b"global-head", "abc")
-            .expect("adopt");
+            .adopt_global("m", "1", 4, 9, b"global-head", "abc")
+            .expect("adopt")
+            .head_version;
         assert_eq!(
             v, 4,
             "local head versions continue after the three trained ones"
@@ -320,7 +325,56 @@ mod tests {
             s.active_head("m", "1").expect("active"),
             Some((4, b"global-head".to_vec()))
         );
-        assert_eq!(s.latest_global("m").expect("global").map(|g| g.0), Some(4));
+        assert_eq!(
+            s.latest_global("m")
+                .expect("global")
+                .map(|g| (g.version, g.epoch)),
+            Some((4, 9))
+        );
+    }
+
+    #[test]
+    fn a_new_epoch_retires_the_old_line_and_drops_only_its_updates() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let s = Store::open_in(tmp.path()).expect("open");
+        s.adopt_global("m", "1", 5, 9, b"g5", "x").expect("adopt");
+        for (id, base) in [("old", "1+g5@e9"), ("legacy", "1+g4"), ("shipped", "1")] {
+            let run = s.start_run("m", "cpu", 1).expect("run");
+            let head = AcceptedHead {
+                model: "m",
+                base_version: "1",
+                weights: b"w",
+                update_id: id,
+                update_base: base,
+                delta_payload: b"p",
+                encoding: "f32",
+                sample_count: 1,
+                loss: 0.5,
+                residual: Some(b"r"),
+            };
+            s.accept_head(run, &head, &serde_json::json!([]), 0.5, 0.6)
+                .expect("accept");
+        }
+        // The same epoch again retires nothing.
+        let same = s.adopt_global("m", "1", 6, 9, b"g6", "y").expect("adopt");
+        assert!(same.rebased.is_empty());
+        // A new epoch at version 1 wins over version 6 of the old one.
+        let new = s.adopt_global("m", "1", 1, 10, b"n1", "z").expect("adopt");
+        assert_eq!(new.rebased, ["old", "legacy"]);
+        let left: Vec<String> = s
+            .outbox(10)
+            .expect("outbox")
+            .into_iter()
+            .map(|r| r.update_id)
+            .collect();
+        assert_eq!(
+            left,
+            ["shipped"],
+            "an update on the shipped head stays valid"
+        );
+        let g = s.latest_global("m").expect("global").expect("some");
+        assert_eq!((g.version, g.epoch, g.head.as_slice()), (1, 10, &b"n1"[..]));
+        assert_eq!(s.residual("m").expect("residual"), None);
     }
 
     /// Every part of an error chain, outermost first, as a chain printer

@@ -31,6 +31,9 @@ pub struct AcceptedHead<'a> {
     pub weights: &'a [u8],
     /// The update for cloud sync: a delta against the base head.
     pub update_id: &'a str,
+    /// The update's `base_version` label (which global, which epoch),
+    /// kept with the outbox row so a new epoch can retire it.
+    pub update_base: &'a str,
     pub delta_payload: &'a [u8],
     pub encoding: &'a str,
     pub sample_count: i64,
@@ -152,7 +155,7 @@ impl Store {
             params![
                 head.update_id,
                 head.model,
-                head.base_version,
+                head.update_base,
                 version,
                 head.sample_count,
                 head.loss,

@@ -205,12 +205,14 @@ pub fn fedavg(min_updates: usize) -> Settings {
     Settings {
         strategy: Strategy::FedAvg { min_updates },
         aggregation: Aggregation {
-            clip_norm: None,
+            clip: dai_cloud::Clip::Off,
             robust: Robust::Mean,
         },
         max_staleness: 3,
         reject_norm: 1e6,
         sample_cap: dai_cloud::state::SampleCap::Auto,
+        max_updates_per_minute: 0,
+        dp: None,
     }
 }
 

@@ -201,12 +201,36 @@ struct RunArgs {
     /// (2x the round's median claim), off, or a number of samples.
     #[arg(long, default_value = "auto")]
     max_sample_weight: String,
-    /// Clip each update to this L2 norm before averaging.
-    #[arg(long)]
-    clip_norm: Option<f64>,
-    /// mean | median | trimmed:FRACTION
-    #[arg(long, default_value = "mean")]
+    /// Clip each update before combining: auto (to 2x the round's median
+    /// update norm), auto:MULTIPLE, off, or a fixed L2 norm.
+    #[arg(long, default_value = "auto")]
+    clip_norm: String,
+    /// How a round is combined: trimmed:FRACTION (drop that share of the
+    /// weight at each end of every coordinate, then the sample-weighted
+    /// mean), mean (plain FedAvg) or median.
+    #[arg(long, default_value = "trimmed:0.2")]
     robust: String,
+    /// Updates one device may send a minute (a burst of as many passes);
+    /// more are not recorded nor acked, and the edge sends them later.
+    /// 0: no limit.
+    #[arg(long, default_value_t = dai_cloud::state::DEFAULT_MAX_UPDATES_PER_MINUTE)]
+    max_updates_per_minute: u32,
+    /// Central differential privacy: the noise multiplier z. Each update is
+    /// clipped to --dp-clip, the round averaged with equal weights and
+    /// Gaussian noise of std z x clip / updates added (replaces --robust
+    /// and --clip-norm). Off unless given.
+    #[arg(long)]
+    dp_noise: Option<f64>,
+    /// Central DP: the L2 norm every update is clipped to (needed with
+    /// --dp-noise).
+    #[arg(long)]
+    dp_clip: Option<f64>,
+    /// Central DP: the delta epsilon is reported at.
+    #[arg(long, default_value_t = 1e-5)]
+    dp_delta: f64,
+    /// Central DP: publish no version that would take epsilon past this.
+    #[arg(long)]
+    dp_target_epsilon: Option<f64>,
     /// Server optimiser: none (add the aggregated delta) or fedadam.
     #[arg(long, default_value = "none")]
     server_opt: String,

@@ -224,12 +224,14 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
         settings: Settings {
             strategy,
             aggregation: Aggregation {
-                clip_norm: a.clip_norm,
+                clip: parse_clip(&a.clip_norm)?,
                 robust,
             },
             max_staleness: a.max_staleness,
             reject_norm: a.reject_norm,
             sample_cap,
+            max_updates_per_minute: a.max_updates_per_minute,
+            dp: parse_dp(a.dp_noise, a.dp_clip, a.dp_delta, a.dp_target_epsilon)?,
         },
         round_timeout: Duration::from_secs(a.round_timeout_sec),
         signing_key: signing_key.clone(),
@@ -258,6 +260,71 @@ fn read_models(models: &[String]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         heads.push((name.to_string(), bytes));
     }
     Ok(heads)
+}
+
+fn parse_dp(
+    noise: Option<f64>,
+    clip: Option<f64>,
+    delta: f64,
+    target: Option<f64>,
+) -> anyhow::Result<Option<dai_cloud::state::DpSettings>> {
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    let Some(noise) = noise else {
+        if clip.is_some() || target.is_some() {
+            return Err(usage("--dp-clip and --dp-target-epsilon need --dp-noise").into());
+        }
+        return Ok(None);
+    };
+    let Some(clip) = clip else {
+        return Err(
+            usage("--dp-noise needs --dp-clip (the L2 norm each update is clipped to)").into(),
+        );
+    };
+    if !positive(noise) || !positive(clip) {
+        return Err(usage(format!(
+            "--dp-noise {noise} and --dp-clip {clip}: expected positive numbers"
+        ))
+        .into());
+    }
+    if !(delta > 0.0 && delta < 1.0) {
+        return Err(usage(format!("--dp-delta {delta}: expected a number in (0, 1)")).into());
+    }
+    if let Some(t) = target
+        && !positive(t)
+    {
+        return Err(usage(format!(
+            "--dp-target-epsilon {t}: expected a positive number"
+        ))
+        .into());
+    }
+    Ok(Some(dai_cloud::state::DpSettings {
+        noise_multiplier: noise,
+        clip_norm: clip,
+        delta,
+        target_epsilon: target,
+    }))
+}
+
+fn parse_clip(s: &str) -> anyhow::Result<dai_cloud::Clip> {
+    use dai_cloud::Clip;
+    let bad = || {
+        usage(format!(
+            "--clip-norm {s:?}: expected auto, auto:MULTIPLE, off or a positive L2 norm"
+        ))
+    };
+    let positive = |v: &str| v.parse::<f64>().ok().filter(|v| *v > 0.0 && v.is_finite());
+    Ok(match s {
+        "off" => Clip::Off,
+        "auto" => Clip::Adaptive {
+            multiple: dai_cloud::combine::DEFAULT_CLIP_MULTIPLE,
+        },
+        _ => match s.strip_prefix("auto:") {
+            Some(m) => Clip::Adaptive {
+                multiple: positive(m).ok_or_else(bad)?,
+            },
+            None => Clip::Fixed(positive(s).ok_or_else(bad)?),
+        },
+    })
 }
 
 fn parse_robust(s: &str) -> anyhow::Result<Robust> {
@@ -336,5 +403,45 @@ mod tests {
         assert!(parse_server_opt("sgd", 0.1, 0.1).is_err());
         let e = read_models(&["digits".into()]).expect_err("no path");
         assert!(e.to_string().contains("expected NAME=PATH"), "{e:#}");
+        for bad in ["", "auto:0", "auto:x", "-1", "nan", "none"] {
+            let e = parse_clip(bad).expect_err("refused");
+            assert!(e.to_string().contains("--clip-norm"), "{e:#}");
+        }
+        assert_eq!(parse_clip("3").expect("fixed"), dai_cloud::Clip::Fixed(3.0));
+        assert!(parse_dp(None, None, 1e-5, None).expect("off").is_none());
+        for (noise, clip, delta, target, flag) in [
+            (Some(1.0), None, 1e-5, None, "--dp-clip"),
+            (None, Some(1.0), 1e-5, None, "--dp-noise"),
+            (Some(-1.0), Some(1.0), 1e-5, None, "--dp-noise"),
+            (Some(1.0), Some(1.0), 2.0, None, "--dp-delta"),
+            (Some(1.0), Some(1.0), 1e-5, Some(0.0), "--dp-target-epsilon"),
+        ] {
+            let e = parse_dp(noise, clip, delta, target).expect_err("refused");
+            assert!(e.to_string().contains(flag), "{flag}: {e:#}");
+        }
+    }
+
+    /// What `dai-cloud run` uses without flags is the library's robust
+    /// default, the one the attack tests check.
+    #[test]
+    fn the_flag_defaults_are_the_robust_defaults() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["dai-cloud", "run", "--model", "m=h"]).expect("parse");
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        let agg = Aggregation {
+            clip: parse_clip(&a.clip_norm).expect("clip"),
+            robust: parse_robust(&a.robust).expect("robust"),
+        };
+        assert_eq!(agg, Aggregation::default());
+        assert_eq!(
+            a.max_updates_per_minute,
+            dai_cloud::state::DEFAULT_MAX_UPDATES_PER_MINUTE
+        );
+        assert_eq!(
+            SampleCap::parse(&a.max_sample_weight),
+            Some(SampleCap::Auto)
+        );
     }
 }

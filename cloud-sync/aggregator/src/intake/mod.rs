@@ -108,24 +108,26 @@ pub struct ServiceStats {
     pub globals_published: u64,
     /// Updates refused before decoding (no ack), by
     /// [`Refusal::label`]: bad or missing signature, unknown or revoked
-    /// device, another fleet.
+    /// device, another fleet; and `rate_limited` (over the device's
+    /// updates a minute).
     pub refused: std::collections::BTreeMap<&'static str, u64>,
     /// Pending updates replaced by a newer one of the same device and base.
     pub superseded: u64,
+    /// Updates on a base this state does not have (another epoch, or a
+    /// version it never made): acked `rebase`, the current global
+    /// published again.
+    pub rebased: u64,
 }
 
 /// `"1.0.0"` (a bundle version: the shipped head) is global 0;
-/// `"1.0.0+g7"` is global 7.
+/// `"1.0.0+g7@e<epoch>"` (or `"1.0.0+g7"` from an older edge) is global 7
+/// ([`dai_protocol::base`]; the epoch is checked by [`crate::validate`]).
 pub fn base_of(base_version: &str) -> Option<u64> {
-    match base_version.rsplit_once("+g") {
-        Some((_, g)) => g.parse().ok(),
-        None => (!base_version.is_empty()).then_some(0),
-    }
+    dai_protocol::base::parse(base_version).map(|b| b.version)
 }
 
 /// The strategy as the status page names it.
 pub fn strategy_label(settings: &Settings, server_optimizer: Option<&FedAdam>) -> String {
-    use crate::Robust;
     use crate::state::Strategy;
     let base = match settings.strategy {
         Strategy::FedAvg { min_updates } => {
@@ -133,11 +135,33 @@ pub fn strategy_label(settings: &Settings, server_optimizer: Option<&FedAdam>) -
         }
         Strategy::FedBuff { k } => format!("fedbuff (K = {k})"),
     };
-    let combiner = match (server_optimizer, settings.aggregation.robust) {
-        (Some(_), _) => ", FedAdam",
-        (None, Robust::Median) => ", median",
-        (None, Robust::TrimmedMean { .. }) => ", trimmed mean",
-        (None, Robust::Mean) => "",
+    let combiner = format!(
+        ", {}{}",
+        if settings.dp.is_some() {
+            "DP equal-weight mean".to_string()
+        } else {
+            settings.aggregation.label()
+        },
+        if server_optimizer.is_some() {
+            ", FedAdam"
+        } else {
+            ""
+        }
+    );
+    let rate = match settings.max_updates_per_minute {
+        0 => String::new(),
+        n => format!(", at most {n} updates a minute per device"),
+    };
+    let rate = match settings.dp {
+        None => rate,
+        Some(dp) => format!(
+            "{rate}, central DP (noise {} x clip {}, delta {}{})",
+            dp.noise_multiplier,
+            dp.clip_norm,
+            dp.delta,
+            dp.target_epsilon
+                .map_or(String::new(), |t| format!(", epsilon at most {t}"))
+        ),
     };
     let cap = match settings.sample_cap {
         crate::state::SampleCap::Auto => format!(
@@ -147,7 +171,7 @@ pub fn strategy_label(settings: &Settings, server_optimizer: Option<&FedAdam>) -
         crate::state::SampleCap::Fixed(n) => format!(", sample weight at most {n}"),
         crate::state::SampleCap::Off => String::new(),
     };
-    base + combiner + &cap
+    base + &combiner + &cap + &rate
 }
 
 /// An update as it arrived, decoded or not. `refusal`: authenticated
@@ -189,6 +213,7 @@ pub struct Intake {
     /// Models whose global must be published again on the next tick (a
     /// want or a damaged retained message); at most once per tick.
     heal: Vec<String>,
+    rate: rate::RateLimit,
 }
 
 impl Intake {
@@ -202,6 +227,7 @@ impl Intake {
         }
         let epoch = state.epoch()?;
         let mut intake = Intake {
+            rate: rate::RateLimit::new(cfg.settings.max_updates_per_minute),
             adam: cfg.server_optimizer.clone(),
             cfg,
             state,
@@ -232,6 +258,7 @@ impl Intake {
             if version > 0 {
                 intake.push_global(&model, version, &head);
             }
+            intake.push_privacy(&model);
             intake.published.insert(model, version);
         }
         Ok(intake)
@@ -317,6 +344,21 @@ impl Intake {
                 Ok(body) => body,
                 Err(refusal) => return self.refuse(device, payload.len(), &refusal),
             };
+        if !self.rate.allow(&device) {
+            *self.stats.refused.entry("rate_limited").or_insert(0) += 1;
+            tracing::warn!(%device, limit = self.cfg.settings.max_updates_per_minute, "update over the device's rate limit; not recorded, not acked (the edge sends it again later)");
+            self.monitor(MonitorEvent::Update {
+                device,
+                update_id: String::new(),
+                bytes: payload.len(),
+                outcome: Outcome::Refused,
+                reason: Some(format!(
+                    "over the rate limit of {} updates a minute",
+                    self.cfg.settings.max_updates_per_minute
+                )),
+            });
+            return;
+        }
         let update = Update::decode(body);
         // Signed by the topic's device, so this is that device's claim:
         // refused with an ack, and never counted for the device it names.
@@ -362,6 +404,12 @@ impl Intake {
             Err(e) => return tracing::warn!(%device, error = %e, "unreadable global request"),
         };
         match self.published.get(&w.model) {
+            // The device holds a global of a retired version line (this
+            // state was made after it): it adopts ours whatever the version.
+            Some(_) if w.epoch != 0 && w.epoch < self.epoch => self.schedule_heal(w.model),
+            Some(_) if w.epoch > self.epoch => {
+                tracing::warn!(%device, model = %w.model, device_epoch = w.epoch, epoch = self.epoch, "the device holds a global of a newer epoch than this state file (an old state restored?); it will refuse our globals")
+            }
             Some(&current) if current > w.version => self.schedule_heal(w.model),
             Some(_) => {}
             None => {
@@ -374,11 +422,17 @@ impl Intake {
     /// the broker sends the retained one on subscribe): anything but what
     /// we last signed means it was cleared or overwritten, so publish ours
     /// again.
+    /// With none of ours yet (a new state at version 0), a retained global
+    /// is another version line's (the state before this one was lost): it
+    /// would keep steering late joiners to a base this state cannot take,
+    /// so ours (version 0 of this epoch) replaces it.
     fn retained_global(&mut self, model: String, payload: &[u8]) {
-        if let Some(ours) = self.signed.get(&model)
-            && ours.as_slice() != payload
-        {
-            tracing::warn!(%model, bytes = payload.len(), "the retained global was cleared or replaced; publishing the current one again");
+        let replace = match self.signed.get(&model) {
+            Some(ours) => ours.as_slice() != payload,
+            None => !payload.is_empty() && self.published.contains_key(&model),
+        };
+        if replace {
+            tracing::warn!(%model, bytes = payload.len(), "the retained global was cleared or is not this epoch's current one; publishing the current one again");
             self.schedule_heal(model);
         }
     }
@@ -432,6 +486,9 @@ impl Intake {
                 Ok(update) => {
                     let Some(ack) = acks.next() else { break };
                     let outcome = self.count(b, &ack);
+                    if ack.status == AckStatus::Rebase {
+                        self.schedule_heal(update.meta.model.clone());
+                    }
                     if outcome == Outcome::Accepted {
                         self.round_started.get_or_insert(now);
                         if !touched.contains(&update.meta.model) {
@@ -489,6 +546,7 @@ impl Intake {
     /// whatever arrived), then publish versions made outside this process
     /// (promote, rollback).
     pub fn tick(&mut self, now: Instant) -> Result<(), StateError> {
+        self.rate.refill(now);
         if let Some(started) = self.round_started
             && now.saturating_duration_since(started) >= self.cfg.round_timeout
         {
@@ -501,11 +559,11 @@ impl Intake {
             }
             self.round_started = None;
         }
+        // Healing publishes version 0 too: it is how edges of a retired
+        // epoch learn the new one when no version was made yet.
         for model in std::mem::take(&mut self.heal) {
             let (version, head) = self.state.current(&model)?;
-            if version > 0 {
-                self.push_global(&model, version, &head);
-            }
+            self.push_global(&model, version, &head);
         }
         for model in self.model_names() {
             let (version, head) = self.state.current(&model)?;
@@ -530,6 +588,11 @@ impl Intake {
 
     pub fn stats(&self) -> &ServiceStats {
         &self.stats
+    }
+
+    /// The epoch globals are signed in (the state file's).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     fn model_names(&self) -> Vec<String> {
@@ -561,10 +624,14 @@ impl Intake {
 
     /// Classify a decoded update's ack and count it.
     fn count(&mut self, b: &Incoming, ack: &Ack) -> Outcome {
-        if ack.status == AckStatus::Accepted && ack.reason.is_none() {
+        if ack.status == AckStatus::Rebase && ack.reason.as_deref() != Some(DUPLICATE_REASON) {
+            self.stats.rebased += 1;
+            tracing::warn!(device = %b.device, update = %ack.update_id, reason = ?ack.reason, "update on a base of another version line; acked rebase, current global follows");
+            Outcome::Rebase
+        } else if ack.status == AckStatus::Accepted && ack.reason.is_none() {
             self.stats.accepted += 1;
             Outcome::Accepted
-        } else if ack.status == AckStatus::Rejected
+        } else if ack.status != AckStatus::Accepted
             && ack.reason.as_deref() != Some(DUPLICATE_REASON)
         {
             self.stats.rejected += 1;
@@ -622,8 +689,25 @@ impl Intake {
         Ok(())
     }
 
+    /// Central DP: what `model`'s versions spent so far, for the monitor.
+    fn push_privacy(&mut self, model: &str) {
+        let Some(dp) = self.cfg.settings.dp else {
+            return;
+        };
+        match self.state.privacy_spent(model) {
+            Ok(spent) => self.monitor(MonitorEvent::Privacy {
+                model: model.to_string(),
+                epsilon: spent.epsilon(dp.delta),
+            }),
+            Err(e) => {
+                tracing::error!(%model, error = %crate::error_chain(&e), "cannot read the privacy spent")
+            }
+        }
+    }
+
     /// A version this process aggregated.
     fn push_new(&mut self, g: &NewGlobal) {
+        self.push_privacy(&g.model);
         self.push_global(&g.model, g.version, &g.head_file);
         self.monitor(MonitorEvent::Global {
             model: g.model.clone(),
@@ -639,9 +723,15 @@ impl Intake {
             fleet: self.cfg.fleet.clone(),
             model: model.to_string(),
         };
+        let head_file = match crate::state::signable_head(head_file, model, version) {
+            Ok(h) => h,
+            Err(e) => {
+                return tracing::error!(%model, version, error = %crate::error_chain(&e), "global not signed");
+            }
+        };
         let signed = topic.build().and_then(|topic| {
             dai_protocol::global::sign(
-                head_file,
+                &head_file,
                 &self.cfg.signing_key,
                 &self.cfg.fleet,
                 self.epoch,
@@ -663,6 +753,7 @@ impl Intake {
     }
 }
 
+mod rate;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -327,6 +327,7 @@ fn valid_updates_are_acked_and_a_full_round_publishes_a_signed_global() {
             globals_published: 1,
             refused: BTreeMap::new(),
             superseded: 0,
+            rebased: 0,
         }
     );
 }
@@ -654,4 +655,52 @@ fn a_device_counts_once_per_round_however_often_it_trains() {
         (m["devices"].as_u64(), m["updates"].as_u64()),
         (Some(3), Some(3))
     );
+}
+
+/// The fleet's old aggregator state is gone: updates on its globals get a
+/// `rebase` ack (never "accepted", never counted), and the new epoch's
+/// version 0 is published, signed, for the edges to adopt.
+#[test]
+fn an_update_of_a_retired_epoch_is_acked_rebase_and_version_0_published() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 1);
+    let epoch = i.epoch();
+    let now = Instant::now();
+    i.connected();
+    let _ = i.take_outputs();
+    let old = |id: &str, label: &str| upd(id, label, 5, 1.0).encode().expect("encode");
+    // Global 4 of an older epoch, and global 9 of no epoch (an older edge).
+    i.publish(
+        &topic("u1"),
+        &old("u1", &format!("1.0.0+g4@e{}", epoch - 1)),
+    );
+    i.publish(&topic("u2"), &old("u2", "1.0.0+g9"));
+    i.flush(now).expect("flush");
+    i.tick(now).expect("tick");
+    let out = i.take_outputs();
+    let got: Vec<(&str, AckStatus)> = acks(&out)
+        .iter()
+        .map(|(_, a)| (a.update_id.as_str(), a.status))
+        .collect();
+    assert_eq!(got, [("u1", AckStatus::Rebase), ("u2", AckStatus::Rebase)]);
+    assert_eq!((i.stats().rebased, i.stats().accepted), (2, 0));
+    let published: Vec<&Vec<u8>> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Global {
+                version: 0,
+                payload,
+                ..
+            } => Some(payload),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(published.len(), 1, "version 0 once: {out:?}");
+    let g = dai_protocol::global::verify(published[0], &key().verifying_key(), "lab", "m")
+        .expect("a signed version 0");
+    assert_eq!((g.version, g.epoch), (0, epoch));
+    // This epoch's label is taken.
+    i.publish(&topic("u3"), &old("u3", &format!("1.0.0+g0@e{epoch}")));
+    i.flush(now).expect("flush");
+    assert_eq!(i.stats().accepted, 1);
 }

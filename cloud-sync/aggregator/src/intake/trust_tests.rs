@@ -223,17 +223,25 @@ fn wants_and_damaged_retained_globals_publish_the_current_global_again() {
     assert_eq!(published(&mut i), 1);
     // A device at version 0 asks: answered; one at version 1: not; junk:
     // not; many at once: one publish per tick.
-    let want = |v: u64| {
+    let ours = i.epoch();
+    let want = |v: u64, epoch: u64| {
         Want {
             model: "m".into(),
             version: v,
+            epoch,
         }
         .to_bytes()
     };
-    i.publish("dai/v1/lab/dev/a/want", &want(0));
-    i.publish("dai/v1/lab/dev/b/want", &want(0));
+    i.publish("dai/v1/lab/dev/a/want", &want(0, 0));
+    i.publish("dai/v1/lab/dev/b/want", &want(0, ours));
     assert_eq!(published(&mut i), 1);
-    i.publish("dai/v1/lab/dev/a/want", &want(1));
+    i.publish("dai/v1/lab/dev/a/want", &want(1, ours));
     i.publish("dai/v1/lab/dev/a/want", b"{");
+    assert_eq!(published(&mut i), 0);
+    // A device of a retired epoch (this state came after its global) is
+    // answered even at a larger version; one of a newer epoch is not.
+    i.publish("dai/v1/lab/dev/a/want", &want(9, ours - 1));
+    assert_eq!(published(&mut i), 1);
+    i.publish("dai/v1/lab/dev/a/want", &want(0, ours + 1));
     assert_eq!(published(&mut i), 0);
 }

@@ -6,6 +6,7 @@
 //! head, and the new version is written and the buffer cleared in one
 //! transaction.
 
+use super::privacy;
 use super::versions::stamped_head;
 use super::{CURRENT_SQL, NewGlobal, Settings, State, StateError, Strategy, now};
 use crate::{Contribution, FedAdam, ModelLayout, aggregate, staleness_weight};
@@ -64,11 +65,45 @@ impl State {
         metrics["capped"] = capped.into();
         metrics["claimed_samples"] = metrics["samples"].clone();
         metrics["samples"] = contribs.iter().map(|c| c.sample_count).sum::<u64>().into();
-        let weights = weights(&contribs, settings.strategy, version);
-        // Nothing to combine (e.g. zero total weight): the transaction is
-        // dropped, so the buffer stays as it was.
-        let Some(delta) = aggregate(&contribs, &weights, &settings.aggregation) else {
-            return Ok(None);
+        // Nothing to combine (e.g. zero total weight), or a DP round that
+        // would exceed the budget: the transaction is dropped, so the
+        // buffer stays as it was.
+        let delta = match &settings.dp {
+            None => {
+                let weights = weights(&contribs, settings.strategy, version);
+                let Some((delta, clip)) = aggregate(&contribs, &weights, &settings.aggregation)
+                else {
+                    return Ok(None);
+                };
+                metrics["clip_norm"] = clip.map_or(serde_json::Value::Null, |c| c.into());
+                metrics["aggregation"] = settings.aggregation.label().into();
+                delta
+            }
+            Some(dp) => {
+                let mut spent = privacy::spent(&tx, model)?;
+                spent.accountant.compose(1.0, dp.noise_multiplier, 1);
+                spent.rounds += 1;
+                let epsilon = spent.epsilon(dp.delta);
+                if let Some(target) = dp.target_epsilon
+                    && epsilon > target
+                {
+                    tracing::warn!(%model, epsilon, target, delta = dp.delta, "privacy budget spent: no new version is published (--dp-target-epsilon)");
+                    return Ok(None);
+                }
+                let Some(delta) = privacy::noisy_mean(&contribs, dp) else {
+                    return Ok(None);
+                };
+                metrics["clip_norm"] = dp.clip_norm.into();
+                metrics["aggregation"] = "DP: clip, equal-weight mean, Gaussian noise".into();
+                metrics["dp"] = serde_json::json!({
+                    "noise_multiplier": dp.noise_multiplier,
+                    "clip_norm": dp.clip_norm,
+                    "delta": dp.delta,
+                    "rounds": spent.rounds,
+                    "epsilon": if epsilon.is_finite() { serde_json::json!(epsilon) } else { serde_json::json!("inf") },
+                });
+                delta
+            }
         };
         let head = apply_delta(&head_file, model, &delta, adam)?;
         let new_version = version + 1;
@@ -348,7 +383,7 @@ mod tests {
                 crate::Robust::TrimmedMean { fraction: 0.2 },
             ] {
                 let agg = crate::Aggregation {
-                    clip_norm: Some(1.0),
+                    clip: crate::Clip::Fixed(1.0),
                     robust,
                 };
                 for pair in [[good.clone(), bad.clone()], [bad.clone(), good.clone()]] {

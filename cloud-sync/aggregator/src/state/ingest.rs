@@ -103,6 +103,7 @@ impl State {
                 let layout = Self::layout(head, &m.model)?;
                 let limits = Limits {
                     current_version: *version,
+                    epoch: Self::epoch_in(tx)?,
                     max_staleness: settings.max_staleness,
                     reject_norm: settings.reject_norm,
                 };
@@ -157,23 +158,28 @@ impl State {
                 )?;
                 Ack {
                     update_id: id,
-                    status: if status == "accepted" {
-                        AckStatus::Accepted
-                    } else {
-                        AckStatus::Rejected
+                    status: match status.as_str() {
+                        "accepted" | "superseded" => AckStatus::Accepted,
+                        "rebase" => AckStatus::Rebase,
+                        _ => AckStatus::Rejected,
                     },
                     reason: Some(DUPLICATE_REASON.into()),
                     round: None,
                 }
             }
             Err(r) => {
+                let (label, status) = if r.is_rebase() {
+                    ("rebase", AckStatus::Rebase)
+                } else {
+                    ("rejected", AckStatus::Rejected)
+                };
                 tx.execute(
-                    "INSERT INTO seen (update_id, device, model, status, reason, received_at) VALUES (?1, ?2, ?3, 'rejected', ?4, ?5)",
-                    params![m.update_id, m.device, m.model, r.to_string(), now()],
+                    "INSERT INTO seen (update_id, device, model, status, reason, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![m.update_id, m.device, m.model, label, r.to_string(), now()],
                 )?;
                 Ack {
                     update_id: m.update_id.clone(),
-                    status: AckStatus::Rejected,
+                    status,
                     reason: Some(r.to_string()),
                     round: None,
                 }
@@ -182,10 +188,10 @@ impl State {
         Ok(ack)
     }
 
-    /// Number of update ids seen, by status (`accepted`, `rejected`).
+    /// Number of update ids seen: (accepted, refused: rejected or rebase).
     pub fn seen_counts(&self) -> Result<(u64, u64), StateError> {
         Ok(self.conn.query_row(
-            "SELECT COALESCE(SUM(status = 'accepted'), 0), COALESCE(SUM(status = 'rejected'), 0) FROM seen",
+            "SELECT COALESCE(SUM(status = 'accepted'), 0), COALESCE(SUM(status IN ('rejected', 'rebase')), 0) FROM seen",
             [],
             |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
         )?)
@@ -264,7 +270,7 @@ mod tests {
             vec![
                 ("u1", AckStatus::Accepted, false),
                 ("u1", AckStatus::Accepted, true),
-                ("u3", AckStatus::Rejected, true),
+                ("u3", AckStatus::Rebase, true),
                 ("u2", AckStatus::Accepted, false),
             ]
         );
@@ -273,27 +279,36 @@ mod tests {
     }
 
     #[test]
-    fn a_rejected_id_sent_again_stays_rejected() {
+    fn a_refused_id_sent_again_keeps_its_answer() {
         let dir = tempfile::tempdir().expect("tmp");
         let mut s = State::open(&dir.path().join("agg.sqlite")).expect("open");
         s.register("m", &base_file()).expect("register");
-        let stale = upd("u1", "7", 1, 1.0);
+        // A base this state never made (its state was lost): rebase, and
+        // so again on redelivery; an update with no samples: rejected.
+        let unknown = upd("u1", "7", 1, 1.0);
+        let empty = upd("u2", "0", 0, 1.0);
         let first = s
-            .ingest(&stale, &settings(), |b| b.parse().ok())
+            .ingest(&unknown, &settings(), |b| b.parse().ok())
             .expect("first");
-        assert_eq!(first.status, AckStatus::Rejected);
         assert_eq!(
-            first.reason.as_deref(),
-            Some("base version 7 is newer than the current global version 0")
+            (first.status, first.reason.as_deref()),
+            (
+                AckStatus::Rebase,
+                Some("base version 7 is newer than the current global version 0")
+            )
         );
-        let again = s
-            .ingest(&stale, &settings(), |b| b.parse().ok())
-            .expect("again");
-        assert_eq!(
-            (again.status, again.reason.as_deref()),
-            (AckStatus::Rejected, Some(DUPLICATE_REASON))
-        );
-        assert_eq!(s.seen_counts().expect("seen"), (0, 1));
+        let no = s
+            .ingest(&empty, &settings(), |b| b.parse().ok())
+            .expect("empty");
+        assert_eq!(no.status, AckStatus::Rejected);
+        for (u, status) in [(&unknown, AckStatus::Rebase), (&empty, AckStatus::Rejected)] {
+            let again = s.ingest(u, &settings(), |b| b.parse().ok()).expect("again");
+            assert_eq!(
+                (again.status, again.reason.as_deref()),
+                (status, Some(DUPLICATE_REASON))
+            );
+        }
+        assert_eq!(s.seen_counts().expect("seen"), (0, 2));
         assert_eq!(s.pending_count("m").expect("n"), 0);
     }
 }

@@ -18,7 +18,10 @@
 mod aggregate;
 mod ingest;
 pub use ingest::Superseded;
+mod privacy;
+pub use privacy::Spent;
 mod versions;
+pub use versions::signable_head;
 
 use crate::{Aggregation, ModelLayout};
 use dai_head::Head;
@@ -68,7 +71,30 @@ pub struct Settings {
     pub reject_norm: f64,
     /// The most an update's `sample_count` weighs in a round.
     pub sample_cap: SampleCap,
+    /// Updates one device may send a minute (a burst of as many passes);
+    /// 0: no limit. Over it, an update is neither recorded nor acked.
+    pub max_updates_per_minute: u32,
+    /// Central differential privacy; `None`: off.
+    pub dp: Option<DpSettings>,
 }
+
+/// Central DP (`--dp-noise`): per-update clipping to a fixed norm and
+/// Gaussian noise on the average ([`crate::dp`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpSettings {
+    /// The noise's standard deviation over the clipping norm (z).
+    pub noise_multiplier: f64,
+    /// Every update is scaled down to this L2 norm (C).
+    pub clip_norm: f64,
+    /// The delta epsilon is reported at.
+    pub delta: f64,
+    /// No version is published that would take epsilon past this.
+    pub target_epsilon: Option<f64>,
+}
+
+/// `--max-updates-per-minute` unless told otherwise: an edge trains at
+/// most every few minutes, so six a minute only stops floods.
+pub const DEFAULT_MAX_UPDATES_PER_MINUTE: u32 = 6;
 
 /// The cap on one update's FedAvg weight (its claimed `sample_count`),
 /// which no one checks: one client claiming 10^15 samples would decide the
@@ -233,20 +259,32 @@ impl State {
         // The epoch: fixed when the state file is made, so every global
         // this version line signs carries it, and a new line (a new state
         // file) is told apart from the old one by edges and auditors.
+        // Milliseconds x 1000 plus three random digits: ordered by making
+        // time (edges adopt a newer epoch whatever its version numbers,
+        // and refuse a replayed older one), and two state files made in
+        // the same millisecond still differ. State files from before this
+        // scheme hold plain Unix seconds, which are smaller.
+        let millis = (now() * 1000.0) as u64;
+        let mut r = [0u8; 2];
+        // Without randomness the digits are 0: still ordered by time.
+        let _ = getrandom::fill(&mut r);
+        let epoch = millis.saturating_mul(1000) + u64::from(u16::from_le_bytes(r) % 1000);
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)",
-            params![(now() as u64).to_string()],
+            params![epoch.to_string()],
         )?;
         Ok(State { conn })
     }
 
-    /// The aggregator epoch of this state file (Unix seconds of its making).
+    /// The aggregator epoch of this state file (see [`State::open`]).
     pub fn epoch(&self) -> Result<u64, StateError> {
-        let v: String =
-            self.conn
-                .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
-                    r.get(0)
-                })?;
+        Self::epoch_in(&self.conn)
+    }
+
+    fn epoch_in(conn: &Connection) -> Result<u64, StateError> {
+        let v: String = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+            r.get(0)
+        })?;
         v.parse()
             .map_err(|_| StateError::Corrupt(format!("meta epoch {v:?} is not an integer")))
     }
@@ -317,12 +355,14 @@ pub(crate) mod fixtures {
         Settings {
             strategy: Strategy::FedAvg { min_updates: 2 },
             aggregation: Aggregation {
-                clip_norm: None,
+                clip: crate::Clip::Off,
                 robust: Robust::Mean,
             },
             max_staleness: 3,
             reject_norm: 100.0,
             sample_cap: super::SampleCap::Auto,
+            max_updates_per_minute: 0,
+            dp: None,
         }
     }
 }

@@ -147,6 +147,22 @@ impl State {
 
 /// A head file stamped with its global version (edges read the version
 /// from `__metadata__`).
+/// The head file of `version` as it is signed: versions the aggregator
+/// made carry their model and version already; the registered base
+/// (version 0, published when edges of a retired epoch must learn the new
+/// one) is stamped here, its stored bytes left as they are.
+pub fn signable_head(head_file: &[u8], model: &str, version: u64) -> Result<Vec<u8>, StateError> {
+    if version > 0 {
+        return Ok(head_file.to_vec());
+    }
+    let (head, _) = Head::from_bytes(head_file).map_err(|e| StateError::Head(e.to_string()))?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("model".to_string(), model.to_string());
+    meta.insert("version".to_string(), "0".to_string());
+    head.to_bytes(&meta)
+        .map_err(|e| StateError::Head(e.to_string()))
+}
+
 pub(super) fn stamped_head(
     head: &Head,
     model: &str,

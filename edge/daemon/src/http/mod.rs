@@ -24,7 +24,9 @@
 //! - `GET /`: the status page (`assets/status.html`).
 //!
 //! Errors are JSON `{"error": {"code", "message"}}` with a 4xx/5xx status
-//! ([`ApiError`]); overload is 503 with `Retry-After`.
+//! ([`ApiError`]); overload is 503 with `Retry-After`; a body declared
+//! larger than `max_body_mb` is drained (bounded) and answered 413
+//! (`oversize`), so the client reads the answer.
 //!
 //! Authentication ([`auth`]): with `http.auth_token_file`, every endpoint
 //! but `/`, `/healthz`, `/readyz` and `/metrics` needs `Authorization:
@@ -37,6 +39,7 @@
 pub mod auth;
 pub mod codec;
 pub mod infer;
+mod oversize;
 pub mod status;
 pub mod training;
 
@@ -123,6 +126,10 @@ pub fn router(app: Arc<App>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            oversize::reject_oversized,
+        ))
         .with_state(app)
 }
 

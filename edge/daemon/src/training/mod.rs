@@ -297,6 +297,7 @@ impl Training {
             obj.insert("outcome".into(), json!("running"));
             obj.insert("epochs".into(), json!(live.running_epochs));
         }
+        let global = store.latest_global(m.name()).ok().flatten();
         Some(json!({
             "model": m.name(),
             "head_version": slot.load().version,
@@ -308,7 +309,8 @@ impl Training {
                 "min_new_samples": self.config.training.min_new_samples,
             },
             "outbox_pending": store.outbox_count(m.name()).unwrap_or(0),
-            "global_version": store.latest_global(m.name()).ok().flatten().map_or(0, |(v, _)| v),
+            "global_version": global.as_ref().map_or(0, |g| g.version),
+            "global_epoch": global.as_ref().map_or(0, |g| g.epoch),
             "last_run": last,
         }))
     }

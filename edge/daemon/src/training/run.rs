@@ -315,7 +315,7 @@ impl Training {
             loss,
             encoding: self.encoding(),
         };
-        let (payload, residual) = self.delta_payload(m, &head, meta)?;
+        let (payload, residual, update_base) = self.delta_payload(m, &head, meta)?;
         let mut head_meta = HashMap::new();
         head_meta.insert("base_version".to_string(), m.version().to_string());
         head_meta.insert("run".to_string(), run.to_string());
@@ -327,6 +327,7 @@ impl Training {
                 base_version: m.version(),
                 weights: &weights,
                 update_id: &update_id,
+                update_base: &update_base,
                 delta_payload: &payload,
                 encoding: self.encoding().as_str(),
                 sample_count: prep.train_set.len() as i64,
@@ -375,21 +376,30 @@ impl Training {
     /// as it is) of `head`'s delta against the global base this device last
     /// adopted (the shipped head until a global arrives), which is what the
     /// aggregator adds it to; with error feedback against the stored
-    /// residual. Returns (wire payload, new residual; `None` when nothing
-    /// was lost). `meta.base_version` is filled in here.
+    /// residual. Returns (wire payload, new residual (`None` when nothing
+    /// was lost), the base label). `meta.base_version` is filled in here:
+    /// the bundle version, and the global and its epoch
+    /// ([`dai_protocol::base::label`]).
     fn delta_payload(
         &self,
         m: &LoadedModel,
         head: &Head,
         mut meta: UpdateMeta,
-    ) -> Result<(Vec<u8>, Option<Vec<u8>>), TrainingError> {
+    ) -> Result<DeltaPayload, TrainingError> {
         let model = m.name();
         let (base_params, base_label) = match self.store.latest_global(model)? {
-            Some((gv, bytes)) => match Head::from_bytes(&bytes) {
-                Ok((g, _)) => (g.params, format!("{}+g{gv}", m.version())),
+            Some(g) => match Head::from_bytes(&g.head) {
+                Ok((h, _)) => {
+                    let id = dai_protocol::base::GlobalId {
+                        epoch: g.epoch,
+                        version: g.version as u64,
+                    };
+                    (h.params, dai_protocol::base::label(m.version(), Some(id)))
+                }
                 Err(e) => {
                     return Err(TrainingError::Failed(format!(
-                        "stored global {gv} unreadable: {e}"
+                        "stored global {} unreadable: {e}",
+                        g.version
                     )));
                 }
             },
@@ -398,7 +408,7 @@ impl Training {
                 None => return Err(TrainingError::NoHead(model.to_string())),
             },
         };
-        meta.base_version = base_label;
+        meta.base_version = base_label.clone();
         let delta = head.params.minus(&base_params);
         let tensors = dai_protocol::update::head_tensors(&head.spec, &delta);
         let prior = self.store.residual(model)?;
@@ -406,7 +416,7 @@ impl Training {
         if let PriorResidual::Unreadable(e) = &encoded.prior {
             tracing::warn!(%model, error = %e, "stored residual unreadable; dropped");
         }
-        Ok((encoded.wire, encoded.residual))
+        Ok((encoded.wire, encoded.residual, base_label))
     }
 
     /// Offline for long: the outbox stays bounded, and what goes is counted.
@@ -440,6 +450,9 @@ impl Training {
         }
     }
 }
+
+/// (wire payload, new residual (`None`: nothing lost), base label).
+type DeltaPayload = (Vec<u8>, Option<Vec<u8>>, String);
 
 impl<'a> Unaccepted<'a> {
     fn new(outcome: &'static str, before: f64, reason: &'a str) -> Unaccepted<'a> {
