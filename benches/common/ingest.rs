@@ -182,5 +182,6 @@ pub fn settings(strategy: Strategy) -> Settings {
         sample_cap: dai_cloud::state::SampleCap::Auto,
         max_updates_per_minute: 0,
         dp: None,
+        validation: None,
     }
 }

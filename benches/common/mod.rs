@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod ingest;
+pub mod poison;
 
 use std::path::PathBuf;
 

@@ -17,6 +17,7 @@ mod lifecycle;
 mod metrics;
 mod mosquitto_acl;
 mod mosquitto_takeover;
+mod robustness;
 mod sensors;
 mod support;
 mod training;

@@ -49,9 +49,9 @@ pub struct Aggregation {
 }
 
 /// Default adaptive clipping bound, in median norms.
-pub const DEFAULT_CLIP_MULTIPLE: f64 = 2.0;
+pub const DEFAULT_CLIP_MULTIPLE: f64 = 1.0;
 /// Default weight trimmed from each end of every coordinate.
-pub const DEFAULT_TRIM: f64 = 0.2;
+pub const DEFAULT_TRIM: f64 = 0.3;
 
 impl Default for Aggregation {
     fn default() -> Aggregation {
@@ -74,7 +74,7 @@ impl Aggregation {
     };
 
     /// How the status page and logs name it, e.g.
-    /// `clip 2x median norm, trimmed mean 20%`.
+    /// `clip 1x median norm, trimmed mean 30%`.
     pub fn label(&self) -> String {
         let clip = match self.clip {
             Clip::Off => "no clipping".to_string(),
@@ -309,7 +309,7 @@ mod tests {
     fn labels_name_what_is_in_force() {
         assert_eq!(
             Aggregation::default().label(),
-            "clip 2x median norm, trimmed mean 20%"
+            "clip 1x median norm, trimmed mean 30%"
         );
         assert_eq!(Aggregation::PLAIN.label(), "no clipping, weighted mean");
         assert_eq!(

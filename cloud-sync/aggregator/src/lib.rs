@@ -11,6 +11,8 @@
 //!   (FedBuff);
 //! - [`dp`]: central differential privacy: the Rényi-DP accountant and
 //!   Gaussian noise;
+//! - [`validation`]: server-side validation sets that every candidate
+//!   global is scored on before it is published (`--validation`);
 //! - [`FedAdam`]: the server optimiser applied to the aggregated delta.
 //!
 //! Around it:
@@ -46,6 +48,7 @@ pub mod monitor;
 pub mod secure;
 pub mod service;
 pub mod state;
+pub mod validation;
 
 /// `e` and its sources, `outer: inner: innermost` (anyhow's `{:#}`), for
 /// the places that print a library error without anyhow: each error says

@@ -78,6 +78,8 @@ impl Aggregator {
                 "mean",
                 "--clip-norm",
                 "off",
+                "--max-sample-weight",
+                "off",
             ])
             .arg("--key")
             .arg(dir.join("aggregator.key"))

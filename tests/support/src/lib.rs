@@ -213,6 +213,7 @@ pub fn fedavg(min_updates: usize) -> Settings {
         sample_cap: dai_cloud::state::SampleCap::Auto,
         max_updates_per_minute: 0,
         dp: None,
+        validation: None,
     }
 }
 

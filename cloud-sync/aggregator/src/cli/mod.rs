@@ -197,18 +197,20 @@ struct RunArgs {
     /// Reject updates whose L2 norm exceeds this.
     #[arg(long, default_value_t = 100.0)]
     reject_norm: f64,
-    /// The most one update's claimed sample count weighs in a round: auto
-    /// (2x the round's median claim), off, or a number of samples.
-    #[arg(long, default_value = "auto")]
+    /// The most one update's claimed sample count weighs in a round:
+    /// equal (one device, one vote: claims are not weighed), auto (2x the
+    /// round's median claim), off (FedAvg's weights as claimed), or a
+    /// number of samples.
+    #[arg(long, default_value = "equal")]
     max_sample_weight: String,
-    /// Clip each update before combining: auto (to 2x the round's median
+    /// Clip each update before combining: auto (to the round's median
     /// update norm), auto:MULTIPLE, off, or a fixed L2 norm.
     #[arg(long, default_value = "auto")]
     clip_norm: String,
     /// How a round is combined: trimmed:FRACTION (drop that share of the
-    /// weight at each end of every coordinate, then the sample-weighted
-    /// mean), mean (plain FedAvg) or median.
-    #[arg(long, default_value = "trimmed:0.2")]
+    /// weight at each end of every coordinate, then the weighted mean of
+    /// the rest), mean (plain FedAvg) or median.
+    #[arg(long, default_value = "trimmed:0.3")]
     robust: String,
     /// Updates one device may send a minute (a burst of as many passes);
     /// more are not recorded nor acked, and the edge sends them later.
@@ -231,6 +233,15 @@ struct RunArgs {
     /// Central DP: publish no version that would take epsilon past this.
     #[arg(long)]
     dp_target_epsilon: Option<f64>,
+    /// MODEL=FILE: score every candidate global of MODEL on this
+    /// validation set (safetensors: `x` f32 [rows, head inputs], `y`
+    /// labels) and discard a round that would lose more than
+    /// --validation-margin accuracy. Repeatable.
+    #[arg(long)]
+    validation: Vec<String>,
+    /// The accuracy a new version may lose on the validation set.
+    #[arg(long, default_value_t = 0.05)]
+    validation_margin: f64,
     /// Server optimiser: none (add the aggregated delta) or fedadam.
     #[arg(long, default_value = "none")]
     server_opt: String,

@@ -160,6 +160,7 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
         None => unique_client_id()?,
     };
     let heads = read_models(&a.models)?;
+    let validation = read_validation(&a.validation, a.validation_margin, &heads)?;
     let strategy = match a.strategy.as_str() {
         "fedavg" => Strategy::FedAvg {
             min_updates: a.min_updates,
@@ -211,7 +212,7 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
     };
     let sample_cap = SampleCap::parse(&a.max_sample_weight).ok_or_else(|| {
         usage(format!(
-            "--max-sample-weight {:?}: expected auto, off or a positive number of samples",
+            "--max-sample-weight {:?}: expected equal, auto, off or a positive number of samples",
             a.max_sample_weight
         ))
     })?;
@@ -232,6 +233,7 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
             sample_cap,
             max_updates_per_minute: a.max_updates_per_minute,
             dp: parse_dp(a.dp_noise, a.dp_clip, a.dp_delta, a.dp_target_epsilon)?,
+            validation,
         },
         round_timeout: Duration::from_secs(a.round_timeout_sec),
         signing_key: signing_key.clone(),
@@ -260,6 +262,48 @@ fn read_models(models: &[String]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         heads.push((name.to_string(), bytes));
     }
     Ok(heads)
+}
+
+/// `--validation MODEL=FILE` entries: each set read and checked against
+/// its model's head.
+fn read_validation(
+    entries: &[String],
+    margin: f64,
+    heads: &[(String, Vec<u8>)],
+) -> anyhow::Result<Option<std::sync::Arc<dai_cloud::validation::Validation>>> {
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    if !(0.0..=1.0).contains(&margin) {
+        return Err(usage(format!(
+            "--validation-margin {margin}: expected a number in [0, 1]"
+        ))
+        .into());
+    }
+    let mut sets = std::collections::HashMap::new();
+    for e in entries {
+        let Some((model, path)) = e.split_once('=') else {
+            return Err(usage(format!("--validation {e:?}: expected MODEL=FILE")).into());
+        };
+        let Some((_, head)) = heads.iter().find(|(m, _)| m == model) else {
+            return Err(usage(format!("--validation {e:?}: no --model named {model:?}")).into());
+        };
+        let set = dai_cloud::validation::ValidationSet::read(Path::new(path))
+            .with_context(|| format!("--validation {e}"))?;
+        let (h, _) = dai_head::Head::from_bytes(head).context("the model's head")?;
+        if set.features != h.spec.inputs() {
+            return Err(usage(format!(
+                "--validation {e}: rows of {} features, but {model}'s head takes {}",
+                set.features,
+                h.spec.inputs()
+            ))
+            .into());
+        }
+        sets.insert(model.to_string(), set);
+    }
+    Ok(Some(std::sync::Arc::new(
+        dai_cloud::validation::Validation { sets, margin },
+    )))
 }
 
 fn parse_dp(
@@ -409,6 +453,20 @@ mod tests {
         }
         assert_eq!(parse_clip("3").expect("fixed"), dai_cloud::Clip::Fixed(3.0));
         assert!(parse_dp(None, None, 1e-5, None).expect("off").is_none());
+        let heads = vec![("m".to_string(), Vec::new())];
+        for (entry, says) in [
+            ("m", "expected MODEL=FILE"),
+            ("other=x", "no --model named \"other\""),
+            (
+                "m=/nonexistent/v.safetensors",
+                "reading /nonexistent/v.safetensors",
+            ),
+        ] {
+            let e = read_validation(&[entry.to_string()], 0.05, &heads).expect_err("refused");
+            assert!(format!("{e:#}").contains(says), "{entry}: {e:#}");
+        }
+        let e = read_validation(&["m=x".into()], 2.0, &heads).expect_err("margin");
+        assert!(e.to_string().contains("--validation-margin"), "{e:#}");
         for (noise, clip, delta, target, flag) in [
             (Some(1.0), None, 1e-5, None, "--dp-clip"),
             (None, Some(1.0), 1e-5, None, "--dp-noise"),
@@ -441,7 +499,7 @@ mod tests {
         );
         assert_eq!(
             SampleCap::parse(&a.max_sample_weight),
-            Some(SampleCap::Auto)
+            Some(SampleCap::Equal)
         );
     }
 }

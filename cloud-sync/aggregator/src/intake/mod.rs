@@ -164,6 +164,9 @@ pub fn strategy_label(settings: &Settings, server_optimizer: Option<&FedAdam>) -
         ),
     };
     let cap = match settings.sample_cap {
+        crate::state::SampleCap::Equal => {
+            ", one device one vote (claimed sample counts not weighed)".to_string()
+        }
         crate::state::SampleCap::Auto => format!(
             ", sample weight at most {}x the round's median",
             crate::state::SAMPLE_CAP_MEDIAN_MULTIPLE

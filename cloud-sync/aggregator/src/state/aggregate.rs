@@ -56,7 +56,9 @@ impl State {
         let mut capped = 0usize;
         if let Some(cap) = cap {
             for c in contribs.iter_mut().filter(|c| c.sample_count > cap) {
-                tracing::warn!(%model, update = %c.update_id, device = %c.device, claimed = c.sample_count, cap, "sample count above the round's cap; weighed at the cap");
+                if settings.sample_cap != crate::state::SampleCap::Equal {
+                    tracing::warn!(%model, update = %c.update_id, device = %c.device, claimed = c.sample_count, cap, "sample count above the round's cap; weighed at the cap");
+                }
                 c.sample_count = cap;
                 capped += 1;
             }
@@ -105,7 +107,38 @@ impl State {
                 delta
             }
         };
+        let saved_adam = adam.clone();
         let head = apply_delta(&head_file, model, &delta, adam)?;
+        if let Some(v) = &settings.validation
+            && let Some(set) = v.sets.get(model)
+        {
+            let (current, _) =
+                Head::from_bytes(&head_file).map_err(|e| StateError::Head(e.to_string()))?;
+            let score = |h: &Head| set.accuracy(h).map_err(StateError::Head);
+            let (before, after) = (score(&current)?, score(&head)?);
+            metrics["validation"] =
+                serde_json::json!({"before": before, "after": after, "rows": set.labels.len()});
+            if after < before - v.margin {
+                // The round is discarded, not published: the current
+                // global stays, the updates' `seen` rows say why, and the
+                // server optimiser forgets the step.
+                let reason = format!(
+                    "round discarded: the candidate global's validation accuracy {after:.4} is more than {} below the current {before:.4}",
+                    v.margin
+                );
+                tracing::warn!(%model, version, before, after, margin = v.margin, updates = contribs.len(), "{reason}");
+                for c in &contribs {
+                    tx.execute(
+                        "UPDATE seen SET status = 'discarded', reason = ?2 WHERE update_id = ?1",
+                        params![c.update_id, reason],
+                    )?;
+                }
+                tx.execute("DELETE FROM pending WHERE model = ?1", params![model])?;
+                tx.commit()?;
+                *adam = saved_adam;
+                return Ok(None);
+            }
+        }
         let new_version = version + 1;
         let new_file = stamped_head(&head, model, new_version, version)?;
         let contributors: Vec<String> = contribs.iter().map(|c| c.update_id.clone()).collect();

@@ -76,6 +76,8 @@ pub struct Settings {
     pub max_updates_per_minute: u32,
     /// Central differential privacy; `None`: off.
     pub dp: Option<DpSettings>,
+    /// Server-side validation sets (`--validation`); `None`: off.
+    pub validation: Option<std::sync::Arc<crate::validation::Validation>>,
 }
 
 /// Central DP (`--dp-noise`): per-update clipping to a fixed norm and
@@ -101,6 +103,12 @@ pub const DEFAULT_MAX_UPDATES_PER_MINUTE: u32 = 6;
 /// global. The cap in force is recorded in each version's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SampleCap {
+    /// One device, one vote: every update weighs the same, whatever it
+    /// claims (the claims are still recorded). The default: measured
+    /// against label-flipping devices that inflate their claims, any
+    /// weight left to claims was the attack's lever (docs/benchmarks.md,
+    /// robustness).
+    Equal,
     /// [`SAMPLE_CAP_MEDIAN_MULTIPLE`] times the median claim of the round.
     Auto,
     /// A fixed number of samples.
@@ -116,6 +124,7 @@ impl SampleCap {
     /// `auto`, `off` or a positive number of samples (`--max-sample-weight`).
     pub fn parse(s: &str) -> Option<SampleCap> {
         match s {
+            "equal" => Some(SampleCap::Equal),
             "auto" => Some(SampleCap::Auto),
             "off" => Some(SampleCap::Off),
             n => n
@@ -130,6 +139,7 @@ impl SampleCap {
     pub fn for_round(self, claims: &[u64]) -> Option<u64> {
         match self {
             SampleCap::Off => None,
+            SampleCap::Equal => Some(1),
             SampleCap::Fixed(n) => Some(n),
             SampleCap::Auto => {
                 let mut v = claims.to_vec();
@@ -186,7 +196,7 @@ pub struct VersionRow {
 /// The durable state.
 #[derive(Debug)]
 pub struct State {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 const SCHEMA: &str = "
@@ -363,6 +373,7 @@ pub(crate) mod fixtures {
             sample_cap: super::SampleCap::Auto,
             max_updates_per_minute: 0,
             dp: None,
+            validation: None,
         }
     }
 }
