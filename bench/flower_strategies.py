@@ -9,7 +9,9 @@ and answers one JSON line {"global": [[...]...]} (or {"error": "..."}).
 Clients send their full parameters (global + delta), as Flower clients do,
 and the strategy's aggregate_fit (flwr.server.strategy, which shares its
 aggregation functions with flwr.serverapp.strategy) combines them.
-NAME: FedAvg | FedMedian | FedTrimmedAvg | Krum | MultiKrum | Bulyan.
+NAME: FedAvg | FedMedian | FedTrimmedAvg | Krum | MultiKrum | Bulyan |
+DPFixed (DifferentialPrivacyServerSideFixedClipping around FedAvg; the
+request then also carries "noise" (the noise multiplier) and "clip").
 """
 
 import json
@@ -17,11 +19,25 @@ import sys
 
 import numpy as np
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum
+from flwr.server.strategy import (
+    Bulyan,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+)
 
 
-def strategy(name, n, f):
+def strategy(name, n, f, req=None):
     quiet = {"fit_metrics_aggregation_fn": lambda _: {}}
+    if name == "DPFixed":
+        return DifferentialPrivacyServerSideFixedClipping(
+            FedAvg(**quiet),
+            noise_multiplier=float(req["noise"]),
+            clipping_norm=float(req["clip"]),
+            num_sampled_clients=n,
+        )
     if name == "FedAvg":
         return FedAvg(**quiet)
     if name == "FedMedian":
@@ -60,7 +76,10 @@ def main():
             )
             results.append((Proxy(str(k)), res))
         try:
-            s = strategy(req["strategy"], len(results), int(req["f"]))
+            s = strategy(req["strategy"], len(results), int(req["f"]), req)
+            # The DP wrapper clips each update against the round's global,
+            # which configure_fit would have recorded.
+            s.current_round_params = g
             params, _ = s.aggregate_fit(1, results, [])
             out = {"global": [a.astype(np.float64).tolist() for a in parameters_to_ndarrays(params)]}
         except Exception as e:  # reported in the table, not a crash

@@ -176,5 +176,11 @@ pub(super) fn fresh_bundle(bundle: &Path, dir: &Path, seed: u64) -> anyhow::Resu
     std::fs::write(out.join("head.safetensors"), &bytes)?;
     std::fs::copy(bundle.join("backbone.onnx"), out.join("backbone.onnx"))
         .context("copying backbone.onnx")?;
+    // The bundle's validation rows ([head.validation]) travel with it.
+    let rows = bundle.join("validation.safetensors");
+    if rows.exists() {
+        std::fs::copy(&rows, out.join("validation.safetensors"))
+            .context("copying validation.safetensors")?;
+    }
     Ok(bytes)
 }

@@ -385,3 +385,44 @@ async fn scheduler_trains_by_itself_and_a_reload_keeps_the_trained_head() {
     }
     d.stop().await;
 }
+
+/// Label-flipped posts shape the posted hold-out too, so it approves the
+/// run; the bundle's own validation rows do not move, and the run is
+/// rejected with the reason. A personal convention (four classes
+/// relabelled) stays within `training.max_validation_drop` and is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_flipped_posts_cannot_pass_the_bundles_validation_rows() {
+    let d = TestDaemon::start(config).await;
+    let rows = digits();
+    post_digit_samples(&d, &rows[..300], |l| 9 - l).await;
+    let r = d
+        .client
+        .post(d.url("/v1/models/digits/train"))
+        .send()
+        .await
+        .expect("train");
+    let run: Value = r.json().await.expect("json");
+    let run = &run["run"];
+    assert_eq!(run["outcome"], "rejected", "{run}");
+    let reason = run["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("the bundle's validation accuracy would fall"),
+        "{run}"
+    );
+    assert!(
+        run["val_acc_after"].as_f64() > run["val_acc_before"].as_f64(),
+        "the flipped hold-out alone would have approved it: {run}"
+    );
+    let d2 = TestDaemon::start(config).await;
+    post_digit_samples(&d2, &rows[..300], personal).await;
+    let r = d2
+        .client
+        .post(d2.url("/v1/models/digits/train"))
+        .send()
+        .await
+        .expect("train");
+    let run: Value = r.json().await.expect("json");
+    assert_eq!(run["run"]["outcome"], "accepted", "{run}");
+    d.stop().await;
+    d2.stop().await;
+}

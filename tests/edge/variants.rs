@@ -12,7 +12,12 @@ use std::path::Path;
 fn digits_with_int8(dir: &Path) {
     let b = dir.join("digits");
     std::fs::create_dir_all(&b).expect("mkdir");
-    for f in ["backbone.onnx", "head.safetensors", "manifest.toml"] {
+    for f in [
+        "backbone.onnx",
+        "head.safetensors",
+        "manifest.toml",
+        "validation.safetensors",
+    ] {
         std::fs::copy(zoo().join("digits").join(f), b.join(f)).expect("copy");
     }
     let model = proto::load(&b.join("backbone.onnx")).expect("load");

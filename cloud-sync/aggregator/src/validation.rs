@@ -12,7 +12,6 @@
 //! i.e. the backbone's output for each row) and `y` (integer class
 //! labels, `[n]`), as `dai-models validation-set` writes it.
 
-use dai_head::Head;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -32,141 +31,31 @@ pub enum ValidationError {
     Format { path: PathBuf, reason: String },
 }
 
-/// One model's validation rows.
-#[derive(Clone)]
-pub struct ValidationSet {
-    pub x: Vec<f32>,
-    pub features: usize,
-    pub labels: Vec<u32>,
-}
+/// One model's validation rows (the format is [`dai_head::rows`]).
+pub type ValidationSet = dai_head::rows::Rows;
 
-impl std::fmt::Debug for ValidationSet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ValidationSet")
-            .field("rows", &self.labels.len())
-            .field("features", &self.features)
-            .finish()
-    }
-}
-
-impl ValidationSet {
-    pub fn read(path: &Path) -> Result<ValidationSet, ValidationError> {
-        let format = |reason: String| ValidationError::Format {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let size = std::fs::metadata(path)
-            .map_err(|source| ValidationError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
-        if size > MAX_FILE_BYTES {
-            return Err(ValidationError::TooLarge {
-                path: path.to_path_buf(),
-                size,
-            });
-        }
-        let bytes = std::fs::read(path).map_err(|source| ValidationError::Read {
+/// Read a validation file (bounded in size).
+pub fn read(path: &Path) -> Result<ValidationSet, ValidationError> {
+    let size = std::fs::metadata(path)
+        .map_err(|source| ValidationError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| format(format!("not a safetensors file: {e}")))?;
-        let x = st
-            .tensor("x")
-            .map_err(|_| format("no tensor `x` (f32 [rows, features])".into()))?;
-        let y = st
-            .tensor("y")
-            .map_err(|_| format("no tensor `y` (integer labels [rows])".into()))?;
-        let [rows, features] = x.shape() else {
-            return Err(format(format!(
-                "`x` has shape {:?}, expected [rows, features]",
-                x.shape()
-            )));
-        };
-        let (rows, features) = (*rows, *features);
-        if rows == 0 || features == 0 {
-            return Err(format("`x` is empty".into()));
-        }
-        if x.dtype() != safetensors::Dtype::F32 {
-            return Err(format(format!("`x` is {:?}, expected F32", x.dtype())));
-        }
-        if y.shape() != [rows] {
-            return Err(format(format!(
-                "`y` has shape {:?}, expected [{rows}] (one label per row of `x`)",
-                y.shape()
-            )));
-        }
-        let xs: Vec<f32> = x
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if xs.iter().any(|v| !v.is_finite()) {
-            return Err(format("`x` holds a NaN or infinite value".into()));
-        }
-        let labels: Vec<i64> = match y.dtype() {
-            safetensors::Dtype::I64 => y
-                .data()
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-            safetensors::Dtype::I32 => y
-                .data()
-                .chunks_exact(4)
-                .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
-            safetensors::Dtype::U32 => y
-                .data()
-                .chunks_exact(4)
-                .map(|c| i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
-            other => {
-                return Err(format(format!(
-                    "`y` is {other:?}, expected I64, I32 or U32"
-                )));
-            }
-        };
-        let labels = labels
-            .into_iter()
-            .enumerate()
-            .map(|(i, l)| {
-                u32::try_from(l).map_err(|_| format(format!("`y` row {i}: label {l} is negative")))
-            })
-            .collect::<Result<Vec<u32>, _>>()?;
-        Ok(ValidationSet {
-            x: xs,
-            features,
-            labels,
-        })
+        })?
+        .len();
+    if size > MAX_FILE_BYTES {
+        return Err(ValidationError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+        });
     }
-
-    /// Top-1 accuracy of `head` on these rows.
-    pub fn accuracy(&self, head: &Head) -> Result<f64, String> {
-        if head.spec.inputs() != self.features {
-            return Err(format!(
-                "the validation rows have {} features, the head takes {}",
-                self.features,
-                head.spec.inputs()
-            ));
-        }
-        let n = self.labels.len();
-        let out = dai_head::predict(head, &self.x, n).map_err(|e| e.to_string())?;
-        let k = head.spec.outputs();
-        let correct = (0..n)
-            .filter(|&r| {
-                let row = &out[r * k..(r + 1) * k];
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map_or(0, |(i, _)| i);
-                self.labels[r] as usize == best
-            })
-            .count();
-        Ok(correct as f64 / n as f64)
-    }
+    let bytes = std::fs::read(path).map_err(|source| ValidationError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    dai_head::rows::Rows::from_bytes(&bytes).map_err(|reason| ValidationError::Format {
+        path: path.to_path_buf(),
+        reason,
+    })
 }
 
 /// The validation sets by model, and how much accuracy a new version may
@@ -183,6 +72,7 @@ mod tests {
     use super::*;
     use crate::state::fixtures::{base, base_file, settings, upd};
     use crate::state::{Settings, State, Strategy};
+    use dai_head::Head;
     use safetensors::tensor::{Dtype, TensorView};
 
     fn write(path: &Path, x: &[f32], shape: Vec<usize>, y: &[i64]) {
@@ -214,45 +104,40 @@ mod tests {
     fn bad_files_are_refused_with_what_is_wrong() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path().join("v.safetensors");
-        let e = ValidationSet::read(&p).expect_err("missing");
+        let e = read(&p).expect_err("missing");
         assert!(format!("{e}").contains("reading"), "{e}");
         std::fs::write(&p, b"junk").expect("junk");
         assert!(
-            ValidationSet::read(&p)
+            read(&p)
                 .expect_err("junk")
                 .to_string()
                 .contains("not a safetensors")
         );
         write(&p, &[1.0, 2.0], vec![2], &[0, 1]);
         assert!(
-            ValidationSet::read(&p)
+            read(&p)
                 .expect_err("1-d")
                 .to_string()
                 .contains("[rows, features]")
         );
         write(&p, &[1.0, 2.0, 3.0, 4.0], vec![2, 2], &[0]);
         assert!(
-            ValidationSet::read(&p)
+            read(&p)
                 .expect_err("labels")
                 .to_string()
                 .contains("one label per row")
         );
         write(&p, &[1.0, 2.0, 3.0, 4.0], vec![2, 2], &[0, -1]);
         assert!(
-            ValidationSet::read(&p)
+            read(&p)
                 .expect_err("negative")
                 .to_string()
                 .contains("row 1")
         );
         write(&p, &[1.0, f32::NAN, 3.0, 4.0], vec![2, 2], &[0, 1]);
-        assert!(
-            ValidationSet::read(&p)
-                .expect_err("nan")
-                .to_string()
-                .contains("NaN")
-        );
+        assert!(read(&p).expect_err("nan").to_string().contains("NaN"));
         write(&p, &[1.0, 2.0, 3.0, 4.0], vec![2, 2], &[0, 1]);
-        let v = ValidationSet::read(&p).expect("good");
+        let v = read(&p).expect("good");
         assert_eq!((v.features, v.labels.clone()), (2, vec![0, 1]));
     }
 
@@ -262,7 +147,7 @@ mod tests {
         let (x, y) = rows_for(&base());
         let p = dir.path().join("v.safetensors");
         write(&p, &x, vec![4, 2], &y);
-        let set = ValidationSet::read(&p).expect("set");
+        let set = read(&p).expect("set");
         assert_eq!(set.accuracy(&base()).expect("acc"), 1.0);
         let cfg = Settings {
             strategy: Strategy::FedAvg { min_updates: 1 },

@@ -258,6 +258,10 @@ pub struct TrainingConfig {
     pub max_samples_per_model: u64,
     /// Every n-th sample is held out for validation.
     pub holdout_every: u64,
+    /// A run that loses more than this accuracy on the bundle's own
+    /// validation rows (`[head.validation]`) is rejected; 1 turns the
+    /// check off.
+    pub max_validation_drop: f64,
 }
 
 impl Default for TrainingConfig {
@@ -272,6 +276,7 @@ impl Default for TrainingConfig {
             momentum: 0.9,
             max_samples_per_model: 10_000,
             holdout_every: 5,
+            max_validation_drop: 0.5,
         }
     }
 }

@@ -12,13 +12,16 @@
 //! - [`file`]: `head.safetensors` (architecture in `__metadata__`);
 //! - [`forward`]: the CPU forward pass ([`predict`]), whose sgemm the
 //!   trainer's CPU backend reuses;
-//! - [`rng`]: the workspace's seeded [`Rng`].
+//! - [`rng`]: the workspace's seeded [`Rng`];
+//! - [`rows`]: labelled head-input rows in a file (`validation.safetensors`)
+//!   and the accuracy of a head on them.
 
 pub mod file;
 pub mod forward;
 pub mod layout;
 pub mod params;
 pub mod rng;
+pub mod rows;
 pub mod spec;
 
 pub use forward::predict;

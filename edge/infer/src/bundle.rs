@@ -134,6 +134,20 @@ pub struct HeadRef {
     /// `softmax` turns a cross-entropy head's logits into probabilities.
     #[serde(default)]
     pub transform: HeadTransform,
+    /// Labelled head-input rows shipped with the bundle
+    /// (`dai_head::rows`): a local run that loses accuracy on them is not
+    /// accepted, whatever the posted hold-out says (`[head.validation]`,
+    /// written by `dai-models validation-set`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<FileRef>,
+}
+
+/// A file of the bundle and its checksum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
+    pub file: String,
+    pub sha256: String,
 }
 
 /// Post-processing of the head's output.
@@ -277,6 +291,23 @@ impl Bundle {
                 });
             }
             model_bytes += bytes;
+            if let Some(v) = &h.validation {
+                let path = dir.join(&v.file);
+                if !path.exists() {
+                    return Err(BundleError::Missing {
+                        path,
+                        hint: String::new(),
+                    });
+                }
+                let (sum, _) = sha256_file(&path)?;
+                if !sum.eq_ignore_ascii_case(&v.sha256) {
+                    return Err(BundleError::Checksum {
+                        path,
+                        expected: v.sha256.clone(),
+                        actual: sum,
+                    });
+                }
+            }
         }
         Ok(Bundle {
             dir: dir.to_path_buf(),

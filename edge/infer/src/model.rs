@@ -56,6 +56,9 @@ pub struct LoadedModel {
     /// The head as shipped in the bundle (the base local training starts from
     /// when no trained head exists yet).
     pub shipped_head: Option<dai_head::Head>,
+    /// The bundle's validation rows (`[head.validation]`), if it ships
+    /// them: the local-run acceptance check scores on them too.
+    pub validation: Option<dai_head::rows::Rows>,
     pub bundle: Bundle,
     /// Manifest input spec index -> position in tract's input list.
     input_order: Vec<usize>,
@@ -142,7 +145,32 @@ impl LoadedModel {
             }
             None => None,
         };
+        let validation = match bundle
+            .manifest
+            .head
+            .as_ref()
+            .and_then(|h| h.validation.as_ref())
+        {
+            Some(v) => {
+                let path = bundle.dir.join(&v.file);
+                let rows = std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| dai_head::rows::Rows::from_bytes(&b))
+                    .map_err(|e| load_err(&format!("{}: {e}", path.display())))?;
+                let takes = shipped_head.as_ref().map_or(0, |h| h.spec.inputs());
+                if rows.features != takes {
+                    return Err(load_err(&format!(
+                        "{}: rows of {} features, the head takes {takes}",
+                        path.display(),
+                        rows.features
+                    )));
+                }
+                Some(rows)
+            }
+            None => None,
+        };
         let model = LoadedModel {
+            validation,
             head: shipped_head
                 .clone()
                 .map(|head| arc_swap::ArcSwap::from_pointee(HeadState { head, version: 0 })),

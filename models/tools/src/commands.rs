@@ -5,7 +5,7 @@
 
 use crate::{
     Command, DigitsArgs, ExportArgs, ImuArgs, InspectArgs, PruneArgs, QuantizeArgs, ShardArgs,
-    TrainModel,
+    TrainModel, ValidationSetArgs,
 };
 use anyhow::Context;
 
@@ -17,6 +17,7 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
         Command::Export(args) => export(args),
         Command::Inspect(args) => inspect(args),
         Command::Shard(args) => shard(args),
+        Command::ValidationSet(args) => validation_set(args),
         Command::Train {
             model: TrainModel::Imu(args),
         } => train_imu(args),
@@ -24,6 +25,36 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
             model: TrainModel::Digits(args),
         } => train_digits(args),
     }
+}
+
+fn validation_set(a: ValidationSetArgs) -> anyhow::Result<()> {
+    use dai_models::validation_set::{Options, Split, run};
+    let split = match a.split.as_str() {
+        "all" => Split::All,
+        "test" if a.fraction > 0.0 && a.fraction < 1.0 => Split::Test {
+            fraction: a.fraction,
+            seed: a.seed,
+        },
+        "test" => anyhow::bail!("--fraction {}: expected a number in (0, 1)", a.fraction),
+        other => anyhow::bail!("--split {other:?}: expected test or all"),
+    };
+    let r = run(&Options {
+        bundle: a.bundle,
+        data: a.data,
+        split,
+        out: a.out,
+        into_bundle: a.into_bundle,
+    })?;
+    println!(
+        "wrote {}: {} rows of {} head inputs{}",
+        r.path.display(),
+        r.rows,
+        r.features,
+        r.head_accuracy.map_or(String::new(), |a| format!(
+            "; the shipped head scores {a:.4} on them"
+        ))
+    );
+    Ok(())
 }
 
 /// Print `report` as pretty JSON, or as its table: the choice every

@@ -63,11 +63,19 @@ pub fn split(
     test_fraction: f64,
     seed: u64,
 ) -> (Vec<usize>, Vec<usize>) {
+    let labels: Vec<u32> = rows.iter().map(|r| r.1).collect();
+    split_labels(&labels, test_fraction, seed)
+}
+
+/// [`split`] over any labels: (train, test) indices, `test_fraction` of
+/// each class in test, classes taken in order and shuffled with `seed`.
+pub fn split_labels(labels: &[u32], test_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
     let mut rng = Rng::new(seed);
     let mut train = Vec::new();
     let mut test = Vec::new();
-    for class in 0..10u32 {
-        let mut idx: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].1 == class).collect();
+    let classes = labels.iter().max().map_or(0, |m| m + 1);
+    for class in 0..classes.max(10) {
+        let mut idx: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
         rng.shuffle(&mut idx);
         let n_test = (idx.len() as f64 * test_fraction).round() as usize;
         test.extend_from_slice(&idx[..n_test]);

@@ -25,6 +25,7 @@ pub mod runner;
 pub mod shard;
 pub mod train_digits;
 pub mod train_imu;
+pub mod validation_set;
 pub mod variants;
 
 /// Tool errors.

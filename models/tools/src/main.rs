@@ -28,6 +28,10 @@ enum Command {
     Prune(PruneArgs),
     /// A bundle's backbone + trained head as one ONNX file, checked against the daemon's output.
     Export(ExportArgs),
+    /// Labelled head-input rows from a CSV through a bundle's backbone: the
+    /// bundle's own validation rows (--into-bundle) or an aggregator's
+    /// --validation file.
+    ValidationSet(ValidationSetArgs),
     /// Train a model the project ships.
     Train {
         #[command(subcommand)]
@@ -38,6 +42,31 @@ enum Command {
 // Each subcommand's arguments are a struct of their own (the variant's doc
 // comment stays the subcommand's about), so its handler in `commands` takes
 // one value instead of a long list of fields.
+
+#[derive(clap::Args, Debug)]
+struct ValidationSetArgs {
+    /// The bundle directory (its backbone makes the head inputs).
+    #[arg(long)]
+    bundle: PathBuf,
+    /// CSV or CSV.gz: per line the input's values for one row, then the label.
+    #[arg(long)]
+    data: PathBuf,
+    /// test (the class-balanced split `dai-models train` holds out) or all.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// With --split test: the share of each class held out.
+    #[arg(long, default_value_t = 0.2)]
+    fraction: f64,
+    /// With --split test: the seed of the shuffle (`dai-models train`'s).
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Where to write (default with --into-bundle: BUNDLE/validation.safetensors).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Ship the rows in the bundle: the file and `[head.validation]` in its manifest.
+    #[arg(long)]
+    into_bundle: bool,
+}
 
 #[derive(clap::Args, Debug)]
 struct ShardArgs {

@@ -547,7 +547,12 @@ fn quantizing_a_bundle_judges_accuracy_through_its_head_and_lists_the_variant() 
     let dir = tempfile::tempdir().expect("tmp");
     let b = dir.path().join("digits");
     std::fs::create_dir_all(&b).expect("mkdir");
-    for f in ["backbone.onnx", "head.safetensors", "manifest.toml"] {
+    for f in [
+        "backbone.onnx",
+        "head.safetensors",
+        "manifest.toml",
+        "validation.safetensors",
+    ] {
         std::fs::copy(repo().join("models/zoo/digits").join(f), b.join(f)).expect("copy");
     }
     let data = repo().join("models/data/digits.csv.gz");

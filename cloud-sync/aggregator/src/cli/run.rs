@@ -288,7 +288,7 @@ fn read_validation(
         let Some((_, head)) = heads.iter().find(|(m, _)| m == model) else {
             return Err(usage(format!("--validation {e:?}: no --model named {model:?}")).into());
         };
-        let set = dai_cloud::validation::ValidationSet::read(Path::new(path))
+        let set = dai_cloud::validation::read(Path::new(path))
             .with_context(|| format!("--validation {e}"))?;
         let (h, _) = dai_head::Head::from_bytes(head).context("the model's head")?;
         if set.features != h.spec.inputs() {

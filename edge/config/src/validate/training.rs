@@ -42,6 +42,12 @@ pub(super) fn check(p: &mut Problems<'_>, t: &TrainingConfig) {
         "expected 1..=10000000",
     );
     p.check(
+        t.max_validation_drop.is_finite() && (0.0..=1.0).contains(&t.max_validation_drop),
+        "training.max_validation_drop",
+        t.max_validation_drop,
+        "expected [0, 1]",
+    );
+    p.check(
         (2..=100).contains(&t.holdout_every),
         "training.holdout_every",
         t.holdout_every,

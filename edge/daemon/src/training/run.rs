@@ -144,6 +144,26 @@ impl Training {
             end.after = Some(after);
             return self.close(model, run, end);
         }
+        // The bundle's own rows: posted samples (hold-out included) cannot
+        // shape them, so a run trained on flipped labels is caught here
+        // even when it scores well on the flipped hold-out.
+        if let Some(rows) = &prep.model.validation {
+            let (b, a) = (
+                rows.accuracy(&prep.serving).map_err(failed)?,
+                rows.accuracy(&head).map_err(failed)?,
+            );
+            let max_drop = self.config.training.max_validation_drop;
+            if a < b - max_drop {
+                let reason = format!(
+                    "the bundle's validation accuracy would fall from {b:.4} to {a:.4} (more than training.max_validation_drop = {max_drop}); the current head is kept"
+                );
+                tracing::warn!(%model, %reason, "training run rejected");
+                let mut end = Unaccepted::new("rejected", before, &reason);
+                end.epochs = json!(report.epochs);
+                end.after = Some(after);
+                return self.close(model, run, end);
+            }
+        }
         self.accept(&prep, run, head, &report, (before, after))
     }
 
