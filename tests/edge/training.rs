@@ -426,3 +426,54 @@ async fn label_flipped_posts_cannot_pass_the_bundles_validation_rows() {
     d.stop().await;
     d2.stop().await;
 }
+
+/// Local DP: the uploaded delta is clipped and noised on the device (its
+/// norm is the noise's, far above the clip), the device keeps serving its
+/// own trained head, and the release is accounted: /v1/status and
+/// /metrics say the epsilon one Gaussian release with that noise costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_dp_noises_the_upload_and_accounts_for_it() {
+    let d = TestDaemon::start(|c| {
+        config(c);
+        c.cloud.local_dp.noise_multiplier = 2.0;
+        c.cloud.local_dp.clip_norm = 0.5;
+    })
+    .await;
+    let rows = digits();
+    post_digit_samples(&d, &rows[..300], personal).await;
+    let r = d
+        .client
+        .post(d.url("/v1/models/digits/train"))
+        .send()
+        .await
+        .expect("train");
+    let run: Value = r.json().await.expect("json");
+    assert_eq!(run["run"]["outcome"], "accepted", "{run}");
+    let out = d.state.store.outbox(10).expect("outbox");
+    assert_eq!(out.len(), 1);
+    let u = dai_protocol::update::Update::decode(&out[0].payload).expect("update");
+    let values: usize = u.tensors.iter().map(|t| t.values.len()).sum();
+    // Noise of std 2 x 0.5 = 1 per value: the norm is about sqrt(values).
+    let norm = u.norm();
+    assert!(
+        norm > 0.5 * (values as f64).sqrt(),
+        "norm {norm} of {values} values: not noised"
+    );
+    let t = d.get_json("/v1/status").await["training"]["models"][0].clone();
+    let dp = &t["local_dp"];
+    let mut a = dai_protocol::dp::Accountant::default();
+    a.compose(1.0, 2.0, 1);
+    let want = a.epsilon(1e-5).0;
+    assert_eq!(dp["releases"], 1, "{t}");
+    assert!(
+        (dp["epsilon"].as_f64().expect("epsilon") - want).abs() < 1e-9,
+        "{dp}"
+    );
+    let m = d.get_text("/metrics").await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("dai_edge_local_dp_epsilon{model=\"digits\"}")),
+        "{m}"
+    );
+    d.stop().await;
+}

@@ -281,6 +281,11 @@ async fn status(Extract(s): Extract<Shared>) -> Response {
     for (model, entry) in models.iter_mut() {
         entry["pending"] = json!(live.pending.get(model).copied().unwrap_or(0));
         entry["last_global"] = json!(live.last_global.get(model));
+        // Central DP: the epsilon spent (null: infinite, a version was
+        // made without noise); absent when DP is off.
+        if let Some(e) = live.dp_epsilon.get(model) {
+            entry["dp_epsilon"] = json!(e);
+        }
     }
     axum::Json(json!({
         "fleet": s.fleet,

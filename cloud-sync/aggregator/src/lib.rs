@@ -39,8 +39,10 @@ use dai_protocol::update::Update;
 
 pub mod auth;
 pub mod combine;
-pub mod dp;
 pub use combine::{Aggregation, Clip, Robust, aggregate};
+/// The DP accountant lives in `dai-protocol`: the edge's local DP
+/// accounts with it too.
+pub use dai_protocol::dp;
 pub mod gate;
 pub mod http;
 pub mod intake;

@@ -8,6 +8,8 @@
 //!   compressed with zstd; encodings `f32`, `f16` and `int8` (per-row scale);
 //! - [`base`]: an update's `base_version` label (which global, which
 //!   aggregator epoch) and the (epoch, version) order of globals;
+//! - [`dp`]: the Rényi-DP accountant of the Gaussian mechanism (central DP
+//!   at the aggregator, local DP on the edge) and Gaussian samples;
 //! - [`feedback`]: error feedback for lossy encodings (what one update
 //!   dropped is added to a later one);
 //! - [`global`]: a global head signed with ed25519 by the aggregator over
@@ -20,6 +22,7 @@
 //! says what was wrong; nothing here panics on input.
 
 pub mod base;
+pub mod dp;
 pub mod feedback;
 pub mod global;
 pub mod messages;

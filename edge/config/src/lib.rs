@@ -183,6 +183,31 @@ pub struct CloudConfig {
     pub bundle_dir: String,
     /// Transport security of the MQTT connection.
     pub tls: CloudTlsConfig,
+    /// Local differential privacy on each uploaded update.
+    pub local_dp: LocalDpConfig,
+}
+
+/// `cloud.local_dp`: every uploaded delta is clipped to `clip_norm` and
+/// Gaussian noise of standard deviation `noise_multiplier x clip_norm`
+/// added before it leaves the device (the device's own head is not
+/// noised); epsilon at `delta` over every noised upload is reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalDpConfig {
+    /// 0: off.
+    pub noise_multiplier: f64,
+    pub clip_norm: f64,
+    pub delta: f64,
+}
+
+impl Default for LocalDpConfig {
+    fn default() -> Self {
+        LocalDpConfig {
+            noise_multiplier: 0.0,
+            clip_norm: 1.0,
+            delta: 1e-5,
+        }
+    }
 }
 
 /// `cloud.tls`.
@@ -224,6 +249,7 @@ impl Default for CloudConfig {
             max_outbox_rows: 1000,
             bundle_dir: String::new(),
             tls: CloudTlsConfig::default(),
+            local_dp: LocalDpConfig::default(),
         }
     }
 }

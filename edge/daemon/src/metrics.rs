@@ -117,6 +117,8 @@ pub struct Metrics {
     pub training_loss: Family<ModelLabel, FGauge>,
     pub training_val_accuracy: Family<ModelWhen, FGauge>,
     pub training_diverged: Counter,
+    /// Local DP: epsilon spent by the noised uploads, per model.
+    pub local_dp_epsilon: Family<ModelLabel, FGauge>,
     pub sync_acks: Family<Outcome, Counter>,
     /// Uplink failures by kind: `identity` (the bundle cannot be used),
     /// `connection` (broker unreachable, TLS refused), `ack_refused` (an
@@ -204,6 +206,7 @@ impl Metrics {
             training_loss: Family::default(),
             training_val_accuracy: Family::default(),
             training_diverged: Counter::default(),
+            local_dp_epsilon: Family::default(),
             sync_acks: Family::default(),
             sync_errors: Family::default(),
             sync_globals: Counter::default(),
@@ -361,6 +364,11 @@ impl Metrics {
             "training_diverged",
             "Training runs aborted because the loss became NaN or infinite",
             self.training_diverged.clone(),
+        );
+        r.register(
+            "local_dp_epsilon",
+            "Local differential privacy: epsilon spent by the noised updates of a model (cloud.local_dp, at its delta)",
+            self.local_dp_epsilon.clone(),
         );
     }
 

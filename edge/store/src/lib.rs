@@ -160,6 +160,15 @@ pub const MIGRATIONS: &[&str] = &[
     );",
     // 6: the aggregator epoch of each global (0: received before epochs)
     "ALTER TABLE globals ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;",
+    // 7: local DP: one row per noised update that left (or will leave) the
+    // device, so the epsilon spent survives restarts and acks
+    "CREATE TABLE local_dp_releases (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        model TEXT NOT NULL,
+        update_id TEXT NOT NULL,
+        noise_multiplier REAL NOT NULL,
+        released_at REAL NOT NULL
+    );",
 ];
 
 /// The store. Cheap to share behind an `Arc`; one connection, serialised.
@@ -285,6 +294,7 @@ mod tests {
                     weights: b"w",
                     update_id: &id,
                     update_base: "1",
+                    local_dp_noise: None,
                     delta_payload: b"p",
                     encoding: "f32",
                     sample_count: 10,
@@ -346,6 +356,7 @@ mod tests {
                 weights: b"w",
                 update_id: id,
                 update_base: base,
+                local_dp_noise: Some(1.5),
                 delta_payload: b"p",
                 encoding: "f32",
                 sample_count: 1,
@@ -375,6 +386,8 @@ mod tests {
         let g = s.latest_global("m").expect("global").expect("some");
         assert_eq!((g.version, g.epoch, g.head.as_slice()), (1, 10, &b"n1"[..]));
         assert_eq!(s.residual("m").expect("residual"), None);
+        // Each noised update is a release, kept whatever became of it.
+        assert_eq!(s.local_dp_releases("m").expect("releases"), vec![1.5; 3]);
     }
 
     /// Every part of an error chain, outermost first, as a chain printer

@@ -34,6 +34,9 @@ pub struct AcceptedHead<'a> {
     /// The update's `base_version` label (which global, which epoch),
     /// kept with the outbox row so a new epoch can retire it.
     pub update_base: &'a str,
+    /// Local DP: the noise multiplier the uploaded delta was noised with
+    /// (recorded as a release in the same transaction); `None`: not noised.
+    pub local_dp_noise: Option<f64>,
     pub delta_payload: &'a [u8],
     pub encoding: &'a str,
     pub sample_count: i64,
@@ -44,6 +47,19 @@ pub struct AcceptedHead<'a> {
 }
 
 impl Store {
+    /// Local DP: the noise multiplier of every noised update of `model`,
+    /// oldest first.
+    pub fn local_dp_releases(&self, model: &str) -> Result<Vec<f64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT noise_multiplier FROM local_dp_releases WHERE model = ?1 ORDER BY id",
+        )?;
+        let rows = stmt
+            .query_map(params![model], |r| r.get(0))?
+            .collect::<Result<Vec<f64>, _>>()?;
+        Ok(rows)
+    }
+
     /// The active trained head of `model` for `base_version`: (version, weights).
     pub fn active_head(
         &self,
@@ -164,6 +180,12 @@ impl Store {
                 ts
             ],
         )?;
+        if let Some(z) = head.local_dp_noise {
+            tx.execute(
+                "INSERT INTO local_dp_releases (model, update_id, noise_multiplier, released_at) VALUES (?1, ?2, ?3, ?4)",
+                params![head.model, head.update_id, z, ts],
+            )?;
+        }
         tx.execute(
             "UPDATE training_runs SET finished_at = ?2, outcome = 'accepted', epochs = ?3, val_acc_before = ?4,
              val_acc_after = ?5 WHERE id = ?1",

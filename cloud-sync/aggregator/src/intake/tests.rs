@@ -704,3 +704,55 @@ fn an_update_of_a_retired_epoch_is_acked_rebase_and_version_0_published() {
     i.flush(now).expect("flush");
     assert_eq!(i.stats().accepted, 1);
 }
+
+/// Central DP: each published version reports the epsilon spent so far
+/// to the monitor (/metrics, the status page), and the strategy line
+/// names the mechanism.
+#[test]
+fn a_dp_round_reports_its_epsilon() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = State::open(&dir.path().join("agg.sqlite")).expect("open");
+    let dp = crate::state::DpSettings {
+        noise_multiplier: 1.5,
+        clip_norm: 1.0,
+        delta: 1e-5,
+        target_epsilon: None,
+    };
+    let settings = Settings {
+        strategy: Strategy::FedAvg { min_updates: 2 },
+        dp: Some(dp),
+        ..settings()
+    };
+    assert!(strategy_label(&settings, None).contains("central DP (noise 1.5 x clip 1"));
+    let mut i = Intake::new(
+        state,
+        IntakeConfig {
+            fleet: "lab".into(),
+            models: vec![("m".into(), base_file())],
+            settings,
+            round_timeout: Duration::from_secs(60),
+            signing_key: key(),
+            server_optimizer: None,
+            devices: DeviceAuth::Unchecked,
+        },
+    )
+    .expect("intake");
+    let _ = i.take_outputs();
+    for id in ["u1", "u2"] {
+        i.publish(&topic(id), &wire(id, 3, 0.5));
+    }
+    i.flush(Instant::now()).expect("flush");
+    let out = i.take_outputs();
+    let eps: Vec<f64> = events(&out)
+        .iter()
+        .filter_map(|e| match e {
+            MonitorEvent::Privacy { epsilon, .. } => Some(*epsilon),
+            _ => None,
+        })
+        .collect();
+    let mut a = crate::dp::Accountant::default();
+    a.compose(1.0, 1.5, 1);
+    assert_eq!(eps.len(), 1, "{out:?}");
+    assert!((eps[0] - a.epsilon(1e-5).0).abs() < 1e-9, "{eps:?}");
+    assert_eq!(globals(&out).len(), 1);
+}

@@ -59,6 +59,25 @@ pub(super) fn check(p: &mut Problems<'_>, k: &CloudConfig) {
         k.heartbeat_sec,
         "expected seconds in 1..=3600",
     );
+    let dp = &k.local_dp;
+    p.check(
+        dp.noise_multiplier.is_finite() && (0.0..=1000.0).contains(&dp.noise_multiplier),
+        "cloud.local_dp.noise_multiplier",
+        dp.noise_multiplier,
+        "expected 0 (off) ..= 1000",
+    );
+    p.check(
+        dp.clip_norm.is_finite() && dp.clip_norm > 0.0,
+        "cloud.local_dp.clip_norm",
+        dp.clip_norm,
+        "expected a positive L2 norm",
+    );
+    p.check(
+        dp.delta > 0.0 && dp.delta < 1.0,
+        "cloud.local_dp.delta",
+        dp.delta,
+        "expected (0, 1)",
+    );
 }
 
 /// A topic segment the aggregator accepts: no MQTT wildcards or separators.

@@ -298,6 +298,27 @@ impl Training {
             obj.insert("epochs".into(), json!(live.running_epochs));
         }
         let global = store.latest_global(m.name()).ok().flatten();
+        let dp = &self.config.cloud.local_dp;
+        let releases = store.local_dp_releases(m.name()).unwrap_or_default();
+        let local_dp = if dp.noise_multiplier > 0.0 || !releases.is_empty() {
+            let epsilon = run::local_epsilon(&releases, dp.delta);
+            self.inference
+                .metrics
+                .local_dp_epsilon
+                .get_or_create(&crate::metrics::ModelLabel {
+                    model: m.name().to_string(),
+                })
+                .set(epsilon);
+            json!({
+                "noise_multiplier": dp.noise_multiplier,
+                "clip_norm": dp.clip_norm,
+                "delta": dp.delta,
+                "releases": releases.len(),
+                "epsilon": epsilon,
+            })
+        } else {
+            Value::Null
+        };
         Some(json!({
             "model": m.name(),
             "head_version": slot.load().version,
@@ -311,6 +332,7 @@ impl Training {
             "outbox_pending": store.outbox_count(m.name()).unwrap_or(0),
             "global_version": global.as_ref().map_or(0, |g| g.version),
             "global_epoch": global.as_ref().map_or(0, |g| g.epoch),
+            "local_dp": local_dp,
             "last_run": last,
         }))
     }

@@ -348,6 +348,8 @@ impl Training {
                 weights: &weights,
                 update_id: &update_id,
                 update_base: &update_base,
+                local_dp_noise: (self.config.cloud.local_dp.noise_multiplier > 0.0)
+                    .then_some(self.config.cloud.local_dp.noise_multiplier),
                 delta_payload: &payload,
                 encoding: self.encoding().as_str(),
                 sample_count: prep.train_set.len() as i64,
@@ -429,7 +431,11 @@ impl Training {
             },
         };
         meta.base_version = base_label.clone();
-        let delta = head.params.minus(&base_params);
+        let mut delta = head.params.minus(&base_params);
+        let dp = &self.config.cloud.local_dp;
+        if dp.noise_multiplier > 0.0 {
+            privatize(&mut delta, dp.clip_norm, dp.noise_multiplier)?;
+        }
         let tensors = dai_protocol::update::head_tensors(&head.spec, &delta);
         let prior = self.store.residual(model)?;
         let encoded = encode_with_feedback(meta, tensors, prior.as_deref()).map_err(failed)?;
@@ -473,6 +479,54 @@ impl Training {
 
 /// (wire payload, new residual (`None`: nothing lost), base label).
 type DeltaPayload = (Vec<u8>, Option<Vec<u8>>, String);
+
+/// Local DP on an uploaded delta: scaled down to L2 norm `clip`, then
+/// Gaussian noise of standard deviation `noise x clip` on every value
+/// (two uniforms per value from the OS CSPRNG, Box-Muller).
+fn privatize(delta: &mut dai_train::Params, clip: f64, noise: f64) -> Result<(), TrainingError> {
+    let values = || delta.weights.iter().chain(&delta.biases).flatten();
+    let norm = values()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt();
+    let count = values().count();
+    let scale = if norm > clip { clip / norm } else { 1.0 };
+    let mut bytes = vec![0u8; count * 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| TrainingError::Failed(format!("no randomness for the local DP noise: {e}")))?;
+    let mut uniforms = bytes.chunks_exact(8).map(|c| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        // 53 random bits into (0, 1]: the logarithm stays finite.
+        ((u64::from_le_bytes(b) >> 11) + 1) as f64 / (1u64 << 53) as f64
+    });
+    let std = noise * clip;
+    for v in delta
+        .weights
+        .iter_mut()
+        .chain(delta.biases.iter_mut())
+        .flatten()
+    {
+        let (Some(u1), Some(u2)) = (uniforms.next(), uniforms.next()) else {
+            return Err(TrainingError::Failed(
+                "local DP noise: too few random bytes".into(),
+            ));
+        };
+        *v = (f64::from(*v) * scale + std * dai_protocol::dp::gaussian(u1, u2)) as f32;
+    }
+    Ok(())
+}
+
+/// Local DP: (epsilon at `delta`, releases) over `noise` multipliers, each
+/// a Gaussian mechanism on the device's data (the whole data set is the
+/// unit: user-level).
+pub(super) fn local_epsilon(noise: &[f64], delta: f64) -> f64 {
+    let mut a = dai_protocol::dp::Accountant::default();
+    for &z in noise {
+        a.compose(1.0, z, 1);
+    }
+    a.epsilon(delta).0
+}
 
 impl<'a> Unaccepted<'a> {
     fn new(outcome: &'static str, before: f64, reason: &'a str) -> Unaccepted<'a> {

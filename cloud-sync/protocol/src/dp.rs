@@ -1,8 +1,8 @@
-//! Central differential privacy for the global model (pure maths): the
-//! Rényi-DP accountant of the (sampled) Gaussian mechanism and the
-//! conversion to (epsilon, delta).
+//! Differential privacy maths (pure): the Rényi-DP accountant of the
+//! (sampled) Gaussian mechanism and the conversion to (epsilon, delta),
+//! shared by central DP at the aggregator and local DP on the edge.
 //!
-//! The mechanism (applied in `state::aggregate` when `--dp-noise` is set,
+//! Central DP (dai-cloud's `state/privacy.rs`, when `--dp-noise` is set,
 //! as DP-FedAvg and Flower's `DifferentialPrivacyServerSideFixedClipping`
 //! do): every update is clipped to the L2 norm `C`, the round's updates
 //! are averaged with equal weights, and Gaussian noise of standard
