@@ -162,6 +162,23 @@ impl Accountant {
     }
 }
 
+/// `n` standard normal samples for DP noise: two uniforms in (0, 1] per
+/// sample from the OS's CSPRNG (53 random bits each, never 0, so the
+/// logarithm stays finite), through [`gaussian`].
+pub fn standard_normals(n: usize) -> Result<Vec<f64>, getrandom::Error> {
+    let mut bytes = vec![0u8; n * 16];
+    getrandom::fill(&mut bytes)?;
+    let uniform = |c: &[u8]| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        ((u64::from_le_bytes(b) >> 11) + 1) as f64 / (1u64 << 53) as f64
+    };
+    Ok(bytes
+        .chunks_exact(16)
+        .map(|c| gaussian(uniform(&c[..8]), uniform(&c[8..])))
+        .collect())
+}
+
 /// A standard normal sample (Box-Muller) from two uniforms in (0, 1].
 pub fn gaussian(u1: f64, u2: f64) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()

@@ -127,22 +127,36 @@ impl Rows {
                 head.spec.inputs()
             ));
         }
-        let n = self.labels.len();
-        let out = predict(head, &self.x, n).map_err(|e| e.to_string())?;
-        let k = head.spec.outputs();
-        let correct = (0..n)
-            .filter(|&r| {
-                let row = &out[r * k..(r + 1) * k];
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map_or(0, |(i, _)| i);
-                self.labels[r] as usize == best
-            })
-            .count();
-        Ok(correct as f64 / n as f64)
+        top1_accuracy(head, &self.x, self.labels.len(), &self.labels).map_err(|e| e.to_string())
     }
+}
+
+/// The fraction of the `n` rows of `x` whose arg-max output is their label
+/// (a row without a label counts as wrong); 0 for no rows. The one
+/// accuracy every part reports.
+pub fn top1_accuracy(
+    head: &Head,
+    x: &[f32],
+    n: usize,
+    labels: &[u32],
+) -> Result<f64, crate::HeadError> {
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let out = predict(head, x, n)?;
+    let k = head.spec.outputs();
+    let correct = (0..n)
+        .filter(|&r| {
+            let row = &out[r * k..(r + 1) * k];
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i);
+            labels.get(r).is_some_and(|&c| c as usize == best)
+        })
+        .count();
+    Ok(correct as f64 / n as f64)
 }
 
 #[cfg(test)]

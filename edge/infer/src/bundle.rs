@@ -275,38 +275,9 @@ impl Bundle {
         }
         let mut model_bytes = model_bytes;
         if let Some(h) = &manifest.head {
-            let path = dir.join(&h.file);
-            if !path.exists() {
-                return Err(BundleError::Missing {
-                    path,
-                    hint: String::new(),
-                });
-            }
-            let (sum, bytes) = sha256_file(&path)?;
-            if !sum.eq_ignore_ascii_case(&h.sha256) {
-                return Err(BundleError::Checksum {
-                    path,
-                    expected: h.sha256.clone(),
-                    actual: sum,
-                });
-            }
-            model_bytes += bytes;
+            model_bytes += verified_file(dir, &h.file, &h.sha256)?;
             if let Some(v) = &h.validation {
-                let path = dir.join(&v.file);
-                if !path.exists() {
-                    return Err(BundleError::Missing {
-                        path,
-                        hint: String::new(),
-                    });
-                }
-                let (sum, _) = sha256_file(&path)?;
-                if !sum.eq_ignore_ascii_case(&v.sha256) {
-                    return Err(BundleError::Checksum {
-                        path,
-                        expected: v.sha256.clone(),
-                        actual: sum,
-                    });
-                }
+                verified_file(dir, &v.file, &v.sha256)?;
             }
         }
         Ok(Bundle {
@@ -325,6 +296,27 @@ impl Bundle {
     pub fn input(&self, name: &str) -> Option<&TensorSpec> {
         self.manifest.inputs.iter().find(|s| s.name == name)
     }
+}
+
+/// The size of bundle file `file` in `dir`, once it exists and its sha256
+/// is `sha256`.
+fn verified_file(dir: &Path, file: &str, sha256: &str) -> Result<u64, BundleError> {
+    let path = dir.join(file);
+    if !path.exists() {
+        return Err(BundleError::Missing {
+            path,
+            hint: String::new(),
+        });
+    }
+    let (sum, bytes) = sha256_file(&path)?;
+    if !sum.eq_ignore_ascii_case(sha256) {
+        return Err(BundleError::Checksum {
+            path,
+            expected: sha256.to_string(),
+            actual: sum,
+        });
+    }
+    Ok(bytes)
 }
 
 /// A name the daemon puts in URLs, metrics labels and file names: 1-64

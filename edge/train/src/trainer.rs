@@ -149,24 +149,12 @@ pub fn train(
 
 /// Fraction of rows whose arg-max output equals the class label.
 pub fn accuracy(head: &Head, data: &Dataset) -> Result<f64, TrainError> {
-    let n = data.len();
-    if n == 0 {
-        return Ok(0.0);
-    }
-    let out = dai_head::predict(head, &data.x, n)?;
-    let k = head.spec.outputs();
-    let correct = (0..n)
-        .filter(|&r| {
-            let row = &out[r * k..(r + 1) * k];
-            let best = row
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map_or(0, |(i, _)| i);
-            data.classes.get(r).is_some_and(|&c| c as usize == best)
-        })
-        .count();
-    Ok(correct as f64 / n as f64)
+    Ok(dai_head::rows::top1_accuracy(
+        head,
+        &data.x,
+        data.len(),
+        &data.classes,
+    )?)
 }
 
 /// Which backend training runs on, and why.

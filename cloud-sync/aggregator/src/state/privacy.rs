@@ -84,23 +84,15 @@ pub(super) fn noisy_mean(contribs: &[Contribution], dp: &DpSettings) -> Option<V
     let (mut delta, _) = aggregate(contribs, &ones, &agg)?;
     let std = dp.noise_multiplier * dp.clip_norm / contribs.len() as f64;
     let count: usize = delta.iter().map(Vec::len).sum();
-    // Two uniforms per coordinate from the OS's CSPRNG.
-    let mut bytes = vec![0u8; count * 16];
-    if let Err(e) = getrandom::fill(&mut bytes) {
-        tracing::error!(error = %e, "no randomness for the DP noise; nothing published");
-        return None;
-    }
-    let mut words = bytes.chunks_exact(8).map(|c| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(c);
-        // 53 random bits into (0, 1]: never 0, so the logarithm is finite.
-        ((u64::from_le_bytes(b) >> 11) + 1) as f64 / (1u64 << 53) as f64
-    });
-    for v in delta.iter_mut().flatten() {
-        let (Some(u1), Some(u2)) = (words.next(), words.next()) else {
+    let noise = match crate::dp::standard_normals(count) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "no randomness for the DP noise; nothing published");
             return None;
-        };
-        *v += (std * crate::dp::gaussian(u1, u2)) as f32;
+        }
+    };
+    for (v, g) in delta.iter_mut().flatten().zip(noise) {
+        *v += (std * g) as f32;
     }
     Some(delta)
 }

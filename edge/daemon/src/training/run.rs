@@ -482,7 +482,7 @@ type DeltaPayload = (Vec<u8>, Option<Vec<u8>>, String);
 
 /// Local DP on an uploaded delta: scaled down to L2 norm `clip`, then
 /// Gaussian noise of standard deviation `noise x clip` on every value
-/// (two uniforms per value from the OS CSPRNG, Box-Muller).
+/// ([`dai_protocol::dp::standard_normals`]).
 fn privatize(delta: &mut dai_train::Params, clip: f64, noise: f64) -> Result<(), TrainingError> {
     let values = || delta.weights.iter().chain(&delta.biases).flatten();
     let norm = values()
@@ -491,28 +491,16 @@ fn privatize(delta: &mut dai_train::Params, clip: f64, noise: f64) -> Result<(),
         .sqrt();
     let count = values().count();
     let scale = if norm > clip { clip / norm } else { 1.0 };
-    let mut bytes = vec![0u8; count * 16];
-    getrandom::fill(&mut bytes)
+    let normals = dai_protocol::dp::standard_normals(count)
         .map_err(|e| TrainingError::Failed(format!("no randomness for the local DP noise: {e}")))?;
-    let mut uniforms = bytes.chunks_exact(8).map(|c| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(c);
-        // 53 random bits into (0, 1]: the logarithm stays finite.
-        ((u64::from_le_bytes(b) >> 11) + 1) as f64 / (1u64 << 53) as f64
-    });
     let std = noise * clip;
-    for v in delta
+    let values = delta
         .weights
         .iter_mut()
         .chain(delta.biases.iter_mut())
-        .flatten()
-    {
-        let (Some(u1), Some(u2)) = (uniforms.next(), uniforms.next()) else {
-            return Err(TrainingError::Failed(
-                "local DP noise: too few random bytes".into(),
-            ));
-        };
-        *v = (f64::from(*v) * scale + std * dai_protocol::dp::gaussian(u1, u2)) as f32;
+        .flatten();
+    for (v, g) in values.zip(normals) {
+        *v = (f64::from(*v) * scale + std * g) as f32;
     }
     Ok(())
 }
