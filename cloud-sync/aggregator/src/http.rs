@@ -255,7 +255,8 @@ async fn models(Extract(s): Extract<Shared>) -> Response {
 
 async fn status(Extract(s): Extract<Shared>) -> Response {
     let registry = read_state(s.state_path.clone(), |st| {
-        Ok((st.versions()?, st.seen_counts()?))
+        // The newest 20 per model (what the page shows), not the history.
+        Ok((st.recent_versions(20)?, st.seen_counts()?))
     })
     .await;
     let (versions, (accepted, rejected)) = match registry {
@@ -292,6 +293,8 @@ async fn status(Extract(s): Extract<Shared>) -> Response {
         "uptime_sec": s.monitor.started.elapsed().as_secs(),
         "broker": live.broker,
         "broker_connected": live.broker_connected,
+        // While state writes fail (disk full, I/O): what SQLite said.
+        "state_error": live.state_error,
         "strategy": live.strategy,
         "seen": {"accepted": accepted, "rejected": rejected},
         "models": models,

@@ -90,6 +90,9 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq)]
 pub enum MonitorEvent {
     BrokerConnected,
+    /// A state transaction failed (`Some`: what SQLite said), or one
+    /// succeeded again after failures (`None`).
+    StateError(Option<String>),
     /// The connection failed; `was_connected` counts it as a disconnect
     /// (a failed reconnect attempt does not count again).
     BrokerLost {
@@ -149,7 +152,19 @@ pub struct LiveView {
     pub pending: BTreeMap<String, usize>,
     /// Model -> epsilon spent (central DP on; `null` when infinite).
     pub dp_epsilon: BTreeMap<String, Option<f64>>,
+    /// The state file's last write error while writes are failing (disk
+    /// full, I/O): nothing is acked until a write succeeds again.
+    pub state_error: Option<String>,
+    /// Devices whose latest heartbeat says online, and the sum of their
+    /// reported outboxes (kept with `devices`; wrapping, so a hostile
+    /// report cannot overflow it, only make the figure wrong).
+    pub online: usize,
+    pub outbox: u64,
 }
+
+/// Devices the live view holds (the status page's table; metrics count
+/// the same map). At 10,000 devices a fleet uses a tenth of it.
+pub const MAX_DEVICES: usize = 100_000;
 
 /// Metrics and the live view, shared by the service loop and HTTP.
 pub struct Monitor {
@@ -172,6 +187,11 @@ pub struct Monitor {
     pub devices_outbox: Gauge,
     pub broker_connected: Gauge,
     pub broker_disconnects: Counter,
+    /// Failed state transactions (batches left unacked, aggregations not
+    /// made); the service keeps running and retries.
+    pub state_errors: Counter,
+    /// Acks and globals dropped because the publish queue was full.
+    pub publish_dropped: Counter,
     pub live: Mutex<LiveView>,
     pub started: Instant,
 }
@@ -208,6 +228,8 @@ impl Monitor {
             devices_outbox: Gauge::default(),
             broker_connected: Gauge::default(),
             broker_disconnects: Counter::default(),
+            state_errors: Counter::default(),
+            publish_dropped: Counter::default(),
             live: Mutex::new(LiveView::default()),
             started: Instant::now(),
         };
@@ -277,6 +299,16 @@ impl Monitor {
             "Lost broker connections",
             m.broker_disconnects.clone(),
         );
+        r.register(
+            "publish_dropped",
+            "Acks and globals dropped because the publish queue was full (acks come again when edges resend; globals on the next want)",
+            m.publish_dropped.clone(),
+        );
+        r.register(
+            "state_errors",
+            "State file transactions that failed (disk full, I/O): their updates were not acked and are sent again by the edges",
+            m.state_errors.clone(),
+        );
         Monitor { registry, ..m }
     }
 
@@ -291,6 +323,11 @@ impl Monitor {
     /// Apply one event of the intake.
     pub fn apply(&self, event: MonitorEvent) {
         match event {
+            MonitorEvent::StateError(Some(e)) => {
+                self.state_errors.inc();
+                self.live.lock().state_error = Some(e);
+            }
+            MonitorEvent::StateError(None) => self.live.lock().state_error = None,
             MonitorEvent::BrokerConnected => {
                 self.broker_connected.set(1);
                 self.live.lock().broker_connected = true;
@@ -371,26 +408,40 @@ impl Monitor {
         live.recent.push_front(update);
     }
 
+    /// A heartbeat in: the map and its totals are kept incrementally (a
+    /// heartbeat costs the same with 10 or 100,000 devices), and the map is
+    /// bounded by [`MAX_DEVICES`]: a new device over the bound evicts the
+    /// one heard from longest ago.
     pub(crate) fn heartbeat(&self, device: String, view: Option<DeviceView>) {
         let mut live = self.live.lock();
-        match view {
+        let old = match view {
             Some(v) => {
-                live.devices.insert(device, v);
+                live.online += usize::from(v.state == "online");
+                live.outbox = live.outbox.wrapping_add(v.outbox_pending);
+                let old = live.devices.insert(device, v);
+                if old.is_none() && live.devices.len() > MAX_DEVICES {
+                    let oldest = live
+                        .devices
+                        .iter()
+                        .min_by(|a, b| a.1.ts.total_cmp(&b.1.ts))
+                        .map(|(k, _)| k.clone());
+                    if let Some(evicted) = oldest.and_then(|k| live.devices.remove(&k)) {
+                        live.online -= usize::from(evicted.state == "online");
+                        live.outbox = live.outbox.wrapping_sub(evicted.outbox_pending);
+                    }
+                }
+                old
             }
             // An empty retained message clears the device.
-            None => {
-                live.devices.remove(&device);
-            }
+            None => live.devices.remove(&device),
+        };
+        if let Some(o) = old {
+            live.online -= usize::from(o.state == "online");
+            live.outbox = live.outbox.wrapping_sub(o.outbox_pending);
         }
-        let online = live
-            .devices
-            .values()
-            .filter(|d| d.state == "online")
-            .count();
-        let outbox: u64 = live.devices.values().map(|d| d.outbox_pending).sum();
-        self.devices_online.set(online as i64);
+        self.devices_online.set(live.online as i64);
         self.devices_known.set(live.devices.len() as i64);
-        self.devices_outbox.set(outbox as i64);
+        self.devices_outbox.set(live.outbox as i64);
     }
 
     pub(crate) fn pending(&self, model: &str, n: usize) {

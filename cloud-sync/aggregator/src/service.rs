@@ -21,7 +21,7 @@ use crate::FedAdam;
 use crate::auth::{DeviceAuth, DeviceKeys};
 use crate::gate::{GateConfig, GateStats};
 use crate::intake::{Intake, IntakeConfig, Output, strategy_label};
-use crate::monitor::Monitor;
+use crate::monitor::{Monitor, MonitorEvent};
 use crate::state::{Settings, State};
 use dai_trust::Revocations;
 use dai_trust::fs::FleetDir;
@@ -281,7 +281,12 @@ pub async fn run_monitored(
     // waits while rumqttc's request queue is full, and only polling the
     // event loop (this task) drains it. Awaiting it here deadlocked under
     // a burst of updates (found by the ingest benchmark).
-    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
+    // Bounded: a broker that stops taking publishes must not grow this
+    // process without limit. What does not fit is dropped and counted;
+    // both kinds recover by themselves (an edge resends an unacked update
+    // and gets its ack again from `seen`; a lost global is published again
+    // on the next want or retained-message check).
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Outgoing>(OUTGOING_CAPACITY);
     let publisher = client.clone();
     let publish_task = tokio::spawn(async move {
         while let Some(o) = out_rx.recv().await {
@@ -309,10 +314,14 @@ pub async fn run_monitored(
     let mut tick = every(Duration::from_millis(250));
     let mut fleet_poll = every(FLEET_POLL);
     let mut backoff = Duration::from_millis(100);
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => intake.tick(Instant::now())?,
+            _ = tick.tick() => {
+                let r = intake.tick(Instant::now());
+                state_health(&monitor, r, &mut failing);
+            }
             _ = fleet_poll.tick(), if fleet_dir.is_some() => {
                 if let Some(keys) = fleet_dir.as_mut().and_then(FleetWatch::poll) {
                     intake.set_devices(keys);
@@ -346,7 +355,8 @@ pub async fn run_monitored(
                         next = events.poll().now_or_never();
                     }
                 }
-                intake.flush(Instant::now())?;
+                let r = intake.flush(Instant::now());
+                state_health(&monitor, r, &mut failing);
             }
         }
         io.apply(intake.take_outputs());
@@ -355,6 +365,31 @@ pub async fn run_monitored(
     publish_task.abort();
     Ok(intake.stats().clone())
 }
+
+/// A failed state transaction does not end the service (a full disk or an
+/// I/O error is usually temporary): the batch it held was not acked, so
+/// the edges send it again; it is logged, counted and shown until a later
+/// transaction succeeds.
+fn state_health(monitor: &Monitor, r: Result<(), crate::state::StateError>, failing: &mut bool) {
+    match r {
+        Ok(()) if *failing => {
+            *failing = false;
+            tracing::info!("state writes succeed again");
+            monitor.apply(MonitorEvent::StateError(None));
+        }
+        Ok(()) => {}
+        Err(e) => {
+            let msg = crate::error_chain(&e);
+            if !std::mem::replace(failing, true) {
+                tracing::error!(error = %msg, "a state transaction failed: nothing it held was acked; retrying with the next updates");
+            }
+            monitor.apply(MonitorEvent::StateError(Some(msg)));
+        }
+    }
+}
+
+/// Messages waiting for the publishing task.
+pub const OUTGOING_CAPACITY: usize = 4096;
 
 /// A message for the publishing task.
 struct Outgoing {
@@ -366,7 +401,7 @@ struct Outgoing {
 /// Where the intake's outputs go.
 struct Io<'a> {
     client: &'a AsyncClient,
-    out: &'a tokio::sync::mpsc::UnboundedSender<Outgoing>,
+    out: &'a tokio::sync::mpsc::Sender<Outgoing>,
     monitor: &'a Monitor,
 }
 
@@ -387,11 +422,19 @@ impl Io<'_> {
     }
 
     fn send(&self, topic: String, retain: bool, payload: Vec<u8>) {
-        // Fails only once the publishing task is gone, at shutdown.
-        let _ = self.out.send(Outgoing {
+        let msg = Outgoing {
             topic,
             retain,
             payload,
-        });
+        };
+        match self.out.try_send(msg) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(m)) => {
+                self.monitor.publish_dropped.inc();
+                tracing::warn!(topic = %m.topic, "publish queue full: message dropped (an ack is sent again when the edge resends; a global on the next want)");
+            }
+            // The publishing task is gone: shutdown.
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 }

@@ -143,6 +143,10 @@ pub async fn run(
             ev = events.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => session.on_connack(),
                 Ok(Event::Incoming(Packet::Publish(p))) => session.on_publish(&p.topic, &p.payload),
+                // The broker holds an update (its PUBACK); no ack of ours yet.
+                Ok(Event::Incoming(Packet::PubAck(_))) if session.awaiting_acks() => {
+                    dai_protocol::crashpoint::hit("edge-update-delivered");
+                }
                 Ok(_) => {}
                 Err(e) => {
                     let wait = session.on_connection_error(&e);

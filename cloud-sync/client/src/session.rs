@@ -188,8 +188,15 @@ impl Session {
         }
     }
 
+    /// Updates published and not acked by the aggregator yet.
+    pub fn awaiting_acks(&self) -> bool {
+        !self.inflight.is_empty()
+    }
+
     /// The aggregator answered (accepted or rejected): the row may go.
     fn on_ack(&mut self, ack: &Ack) {
+        // The ack arrived; the outbox row is not deleted yet.
+        dai_protocol::crashpoint::hit("edge-ack-received");
         match ack.status {
             AckStatus::Rejected => {
                 tracing::warn!(update = %ack.update_id, reason = ?ack.reason, "update rejected by the aggregator")

@@ -85,12 +85,20 @@ pub fn sign(
     signed.extend_from_slice(&version.to_be_bytes());
     signed.extend_from_slice(&digest);
     signed.extend_from_slice(&body);
-    let sig = key.sign(&signed_message(fleet, &model, &signed));
-    let mut out = Vec::with_capacity(HEADER + body.len());
+    Ok(seal(key, fleet, &model, &signed))
+}
+
+/// The wire form of `signed` (epoch, version, checksum, zstd head, laid
+/// out as in the module docs) signed for `fleet` and `model`. [`sign`] lays
+/// them out; the fuzz target calls this with arbitrary bytes so what
+/// follows a valid signature is explored.
+pub fn seal(key: &SigningKey, fleet: &str, model: &str, signed: &[u8]) -> Vec<u8> {
+    let sig = key.sign(&signed_message(fleet, model, signed));
+    let mut out = Vec::with_capacity(5 + 64 + signed.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&sig.to_bytes());
-    out.extend_from_slice(&signed);
-    Ok(out)
+    out.extend_from_slice(signed);
+    out
 }
 
 /// Verify and open a signed global model of `expected_model` in `fleet`.

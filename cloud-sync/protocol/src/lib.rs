@@ -16,12 +16,15 @@
 //!   fleet, model, version and epoch;
 //! - [`signed`]: the signed envelope of updates (device key) and acks
 //!   (aggregator key), bound to fleet and topic;
-//! - [`messages`]: the JSON ack, status heartbeat and global request.
+//! - [`messages`]: the JSON ack, status heartbeat and global request;
+//! - [`crashpoint`]: named points where the fault-injection tests make a
+//!   process abort (inert unless `DAI_CRASH_POINT` is set).
 //!
 //! Every decoder takes a size bound and returns a [`ProtocolError`] that
 //! says what was wrong; nothing here panics on input.
 
 pub mod base;
+pub mod crashpoint;
 pub mod dp;
 pub mod feedback;
 pub mod global;

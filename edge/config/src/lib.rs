@@ -361,6 +361,10 @@ pub struct DaemonConfig {
     pub queue_capacity: usize,
     /// Largest request body, MiB.
     pub max_body_mb: u64,
+    /// Requests with bodies over 1 MiB that may be read and run at once;
+    /// more wait (up to 30 s, then 503). Bounds the memory of concurrent
+    /// large requests under the unit's `MemoryMax=`.
+    pub max_concurrent_bodies: usize,
     /// Bundle change check period (hot reload), seconds; 0 disables.
     pub hot_reload_interval_sec: u64,
     /// Resource manager sampling period, seconds.
@@ -387,6 +391,7 @@ impl Default for DaemonConfig {
             max_batch_wait_ms: 2,
             queue_capacity: 64,
             max_body_mb: 16,
+            max_concurrent_bodies: 2,
             hot_reload_interval_sec: 2,
             resource_interval_sec: 2,
             adaptive_workers: true,

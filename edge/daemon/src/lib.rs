@@ -167,7 +167,10 @@ impl Daemon {
     /// Open the store and load the models. Blocking work runs on tokio's
     /// blocking pool.
     pub async fn build(config: Config) -> Result<Daemon, DaemonError> {
-        let store = StoreHandle::new(Store::open_in(&config.daemon.data_dir)?);
+        // A corrupt store file is moved aside and a fresh one started, so
+        // inference keeps serving; the status page and /metrics say so.
+        let (store, store_quarantine) = Store::open_or_quarantine(&config.daemon.data_dir)?;
+        let store = StoreHandle::new(store);
         let dirs = bundle_dirs(&config)?;
         let inference = Inference::new(Runtime::new(&config.runtime_options()));
         let host = host_name();
@@ -214,7 +217,16 @@ impl Daemon {
         if let Err(e) = tokio::task::spawn_blocking(move || tr.restore_heads()).await {
             tracing::error!(error = %e, "restoring trained heads failed");
         }
+        let heavy = Arc::new(tokio::sync::Semaphore::new(
+            config.daemon.max_concurrent_bodies,
+        ));
+        inference
+            .metrics
+            .store_quarantined_files
+            .set(dai_store::quarantine::quarantined(&config.daemon.data_dir).len() as i64);
         let app = Arc::new(http::App {
+            heavy,
+            store_quarantine,
             config,
             inference,
             store,

@@ -138,6 +138,9 @@ pub struct Metrics {
     pub outbox_evicted: Counter,
     /// Outbox updates on a retired aggregator epoch, dropped.
     pub outbox_rebased: Counter,
+    /// Corrupt store files moved aside (`dai.sqlite.corrupt-*` in the data
+    /// dir, the newest kept).
+    pub store_quarantined_files: Gauge,
     /// Evictions already copied from the cache's own counter.
     pub evictions_seen: Mutex<u64>,
 }
@@ -224,6 +227,7 @@ impl Metrics {
             }),
             outbox_evicted: Counter::default(),
             outbox_rebased: Counter::default(),
+            store_quarantined_files: Gauge::default(),
             evictions_seen: Mutex::new(0),
             registry: Registry::default(),
         };
@@ -333,7 +337,7 @@ impl Metrics {
         );
         r.register(
             "overloaded",
-            "Requests refused with 503 because a queue was full",
+            "Requests refused with 503 because a queue was full or no large-body permit came free (daemon.max_concurrent_bodies)",
             self.overloaded.clone(),
         );
     }
@@ -378,6 +382,11 @@ impl Metrics {
             "sync_acks",
             "Outbox updates answered by the aggregator (accepted, rejected, rebase)",
             self.sync_acks.clone(),
+        );
+        r.register(
+            "store_quarantined_files",
+            "Corrupt store files moved aside at start (dai.sqlite.corrupt-* kept in the data dir); nonzero means a fresh store was started once",
+            self.store_quarantined_files.clone(),
         );
         r.register(
             "outbox_rebased",

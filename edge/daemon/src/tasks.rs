@@ -6,7 +6,8 @@
 //!   `resource_interval_sec`, the [`resources`](crate::resources) rules
 //!   applied to the pool, alerts recomputed; profiling samples every
 //!   `profiling_interval_sec` on the same loop;
-//! - store snapshots of the status document every `snapshot_interval_sec`;
+//! - store snapshots of the status document every `snapshot_interval_sec`,
+//!   and the store's retention ([`dai_store::Retention`]) on the same beat;
 //! - the training scheduler ([`crate::training::scheduler`]);
 //! - the sensors' sampling threads and pipelines ([`crate::sensors`]);
 //! - the cloud uplink ([`crate::uplink`]) when `cloud.enabled`.
@@ -22,8 +23,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Snapshots kept in the store (the oldest are deleted).
-pub const SNAPSHOTS_KEPT: usize = 10_000;
+/// Snapshots kept in the store (the oldest are deleted): a day at the
+/// default 60 s period. A snapshot is the status document (a few KiB), so
+/// this bounds the table to a few MiB.
+pub const SNAPSHOTS_KEPT: usize = 1_440;
 
 /// Start every background task; each ends when `stop` turns true.
 pub fn spawn_all(
@@ -198,9 +201,17 @@ async fn snapshot_task(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let period = Duration::from_secs(app.config.daemon.snapshot_interval_sec);
     while ticker(period, &mut stop).await {
         let a = app.clone();
-        let r = tokio::task::spawn_blocking(move || store_snapshot(&a)).await;
-        if let Ok(Err(e)) = r {
-            tracing::warn!(error = %crate::error::chain(&e), "metrics snapshot not stored");
+        let r = tokio::task::spawn_blocking(move || {
+            store_snapshot(&a)?;
+            a.store.prune(&dai_store::Retention::default())
+        })
+        .await;
+        match r {
+            Ok(Ok(p)) if p.total() > 0 => tracing::debug!(?p, "store pruned"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::error::chain(&e), "metrics snapshot or retention not stored")
+            }
+            _ => {}
         }
     }
 }

@@ -242,6 +242,7 @@ impl dai_sync::Edge for DaemonEdge {
                         outcome: status.into(),
                     })
                     .inc();
+                tracing::info!(update = %ack.update_id, status, "update acked; removed from the outbox");
             }
             Ok(false) => {
                 tracing::debug!(update = %ack.update_id, "ack for an update no longer in the outbox")
@@ -303,7 +304,7 @@ impl dai_sync::Edge for DaemonEdge {
                 .metrics
                 .outbox_rebased
                 .inc_by(adopted.rebased.len() as u64);
-            tracing::warn!(model = %g.model, epoch = g.epoch, dropped = adopted.rebased.len(), first = %adopted.rebased[0], "a new aggregator epoch: pending updates on the old one dropped; their samples train again");
+            tracing::warn!(model = %g.model, epoch = g.epoch, dropped = adopted.rebased.len(), updates = ?adopted.rebased, "a new aggregator epoch: pending updates on the old one dropped; their samples train again");
         }
         let version = adopted.head_version;
         runtime
@@ -339,7 +340,7 @@ impl dai_sync::Edge for DaemonEdge {
             state: "online".into(),
             ts: crate::unix_now(),
             models: models.collect(),
-            outbox_pending: self.store.outbox(100_000).map_or(0, |o| o.len() as u64),
+            outbox_pending: self.store.outbox_len().unwrap_or(0),
         }
     }
 }

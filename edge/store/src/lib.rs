@@ -1,7 +1,13 @@
 //! `dai-store`: the edge daemon's SQLite store (one file in the data dir).
 //!
-//! Opened in WAL mode with `synchronous=NORMAL` (a power cut loses at most
-//! the last transaction, never corrupts) and a busy timeout. The schema is
+//! Opened in WAL mode with `synchronous=FULL` and a busy timeout. FULL syncs
+//! the WAL at every commit, so a committed transaction survives a power
+//! cut. NORMAL (syncing only at checkpoints) would not corrupt the file but
+//! would lose every commit since the last checkpoint, and here that can
+//! double-count: a head and its outbox row are committed, the update is
+//! published and counted by the aggregator, power is cut, the commit is
+//! gone, and the same samples train and go up again under a new id. The
+//! cost is one fsync per commit (measured in docs/reliability.md). The schema is
 //! versioned with `PRAGMA user_version`; [`MIGRATIONS`] run in order inside
 //! one transaction each, so an interrupted upgrade leaves the old version.
 //!
@@ -20,11 +26,17 @@
 //!   run's outcome are written in one transaction ([`Store::accept_head`]);
 //! - `outbox`: `outbox` (updates waiting for cloud sync, removed on ack);
 //! - `globals`: `globals` (global heads from the aggregator, adopted as the
-//!   active head in one transaction, [`Store::adopt_global`]).
+//!   active head in one transaction, [`Store::adopt_global`]);
+//! - [`retention`]: heads, globals, runs and model events pruned to a
+//!   fixed count per model ([`Store::prune`]);
+//! - [`quarantine`]: a corrupt file is moved aside at open and a fresh
+//!   store started ([`Store::open_or_quarantine`]).
 
 mod globals;
 mod models;
 mod outbox;
+pub mod quarantine;
+pub mod retention;
 mod samples;
 mod snapshots;
 mod training;
@@ -32,6 +44,8 @@ mod training;
 pub use globals::{Adopted, StoredGlobal};
 pub use models::ModelRecord;
 pub use outbox::OutboxRow;
+pub use quarantine::Quarantine;
+pub use retention::{Pruned, Retention};
 pub use samples::{NewSample, Sample};
 pub use training::{AcceptedHead, RunRecord};
 
@@ -56,12 +70,25 @@ pub enum StoreError {
     /// that prints `{}` (logs, API answers) still shows what SQLite said.
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
+    /// `PRAGMA quick_check` found damage (its first findings).
+    #[error("the database file is corrupt: {0}")]
+    Corrupt(String),
     #[error("database {path} has schema version {found}, newer than this build knows ({known})")]
     TooNew {
         path: PathBuf,
         found: i64,
         known: i64,
     },
+}
+
+impl StoreError {
+    /// SQLite could not write for lack of space (`SQLITE_FULL`): the
+    /// transaction was rolled back, nothing stored before it is touched,
+    /// and the same write succeeds once space returns.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+            if f.code == rusqlite::ErrorCode::DiskFull)
+    }
 }
 
 /// Schema migrations; index + 1 is the `user_version` after applying.
@@ -178,6 +205,14 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
+/// Every part of an error chain, joined (what a log line shows).
+fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(e), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -199,7 +234,7 @@ impl Store {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let known = MIGRATIONS.len() as i64;

@@ -72,6 +72,14 @@ impl Store {
         )? > 0)
     }
 
+    /// Rows waiting, all models (a count: no payload is read).
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
     pub fn outbox_count(&self, model: &str) -> Result<i64, StoreError> {
         Ok(self.conn().query_row(
             "SELECT COUNT(*) FROM outbox WHERE model = ?1",

@@ -505,6 +505,8 @@ pub struct SecureMosquitto {
     pub port: u16,
     child: std::process::Child,
     log: std::path::PathBuf,
+    conf: std::path::PathBuf,
+    bin: &'static str,
     _dir: tempfile::TempDir,
 }
 
@@ -547,20 +549,44 @@ impl SecureMosquitto {
         conf.push_str("user root\n");
         let conf_path = dir.path().join("mosquitto.conf");
         std::fs::write(&conf_path, conf).expect("conf");
-        let child = std::process::Command::new(bin)
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mosquitto starts");
+        let child = Self::spawn(bin, &conf_path);
         wait_for_port(port, Duration::from_secs(10), "mosquitto");
         Some(SecureMosquitto {
             port,
             child,
             log,
+            conf: conf_path,
+            bin,
             _dir: dir,
         })
+    }
+
+    fn spawn(bin: &str, conf: &Path) -> std::process::Child {
+        std::process::Command::new(bin)
+            .arg("-c")
+            .arg(conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto starts")
+    }
+
+    /// SIGKILL the broker (what it had not saved is lost, as in a crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the broker process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Start it again on the same port with the same files.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.bin, &self.conf);
+        wait_for_port(self.port, Duration::from_secs(10), "mosquitto (restarted)");
     }
 }
 

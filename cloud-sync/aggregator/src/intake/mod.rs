@@ -45,7 +45,8 @@ use crate::state::{DUPLICATE_REASON, NewGlobal, Settings, State, StateError};
 use dai_protocol::messages::{Ack, AckStatus, Status, Want};
 use dai_protocol::signed::{self, Kind};
 use dai_protocol::topics::{self, Topic};
-use dai_protocol::update::Update;
+use dai_protocol::update::MAX_WIRE_BYTES;
+use dai_protocol::update::{Undecodable, Update};
 use ed25519_dalek::SigningKey;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -184,7 +185,7 @@ pub fn strategy_label(settings: &Settings, server_optimizer: Option<&FedAdam>) -
 struct Incoming {
     device: String,
     bytes: usize,
-    update: Result<Update, dai_protocol::ProtocolError>,
+    update: Result<Update, Undecodable>,
     refusal: Option<String>,
 }
 
@@ -217,6 +218,9 @@ pub struct Intake {
     /// want or a damaged retained message); at most once per tick.
     heal: Vec<String>,
     rate: rate::RateLimit,
+    /// Each model's tensor layout (fixed for a model), which bounds how far
+    /// an update may decompress and is checked before values are decoded.
+    layouts: HashMap<String, Vec<(String, Vec<usize>)>>,
 }
 
 impl Intake {
@@ -245,8 +249,11 @@ impl Intake {
             epoch,
             signed: HashMap::new(),
             heal: Vec::new(),
+            layouts: HashMap::new(),
         };
         for model in intake.model_names() {
+            let layout = intake.state.model_layout(&model)?;
+            intake.layouts.insert(model.clone(), layout.tensors);
             let (version, head) = intake.state.current(&model)?;
             intake.monitor(MonitorEvent::Global {
                 model: model.clone(),
@@ -362,7 +369,10 @@ impl Intake {
             });
             return;
         }
-        let update = Update::decode(body);
+        let layouts = &self.layouts;
+        let update = Update::decode_for_layout(body, MAX_WIRE_BYTES, |model| {
+            layouts.get(model).map(Vec::as_slice)
+        });
         // Signed by the topic's device, so this is that device's claim:
         // refused with an ack, and never counted for the device it names.
         let refusal = match &update {
@@ -471,6 +481,8 @@ impl Intake {
         let (acks, superseded) =
             self.state
                 .ingest_batch_superseding(&decoded, &self.cfg.settings, base_of)?;
+        // The batch is committed; none of its acks is out yet.
+        dai_protocol::crashpoint::hit("cloud-ingested");
         let mut acks = acks.into_iter();
         let mut touched: Vec<String> = Vec::new();
         for b in &batch {
@@ -502,9 +514,12 @@ impl Intake {
                 }
                 Err(e) => {
                     self.stats.rejected += 1;
-                    tracing::warn!(device = %b.device, bytes = b.bytes, error = %e, "undecodable update");
+                    let update_id = e.meta.as_ref().map(|m| m.update_id.clone());
+                    tracing::warn!(device = %b.device, bytes = b.bytes, update = ?update_id, error = %e, "undecodable update");
+                    // Acked by id when the metadata was readable, so the
+                    // edge drops it as rejected instead of resending it.
                     let ack = Ack {
-                        update_id: String::new(),
+                        update_id: update_id.unwrap_or_default(),
                         status: AckStatus::Rejected,
                         reason: Some(format!("undecodable update: {e}")),
                         round: None,
@@ -655,7 +670,16 @@ impl Intake {
             .state
             .aggregate(model, &self.cfg.settings, force, &mut self.adam)?;
         if g.is_some() {
+            // The new version is committed; it is not published yet.
+            dai_protocol::crashpoint::hit("cloud-aggregated");
             self.monitor(MonitorEvent::AggregationSeconds(t.elapsed().as_secs_f64()));
+            // Each new version moves the staleness horizon: what can never
+            // be accepted again is forgotten (bounded state, see
+            // `state::retention`).
+            let p = self.state.prune(model, self.cfg.settings.max_staleness)?;
+            if p.seen + p.heads > 0 {
+                tracing::debug!(%model, seen = p.seen, heads = p.heads, "state pruned");
+            }
         }
         Ok(g)
     }

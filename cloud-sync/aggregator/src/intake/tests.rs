@@ -356,9 +356,13 @@ fn a_malformed_payload_gets_a_rejection_ack_with_the_reason() {
         (a[1].1.update_id.as_str(), a[1].1.status),
         ("u9", AckStatus::Rejected)
     );
+    // Its shape is checked against the model's layout while decoding,
+    // before any value is read; the refusal is acked by its id.
     assert_eq!(
         a[1].1.reason.as_deref(),
-        Some("tensor layout differs: layers.0.weight: shape [4], expected [2, 2]")
+        Some(
+            "undecodable update: tensor layers.0.weight: shape [4], the model's layout has [2, 2]"
+        )
     );
     let outcomes: Vec<Outcome> = events(&out)
         .iter()
@@ -367,7 +371,7 @@ fn a_malformed_payload_gets_a_rejection_ack_with_the_reason() {
             _ => None,
         })
         .collect();
-    assert_eq!(outcomes, vec![Outcome::Undecodable, Outcome::Rejected]);
+    assert_eq!(outcomes, vec![Outcome::Undecodable, Outcome::Undecodable]);
     assert!(globals(&out).is_empty(), "nothing to aggregate");
     assert_eq!((i.stats().rejected, i.stats().accepted), (2, 0));
     // A rejection does not open a round.
@@ -755,4 +759,40 @@ fn a_dp_round_reports_its_epsilon() {
     assert_eq!(eps.len(), 1, "{out:?}");
     assert!((eps[0] - a.epsilon(1e-5).0).abs() < 1e-9, "{eps:?}");
     assert_eq!(globals(&out).len(), 1);
+}
+
+#[test]
+fn a_failed_state_write_acks_nothing_and_the_resend_is_taken_later() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 2);
+    i.take_outputs();
+    // Every write now fails inside SQLite (as on a full disk or an I/O
+    // error: the transaction is rolled back).
+    i.state
+        .conn
+        .pragma_update(None, "query_only", true)
+        .expect("query_only");
+    i.publish(&topic("u1"), &wire("u1", 10, 0.5));
+    let err = i.flush(Instant::now()).expect_err("the write fails");
+    let msg = crate::error_chain(&err);
+    assert!(msg.contains("readonly"), "{msg}");
+    let out = i.take_outputs();
+    assert!(acks(&out).is_empty(), "nothing unstored is acked: {out:?}");
+    assert_eq!(i.stats().accepted, 0);
+    // Writes work again; the edge sends the same update again (it was never
+    // acked) and it is taken, once.
+    i.state
+        .conn
+        .pragma_update(None, "query_only", false)
+        .expect("query_only");
+    i.publish(&topic("u1"), &wire("u1", 10, 0.5));
+    i.flush(Instant::now()).expect("flush");
+    let out = i.take_outputs();
+    let a = acks(&out);
+    assert_eq!(a.len(), 1, "{out:?}");
+    assert_eq!(
+        (a[0].1.update_id.as_str(), a[0].1.status),
+        ("u1", AckStatus::Accepted)
+    );
+    assert_eq!(i.state.seen_counts().expect("counts"), (1, 0));
 }

@@ -126,7 +126,8 @@ impl State {
                     "round discarded: the candidate global's validation accuracy {after:.4} is more than {} below the current {before:.4}",
                     v.margin
                 );
-                tracing::warn!(%model, version, before, after, margin = v.margin, updates = contribs.len(), "{reason}");
+                let ids: Vec<&str> = contribs.iter().map(|c| c.update_id.as_str()).collect();
+                tracing::warn!(%model, version, before, after, margin = v.margin, updates = ?ids, "{reason}");
                 for c in &contribs {
                     tx.execute(
                         "UPDATE seen SET status = 'discarded', reason = ?2 WHERE update_id = ?1",

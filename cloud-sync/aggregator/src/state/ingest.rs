@@ -137,6 +137,7 @@ impl State {
                     "INSERT INTO seen (update_id, device, model, status, reason, received_at) VALUES (?1, ?2, ?3, 'accepted', NULL, ?4)",
                     params![c.update_id, c.device, m.model, now()],
                 )?;
+                super::retention::count_ack(tx, true)?;
                 tx.execute(
                     "INSERT INTO pending (update_id, model, device, base_version, sample_count, tensors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![c.update_id, m.model, c.device, c.base_version as i64, c.sample_count as i64, pack(&c.tensors), if m.loss.is_finite() { m.loss as f64 } else { 0.0 }],
@@ -177,6 +178,7 @@ impl State {
                     "INSERT INTO seen (update_id, device, model, status, reason, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     params![m.update_id, m.device, m.model, label, r.to_string(), now()],
                 )?;
+                super::retention::count_ack(tx, false)?;
                 Ack {
                     update_id: m.update_id.clone(),
                     status,
@@ -186,15 +188,6 @@ impl State {
             }
         };
         Ok(ack)
-    }
-
-    /// Number of update ids seen: (accepted, refused: rejected or rebase).
-    pub fn seen_counts(&self) -> Result<(u64, u64), StateError> {
-        Ok(self.conn.query_row(
-            "SELECT COALESCE(SUM(status = 'accepted'), 0), COALESCE(SUM(status IN ('rejected', 'rebase')), 0) FROM seen",
-            [],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-        )?)
     }
 
     /// Distinct devices with a pending update of `model` (what closes a

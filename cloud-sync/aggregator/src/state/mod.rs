@@ -20,6 +20,8 @@ mod ingest;
 pub use ingest::Superseded;
 mod privacy;
 pub use privacy::Spent;
+mod retention;
+pub use retention::{KEEP_HEADS, Pruned};
 mod versions;
 pub use versions::signable_head;
 
@@ -49,6 +51,14 @@ pub enum StateError {
     NoParent { model: String, version: u64 },
     #[error("the state file is damaged: {0}")]
     Corrupt(String),
+    #[error(
+        "version {version} of {model:?} no longer has its head (only the newest {kept} versions keep theirs)"
+    )]
+    Pruned {
+        model: String,
+        version: u64,
+        kept: u64,
+    },
 }
 
 /// How pending updates become a global version.
@@ -180,6 +190,19 @@ pub struct NewGlobal {
     pub metrics: serde_json::Value,
 }
 
+/// A `versions` row (model, version, parent, contributors, created_at,
+/// metrics) as [`VersionRow`].
+pub(crate) fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
+    Ok(VersionRow {
+        model: r.get(0)?,
+        version: r.get::<_, i64>(1)? as u64,
+        parent: r.get::<_, Option<i64>>(2)?.map(|p| p as u64),
+        contributors: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+        created_at: r.get(4)?,
+        metrics: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or(serde_json::Value::Null),
+    })
+}
+
 /// A registry row.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct VersionRow {
@@ -255,7 +278,11 @@ impl State {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a commit is on disk before its acks go out (an ack promises
+        // the update is stored, so the edge deletes its copy).
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        retention::init_counts(&conn)?;
         for (table, column, def) in ADDED_COLUMNS {
             let present: bool = conn
                 .prepare(&format!(
@@ -297,6 +324,13 @@ impl State {
         })?;
         v.parse()
             .map_err(|_| StateError::Corrupt(format!("meta epoch {v:?} is not an integer")))
+    }
+
+    /// The layout of `model`'s current head (the same at every version: a
+    /// version is the base head plus deltas of this layout).
+    pub fn model_layout(&self, model: &str) -> Result<ModelLayout, StateError> {
+        let (_, head) = self.current(model)?;
+        Self::layout(&head, model)
     }
 
     /// The tensor layout updates of `model` must have, read from its head

@@ -33,17 +33,7 @@ impl State {
         let mut stmt = self
             .conn
             .prepare("SELECT model, version, parent, contributors, created_at, metrics FROM versions ORDER BY model, version")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(VersionRow {
-                model: r.get(0)?,
-                version: r.get::<_, i64>(1)? as u64,
-                parent: r.get::<_, Option<i64>>(2)?.map(|p| p as u64),
-                contributors: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
-                created_at: r.get(4)?,
-                metrics: serde_json::from_str(&r.get::<_, String>(5)?)
-                    .unwrap_or(serde_json::Value::Null),
-            })
-        })?;
+        let rows = stmt.query_map([], super::version_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -119,6 +109,13 @@ impl State {
                 version,
                 current,
             })?;
+        if source.is_empty() {
+            return Err(StateError::Pruned {
+                model: model.to_string(),
+                version,
+                kept: super::retention::KEEP_HEADS as u64,
+            });
+        }
         if version == current {
             return Err(StateError::AlreadyCurrent {
                 model: model.to_string(),

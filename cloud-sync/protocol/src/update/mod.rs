@@ -224,112 +224,44 @@ impl Update {
         wire_limit: usize,
         raw_limit: usize,
     ) -> Result<Update, ProtocolError> {
+        decode_inner(bytes, wire_limit, raw_limit, None).map_err(|e| e.error)
+    }
+
+    /// Decode an update for a model whose tensors must be `layout_of(model)`:
+    /// the aggregator's path. Only the safetensors header is decompressed
+    /// before the model is known; the rest may then decompress to no more
+    /// than the layout's f32 size (not [`MAX_RAW_BYTES`]), and every
+    /// tensor's claimed name and shape is checked against the layout before
+    /// any value is decoded. A refusal carries the metadata when that much
+    /// was read, so it can be acked by update id.
+    pub fn decode_for_layout<'a>(
+        bytes: &[u8],
+        wire_limit: usize,
+        layout_of: impl FnOnce(&str) -> Option<&'a [(String, Vec<usize>)]>,
+    ) -> Result<Update, Undecodable> {
         if bytes.len() > wire_limit {
             return Err(ProtocolError::TooLarge {
                 size: bytes.len(),
                 limit: wire_limit,
-            });
-        }
-        let raw = decompress(bytes, raw_limit)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&raw)
-            .map_err(|e| ProtocolError::Format(e.to_string()))?;
-        let md = header.metadata().clone().unwrap_or_default();
-        let get = |k: &str| {
-            md.get(k)
-                .cloned()
-                .ok_or_else(|| ProtocolError::Metadata(format!("missing `{k}`")))
-        };
-        let encoding = Encoding::parse(&get("encoding")?).ok_or_else(|| {
-            ProtocolError::Metadata(format!(
-                "encoding {:?}: expected f32, f16, int8 or topk8",
-                md.get("encoding")
-            ))
-        })?;
-        let meta = UpdateMeta {
-            device: get("device")?,
-            model: get("model")?,
-            base_version: get("base_version")?,
-            update_id: get("update_id")?,
-            sample_count: get("sample_count")?
-                .parse()
-                .map_err(|e| ProtocolError::Metadata(format!("sample_count: {e}")))?,
-            loss: get("loss")?
-                .parse()
-                .map_err(|e| ProtocolError::Metadata(format!("loss: {e}")))?,
-            encoding,
-        };
-        if meta.update_id.is_empty() || meta.update_id.len() > 256 {
-            return Err(ProtocolError::Metadata(
-                "update_id must be 1-256 characters".into(),
-            ));
-        }
-        let st = safetensors::SafeTensors::deserialize(&raw)
-            .map_err(|e| ProtocolError::Format(e.to_string()))?;
-        if encoding == Encoding::Topk8 {
-            return decode_topk8(meta, &st, &md, raw_limit);
-        }
-        let mut names: Vec<String> = st
-            .names()
-            .into_iter()
-            .filter(|n| !n.ends_with(".scale"))
-            .map(|s| s.to_string())
-            .collect();
-        names.sort();
-        let mut tensors = Vec::with_capacity(names.len());
-        for name in names {
-            let bad = |reason: String| ProtocolError::Tensor {
-                name: name.clone(),
-                reason,
-            };
-            let v = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
-            let shape = v.shape().to_vec();
-            let values: Vec<f32> = match (encoding, v.dtype()) {
-                (Encoding::F32, Dtype::F32) => v
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                (Encoding::F16, Dtype::F16) => v
-                    .data()
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                (Encoding::Int8, Dtype::I8) => {
-                    let s = st
-                        .tensor(&format!("{name}.scale"))
-                        .map_err(|_| bad("int8 tensor without its .scale".into()))?;
-                    let (rows, cols) = rows_cols(&shape);
-                    if s.dtype() != Dtype::F32 || s.shape() != [rows] {
-                        return Err(bad(format!("scale must be f32 [{rows}]")));
-                    }
-                    let scales: Vec<f32> = s
-                        .data()
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect();
-                    v.data()
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &q)| (q as i8) as f32 * scales[i / cols.max(1)])
-                        .collect()
-                }
-                (e, dt) => {
-                    return Err(bad(format!(
-                        "dtype {dt:?} does not match encoding {}",
-                        e.as_str()
-                    )));
-                }
-            };
-            if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-                return Err(bad(format!("value {i} is not finite")));
             }
-            tensors.push(Tensor {
-                name,
-                shape,
-                values,
-            });
+            .into());
         }
-        Ok(Update { meta, tensors })
+        let (header_len, md) = peek_metadata(bytes)?;
+        let meta = parse_meta(&md)?;
+        let Some(layout) = layout_of(&meta.model) else {
+            return Err(Undecodable {
+                error: ProtocolError::Metadata(format!(
+                    "model {:?} is not served by this aggregator",
+                    meta.model
+                )),
+                meta: Some(Box::new(meta)),
+            });
+        };
+        let raw_limit = 8 + header_len + layout_bytes(layout);
+        decode_inner(bytes, wire_limit, raw_limit, Some(layout)).map_err(|mut e| {
+            e.meta.get_or_insert_with(|| Box::new(meta));
+            e
+        })
     }
 
     /// L2 norm of the delta.
@@ -343,6 +275,256 @@ impl Update {
     }
 }
 
+/// An update that did not decode, with its metadata if that was readable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undecodable {
+    pub meta: Option<Box<UpdateMeta>>,
+    pub error: ProtocolError,
+}
+
+impl From<ProtocolError> for Undecodable {
+    fn from(error: ProtocolError) -> Undecodable {
+        Undecodable { meta: None, error }
+    }
+}
+
+impl std::fmt::Display for Undecodable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for Undecodable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+/// Largest safetensors header read (metadata and tensor entries; an
+/// update's is under a kilobyte per tensor).
+pub const MAX_HEADER_BYTES: usize = 1 << 20;
+
+/// Bytes an update of `layout` may decompress to beyond its header: every
+/// tensor as f32 plus one f32 scale per row and per tensor (the largest
+/// encoding), so no encoding of a valid update is refused.
+fn layout_bytes(layout: &[(String, Vec<usize>)]) -> usize {
+    layout
+        .iter()
+        .map(|(_, shape)| {
+            let (rows, _) = rows_cols(shape);
+            let n: usize = shape.iter().product();
+            n.saturating_mul(4)
+                .saturating_add(rows.saturating_mul(4))
+                .saturating_add(4)
+        })
+        .fold(0usize, usize::saturating_add)
+}
+
+/// Decompress only the safetensors header and read its `__metadata__`:
+/// (header length, metadata).
+fn peek_metadata(bytes: &[u8]) -> Result<(usize, HashMap<String, String>), ProtocolError> {
+    use std::io::Read;
+    #[derive(serde::Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: HashMap<String, String>,
+    }
+    let mut z = zstd::stream::read::Decoder::new(bytes)
+        .map_err(|e| ProtocolError::Compression(e.to_string()))?;
+    let mut len = [0u8; 8];
+    z.read_exact(&mut len)
+        .map_err(|e| ProtocolError::Format(format!("reading the header length: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|&n| n <= MAX_HEADER_BYTES)
+        .ok_or_else(|| {
+            ProtocolError::Format(format!(
+                "header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES}"
+            ))
+        })?;
+    let mut header = vec![0u8; n];
+    z.read_exact(&mut header)
+        .map_err(|e| ProtocolError::Format(format!("reading the {n}-byte header: {e}")))?;
+    let h: Header = serde_json::from_slice(&header)
+        .map_err(|e| ProtocolError::Format(format!("header: {e}")))?;
+    Ok((n, h.metadata))
+}
+
+/// The `__metadata__` fields of an update.
+fn parse_meta(md: &HashMap<String, String>) -> Result<UpdateMeta, ProtocolError> {
+    let get = |k: &str| {
+        md.get(k)
+            .cloned()
+            .ok_or_else(|| ProtocolError::Metadata(format!("missing `{k}`")))
+    };
+    let encoding = Encoding::parse(&get("encoding")?).ok_or_else(|| {
+        ProtocolError::Metadata(format!(
+            "encoding {:?}: expected f32, f16, int8 or topk8",
+            md.get("encoding")
+        ))
+    })?;
+    let meta = UpdateMeta {
+        device: get("device")?,
+        model: get("model")?,
+        base_version: get("base_version")?,
+        update_id: get("update_id")?,
+        sample_count: get("sample_count")?
+            .parse()
+            .map_err(|e| ProtocolError::Metadata(format!("sample_count: {e}")))?,
+        loss: get("loss")?
+            .parse()
+            .map_err(|e| ProtocolError::Metadata(format!("loss: {e}")))?,
+        encoding,
+    };
+    if meta.update_id.is_empty() || meta.update_id.len() > 256 {
+        return Err(ProtocolError::Metadata(
+            "update_id must be 1-256 characters".into(),
+        ));
+    }
+    Ok(meta)
+}
+
+/// The whole decode; with a `layout`, names and shapes are checked against
+/// it before values are read.
+fn decode_inner(
+    bytes: &[u8],
+    wire_limit: usize,
+    raw_limit: usize,
+    layout: Option<&[(String, Vec<usize>)]>,
+) -> Result<Update, Undecodable> {
+    if bytes.len() > wire_limit {
+        return Err(ProtocolError::TooLarge {
+            size: bytes.len(),
+            limit: wire_limit,
+        }
+        .into());
+    }
+    let raw = decompress(bytes, raw_limit)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&raw)
+        .map_err(|e| ProtocolError::Format(e.to_string()))?;
+    let md = header.metadata().clone().unwrap_or_default();
+    let meta = parse_meta(&md)?;
+    let with_meta = |error: ProtocolError| Undecodable {
+        meta: Some(Box::new(meta.clone())),
+        error,
+    };
+    let st = safetensors::SafeTensors::deserialize(&raw)
+        .map_err(|e| with_meta(ProtocolError::Format(e.to_string())))?;
+    let encoding = meta.encoding;
+    if encoding == Encoding::Topk8 {
+        return decode_topk8(meta.clone(), &st, &md, raw_limit, layout).map_err(with_meta);
+    }
+    decode_dense(meta.clone(), &st, layout).map_err(with_meta)
+}
+
+/// `f32`, `f16` and `int8` tensors (each with its `.scale`).
+fn decode_dense(
+    meta: UpdateMeta,
+    st: &safetensors::SafeTensors<'_>,
+    layout: Option<&[(String, Vec<usize>)]>,
+) -> Result<Update, ProtocolError> {
+    let encoding = meta.encoding;
+    let mut names: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| !n.ends_with(".scale"))
+        .map(|s| s.to_string())
+        .collect();
+    names.sort();
+    if let Some(layout) = layout {
+        check_names(&names, layout)?;
+    }
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let bad = |reason: String| ProtocolError::Tensor {
+            name: name.clone(),
+            reason,
+        };
+        let v = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
+        let shape = v.shape().to_vec();
+        if let Some(layout) = layout {
+            check_shape(&name, &shape, layout)?;
+        }
+        let values: Vec<f32> = match (encoding, v.dtype()) {
+            (Encoding::F32, Dtype::F32) => v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            (Encoding::F16, Dtype::F16) => v
+                .data()
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            (Encoding::Int8, Dtype::I8) => {
+                let s = st
+                    .tensor(&format!("{name}.scale"))
+                    .map_err(|_| bad("int8 tensor without its .scale".into()))?;
+                let (rows, cols) = rows_cols(&shape);
+                if s.dtype() != Dtype::F32 || s.shape() != [rows] {
+                    return Err(bad(format!("scale must be f32 [{rows}]")));
+                }
+                let scales: Vec<f32> = s
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                v.data()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| (q as i8) as f32 * scales[i / cols.max(1)])
+                    .collect()
+            }
+            (e, dt) => {
+                return Err(bad(format!(
+                    "dtype {dt:?} does not match encoding {}",
+                    e.as_str()
+                )));
+            }
+        };
+        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+            return Err(bad(format!("value {i} is not finite")));
+        }
+        tensors.push(Tensor {
+            name,
+            shape,
+            values,
+        });
+    }
+    Ok(Update { meta, tensors })
+}
+
+/// The update's tensor names are exactly the layout's (both sorted).
+fn check_names(names: &[String], layout: &[(String, Vec<usize>)]) -> Result<(), ProtocolError> {
+    let want: Vec<&str> = layout.iter().map(|(n, _)| n.as_str()).collect();
+    let have: Vec<&str> = names.iter().map(String::as_str).collect();
+    if have != want {
+        return Err(ProtocolError::Metadata(format!(
+            "tensors {have:?} do not match the model's layout {want:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_shape(
+    name: &str,
+    shape: &[usize],
+    layout: &[(String, Vec<usize>)],
+) -> Result<(), ProtocolError> {
+    match layout.iter().find(|(n, _)| n == name) {
+        Some((_, want)) if want.as_slice() == shape => Ok(()),
+        Some((_, want)) => Err(ProtocolError::Tensor {
+            name: name.to_string(),
+            reason: format!("shape {shape:?}, the model's layout has {want:?}"),
+        }),
+        None => Err(ProtocolError::Tensor {
+            name: name.to_string(),
+            reason: "not in the model's layout".into(),
+        }),
+    }
+}
+
 /// The sparse form: `{name}.mask`, `{name}.values`, `{name}.scale` and the
 /// dense shapes in metadata, checked against each other.
 fn decode_topk8(
@@ -350,6 +532,7 @@ fn decode_topk8(
     st: &safetensors::SafeTensors<'_>,
     md: &HashMap<String, String>,
     raw_limit: usize,
+    layout: Option<&[(String, Vec<usize>)]>,
 ) -> Result<Update, ProtocolError> {
     // The dense tensors this decodes to are bounded like a dense payload:
     // a few kilobytes of mask must not expand into gigabytes of f32.
@@ -362,6 +545,10 @@ fn decode_topk8(
         })?;
     let mut names: Vec<&String> = shapes.keys().collect();
     names.sort();
+    if let Some(layout) = layout {
+        let owned: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        check_names(&owned, layout)?;
+    }
     let mut tensors = Vec::with_capacity(names.len());
     for name in names {
         let bad = |reason: String| ProtocolError::Tensor {
@@ -369,6 +556,9 @@ fn decode_topk8(
             reason,
         };
         let shape = shapes[name].clone();
+        if let Some(layout) = layout {
+            check_shape(name, &shape, layout)?;
+        }
         let n = shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))

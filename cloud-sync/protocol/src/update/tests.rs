@@ -224,3 +224,84 @@ fn int8_and_f16_are_smaller() {
         "f32 {f32b}, f16 {f16b}, int8 {i8b}"
     );
 }
+
+fn sample_layout() -> Vec<(String, Vec<usize>)> {
+    vec![
+        ("layers.0.bias".into(), vec![3]),
+        ("layers.0.weight".into(), vec![3, 4]),
+    ]
+}
+
+#[test]
+fn decoding_for_a_layout_accepts_every_encoding_of_it() {
+    let layout = sample_layout();
+    for enc in [
+        Encoding::F32,
+        Encoding::F16,
+        Encoding::Int8,
+        Encoding::Topk8,
+    ] {
+        let wire = sample(enc).encode().expect("encode");
+        let u = Update::decode_for_layout(&wire, MAX_WIRE_BYTES, |m| {
+            (m == "digits").then_some(layout.as_slice())
+        })
+        .expect("decodes");
+        assert_eq!(u.tensors.len(), 2, "{enc:?}");
+    }
+}
+
+#[test]
+fn decoding_for_a_layout_checks_shapes_before_values_and_keeps_the_id() {
+    let layout = sample_layout();
+    let of = |m: &str| (m == "digits").then_some(layout.as_slice());
+    // One shape off: refused, and the refusal carries the update's id.
+    let mut u = sample(Encoding::Int8);
+    u.tensors[0].shape = vec![4, 3];
+    let e = Update::decode_for_layout(&u.encode().expect("encode"), MAX_WIRE_BYTES, of)
+        .expect_err("refused");
+    assert!(e.to_string().contains("shape [4, 3]"), "{e}");
+    assert_eq!(
+        e.meta.map(|m| m.update_id).as_deref(),
+        Some("edge-1:digits:1")
+    );
+    // A tensor the layout lacks.
+    let mut u = sample(Encoding::F32);
+    u.tensors[1].name = "layers.9.bias".into();
+    let e = Update::decode_for_layout(&u.encode().expect("encode"), MAX_WIRE_BYTES, of)
+        .expect_err("refused");
+    assert!(
+        e.to_string().contains("do not match the model's layout"),
+        "{e}"
+    );
+    // A model this aggregator does not serve.
+    let mut u = sample(Encoding::F32);
+    u.meta.model = "other".into();
+    let e = Update::decode_for_layout(&u.encode().expect("encode"), MAX_WIRE_BYTES, of)
+        .expect_err("refused");
+    assert!(e.to_string().contains("\"other\" is not served"), "{e}");
+    assert!(e.meta.is_some());
+}
+
+#[test]
+fn an_update_decompresses_no_further_than_its_layout_allows() {
+    // 8 MiB of int8 zeros compresses to almost nothing and would be 32 MiB
+    // of f32: far beyond the 3x4 + 3 layout, so it is refused while still
+    // compressed data, before any value is decoded.
+    let layout = sample_layout();
+    let mut u = sample(Encoding::Int8);
+    u.tensors[0].shape = vec![2048, 4096];
+    u.tensors[0].values = vec![0.0; 2048 * 4096];
+    let wire = u.encode().expect("encode");
+    assert!(wire.len() < 64 << 10, "{} bytes", wire.len());
+    let e = Update::decode_for_layout(&wire, MAX_WIRE_BYTES, |_| Some(layout.as_slice()))
+        .expect_err("refused");
+    assert!(
+        matches!(e.error, ProtocolError::TooLarge { limit, .. } if limit < 4096),
+        "{e:?}"
+    );
+    // Its id was read from the header, so it can be acked as rejected.
+    assert_eq!(e.meta.map(|m| m.device).as_deref(), Some("edge-1"));
+    // The unbounded decoder takes it (64 MiB raw limit): the layout bound
+    // is what stops it.
+    assert!(Update::decode(&wire).is_ok());
+}

@@ -52,6 +52,12 @@ pub(super) fn check(p: &mut Problems<'_>, d: &DaemonConfig) {
         "expected MiB in 1..=1024",
     );
     p.check(
+        (1..=64).contains(&d.max_concurrent_bodies),
+        "daemon.max_concurrent_bodies",
+        d.max_concurrent_bodies,
+        "expected 1..=64",
+    );
+    p.check(
         d.hot_reload_interval_sec <= 86_400,
         "daemon.hot_reload_interval_sec",
         d.hot_reload_interval_sec,

@@ -1,8 +1,8 @@
-//! `POST /v1/models/{name}/infer`: decode ([`super::codec`]), run through
+//! `POST /v1/models/{name}/infer`: decode ([`dai_infer::codec`]), run through
 //! the runtime, remember the head input for feedback, answer JSON or raw,
 //! and record the request in metrics and the rolling figures.
 
-use super::{ApiError, App, body_error, codec, from_infer_error};
+use super::{ApiError, App, body_error, from_infer_error};
 use crate::metrics;
 use crate::training::feedback::Answer;
 use axum::Json;
@@ -12,6 +12,7 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dai_infer::InferOutcome;
+use dai_infer::codec;
 use dai_infer::tensor::Data;
 use serde_json::{Value, json};
 use std::net::SocketAddr;

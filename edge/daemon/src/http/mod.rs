@@ -5,7 +5,7 @@
 //!   `{"inputs": {"NAME": {"dtype": "f32", "shape": [..], "data": [..]}}}`
 //!   (dtype optional: the manifest's), or a raw `application/octet-stream`
 //!   body: the inputs' little-endian bytes concatenated in manifest order
-//!   (rows inferred for batching models); both decoded by [`codec`].
+//!   (rows inferred for batching models); both decoded by [`dai_infer::codec`].
 //!   Answers JSON with `id`, `outputs`, `timings_ms`, `cached`, `worker`,
 //!   `batch`; with `Accept: application/octet-stream`, the outputs' raw
 //!   bytes instead (shapes in the `x-dai-output-shapes` header).
@@ -26,7 +26,11 @@
 //! Errors are JSON `{"error": {"code", "message"}}` with a 4xx/5xx status
 //! ([`ApiError`]); overload is 503 with `Retry-After`; a body declared
 //! larger than `max_body_mb` is drained (bounded) and answered 413
-//! (`oversize`), so the client reads the answer.
+//! (`oversize`), so the client reads the answer; a body over 1 MiB waits
+//! for one of `daemon.max_concurrent_bodies` permits before it is read
+//! (503 `overloaded` after 30 s), which bounds the memory of concurrent
+//! large requests. JSON bodies are parsed once into typed structs
+//! ([`dai_infer::codec`]), never into a `serde_json::Value` tree.
 //!
 //! Authentication ([`auth`]): with `http.auth_token_file`, every endpoint
 //! but `/`, `/healthz`, `/readyz` and `/metrics` needs `Authorization:
@@ -37,7 +41,6 @@
 //! Handlers share one [`App`], composed of the daemon's handles.
 
 pub mod auth;
-pub mod codec;
 pub mod infer;
 mod oversize;
 pub mod status;
@@ -81,6 +84,11 @@ pub struct App {
     /// The address being served, once bound.
     pub listen: Mutex<Option<SocketAddr>>,
     pub(crate) request_seq: AtomicU64,
+    /// Permits for requests with large bodies (`daemon.max_concurrent_bodies`,
+    /// [`oversize`]).
+    pub heavy: Arc<tokio::sync::Semaphore>,
+    /// The corrupt store file moved aside at this start, if any.
+    pub store_quarantine: Option<dai_store::Quarantine>,
 }
 
 impl App {
@@ -128,7 +136,7 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
-            oversize::reject_oversized,
+            oversize::limit_bodies,
         ))
         .with_state(app)
 }
@@ -193,8 +201,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<codec::BadInput> for ApiError {
-    fn from(e: codec::BadInput) -> ApiError {
+impl From<dai_infer::codec::BadInput> for ApiError {
+    fn from(e: dai_infer::codec::BadInput) -> ApiError {
         ApiError::bad(e.0)
     }
 }

@@ -177,6 +177,37 @@ fn cache_json(app: &App) -> Value {
     }
 }
 
+/// The resource manager's alerts, and the store's: a file quarantined at
+/// this start.
+fn alerts(app: &App) -> Vec<crate::resources::Alert> {
+    let mut out = app.machine.alerts.lock().clone();
+    if let Some(q) = &app.store_quarantine {
+        out.push(crate::resources::Alert {
+            level: "error",
+            message: format!(
+                "the store file was corrupt and was moved aside to {}; a fresh store was started (samples, heads and pending updates before it are in that file): {}",
+                q.file.display(),
+                q.reason
+            ),
+        });
+    }
+    out
+}
+
+/// The `store` section: where it is and what was quarantined.
+fn store_json(app: &App) -> Value {
+    json!({
+        "path": app.store.path().display().to_string(),
+        "quarantined": app.store_quarantine.as_ref().map(|q| json!({
+            "file": q.file.display().to_string(), "reason": q.reason, "at": q.at,
+        })),
+        "quarantined_files": dai_store::quarantine::quarantined(&app.config.daemon.data_dir)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>(),
+    })
+}
+
 /// The `/v1/status` document (also what snapshots store). Reads the
 /// SQLite store: call it off the async threads.
 pub fn snapshot(app: &App) -> Value {
@@ -218,7 +249,8 @@ pub fn snapshot(app: &App) -> Value {
         },
         "load_balancing": { "strategy": pool.strategy().as_str(), "workers": workers },
         "decisions": app.machine.decisions.recent(),
-        "alerts": *app.machine.alerts.lock(),
+        "alerts": alerts(app),
+        "store": store_json(app),
         "profiling": {
             "enabled": config.profiling_enabled,
             "interval_sec": config.profiling_interval_sec,

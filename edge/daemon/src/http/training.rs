@@ -3,7 +3,7 @@
 //! [`Training`](crate::training::Training) handle. Store work and runs go
 //! to the blocking pool.
 
-use super::{ApiError, App, body_error, codec, from_infer_error};
+use super::{ApiError, App, body_error, from_infer_error};
 use crate::training::TrainingError;
 use crate::training::feedback::FEEDBACK_KEEP;
 use axum::Json;
@@ -12,8 +12,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use dai_infer::codec;
 use dai_infer::tensor::Data;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -24,6 +25,13 @@ fn from_training_error(e: TrainingError) -> ApiError {
         TrainingError::Model(e) => from_infer_error(e, 0),
         TrainingError::NoHead(_) => ApiError::new(StatusCode::CONFLICT, "no_head", message),
         TrainingError::Busy(_) => ApiError::new(StatusCode::CONFLICT, "training_busy", message),
+        TrainingError::Store(e) if e.is_disk_full() => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "insufficient_storage",
+            format!(
+                "the data dir is full; nothing was stored (what was stored before is intact): {message}"
+            ),
+        ),
         TrainingError::Store(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
@@ -35,30 +43,40 @@ fn from_training_error(e: TrainingError) -> ApiError {
     }
 }
 
-/// `"label": N` or `"labels": [N, ...]`.
-fn labels_of(v: &Value) -> Result<Vec<i64>, ApiError> {
-    let as_int = |x: &Value, at: &str| {
-        x.as_i64()
-            .ok_or_else(|| ApiError::bad(format!("{at}: expected an integer class label, got {x}")))
-    };
-    match (v.get("label"), v.get("labels")) {
-        (Some(l), None) => Ok(vec![as_int(l, "label")?]),
-        (None, Some(Value::Array(a))) => a
-            .iter()
-            .enumerate()
-            .map(|(i, x)| as_int(x, &format!("labels[{i}]")))
-            .collect(),
+/// `POST /v1/models/{name}/samples`: the tensors and their label(s).
+#[derive(serde::Deserialize)]
+struct SamplesBody {
+    inputs: std::collections::BTreeMap<String, codec::JsonTensor>,
+    label: Option<i64>,
+    labels: Option<Vec<i64>>,
+}
+
+/// `POST /v1/feedback`: an earlier answer's id and its label(s).
+#[derive(serde::Deserialize)]
+struct FeedbackBody {
+    id: Option<String>,
+    label: Option<i64>,
+    labels: Option<Vec<i64>>,
+}
+
+/// `"label": N` or `"labels": [N, ...]`, exactly one of them.
+fn labels_of(label: Option<i64>, labels: Option<Vec<i64>>) -> Result<Vec<i64>, ApiError> {
+    match (label, labels) {
+        (Some(l), None) => Ok(vec![l]),
+        (None, Some(a)) => Ok(a),
         _ => Err(ApiError::bad(
             "expected \"label\": N or \"labels\": [N, ...]".into(),
         )),
     }
 }
 
-fn parse_body(app: &App, body: Result<Bytes, BytesRejection>) -> Result<(Bytes, Value), ApiError> {
+/// Read the body and parse it once into `T`.
+fn parse_body<T: serde::de::DeserializeOwned>(
+    app: &App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body.map_err(|e| body_error(app, e))?;
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad(format!("malformed JSON body: {e}")))?;
-    Ok((body, v))
+    Ok(codec::parse_json(&body)?)
 }
 
 /// Store samples on the blocking pool; the answer lists their ids.
@@ -96,13 +114,13 @@ async fn samples_inner(
     peer: SocketAddr,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (body, v) = parse_body(app, body)?;
-    let labels = labels_of(&v)?;
+    let parsed: SamplesBody = parse_body(app, body)?;
+    let labels = labels_of(parsed.label, parsed.labels)?;
     let runtime = &app.inference.runtime;
     let manifest = runtime
         .manifest(&name)
         .map_err(|e| from_infer_error(e, 0))?;
-    let inputs = codec::decode_json(&manifest.inputs, &name, &body)?;
+    let inputs = codec::inputs_from_json(&manifest.inputs, &name, parsed.inputs)?;
     for (n, t) in &inputs {
         if let Data::F32(x) = &t.data
             && x.iter().any(|v| !v.is_finite())
@@ -144,15 +162,11 @@ async fn feedback_inner(
     app: &App,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (_, v) = parse_body(app, body)?;
-    let id = v
-        .get("id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            ApiError::bad("expected \"id\": the id of an earlier inference answer".into())
-        })?
-        .to_string();
-    let labels = labels_of(&v)?;
+    let parsed: FeedbackBody = parse_body(app, body)?;
+    let id = parsed.id.ok_or_else(|| {
+        ApiError::bad("expected \"id\": the id of an earlier inference answer".into())
+    })?;
+    let labels = labels_of(parsed.label, parsed.labels)?;
     let answer = app.training.take_answer(&id).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -360,6 +360,8 @@ impl Training {
             before,
             after,
         )?;
+        // Head and outbox row committed; nothing published yet.
+        dai_protocol::crashpoint::hit("edge-head-committed");
         // The store is the truth from here on; if the bundle was reloaded during
         // the run, the reload path restores the active head for its version.
         match self.inference.runtime.set_head_if_current(m, head, version) {
@@ -371,7 +373,7 @@ impl Training {
         }
         self.count_outcome(model, "accepted");
         self.trim_outbox();
-        tracing::info!(%model, head_version = version, before, after, backend = %report.backend, "new head accepted");
+        tracing::info!(%model, head_version = version, update = %update_id, before, after, backend = %report.backend, "new head accepted");
         Ok(self.run_json(model, run))
     }
 
@@ -456,7 +458,7 @@ impl Training {
                     .metrics
                     .outbox_evicted
                     .inc_by(dropped.len() as u64);
-                tracing::warn!(count = dropped.len(), oldest = %dropped[0], "outbox full: oldest updates dropped");
+                tracing::warn!(count = dropped.len(), updates = ?dropped, "outbox full: oldest updates dropped");
             }
             Ok(_) => {}
             Err(e) => {

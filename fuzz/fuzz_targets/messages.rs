@@ -1,0 +1,28 @@
+//! The JSON messages and names that cross MQTT: acks (edge side), status
+//! heartbeats and wants (aggregator side), topics and base labels.
+#![no_main]
+
+use dai_protocol::messages::{Ack, MAX_WANT_BYTES, Status, Want};
+use dai_protocol::{base, topics};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(ack) = Ack::from_bytes(data) {
+        assert_eq!(Ack::from_bytes(&ack.to_bytes()).ok(), Some(ack));
+    }
+    if data.len() <= MAX_WANT_BYTES
+        && let Ok(want) = Want::from_bytes(data)
+    {
+        assert_eq!(Want::from_bytes(&want.to_bytes()).ok(), Some(want));
+    }
+    let _ = serde_json::from_slice::<Status>(data);
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(t) = topics::Topic::parse(text) {
+            // A parsed topic builds back to the same string.
+            assert_eq!(t.build().ok().as_deref(), Some(text));
+        }
+        if let Some(b) = base::parse(text) {
+            let _ = b;
+        }
+    }
+});
