@@ -48,7 +48,19 @@ fn http_specs() -> [Vec<TensorSpec>; 2] {
 fn accepts(target: &str, data: &[u8]) -> bool {
     let text = std::str::from_utf8(data);
     match target {
-        "update" => Update::decode(data).is_ok(),
+        "update" => {
+            let layout = [
+                ("layers.0.bias".to_string(), vec![32]),
+                ("layers.0.weight".to_string(), vec![32, 64]),
+                ("layers.1.bias".to_string(), vec![10]),
+                ("layers.1.weight".to_string(), vec![10, 32]),
+            ];
+            Update::decode(data).is_ok()
+                && Update::decode_for_layout(data, dai_protocol::update::MAX_WIRE_BYTES, |m| {
+                    (m == "digits").then_some(&layout[..])
+                })
+                .is_ok()
+        }
         "global" => {
             let key = SigningKey::from_bytes(&[9; 32]);
             let Some((ids, body)) = data.split_at_checked(16) else {
@@ -60,6 +72,7 @@ fn accepts(target: &str, data: &[u8]) -> bool {
             let mut signed = ids.to_vec();
             signed.extend_from_slice(&Sha256::digest(&head));
             signed.extend_from_slice(body);
+            // Signed for real here: the seed must pass the whole check.
             let wire = global::seal(&key, "f", "digits", &signed);
             global::verify(&wire, &key.verifying_key(), "f", "digits").is_ok()
         }
