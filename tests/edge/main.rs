@@ -10,6 +10,7 @@ mod config;
 mod crate_graph;
 mod demo;
 mod deploy;
+mod disk_faults;
 mod epochs;
 mod http_auth;
 mod inference;
