@@ -200,4 +200,85 @@ mod tests {
         let again = s.prune(&keep).expect("prune");
         assert_eq!(again.runs, 1, "{again:?}");
     }
+
+    /// 30 days of a busy device, accelerated: a training run, an acked
+    /// update and an adopted global every 30 minutes (1440 of each), a
+    /// model reload a day, a status snapshot a minute (the daemon keeps
+    /// 1440) and retention every 30 snapshots. Payloads are small (1 KiB
+    /// heads, 512-byte snapshots) to keep the test quick; what is bounded
+    /// is the row count of each table, so the file must level off instead
+    /// of growing each day (the bound at real sizes: docs/reliability.md).
+    #[test]
+    fn thirty_days_of_a_busy_device_stay_under_the_bound() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open_in(dir.path()).expect("open");
+        // Durability is not what this measures; without fsyncs it runs in
+        // seconds.
+        s.conn()
+            .pragma_update(None, "synchronous", "OFF")
+            .expect("synchronous");
+        let head = vec![7u8; 1 << 10];
+        let snapshot = serde_json::json!({ "pad": "x".repeat(512) });
+        let keep = Retention::default();
+        let mut sizes = Vec::new();
+        for i in 0..1440usize {
+            let run = s.start_run("digits", "cpu", 16).expect("run");
+            let id = format!("u{i}");
+            s.accept_head(
+                run,
+                &AcceptedHead {
+                    model: "digits",
+                    base_version: "1.0.0",
+                    weights: &head,
+                    update_id: &id,
+                    update_base: "1.0.0",
+                    local_dp_noise: None,
+                    delta_payload: &head,
+                    encoding: "int8",
+                    sample_count: 16,
+                    loss: 0.5,
+                    residual: None,
+                },
+                &serde_json::json!([]),
+                0.9,
+                0.91,
+            )
+            .expect("accept");
+            s.delete_outbox(&id).expect("acked");
+            s.adopt_global("digits", "1.0.0", i as i64 + 1, 9, &head, "sha")
+                .expect("adopt");
+            if i % 48 == 0 {
+                s.record_model_loaded("digits", "1.0.0", &format!("{i}"), "/m")
+                    .expect("load");
+            }
+            for _ in 0..30 {
+                s.insert_snapshot(&snapshot, 1440).expect("snapshot");
+            }
+            s.prune(&keep).expect("prune");
+            if i % 48 == 47 {
+                s.conn()
+                    .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .expect("checkpoint");
+                sizes.push(s.size_bytes().expect("size"));
+            }
+        }
+        let day10 = sizes[9];
+        let day30 = *sizes.last().expect("30 days");
+        // 1440 snapshots, 9 heads and 4 globals, 500 runs and 1000 events
+        // at these sizes: about 1.1 MiB, whatever the number of days.
+        assert!(day30 < 2 << 20, "{day30} bytes after 30 days");
+        assert!(
+            day30 <= day10 + day10 / 10,
+            "still growing: {day10} bytes on day 10, {day30} on day 30"
+        );
+        let pages: i64 = s
+            .conn()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("pages");
+        eprintln!(
+            "edge store after 30 simulated days: {} KiB in use ({pages} pages in the file), day 10: {} KiB",
+            day30 >> 10,
+            day10 >> 10
+        );
+    }
 }
