@@ -99,6 +99,13 @@ fn aggregator_process() {
         cfg.settings = dai_cloud::state::Settings {
             reject_norm: 1e3,
             max_updates_per_minute: 600,
+            // The checker's durable record of each update's fate is the
+            // `seen` table: with staleness this wide, retention never
+            // prunes it during the run (a pruned row's only other record
+            // is a log line, which a crash point right after the commit
+            // can cut off). Retention's own safety is proven in
+            // dai-cloud's state::retention tests.
+            max_staleness: 1_000_000,
             ..dai_testkit::fedavg(2)
         };
         cfg.round_timeout = Duration::from_secs(3);
@@ -648,7 +655,28 @@ async fn fleet_survives_a_nemesis() {
         chaos.as_secs_f64(),
         facts.contributors.len().saturating_sub(1),
     );
-    let violations = check(&facts);
+    let mut violations = check(&facts);
+    // For each id in a violation, every log line that names it.
+    let logs: Vec<(String, String)> = EDGES
+        .iter()
+        .copied()
+        .chain(["cloud"])
+        .map(|n| {
+            let text = std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default();
+            (n.to_string(), plain(&text))
+        })
+        .collect();
+    for v in violations.iter_mut() {
+        if let Some(id) = v.split_whitespace().next().map(str::to_string)
+            && id.contains(':')
+        {
+            for (n, text) in &logs {
+                for line in text.lines().filter(|l| l.contains(id.as_str())) {
+                    v.push_str(&format!("\n    {n}: {line}"));
+                }
+            }
+        }
+    }
     if !violations.is_empty() {
         for name in ["cloud", "edge-a"] {
             let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
