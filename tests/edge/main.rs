@@ -20,6 +20,7 @@ mod metrics;
 mod mosquitto_acl;
 mod mosquitto_takeover;
 mod nemesis;
+mod power_loss;
 mod robustness;
 mod sensors;
 mod support;

@@ -6,8 +6,11 @@
 //! ([`dai_protocol::crashpoint`]): an edge between its head commit and the
 //! publish, between the broker's PUBACK and the aggregator's ack, between
 //! the ack and the outbox delete; the aggregator between a batch commit and
-//! its acks, between an aggregation commit and the global publish. Edges
-//! keep training through it all.
+//! its acks, between an aggregation commit and the global publish. Every
+//! death of an edge or the aggregator is also a power cut: the writes its
+//! SQLite files had not synced are dropped before it restarts
+//! ([`PowerCut`], the shim of `power_loss`). Edges keep training through
+//! it all.
 //!
 //! Then every process is restarted unarmed, the fleet drains, and the
 //! invariant is checked from the shipped state (the SQLite files) and logs
@@ -21,6 +24,7 @@
 //! sets it). The aggregator runs as a child process of this test binary:
 //! [`aggregator_process`], an ignored test the nemesis starts itself.
 
+use crate::power_loss::PowerCut;
 use crate::support::*;
 use dai_testkit::{SecureMosquitto, free_port, make_fleet};
 use std::collections::{BTreeMap, BTreeSet};
@@ -121,6 +125,11 @@ struct Member {
     log: PathBuf,
     /// The crash point it was last started with.
     armed: Option<&'static str>,
+    /// Every death is a power cut: the writes it had not synced are
+    /// dropped before it starts again.
+    cut: PowerCut,
+    /// Unsynced writes dropped so far.
+    dropped: usize,
 }
 
 impl Member {
@@ -134,6 +143,7 @@ impl Member {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.dropped += self.cut.apply().writes;
         }
     }
 }
@@ -528,11 +538,15 @@ async fn fleet_survives_a_nemesis() {
         let http = free_port();
         http_ports.push(http);
         configs.push(edge_config(dir, name, port, http, &dir.join(name)));
+        let data = dir.join(format!("{name}-data"));
+        std::fs::create_dir_all(&data).expect("edge data dir");
         members.push(Member {
             name: name.into(),
             child: None,
             log: dir.join(format!("{name}.log")),
             armed: None,
+            cut: PowerCut::new(&data, &dir.join(format!("{name}-undo"))),
+            dropped: 0,
         });
     }
     members.push(Member {
@@ -540,13 +554,16 @@ async fn fleet_survives_a_nemesis() {
         child: None,
         log: dir.join("cloud.log"),
         armed: None,
+        cut: PowerCut::new(&state_dir, &dir.join("cloud-undo")),
+        dropped: 0,
     });
     let start = |m: &mut Member, armed: Option<&'static str>, i: usize| {
-        let cmd = if i < EDGES.len() {
+        let mut cmd = if i < EDGES.len() {
             edge_command(&configs[i])
         } else {
             cloud_command(&spec_path)
         };
+        m.cut.wrap(&mut cmd);
         m.armed = armed;
         m.child = Some(spawn(cmd, &m.log, armed));
     };
@@ -647,11 +664,15 @@ async fn fleet_survives_a_nemesis() {
         m.kill();
     }
     broker.kill();
+    let dropped: BTreeMap<&str, usize> = members
+        .iter()
+        .map(|m| (m.name.as_str(), m.dropped))
+        .collect();
     let facts = gather(dir, &state);
     let runs: usize = facts.accepted_runs.values().map(BTreeSet::len).sum();
     let counted: usize = facts.contributors.values().map(Vec::len).sum();
     println!(
-        "nemesis: {kills} SIGKILLs ({broker_kills} of the broker, {killed:?}) and {aborts} crash-point aborts {by_point:?} in {:.0} s; {runs} runs accepted, {counted} updates counted in {} versions; drained in {drained:?}",
+        "nemesis: {kills} SIGKILLs ({broker_kills} of the broker, {killed:?}) and {aborts} crash-point aborts {by_point:?} in {:.0} s, each a power cut (unsynced writes dropped: {dropped:?}); {runs} runs accepted, {counted} updates counted in {} versions; drained in {drained:?}",
         chaos.as_secs_f64(),
         facts.contributors.len().saturating_sub(1),
     );
@@ -689,6 +710,17 @@ async fn fleet_survives_a_nemesis() {
     }
     assert!(violations.is_empty(), "seed {seed}: {violations:#?}");
     assert!(kills + aborts >= MIN_KILLS, "only {} kills", kills + aborts);
+    // The cuts were real: the shim saw every process's SQLite WAL.
+    for m in &members {
+        let watched = m.cut.watched();
+        assert!(
+            watched
+                .iter()
+                .any(|p| p.to_string_lossy().ends_with(".sqlite-wal")),
+            "the power-loss shim saw no SQLite WAL of {}: {watched:?}",
+            m.name
+        );
+    }
     assert!(
         runs >= 10,
         "only {runs} runs were accepted: the fleet did not work"
