@@ -292,7 +292,7 @@ async fn load(client: reqwest::Client, base: String, told: Arc<Mutex<Told>>, see
                 .samples
                 .extend(ids.iter().filter_map(|x| x.as_i64()));
         }
-        if i % 3 == 0
+        if i.is_multiple_of(3)
             && let Ok(r) = client
                 .post(format!("{base}/v1/models/digits/train"))
                 .send()
