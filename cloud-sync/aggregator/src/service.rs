@@ -185,8 +185,25 @@ pub async fn start_secure_broker(
     Ok((upstream, stats))
 }
 
+/// The embedded broker's log segment size and how many it keeps per
+/// filter beside the active one (it used to keep 10 of 100 MiB).
+pub const BROKER_SEGMENT_BYTES: usize = 4 << 20;
+pub const BROKER_SEGMENTS: usize = 3;
+
 /// Start rumqttd on `addr` in its own thread (MQTT 3.1.1). Keeps nothing
 /// on disk: durability is the aggregator's SQLite and the edges' outboxes.
+///
+/// Memory: rumqttd keeps one log per subscribed filter (the aggregator's
+/// four device wildcards and the globals, one ack topic per device) of at
+/// most `(BROKER_SEGMENTS + 1) × (BROKER_SEGMENT_BYTES + the largest
+/// message on it)`, and one retained message per topic. In secure mode the
+/// gate bounds both: a device publishes only on its four topics, within
+/// [`dai_protocol::limits`], and retains only its status. So one device
+/// can pin at most about 4 × 12 MiB in the update log, and the retained
+/// store is 16 KiB a device plus the globals. A message dropped when a log
+/// rolls before a slow subscriber read it is not lost: updates are acked
+/// end to end, so the edge sends it again. Sized for about 1,000 devices;
+/// large fleets use Mosquitto or a broker cluster (`deploy/`).
 pub fn start_embedded_broker(addr: SocketAddr) -> Result<(), ServiceError> {
     let mut v4 = std::collections::HashMap::new();
     v4.insert(
@@ -198,7 +215,7 @@ pub fn start_embedded_broker(addr: SocketAddr) -> Result<(), ServiceError> {
             next_connection_delay_ms: 1,
             connections: rumqttd::ConnectionSettings {
                 connection_timeout_ms: 60_000,
-                max_payload_size: 16 << 20,
+                max_payload_size: dai_protocol::limits::MAX_MESSAGE_BYTES + 1024,
                 max_inflight_count: 200,
                 auth: None,
                 external_auth: None,
@@ -210,8 +227,8 @@ pub fn start_embedded_broker(addr: SocketAddr) -> Result<(), ServiceError> {
         router: rumqttd::RouterConfig {
             max_connections: 10_000,
             max_outgoing_packet_count: 200,
-            max_segment_size: 100 << 20,
-            max_segment_count: 10,
+            max_segment_size: BROKER_SEGMENT_BYTES,
+            max_segment_count: BROKER_SEGMENTS,
             ..Default::default()
         },
         v4: Some(v4),

@@ -17,6 +17,8 @@
 //! - [`signed`]: the signed envelope of updates (device key) and acks
 //!   (aggregator key), bound to fleet and topic;
 //! - [`messages`]: the JSON ack, status heartbeat and global request;
+//! - [`limits`]: the largest payload of each topic and which may be
+//!   retained (what the brokers' front doors enforce);
 //! - [`crashpoint`]: named points where the fault-injection tests make a
 //!   process abort (inert unless `DAI_CRASH_POINT` is set).
 //!
@@ -28,6 +30,7 @@ pub mod crashpoint;
 pub mod dp;
 pub mod feedback;
 pub mod global;
+pub mod limits;
 pub mod messages;
 pub mod signed;
 pub mod topics;

@@ -78,9 +78,28 @@ impl Want {
     }
 }
 
+/// An ack's reason is cut to this many bytes (at a character boundary):
+/// it may quote a decoder's error about attacker-chosen bytes, and an ack
+/// must stay within [`crate::limits::MAX_ACK_BYTES`].
+pub const MAX_REASON_BYTES: usize = 1024;
+
 impl Ack {
+    /// JSON, with the reason cut to [`MAX_REASON_BYTES`].
     pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        match &self.reason {
+            Some(r) if r.len() > MAX_REASON_BYTES => {
+                let mut end = MAX_REASON_BYTES;
+                while !r.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let cut = Ack {
+                    reason: Some(format!("{}…", &r[..end])),
+                    ..self.clone()
+                };
+                serde_json::to_vec(&cut).unwrap_or_default()
+            }
+            _ => serde_json::to_vec(self).unwrap_or_default(),
+        }
     }
 
     pub fn from_bytes(b: &[u8]) -> Result<Ack, crate::ProtocolError> {

@@ -12,7 +12,13 @@
 //!   the fleet and subscribe to every device's update, status, event and
 //!   want topic and to the globals.
 //! - A broker certificate is not a client.
+//! - Every message, the last will included, keeps to its topic's size and
+//!   retain rules ([`dai_protocol::limits`]): only a status or a global is
+//!   retained, so one device can make the broker hold at most its four
+//!   topics' bounds, and a packet larger than anything its role may send
+//!   is refused from its fixed header, before it is buffered.
 
+use dai_protocol::limits;
 use dai_protocol::topics::{PREFIX, Topic, valid_segment};
 use dai_trust::{PeerCert, Role};
 
@@ -35,6 +41,24 @@ pub enum Denied {
     },
     #[error("a {0} certificate cannot connect as an MQTT client")]
     Role(Role),
+    #[error("{name:?}: a {size}-byte message on {topic:?}, over its {limit}-byte bound")]
+    TooLarge {
+        name: String,
+        topic: String,
+        size: usize,
+        limit: usize,
+    },
+    #[error("{name:?}: a {size}-byte packet, over the {limit} bytes a {role} may send")]
+    Packet {
+        role: Role,
+        name: String,
+        size: usize,
+        limit: usize,
+    },
+    #[error(
+        "{name:?} may not retain a message on {topic:?} (only a status or a global is retained)"
+    )]
+    Retain { name: String, topic: String },
 }
 
 /// The rules for one authenticated peer in one fleet.
@@ -78,9 +102,10 @@ impl Acl {
         }
     }
 
-    /// A PUBLISH (or the last will's topic).
-    pub fn publish(&self, topic: &str) -> Result<(), Denied> {
-        let ok = match (self.role, Topic::parse(topic)) {
+    /// A PUBLISH (or the last will) of `size` payload bytes.
+    pub fn publish(&self, topic: &str, size: usize, retain: bool) -> Result<(), Denied> {
+        let parsed = Topic::parse(topic);
+        let ok = match (self.role, &parsed) {
             (
                 Role::Device,
                 Ok(
@@ -89,20 +114,63 @@ impl Acl {
                     | Topic::Event { fleet, device }
                     | Topic::Want { fleet, device },
                 ),
-            ) => fleet == self.fleet && device == self.name,
+            ) => *fleet == self.fleet && *device == self.name,
             (Role::Aggregator, Ok(Topic::Ack { fleet, .. } | Topic::Global { fleet, .. })) => {
-                fleet == self.fleet
+                *fleet == self.fleet
             }
             _ => false,
         };
-        if ok {
-            Ok(())
-        } else {
-            Err(Denied::Publish {
-                role: self.role,
+        let shown = || topic.chars().take(200).collect::<String>();
+        let parsed = match parsed {
+            Ok(t) if ok => t,
+            _ => {
+                return Err(Denied::Publish {
+                    role: self.role,
+                    name: self.name.clone(),
+                    topic: shown(),
+                });
+            }
+        };
+        let limit = limits::max_payload(&parsed);
+        if size > limit {
+            return Err(Denied::TooLarge {
                 name: self.name.clone(),
-                topic: topic.chars().take(200).collect(),
-            })
+                topic: shown(),
+                size,
+                limit,
+            });
+        }
+        if retain && !limits::may_retain(&parsed) {
+            return Err(Denied::Retain {
+                name: self.name.clone(),
+                topic: shown(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The largest MQTT packet this peer may send: its largest topic's
+    /// payload plus room for the topic and headers. The gate reads the
+    /// fixed header first and refuses a larger packet before buffering it.
+    pub fn max_packet(&self) -> usize {
+        const ROOM: usize = 1024;
+        let largest = match self.role {
+            Role::Device => limits::MAX_UPDATE_BYTES
+                .max(limits::MAX_STATUS_BYTES)
+                .max(limits::MAX_EVENT_BYTES),
+            Role::Aggregator => limits::MAX_GLOBAL_BYTES.max(limits::MAX_ACK_BYTES),
+            Role::Broker => 0,
+        };
+        largest + ROOM
+    }
+
+    /// The refusal of a packet of `size` bytes, over [`Acl::max_packet`].
+    pub fn packet_too_large(&self, size: usize) -> Denied {
+        Denied::Packet {
+            role: self.role,
+            name: self.name.clone(),
+            size,
+            limit: self.max_packet(),
         }
     }
 
@@ -169,9 +237,20 @@ mod tests {
             assert!(a.connect(id).is_err(), "{id}");
         }
         for t in ["update", "status", "event", "want"] {
-            assert!(a.publish(&format!("dai/v1/f/dev/a/{t}")).is_ok(), "{t}");
-            assert!(a.publish(&format!("dai/v1/f/dev/b/{t}")).is_err(), "{t}");
-            assert!(a.publish(&format!("dai/v1/g/dev/a/{t}")).is_err(), "{t}");
+            assert!(
+                a.publish(&format!("dai/v1/f/dev/a/{t}"), 10, false).is_ok(),
+                "{t}"
+            );
+            assert!(
+                a.publish(&format!("dai/v1/f/dev/b/{t}"), 10, false)
+                    .is_err(),
+                "{t}"
+            );
+            assert!(
+                a.publish(&format!("dai/v1/g/dev/a/{t}"), 10, false)
+                    .is_err(),
+                "{t}"
+            );
         }
         for t in [
             "dai/v1/f/dev/a/ack",
@@ -180,7 +259,7 @@ mod tests {
             "dai/v1/f/dev/a/other",
             "x",
         ] {
-            assert!(a.publish(t).is_err(), "{t}");
+            assert!(a.publish(t, 10, false).is_err(), "{t}");
         }
         for ok in [
             "dai/v1/f/dev/a/ack",
@@ -215,10 +294,10 @@ mod tests {
         assert!(c.connect("a").is_err());
         assert!(c.connect("dai-cloud-").is_err());
         assert!(c.connect("dai-cloud-a/b").is_err());
-        assert!(c.publish("dai/v1/f/dev/a/ack").is_ok());
-        assert!(c.publish("dai/v1/f/model/m/global").is_ok());
-        assert!(c.publish("dai/v1/f/dev/a/update").is_err());
-        assert!(c.publish("dai/v1/g/dev/a/ack").is_err());
+        assert!(c.publish("dai/v1/f/dev/a/ack", 10, false).is_ok());
+        assert!(c.publish("dai/v1/f/model/m/global", 10, false).is_ok());
+        assert!(c.publish("dai/v1/f/dev/a/update", 10, false).is_err());
+        assert!(c.publish("dai/v1/g/dev/a/ack", 10, false).is_err());
         for ok in [
             "dai/v1/f/dev/+/update",
             "dai/v1/f/dev/+/status",
@@ -231,7 +310,53 @@ mod tests {
         for bad in ["#", "dai/v1/f/dev/+/ack", "dai/v1/g/dev/+/update"] {
             assert!(c.subscribe(bad).is_err(), "{bad}");
         }
+        assert!(c.publish("dai/v1/f/model/m/global", 10, true).is_ok());
         let b = Acl::new("f", &peer(Role::Broker, "broker"));
         assert!(b.connect("broker").is_err());
+    }
+
+    #[test]
+    fn sizes_and_retain_keep_to_the_topic() {
+        let a = Acl::new("f", &peer(Role::Device, "a"));
+        let t = |leaf: &str| format!("dai/v1/f/dev/a/{leaf}");
+        // The attack: a maximal retained message on each of its topics.
+        for leaf in ["update", "event", "want"] {
+            assert!(matches!(
+                a.publish(&t(leaf), 100, true),
+                Err(Denied::Retain { .. })
+            ));
+        }
+        assert!(a.publish(&t("status"), 100, true).is_ok());
+        assert!(matches!(
+            a.publish(&t("status"), 16 << 20, true),
+            Err(Denied::TooLarge { .. })
+        ));
+        assert!(
+            a.publish(&t("update"), limits::MAX_UPDATE_BYTES, false)
+                .is_ok()
+        );
+        assert!(matches!(
+            a.publish(&t("update"), limits::MAX_UPDATE_BYTES + 1, false),
+            Err(Denied::TooLarge { .. })
+        ));
+        assert!(matches!(
+            a.publish(&t("want"), 2048, false),
+            Err(Denied::TooLarge { .. })
+        ));
+        // A device's packets stop at its update bound; the aggregator's
+        // reach a global.
+        assert!(a.max_packet() > limits::MAX_UPDATE_BYTES);
+        assert!(a.max_packet() < 16 << 20);
+        let c = Acl::new("f", &peer(Role::Aggregator, "dai-cloud"));
+        assert!(c.max_packet() > limits::MAX_GLOBAL_BYTES);
+        assert!(c.max_packet() <= super::super::MAX_PACKET);
+        assert!(matches!(
+            c.publish("dai/v1/f/dev/a/ack", 100, true),
+            Err(Denied::Retain { .. })
+        ));
+        assert!(matches!(
+            c.publish("dai/v1/f/dev/a/ack", 1 << 20, false),
+            Err(Denied::TooLarge { .. })
+        ));
     }
 }

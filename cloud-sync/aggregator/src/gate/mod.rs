@@ -10,7 +10,10 @@
 //! (rumqttc's codec) and every CONNECT, PUBLISH and SUBSCRIBE is checked
 //! with [`acl::Acl`]; the first refused packet closes the connection (as
 //! AWS IoT does), so a device can never act as another or read what is not
-//! its own. The decisions are in [`acl`] (pure); this module is the I/O.
+//! its own, nor make the broker keep more than its topics' bounds. Handshakes
+//! in progress and connections are capped, so strangers cannot make the gate
+//! hold unbounded memory either. The decisions are in [`acl`] (pure); this
+//! module is the I/O.
 
 pub mod acl;
 
@@ -26,10 +29,18 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Largest MQTT packet relayed (the broker's own bound plus headers).
-pub const MAX_PACKET: usize = (16 << 20) + 4096;
+/// Largest MQTT packet relayed (the broker's own bound plus headers);
+/// each peer's own bound ([`Acl::max_packet`]) is at most this.
+pub const MAX_PACKET: usize = dai_protocol::limits::MAX_MESSAGE_BYTES + 4096;
 /// A client that has not finished the TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once: what strangers can make the gate
+/// hold before they prove anything. One more is closed at accept.
+const MAX_HANDSHAKES: usize = 256;
+/// Connections at once, authenticated or not (the broker's own
+/// `max_connections` is the same): each may hold one packet buffer of its
+/// peer's bound.
+pub const MAX_CONNECTIONS: usize = 10_000;
 
 /// What the gate needs.
 #[derive(Clone)]
@@ -51,11 +62,15 @@ pub struct GateStats {
     pub revoked: AtomicU64,
     pub denied: AtomicU64,
     pub accepted: AtomicU64,
+    /// Closed at accept: too many handshakes or connections at once.
+    pub busy: AtomicU64,
 }
 
 /// Accept connections on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, cfg: GateConfig, stats: Arc<GateStats>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg.tls.clone());
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(c) => c,
@@ -65,9 +80,19 @@ pub async fn serve(listener: TcpListener, cfg: GateConfig, stats: Arc<GateStats>
                 continue;
             }
         };
+        let permits = (
+            connections.clone().try_acquire_owned(),
+            handshakes.clone().try_acquire_owned(),
+        );
+        let (Ok(connection_permit), Ok(handshake)) = permits else {
+            stats.busy.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%from, "gate: too many connections or handshakes; closed");
+            continue;
+        };
         let (acceptor, cfg, stats) = (acceptor.clone(), cfg.clone(), stats.clone());
         tokio::spawn(async move {
-            match connection(tcp, from, acceptor, &cfg, &stats).await {
+            let _connection = connection_permit;
+            match connection(tcp, from, acceptor, handshake, &cfg, &stats).await {
                 // A peer going away mid-stream is routine.
                 Err(GateError::Io(e)) => {
                     tracing::debug!(%from, error = %e, "gate: connection ended")
@@ -114,10 +139,13 @@ async fn connection(
     tcp: TcpStream,
     from: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
+    handshake: tokio::sync::OwnedSemaphorePermit,
     cfg: &GateConfig,
     stats: &GateStats,
 ) -> Result<(), GateError> {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+    drop(handshake);
+    let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             stats.handshake_failed.fetch_add(1, Ordering::Relaxed);
@@ -192,9 +220,15 @@ where
 {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut connected = false;
+    let max = acl.max_packet();
     loop {
-        let header = match mqttbytes::check(buf.iter(), MAX_PACKET) {
+        let header = match mqttbytes::check(buf.iter(), max) {
             Ok(h) => h,
+            // The fixed header announced more than this peer may send:
+            // refused before the body is buffered.
+            Err(mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
+                return Err(GateError::Denied(acl.packet_too_large(size)));
+            }
             Err(mqttbytes::Error::InsufficientBytes(_)) => {
                 if rx.read_buf(&mut buf).await.map_err(GateError::Io)? == 0 {
                     return Ok(());
@@ -204,8 +238,8 @@ where
             Err(e) => return Err(GateError::Mqtt(format!("{e:?}"))),
         };
         let frame = buf.split_to(header.frame_length());
-        let packet = Packet::read(&mut frame.clone(), MAX_PACKET)
-            .map_err(|e| GateError::Mqtt(format!("{e:?}")))?;
+        let packet =
+            Packet::read(&mut frame.clone(), max).map_err(|e| GateError::Mqtt(format!("{e:?}")))?;
         check(acl, &packet, &mut connected)?;
         tx.write_all(&frame).await.map_err(GateError::Io)?;
     }
@@ -218,14 +252,17 @@ fn check(acl: &Acl, packet: &Packet, connected: &mut bool) -> Result<(), GateErr
         Packet::Connect(c) if !*connected => {
             acl.connect(&c.client_id).map_err(GateError::Denied)?;
             if let Some(will) = &c.last_will {
-                acl.publish(&will.topic).map_err(GateError::Denied)?;
+                acl.publish(&will.topic, will.message.len(), will.retain)
+                    .map_err(GateError::Denied)?;
             }
             *connected = true;
             Ok(())
         }
         _ if !*connected => Err(GateError::NoConnect),
         Packet::Connect(_) => Err(GateError::Mqtt("a second CONNECT".into())),
-        Packet::Publish(p) => acl.publish(&p.topic).map_err(GateError::Denied),
+        Packet::Publish(p) => acl
+            .publish(&p.topic, p.payload.len(), p.retain)
+            .map_err(GateError::Denied),
         Packet::Subscribe(s) => s
             .filters
             .iter()

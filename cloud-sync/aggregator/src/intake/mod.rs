@@ -622,6 +622,12 @@ impl Intake {
     }
 
     fn heartbeat(&mut self, device: String, payload: &[u8]) {
+        // Mosquitto has no per-topic size rule (the gate has): refused
+        // here before parsing.
+        if payload.len() > dai_protocol::limits::MAX_STATUS_BYTES {
+            tracing::warn!(%device, bytes = payload.len(), limit = dai_protocol::limits::MAX_STATUS_BYTES, "heartbeat over its bound; ignored");
+            return;
+        }
         if payload.is_empty() {
             self.monitor(MonitorEvent::Heartbeat { device, view: None });
             return;

@@ -523,6 +523,10 @@ fn heartbeats_update_the_device_monitor() {
     // Unreadable heartbeats and foreign topics change nothing, and
     // heartbeats never enter the update batch.
     i.publish("dai/v1/lab/dev/edge-1/status", b"{not json");
+    // Nor does a valid heartbeat over its bound (padded with spaces).
+    let mut big = status("edge-1", "online", 9);
+    big.resize(dai_protocol::limits::MAX_STATUS_BYTES + 1, b' ');
+    i.publish("dai/v1/lab/dev/edge-1/status", &big);
     i.publish(GLOBAL_TOPIC, b"x");
     i.publish("elsewhere/topic", b"x");
     assert!(i.take_outputs().is_empty());
