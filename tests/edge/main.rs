@@ -20,6 +20,8 @@ mod metrics;
 mod mosquitto_acl;
 mod mosquitto_takeover;
 mod nemesis;
+mod netns;
+mod partition;
 mod power_loss;
 mod robustness;
 mod sensors;

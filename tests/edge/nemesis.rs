@@ -32,8 +32,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const FLEET: &str = "nemesis";
-const EDGES: [&str; 3] = ["edge-a", "edge-b", "edge-c"];
+pub(crate) const FLEET: &str = "nemesis";
+pub(crate) const EDGES: [&str; 3] = ["edge-a", "edge-b", "edge-c"];
 /// Chaos lasts this long, or until this many kills (at least 50).
 const CHAOS: Duration = Duration::from_secs(150);
 const MIN_KILLS: usize = 50;
@@ -66,11 +66,18 @@ impl Rng {
 
 /// What the aggregator child needs (written as JSON for it).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct CloudSpec {
-    port: u16,
-    state_dir: PathBuf,
-    fleet_dir: PathBuf,
-    base_head: PathBuf,
+pub(crate) struct CloudSpec {
+    pub port: u16,
+    /// The broker's host (an address in the partition test's lab).
+    #[serde(default = "loopback")]
+    pub host: String,
+    pub state_dir: PathBuf,
+    pub fleet_dir: PathBuf,
+    pub base_head: PathBuf,
+}
+
+fn loopback() -> String {
+    "127.0.0.1".into()
 }
 
 /// The nemesis's aggregator: `dai_cloud::service::run` in this process
@@ -98,6 +105,7 @@ fn aggregator_process() {
         let base = std::fs::read(&spec.base_head).expect("base head");
         let secure = dai_cloud::secure::SecureFleet::open(&spec.fleet_dir).expect("fleet");
         let mut cfg = dai_testkit::service_config(spec.port, &spec.state_dir, [("digits", base)]);
+        cfg.broker.host = spec.host.clone();
         cfg.tls = Some(std::sync::Arc::new(secure.client_tls().expect("tls")));
         secure.apply(&mut cfg);
         cfg.settings = dai_cloud::state::Settings {
@@ -150,7 +158,7 @@ impl Member {
 
 /// Spawn `cmd` with stderr appended to `log` (every life of a process in
 /// one file: the checker reads what each life logged).
-fn spawn(mut cmd: Command, log: &Path, armed: Option<&str>) -> Child {
+pub(crate) fn spawn(mut cmd: Command, log: &Path, armed: Option<&str>) -> Child {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -168,7 +176,7 @@ fn spawn(mut cmd: Command, log: &Path, armed: Option<&str>) -> Child {
         .expect("spawn")
 }
 
-fn edge_command(config: &Path) -> Command {
+pub(crate) fn edge_command(config: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dai"));
     c.arg("edge").arg("--config").arg(config);
     c.env("RUST_LOG", "info,rumqttc=warn");
@@ -176,7 +184,7 @@ fn edge_command(config: &Path) -> Command {
     c
 }
 
-fn cloud_command(spec: &Path) -> Command {
+pub(crate) fn cloud_command(spec: &Path) -> Command {
     let mut c = Command::new(std::env::current_exe().expect("test binary"));
     c.args([
         "--ignored",
@@ -190,7 +198,13 @@ fn cloud_command(spec: &Path) -> Command {
     c
 }
 
-fn edge_config(dir: &Path, name: &str, port: u16, http: u16, bundle: &Path) -> PathBuf {
+pub(crate) fn edge_config(
+    dir: &Path,
+    name: &str,
+    broker: &str,
+    http: u16,
+    bundle: &Path,
+) -> PathBuf {
     let mut c = dai_config::Config::default();
     c.daemon.listen_addr = format!("127.0.0.1:{http}").parse().expect("addr");
     c.daemon.data_dir = dir.join(format!("{name}-data"));
@@ -202,7 +216,7 @@ fn edge_config(dir: &Path, name: &str, port: u16, http: u16, bundle: &Path) -> P
     c.batch_size = 16;
     c.caching_enabled = false;
     c.cloud.enabled = true;
-    c.cloud.broker = format!("127.0.0.1:{port}");
+    c.cloud.broker = broker.to_string();
     c.cloud.fleet = FLEET.into();
     c.cloud.device_id = name.into();
     c.cloud.bundle_dir = bundle.display().to_string();
@@ -413,7 +427,7 @@ fn logged_ids(log: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     (all, retired)
 }
 
-fn gather(dir: &Path, state: &Path) -> Facts {
+pub(crate) fn gather(dir: &Path, state: &Path) -> Facts {
     let mut f = Facts::default();
     for name in EDGES {
         let db = rusqlite::Connection::open(dir.join(format!("{name}-data/dai.sqlite")))
@@ -475,7 +489,7 @@ fn gather(dir: &Path, state: &Path) -> Facts {
 }
 
 /// Outbox rows left on every edge and updates pending at the aggregator.
-fn backlog(dir: &Path, state: &Path) -> (i64, i64) {
+pub(crate) fn backlog(dir: &Path, state: &Path) -> (i64, i64) {
     let mut outbox = 0;
     for name in EDGES {
         if let Ok(db) = rusqlite::Connection::open(dir.join(format!("{name}-data/dai.sqlite"))) {
@@ -521,6 +535,7 @@ async fn fleet_survives_a_nemesis() {
         &spec_path,
         serde_json::to_vec(&CloudSpec {
             port,
+            host: "127.0.0.1".into(),
             state_dir: state_dir.clone(),
             fleet_dir: fleet_dir.clone(),
             base_head: zoo().join("digits/head.safetensors"),
@@ -537,7 +552,13 @@ async fn fleet_survives_a_nemesis() {
     for name in EDGES {
         let http = free_port();
         http_ports.push(http);
-        configs.push(edge_config(dir, name, port, http, &dir.join(name)));
+        configs.push(edge_config(
+            dir,
+            name,
+            &format!("127.0.0.1:{port}"),
+            http,
+            &dir.join(name),
+        ));
         let data = dir.join(format!("{name}-data"));
         std::fs::create_dir_all(&data).expect("edge data dir");
         members.push(Member {

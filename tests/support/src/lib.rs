@@ -279,6 +279,17 @@ pub fn start_embedded_broker_on(port: u16) {
 /// certificate for 127.0.0.1 and localhost) with `devices` enrolled, each
 /// bundle in `dir/{name}`; returns the fleet directory.
 pub fn make_fleet(dir: &Path, fleet: &str, devices: &[&str]) -> std::path::PathBuf {
+    make_fleet_for(dir, fleet, devices, &["127.0.0.1", "localhost"])
+}
+
+/// [`make_fleet`] with a broker certificate for `broker_hosts` (names or
+/// addresses: a broker in a test's network namespace).
+pub fn make_fleet_for(
+    dir: &Path,
+    fleet: &str,
+    devices: &[&str],
+    broker_hosts: &[&str],
+) -> std::path::PathBuf {
     use dai_trust::fs::FleetDir;
     let root = dir.join("fleet");
     let now = std::time::SystemTime::now();
@@ -290,7 +301,7 @@ pub fn make_fleet(dir: &Path, fleet: &str, devices: &[&str]) -> std::path::PathB
             false,
         )
         .expect("fleet init");
-    let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+    let hosts: Vec<String> = broker_hosts.iter().map(|h| h.to_string()).collect();
     FleetDir::issue_broker(&made.ca, &hosts, now, &root).expect("broker certificate");
     for name in devices {
         fd.enroll(
@@ -507,12 +518,28 @@ pub struct SecureMosquitto {
     log: std::path::PathBuf,
     conf: std::path::PathBuf,
     bin: &'static str,
+    /// The network namespace it runs in (`ip netns exec`), if not this one.
+    netns: Option<String>,
+    host: String,
     _dir: tempfile::TempDir,
 }
 
 impl SecureMosquitto {
     /// `None` (the caller prints SKIPPED) when there is no mosquitto binary.
     pub fn start(fleet_dir: &Path, fleet: &str) -> Option<SecureMosquitto> {
+        Self::start_at(fleet_dir, fleet, "127.0.0.1", free_port(), None)
+    }
+
+    /// Listening on `host:port`, inside the network namespace `netns`
+    /// when given (ready once its log says it runs: the port is not
+    /// reachable from here).
+    pub fn start_at(
+        fleet_dir: &Path,
+        fleet: &str,
+        host: &str,
+        port: u16,
+        netns: Option<&str>,
+    ) -> Option<SecureMosquitto> {
         let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|b| Path::new(b).exists())?;
@@ -525,14 +552,10 @@ impl SecureMosquitto {
         }
         let acl = std::fs::read_to_string(shipped.join("acl")).expect("shipped acl");
         std::fs::write(files.join("acl"), acl.replace("@FLEET@", fleet)).expect("acl");
-        let port = free_port();
         let log = dir.path().join("mosquitto.log");
         let mut conf = std::fs::read_to_string(shipped.join("mosquitto.conf")).expect("conf");
         for (from, to) in [
-            (
-                "\nlistener 8883\n",
-                format!("\nlistener {port} 127.0.0.1\n"),
-            ),
+            ("\nlistener 8883\n", format!("\nlistener {port} {host}\n")),
             ("/etc/mosquitto/dai/", format!("{}/", files.display())),
             ("/var/lib/mosquitto/", format!("{}/", dir.path().display())),
             (
@@ -549,26 +572,59 @@ impl SecureMosquitto {
         conf.push_str("user root\n");
         let conf_path = dir.path().join("mosquitto.conf");
         std::fs::write(&conf_path, conf).expect("conf");
-        let child = Self::spawn(bin, &conf_path);
-        wait_for_port(port, Duration::from_secs(10), "mosquitto");
-        Some(SecureMosquitto {
+        let mut m = SecureMosquitto {
             port,
-            child,
+            child: Self::spawn(bin, &conf_path, netns),
             log,
             conf: conf_path,
             bin,
+            netns: netns.map(str::to_string),
+            host: host.to_string(),
             _dir: dir,
-        })
+        };
+        m.wait_ready("mosquitto");
+        Some(m)
     }
 
-    fn spawn(bin: &str, conf: &Path) -> std::process::Child {
-        std::process::Command::new(bin)
-            .arg("-c")
+    fn spawn(bin: &str, conf: &Path, netns: Option<&str>) -> std::process::Child {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, bin]);
+                c
+            }
+            None => std::process::Command::new(bin),
+        };
+        cmd.arg("-c")
             .arg(conf)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("mosquitto starts")
+    }
+
+    /// Ready: its port answers (from inside its namespace, if it has one).
+    fn wait_ready(&mut self, what: &str) {
+        let Some(ns) = self.netns.clone() else {
+            wait_for_port(self.port, Duration::from_secs(10), what);
+            return;
+        };
+        // Probed from inside the namespace (bash's /dev/tcp: a connect).
+        let probe = format!("exec 3<>/dev/tcp/{}/{}", self.host, self.port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut up = false;
+        while !up && Instant::now() < deadline {
+            up = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "bash", "-c", &probe])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !up {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let addr = format!("{}:{}", self.host, self.port);
+        assert!(up, "{what} did not listen on {addr} within 10 s");
     }
 
     /// SIGKILL the broker (what it had not saved is lost, as in a crash).
@@ -585,8 +641,8 @@ impl SecureMosquitto {
     /// Start it again on the same port with the same files.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Self::spawn(self.bin, &self.conf);
-        wait_for_port(self.port, Duration::from_secs(10), "mosquitto (restarted)");
+        self.child = Self::spawn(self.bin, &self.conf, self.netns.as_deref());
+        self.wait_ready("mosquitto (restarted)");
     }
 }
 
