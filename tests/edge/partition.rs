@@ -267,18 +267,18 @@ fn fleet_loses_nothing_through_partitions_loss_latency_and_flapping() {
             off();
             let netem = since(packets, lab.counters());
             let lasted = t.elapsed();
+            let counted_during = counted(&state) - before;
             let ids = outboxes(dir);
             let drained = drain(dir, &ids);
             println!(
-                "partition: {fault}: {} s, {} counted meanwhile, {} in the outboxes when lifted, drained in {drained:?}; netem {netem:?}",
+                "partition: {fault}: {} s, {counted_during} counted meanwhile, {} in the outboxes when lifted, drained in {drained:?}; netem {netem:?}",
                 lasted.as_secs(),
-                counted(&state) - before,
                 ids.len()
             );
             figures.push(Figure {
                 fault,
                 lasted,
-                counted_during: counted(&state) - before,
+                counted_during,
                 backlog_at_heal: ids.len(),
                 drained,
                 netem,
@@ -341,6 +341,7 @@ fn fleet_loses_nothing_through_partitions_loss_latency_and_flapping() {
             lab.link("edge-b", true);
             std::thread::sleep(pause());
         }
+        let counted_during = counted(&state) - before;
         let ids = outboxes(dir);
         let drained = drain(dir, &ids);
         println!(
@@ -350,7 +351,7 @@ fn fleet_loses_nothing_through_partitions_loss_latency_and_flapping() {
         figures.push(Figure {
             fault: format!("edge-b link flapping ({flaps} down/up cycles of 1-3 s)"),
             lasted: t.elapsed(),
-            counted_during: counted(&state) - before,
+            counted_during,
             backlog_at_heal: ids.len(),
             drained,
             netem: Counters::default(),

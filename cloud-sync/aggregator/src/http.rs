@@ -274,7 +274,7 @@ async fn status(Extract(s): Extract<Shared>) -> Response {
             && h.len() < 20
         {
             h.push(json!({
-                "version": v.version, "parent": v.parent, "contributors": v.contributors.len(),
+                "version": v.version, "parent": v.parent, "contributors": v.updates(),
                 "metrics": v.metrics, "created_at": v.created_at,
             }));
         }

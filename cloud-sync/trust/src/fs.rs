@@ -487,26 +487,51 @@ impl FleetDir {
         days: u32,
         now: SystemTime,
     ) -> Result<crate::IssuedCert, TrustError> {
+        let mut issued = self.enroll_many(&[(name.clone(), out.to_path_buf())], days, now)?;
+        issued.pop().ok_or_else(|| TrustError::Contents {
+            what: format!("enrolling {name}"),
+            reason: "no certificate was issued".into(),
+        })
+    }
+
+    /// [`FleetDir::enroll`] for many devices under one lock and one
+    /// registry write (provisioning a fleet in bulk: one write per device
+    /// would reread and rewrite the whole registry each time). Nothing is
+    /// written if any name is taken or any target exists.
+    pub fn enroll_many(
+        &self,
+        devices: &[(DeviceName, std::path::PathBuf)],
+        days: u32,
+        now: SystemTime,
+    ) -> Result<Vec<crate::IssuedCert>, TrustError> {
         let _lock = self.lock()?;
         let mut fleet = self.load()?;
-        fleet.registry.check_new(name)?;
-        DeviceBundle::check_target(out)?;
-        let (bundle, issued) = DeviceBundle::issue(
-            &fleet.ca,
-            fleet.aggregator.public(),
-            name,
-            Validity::days_from(now, days),
-        )?;
-        fleet.registry.add(crate::DeviceRecord {
-            name: name.clone(),
-            serial: issued.serial.clone(),
-            public_key: public_to_hex(&bundle.key.public()),
-            created_at: crate::unix_secs(now),
-            not_after: issued.not_after,
-            revoked_at: None,
-        })?;
+        let mut made = Vec::with_capacity(devices.len());
+        for (name, out) in devices {
+            fleet.registry.check_new(name)?;
+            DeviceBundle::check_target(out)?;
+            let (bundle, issued) = DeviceBundle::issue(
+                &fleet.ca,
+                fleet.aggregator.public(),
+                name,
+                Validity::days_from(now, days),
+            )?;
+            fleet.registry.add(crate::DeviceRecord {
+                name: name.clone(),
+                serial: issued.serial.clone(),
+                public_key: public_to_hex(&bundle.key.public()),
+                created_at: crate::unix_secs(now),
+                not_after: issued.not_after,
+                revoked_at: None,
+            })?;
+            made.push((bundle, out, issued));
+        }
         self.save_registry(&fleet.registry)?;
-        bundle.write_to(out)?;
+        let mut issued = Vec::with_capacity(made.len());
+        for (bundle, out, cert) in made {
+            bundle.write_to(out)?;
+            issued.push(cert);
+        }
         Ok(issued)
     }
 

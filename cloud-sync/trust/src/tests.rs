@@ -402,3 +402,35 @@ fn rustls_accepts_the_device_chain_for_client_auth() {
             .is_some()
     );
 }
+
+#[test]
+fn enroll_many_writes_every_bundle_with_one_registry_or_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let fd = FleetDir::new(dir.path().join("fleet"));
+    let now = SystemTime::now();
+    fd.init(FleetName::parse("lab").expect("fleet"), now, false)
+        .expect("init");
+    let batch = |names: &[&str]| -> Vec<(DeviceName, std::path::PathBuf)> {
+        names
+            .iter()
+            .map(|n| (DeviceName::parse(n).expect("name"), dir.path().join(n)))
+            .collect()
+    };
+    let issued = fd
+        .enroll_many(&batch(&["d-1", "d-2", "d-3"]), 30, now)
+        .expect("enrol");
+    assert_eq!(issued.len(), 3);
+    let reg = fd.load_registry().expect("registry");
+    assert_eq!(reg.devices.len(), 3);
+    for n in ["d-1", "d-2", "d-3"] {
+        let b = crate::DeviceBundle::read_from(&dir.path().join(n)).expect("bundle");
+        b.verify(now).expect("a valid bundle");
+    }
+    // One taken name: nothing of the batch is written.
+    let e = fd
+        .enroll_many(&batch(&["d-4", "d-2"]), 30, now)
+        .expect_err("d-2 is taken");
+    assert!(e.to_string().contains("d-2"), "{e}");
+    assert_eq!(fd.load_registry().expect("registry").devices.len(), 3);
+    assert!(!dir.path().join("d-4").exists());
+}

@@ -627,6 +627,11 @@ impl SecureMosquitto {
         assert!(up, "{what} did not listen on {addr} within 10 s");
     }
 
+    /// The broker's process id (its memory, for the soak run).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL the broker (what it had not saved is lost, as in a crash).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

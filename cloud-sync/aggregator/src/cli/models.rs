@@ -80,7 +80,7 @@ fn print_versions(s: &State) -> anyhow::Result<()> {
             v.version,
             v.parent.map_or("-".into(), |p| p.to_string()),
             utc(v.created_at),
-            v.contributors.len(),
+            v.updates(),
             m.get("samples").map_or("-".into(), |x| x.to_string()),
             m.get("mean_loss")
                 .and_then(|x| x.as_f64())

@@ -209,11 +209,25 @@ pub struct VersionRow {
     pub model: String,
     pub version: u64,
     pub parent: Option<u64>,
-    /// Update ids folded into this version (empty for a base or a promotion).
+    /// Update ids folded into this version (empty for a base or a
+    /// promotion, and once retention pruned the list: see
+    /// [`VersionRow::updates`]).
     pub contributors: Vec<String>,
     pub metrics: serde_json::Value,
     /// Unix seconds.
     pub created_at: f64,
+}
+
+impl VersionRow {
+    /// How many updates it combined (its list, or the count its metrics
+    /// keep once retention emptied the list).
+    pub fn updates(&self) -> usize {
+        if self.contributors.is_empty() {
+            self.metrics["updates"].as_u64().unwrap_or(0) as usize
+        } else {
+            self.contributors.len()
+        }
+    }
 }
 
 /// The durable state.

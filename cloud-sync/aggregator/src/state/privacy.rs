@@ -52,14 +52,18 @@ pub(super) fn spent(conn: &rusqlite::Connection, model: &str) -> Result<Spent, S
         rounds: 0,
         unprotected: false,
     };
+    // Rounds whose rows retention deleted, then the rows still here.
+    let folded = super::retention::dp_folded(conn, model)?;
+    for (z, n) in &folded.noised {
+        s.accountant.compose(1.0, *z, *n);
+        s.rounds += *n;
+    }
+    s.unprotected |= folded.unprotected;
     for (contributors, metrics) in rows {
-        let contributed = serde_json::from_str::<Vec<String>>(&contributors)
-            .map(|c| !c.is_empty())
-            .unwrap_or(true);
-        if !contributed {
+        let m: serde_json::Value = serde_json::from_str(&metrics).unwrap_or_default();
+        if !super::retention::contributed(&contributors, &m) {
             continue;
         }
-        let m: serde_json::Value = serde_json::from_str(&metrics).unwrap_or_default();
         match m["dp"]["noise_multiplier"].as_f64() {
             Some(z) => {
                 s.accountant.compose(1.0, z, 1);
