@@ -4,7 +4,9 @@
 //! MQTT connection (rumqttc, persistent session, subscribed to its acks
 //! and the globals as an edge is), each sending one real signed int8
 //! update every DAI_SOAK_INTERVAL_SECS (60) and sending it again, same id,
-//! if no ack came within 30 s (what an edge's outbox does). Halfway
+//! if no ack came within 30 s (what an edge's outbox does), and after a
+//! failed connection waiting as an edge does (doubling from 2 s to 10 s,
+//! jittered). Halfway
 //! through, every device drops its connection and reconnects at once (the
 //! reconnect storm). After DAI_SOAK_SECS (600) the devices stop and wait
 //! up to 120 s for their last acks.
@@ -139,6 +141,11 @@ async fn device(
     let (mut client, mut events) = connect();
     let mut stormed = false;
     let mut back_after_storm = false;
+    // The edge's reconnect policy (dai-sync's backoff with the shipped
+    // retry_delay_sec 2 and connection_timeout_sec 10): doubling from 2 s,
+    // capped at 10 s, jittered to 50-100 %.
+    let mut attempt = 0u32;
+    let mut jitter = (phase.as_nanos() as u64) | 1;
     let mut up_now = false;
     let mut n = 0u64;
     // (id, wire, first sent, last sent)
@@ -148,7 +155,7 @@ async fn device(
         if storm.get().is_some() && !stormed {
             stormed = true;
             back_after_storm = false;
-            let _ = client.disconnect().await;
+            let _ = client.try_disconnect();
             drop(events);
             if up_now {
                 tally.connected.fetch_sub(1, Ordering::Relaxed);
@@ -196,6 +203,7 @@ async fn device(
         match ev {
             Err(_) => {}
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                attempt = 0;
                 if !up_now {
                     up_now = true;
                     tally.connected.fetch_add(1, Ordering::Relaxed);
@@ -237,11 +245,19 @@ async fn device(
                     up_now = false;
                     tally.connected.fetch_sub(1, Ordering::Relaxed);
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                jitter ^= jitter << 13;
+                jitter ^= jitter >> 7;
+                jitter ^= jitter << 17;
+                let wait = Duration::from_secs(2)
+                    .saturating_mul(1 << attempt.min(4))
+                    .min(Duration::from_secs(10))
+                    .mul_f64(0.5 + (jitter % 1000) as f64 / 2000.0);
+                attempt = attempt.saturating_add(1);
+                tokio::time::sleep(wait).await;
             }
         }
     }
-    let _ = client.disconnect().await;
+    let _ = client.try_disconnect();
     pending.map(|(id, ..)| vec![id]).unwrap_or_default()
 }
 
