@@ -43,23 +43,7 @@ fn must(args: &[&str]) {
 /// The netem program, built once per test process.
 fn netem_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("dai-netem-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("netem dir");
-        let bin = dir.join("netem");
-        let out = Command::new("rustc")
-            .args(["--edition", "2024", "-O", "-o"])
-            .arg(&bin)
-            .arg(repo().join("tests/fault/netem.rs"))
-            .output()
-            .expect("run rustc for netem");
-        assert!(
-            out.status.success(),
-            "building netem failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        bin
-    })
+    BIN.get_or_init(|| build_fault_tool("netem", "bin", "netem"))
 }
 
 /// Loss and delay for one host's packets (both directions).

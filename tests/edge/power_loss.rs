@@ -18,23 +18,7 @@ use std::time::{Duration, Instant};
 /// The shim, built once per test process with the toolchain's `rustc`.
 fn shim() -> &'static Path {
     static SO: OnceLock<PathBuf> = OnceLock::new();
-    SO.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("dai-powerloss-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("shim dir");
-        let so = dir.join("libdai_powerloss.so");
-        let out = Command::new("rustc")
-            .args(["--edition", "2024", "--crate-type", "cdylib", "-O", "-o"])
-            .arg(&so)
-            .arg(repo().join("tests/fault/powerloss_shim.rs"))
-            .output()
-            .expect("run rustc for the power-loss shim");
-        assert!(
-            out.status.success(),
-            "building the shim failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        so
-    })
+    SO.get_or_init(|| build_fault_tool("powerloss_shim", "cdylib", "libdai_powerloss.so"))
 }
 
 /// One process's power: its data dir and the undo logs of its writes.

@@ -12,6 +12,27 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Build `tests/fault/{name}.rs` with the toolchain's `rustc` (no crates:
+/// the fault tools load into or sit beside real processes) into a
+/// per-process temp dir as `out`; `crate_type` is `bin` or `cdylib`.
+pub fn build_fault_tool(name: &str, crate_type: &str, out: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dai-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("fault tool dir");
+    let path = dir.join(out);
+    let built = std::process::Command::new("rustc")
+        .args(["--edition", "2024", "--crate-type", crate_type, "-O", "-o"])
+        .arg(&path)
+        .arg(repo().join(format!("tests/fault/{name}.rs")))
+        .output()
+        .expect("run rustc for a fault tool");
+    assert!(
+        built.status.success(),
+        "building tests/fault/{name}.rs failed: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    path
+}
+
 pub fn zoo() -> PathBuf {
     repo().join("models").join("zoo")
 }

@@ -10,7 +10,8 @@
 use dai_protocol::messages::{Ack, AckStatus};
 use dai_protocol::signed::{self, Kind};
 use dai_testkit::{
-    MqttProbe, bundle_tls, free_port, head, head_bytes, make_fleet, update, wait_for_port,
+    MqttProbe, aggregator_public, bundle_key, bundle_tls, free_port, head, head_bytes, make_fleet,
+    update, wait_for_port,
 };
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::path::Path;
@@ -45,14 +46,6 @@ fn rss_kib(pid: u32) -> u64 {
 
 fn topic(device: &str, leaf: &str) -> String {
     format!("dai/v1/{FLEET}/dev/{device}/{leaf}")
-}
-
-fn key_of(bundle: &Path) -> ed25519_dalek::SigningKey {
-    dai_trust::DeviceBundle::read_from(bundle)
-        .expect("bundle")
-        .key
-        .signing_key()
-        .clone()
 }
 
 /// dev-b's update `n`, sent as an edge sends it (again every 5 s until
@@ -151,13 +144,9 @@ async fn a_device_flooding_16_mib_retained_messages_is_refused_and_acks_go_on() 
     );
     let pid = cloud.0.id();
     wait_for_port(port, Duration::from_secs(30), "the gate");
-    let agg = dai_trust::fs::FleetDir::new(&fleet_dir)
-        .load()
-        .expect("fleet")
-        .aggregator
-        .public();
+    let agg = aggregator_public(&fleet_dir);
     let (a_dir, b_dir) = (tmp.path().join("dev-a"), tmp.path().join("dev-b"));
-    let b_key = key_of(&b_dir);
+    let b_key = bundle_key(&b_dir);
     let mut honest =
         MqttProbe::connect_tls(port, "dev-b", &[&topic("dev-b", "ack")], bundle_tls(&b_dir)).await;
     assert_eq!(

@@ -6,29 +6,12 @@
 use dai_protocol::messages::{Ack, AckStatus};
 use dai_protocol::signed::{self, Kind};
 use dai_testkit::{
-    MqttProbe, aggregator_tls, bundle_tls, free_port, head, head_bytes, make_fleet, start_secure,
-    update,
+    MqttProbe, aggregator_public, aggregator_tls, bundle_key, bundle_tls, free_port, head,
+    head_bytes, make_fleet, start_secure, update,
 };
-use std::path::Path;
 use std::time::Duration;
 
 const FLEET: &str = "lab";
-
-fn key_of(bundle: &Path) -> ed25519_dalek::SigningKey {
-    dai_trust::DeviceBundle::read_from(bundle)
-        .expect("bundle")
-        .key
-        .signing_key()
-        .clone()
-}
-
-fn aggregator_public(fleet_dir: &Path) -> ed25519_dalek::VerifyingKey {
-    dai_trust::fs::FleetDir::new(fleet_dir)
-        .load()
-        .expect("fleet")
-        .aggregator
-        .public()
-}
 
 fn topic(device: &str, leaf: &str) -> String {
     format!("dai/v1/{FLEET}/dev/{device}/{leaf}")
@@ -162,7 +145,7 @@ async fn strangers_are_refused_at_connect_and_devices_act_only_as_themselves() {
         MqttProbe::connect_tls(port, "dev-a", &[&topic("dev-a", "ack")], bundle_tls(&a_dir)).await;
     let mut b =
         MqttProbe::connect_tls(port, "dev-b", &[&topic("dev-b", "ack")], bundle_tls(&b_dir)).await;
-    let (ka, kb) = (key_of(&a_dir), key_of(&b_dir));
+    let (ka, kb) = (bundle_key(&a_dir), bundle_key(&b_dir));
     let a1 = signed_update(&ka, &topic("dev-a", "update"), "a-1", "dev-a", 10);
     a.publish(&topic("dev-a", "update"), a1.clone()).await;
     b.publish(
@@ -263,7 +246,7 @@ async fn a_revoked_device_is_cut_off_and_the_rest_carry_on() {
     // Within the registry poll (1 s) A's updates on its open connection are
     // refused and it cannot connect again; B carries on.
     tokio::time::sleep(dai_cloud::service::FLEET_POLL * 3).await;
-    let ka = key_of(&a_dir);
+    let ka = bundle_key(&a_dir);
     a.publish(
         &topic("dev-a", "update"),
         signed_update(&ka, &topic("dev-a", "update"), "a-1", "dev-a", 1),
@@ -278,7 +261,7 @@ async fn a_revoked_device_is_cut_off_and_the_rest_carry_on() {
     assert!(again.is_err(), "a revoked device connected");
     let mut b =
         MqttProbe::connect_tls(port, "dev-b", &[&topic("dev-b", "ack")], bundle_tls(&b_dir)).await;
-    let kb = key_of(&b_dir);
+    let kb = bundle_key(&b_dir);
     b.publish(
         &topic("dev-b", "update"),
         signed_update(&kb, &topic("dev-b", "update"), "b-1", "dev-b", 1),
@@ -300,7 +283,7 @@ async fn a_cleared_retained_global_heals_for_a_device_that_connects_later() {
     let a_dir = tmp.path().join("dev-a");
     let global = format!("dai/v1/{FLEET}/model/m/global");
     let mut a = MqttProbe::connect_tls(port, "dev-a", &[&global], bundle_tls(&a_dir)).await;
-    let ka = key_of(&a_dir);
+    let ka = bundle_key(&a_dir);
     a.publish(
         &topic("dev-a", "update"),
         signed_update(&ka, &topic("dev-a", "update"), "a-1", "dev-a", 1),

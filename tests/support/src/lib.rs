@@ -315,6 +315,26 @@ pub fn make_fleet_for(
     root
 }
 
+/// The signing key of the device bundle in `bundle_dir` (what signs its
+/// updates).
+pub fn bundle_key(bundle_dir: &Path) -> SigningKey {
+    dai_trust::DeviceBundle::read_from(bundle_dir)
+        .expect("bundle")
+        .key
+        .signing_key()
+        .clone()
+}
+
+/// The aggregator's public key in a fleet directory (what verifies its
+/// acks and globals).
+pub fn aggregator_public(fleet_dir: &Path) -> ed25519_dalek::VerifyingKey {
+    dai_trust::fs::FleetDir::new(fleet_dir)
+        .load()
+        .expect("fleet")
+        .aggregator
+        .public()
+}
+
 /// The mutual-TLS client config of the bundle in `bundle_dir`.
 pub fn bundle_tls(bundle_dir: &Path) -> std::sync::Arc<dai_trust::tls::ClientConfig> {
     let b = dai_trust::DeviceBundle::read_from(bundle_dir).expect("bundle");
