@@ -14,8 +14,10 @@
 //! Once against Mosquitto on the shipped config (`deploy/mosquitto`) and
 //! once against the embedded broker behind its gate; the aggregator is a
 //! child process (this binary, `DAI_SOAK_ROLE=aggregator`) so its RSS,
-//! sampled every second, is its own. Reported: updates sent, acked, lost
-//! (sent, never acked), counted twice (an id the aggregator stored more
+//! sampled every second, is its own. Reported: updates sent, acked, still
+//! unacked when the run ends (and how many devices were still trying to
+//! connect), lost (sent, never acked, and not in the aggregator's store),
+//! counted twice (an id the aggregator stored more
 //! than once: its `seen` table is keyed by id, so this reads the versions'
 //! contributors), p50/p99 ack latency, how long the storm took to
 //! reconnect everyone, and peak RSS of the aggregator and the broker.
@@ -106,11 +108,14 @@ struct Tally {
     /// Devices back after the storm, and the slowest one's time.
     storm_back: AtomicUsize,
     storm_slowest_ms: AtomicUsize,
+    /// Ids sent and not yet acked (an id leaves at its ack): at the end,
+    /// what a device still holds, whether or not its task finished.
+    unacked: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// One simulated device until `stop`: connect, subscribe, an update every
 /// `interval` from `phase`, resend after 30 s, reconnect when `storm`
-/// flips. Returns the update ids never acked.
+/// flips. What it sent and did not see acked is left in `tally.unacked`.
 #[allow(clippy::too_many_arguments)]
 async fn device(
     port: u16,
@@ -121,7 +126,7 @@ async fn device(
     tally: Arc<Tally>,
     storm: Arc<std::sync::OnceLock<Instant>>,
     stop: Arc<AtomicBool>,
-) -> Vec<String> {
+) {
     let b = dai_trust::DeviceBundle::read_from(&bundle).expect("bundle");
     let name = b.device.to_string();
     let tls = Arc::new(dai_trust::tls::client_config(&b.ca_pem, &b.cert_pem, &b.key).expect("tls"));
@@ -136,7 +141,11 @@ async fn device(
         o.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(tls.clone()),
         ));
-        AsyncClient::new(o, 8)
+        let (c, mut e) = AsyncClient::new(o, 8);
+        // As dai-sync sets it: the shipped connection_timeout_sec (10 s)
+        // for the whole connect, not rumqttc's 5 s.
+        e.network_options.set_connection_timeout(10);
+        (c, e)
     };
     let (mut client, mut events) = connect();
     let mut stormed = false;
@@ -186,6 +195,9 @@ async fn device(
                     .is_ok()
                 {
                     tally.sent.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut u) = tally.unacked.lock() {
+                        u.insert(id.clone());
+                    }
                     pending = Some((id, wire, now, now));
                 }
                 next += interval;
@@ -236,6 +248,9 @@ async fn device(
                         l.push(first.elapsed().as_secs_f64() * 1e3);
                     }
                     tally.acked.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut u) = tally.unacked.lock() {
+                        u.remove(id);
+                    }
                     pending = None;
                 }
             }
@@ -258,7 +273,6 @@ async fn device(
         }
     }
     let _ = client.try_disconnect();
-    pending.map(|(id, ..)| vec![id]).unwrap_or_default()
 }
 
 /// One broker's run; a table row.
@@ -317,7 +331,7 @@ fn run(embedded: bool, devices: usize, secs: u64, interval: u64, dir: &Path) -> 
     let interval_d = Duration::from_secs(interval);
     let (mut agg_peak, mut broker_peak) = (0u64, 0u64);
     let began = Instant::now();
-    let (lost, connected): (Vec<String>, usize) = rt.block_on(async {
+    let (stuck, connected): (usize, usize) = rt.block_on(async {
         let mut tasks = Vec::with_capacity(devices);
         for i in 0..devices {
             // Connections ramp up over the first tenth of an interval;
@@ -348,15 +362,14 @@ fn run(embedded: bool, devices: usize, secs: u64, interval: u64, dir: &Path) -> 
         let connected = tally.connected.load(Ordering::Relaxed);
         stop.store(true, Ordering::Relaxed);
         let drain = Instant::now();
-        let mut lost = Vec::new();
+        let mut stuck = 0;
         for t in tasks {
             let left = Duration::from_secs(120).saturating_sub(drain.elapsed());
-            match tokio::time::timeout(left, t).await {
-                Ok(Ok(ids)) => lost.extend(ids),
-                _ => lost.push("a device that did not finish".into()),
+            if !matches!(tokio::time::timeout(left, t).await, Ok(Ok(()))) {
+                stuck += 1;
             }
         }
-        (lost, connected)
+        (stuck, connected)
     });
     agg_peak = agg_peak.max(rss_kib(pid));
     let _ = child.kill();
@@ -378,6 +391,20 @@ fn run(embedded: bool, devices: usize, secs: u64, interval: u64, dir: &Path) -> 
     let stored: i64 = db
         .query_row("SELECT COUNT(*) FROM seen", [], |r| r.get(0))
         .expect("seen");
+    // Lost: sent, never acked, and not in the aggregator's store either (an
+    // unacked id that was stored only had its ack still on the way).
+    let unacked: Vec<String> = tally
+        .unacked
+        .lock()
+        .map(|u| u.iter().cloned().collect())
+        .unwrap_or_default();
+    let mut is_stored = db
+        .prepare("SELECT 1 FROM seen WHERE update_id = ?1")
+        .expect("query");
+    let lost: Vec<&String> = unacked
+        .iter()
+        .filter(|id| !is_stored.exists([id.as_str()]).unwrap_or(false))
+        .collect();
     let mut l = tally
         .latencies
         .lock()
@@ -394,12 +421,13 @@ fn run(embedded: bool, devices: usize, secs: u64, interval: u64, dir: &Path) -> 
     let sent = tally.sent.load(Ordering::Relaxed);
     let acked = tally.acked.load(Ordering::Relaxed);
     let row = format!(
-        "| {} | {devices} | {connected} | {secs} s | {sent} | {acked} ({stored} stored) | {} | {twice} | {} | {:.0} / {:.0} ms | {} | {} MiB | {} |\n",
+        "| {} | {devices} | {connected} | {secs} s | {sent} | {acked} ({stored} stored) | {} ({stuck} devices still connecting) | {} | {twice} | {} | {:.0} / {:.0} ms | {} | {} MiB | {} |\n",
         if embedded {
             "embedded (rumqttd behind the gate)"
         } else {
             "Mosquitto (shipped config)"
         },
+        unacked.len(),
         lost.len(),
         tally.resent.load(Ordering::Relaxed),
         pct(0.5),
@@ -492,7 +520,7 @@ fn main() {
     );
     let mut md = format!(
         "{devices} devices, one signed int8 update ({}x{} head) each every {interval} s, resent after 30 s without an ack; a reconnect storm (every device at once) at {} s; FedAvg rounds of {} updates. Machine: the 2-core CI kind; load, broker and aggregator share it.\n\n\
-         | broker | devices | connected at the end | run | updates sent | acked | lost | counted twice | resent | p50 / p99 ack latency | storm: all reconnected after | aggregator peak RSS | broker peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | broker | devices | connected at the end | run | updates sent | acked | unacked at the stop (+120 s) | lost (sent, never stored) | counted twice | resent | p50 / p99 ack latency | storm: all reconnected after | aggregator peak RSS | broker peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         SIZES[0],
         SIZES[1],
         secs / 2,

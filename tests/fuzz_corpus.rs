@@ -95,6 +95,7 @@ fn accepts(target: &str, data: &[u8]) -> bool {
             codec::decode_json(specs, "m", data).is_ok()
                 || codec::decode_raw(specs, true, data).is_ok()
         }),
+        "onnx" => dai_onnx::decode(data).is_ok(),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -107,6 +108,7 @@ const TARGETS: &[&str] = &[
     "manifest",
     "edge_config",
     "http_body",
+    "onnx",
 ];
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -261,6 +263,13 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             .flat_map(|i| (i as f32 * 0.25).to_le_bytes())
             .collect(),
     ));
+    for (seed, model) in [("digits", "digits"), ("imu", "imu-anomaly")] {
+        out.push((
+            "onnx",
+            format!("seed-{seed}-backbone"),
+            read(zoo.join(model).join("backbone.onnx")),
+        ));
+    }
     out
 }
 

@@ -133,6 +133,14 @@ pub async fn run(
         return UplinkStats::default();
     };
     let (client, mut events) = AsyncClient::new(mqtt_options(&cfg, &topics.status), 256);
+    // rumqttc gives a connect (TCP, TLS and CONNACK) 5 s by default; a
+    // broker working through a reconnect storm's handshakes answers later
+    // than that, and a device that gives up and retries only adds to the
+    // queue (the soak's Mosquitto run collapsed this way). Whole seconds,
+    // at least 1.
+    events
+        .network_options
+        .set_connection_timeout(cfg.connection_timeout.as_secs().max(1));
     let mut session = Session::new(cfg, edge, client, topics);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tokio::pin!(shutdown);

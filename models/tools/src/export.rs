@@ -11,10 +11,10 @@ use crate::ToolError;
 use crate::proto::{self, Names};
 use crate::runner::{self, Runner};
 use dai_infer::bundle::{Bundle, HeadRef, HeadTransform, Manifest, TensorSpec};
+use dai_onnx::pb;
 use dai_train::{Activation, Head, LayerSpec};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use tract_onnx::pb;
 use tract_onnx::prelude::Tensor;
 
 #[derive(Debug, Clone, Serialize)]

@@ -7,10 +7,10 @@
 use crate::ToolError;
 use crate::proto;
 use crate::runner::{self, InputSpec, Runner};
+use dai_onnx::pb;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,9 +201,10 @@ pub fn flops(
     specs: &[InputSpec],
     ignore_value_info: bool,
 ) -> Result<BTreeMap<String, u64>, String> {
+    let tract_model = proto::to_tract(model).map_err(|e| e.to_string())?;
     let mut g = tract_onnx::onnx()
         .with_ignore_value_info(ignore_value_info)
-        .model_for_proto_model(model)
+        .model_for_proto_model(&tract_model)
         .map_err(|e| format!("{e:#}"))?;
     let tract_inputs: Vec<String> = g
         .input_outlets()

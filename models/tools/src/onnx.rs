@@ -2,9 +2,9 @@
 //! types (opset 13): `input -> Mul(scale) -> [Gemm(transB=1) -> act]* -> output`.
 
 use crate::ToolError;
+use dai_onnx::pb;
 use dai_train::{Activation, Head};
 use prost::Message;
-use tract_onnx::pb;
 
 const FLOAT: i32 = 1;
 

@@ -17,10 +17,10 @@ use crate::calib::SampleSet;
 use crate::proto::{self, Names};
 use crate::quantize::{OutputCheck, compare, prune_unused};
 use crate::runner::{InputSpec, Runner};
+use dai_onnx::pb;
 use prost::Message;
 use serde::Serialize;
 use std::collections::HashMap;
-use tract_onnx::pb;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TensorSparsity {

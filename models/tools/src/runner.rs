@@ -7,10 +7,10 @@
 
 use crate::ToolError;
 use crate::proto;
+use dai_onnx::pb;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
-use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
 /// tract's tensor type, for callers that build inputs without depending on tract.
@@ -135,9 +135,10 @@ impl Runner {
         let fail = |stage: &str, e: &dyn std::fmt::Display| {
             ToolError::Runtime(format!("tract cannot {stage}: {e:#}"))
         };
+        let tract_model = proto::to_tract(model)?;
         let mut g = tract_onnx::onnx()
             .with_ignore_value_info(ignore_value_info)
-            .model_for_proto_model(model)
+            .model_for_proto_model(&tract_model)
             .map_err(|e| fail("parse the graph", &e))?;
         let tract_inputs: Vec<String> = g
             .input_outlets()

@@ -3,8 +3,8 @@
 
 use super::graph::{prune_unused, sanitize};
 use crate::proto::{self, Names};
+use dai_onnx::pb;
 use std::collections::{HashMap, HashSet};
-use tract_onnx::pb;
 
 /// Fold each `BatchNormalization` that follows a `Conv` with constant
 /// weights into that Conv (exact in f32: W' = W * g / sqrt(v + e) per output

@@ -9,8 +9,8 @@ use crate::ToolError;
 use crate::calib::SampleSet;
 use crate::progress::Progress;
 use crate::runner::{self, InputSpec, Runner};
+use dai_onnx::pb;
 use std::collections::HashMap;
-use tract_onnx::pb;
 use tract_onnx::prelude::Tensor;
 
 /// Activation range per tensor from calibration runs.

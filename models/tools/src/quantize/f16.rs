@@ -4,8 +4,8 @@
 
 use super::graph::sanitize;
 use crate::proto::{self, Names, dt};
+use dai_onnx::pb;
 use std::collections::BTreeMap;
-use tract_onnx::pb;
 
 /// f16 storage of every float constant with at least 16 values.
 pub(super) fn to_f16(

@@ -2,8 +2,8 @@
 //! internal names shortened, and the name sanitising every new value's name
 //! goes through.
 
+use dai_onnx::pb;
 use std::collections::{HashMap, HashSet};
-use tract_onnx::pb;
 
 /// Short names for every internal value (graph inputs and outputs keep
 /// theirs) and no node names: in small models the names are a large part of

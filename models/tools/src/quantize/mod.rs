@@ -56,10 +56,10 @@ pub use verify::{Comparison, HeadCheck, compare};
 use crate::ToolError;
 use crate::calib::SampleSet;
 use crate::runner::{InputSpec, Runner};
+use dai_onnx::pb;
 use prost::Message;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use tract_onnx::pb;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -4,8 +4,8 @@
 
 use super::{Mode, QuantizeOptions};
 use crate::proto::{self, dt};
+use dai_onnx::pb;
 use std::collections::{HashMap, HashSet};
-use tract_onnx::pb;
 
 /// What to do with one node.
 pub(super) enum Plan {

@@ -17,8 +17,8 @@ use super::graph::sanitize;
 use super::int8::{activation_params, best_axis_2d, quantize_weights};
 use super::plan::Plan;
 use crate::proto::{self, Names, dt};
+use dai_onnx::pb;
 use std::collections::{BTreeMap, HashMap};
-use tract_onnx::pb;
 
 /// Rewrite the graph. `ranges` holds activation ranges (int8 mode).
 pub(super) fn rewrite(
