@@ -474,7 +474,10 @@ fn main() {
     let interval = env_usize("DAI_SOAK_INTERVAL_SECS", 60) as u64;
     // Three descriptors a device in the embedded run (gate, its upstream,
     // rumqttd), one in the load: raise the limit for us and our children.
-    let want = (devices as u64) * 4 + 1024;
+    // Capped at the hard limit: without CAP_SYS_RESOURCE (a container)
+    // asking for more fails and would leave the soft limit where it was.
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    let want = ((devices as u64) * 4 + 1024).min(hard.unwrap_or(u64::MAX));
     if let Err(e) = rustix::process::setrlimit(
         rustix::process::Resource::Nofile,
         rustix::process::Rlimit {
@@ -526,7 +529,12 @@ fn main() {
         secs / 2,
         (devices / 4).max(2)
     );
+    // DAI_SOAK_BROKERS (mosquitto, embedded, or both) to look at one.
+    let which = std::env::var("DAI_SOAK_BROKERS").unwrap_or_else(|_| "both".into());
     for embedded in [false, true] {
+        if which != "both" && (which == "embedded") != embedded {
+            continue;
+        }
         md.push_str(&run(embedded, devices, secs, interval, dir));
     }
     md.push_str(&format!(
