@@ -40,7 +40,9 @@ async fn persistent(
             tokio::time::Instant::now() < deadline,
             "{id}: no CONNACK/SUBACK"
         );
-        match tokio::time::timeout(Duration::from_millis(200), events.poll()).await {
+        // Up to the deadline, never a short timeout: a poll cancelled
+        // mid-connect starts the connect again.
+        match tokio::time::timeout_at(deadline, events.poll()).await {
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subacks += 1,
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) if topics.is_empty() => break,
             Ok(Err(e)) => panic!("{id}: {e}"),

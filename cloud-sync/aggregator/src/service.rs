@@ -1,5 +1,6 @@
 //! The aggregator over MQTT: an embedded broker (rumqttd) or an external one,
-//! one task owning the rumqttc event loop.
+//! one service loop owning the intake, fed by a task that polls the rumqttc
+//! event loop (see [`spawn_event_pump`]: its poll must never be cancelled).
 //!
 //! This is the I/O half; the decisions are in [`crate::intake`] (sans-IO).
 //! The loop feeds the intake what happens — the broker session coming and
@@ -26,7 +27,6 @@ use crate::state::{Settings, State};
 use dai_trust::Revocations;
 use dai_trust::fs::FleetDir;
 use ed25519_dalek::SigningKey;
-use futures::FutureExt;
 use parking_lot::RwLock;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use std::net::SocketAddr;
@@ -293,7 +293,8 @@ pub async fn run_monitored(
         )));
     }
     opts.set_max_packet_size(16 << 20, 16 << 20);
-    let (client, mut events) = AsyncClient::new(opts, 256);
+    let (client, events) = AsyncClient::new(opts, 256);
+    let (mut events, pump) = spawn_event_pump(events);
     // Publishing goes through a task of its own: `AsyncClient::publish`
     // waits while rumqttc's request queue is full, and only polling the
     // event loop (this task) drains it. Awaiting it here deadlocked under
@@ -322,15 +323,10 @@ pub async fn run_monitored(
     };
     io.apply(intake.take_outputs());
     tokio::pin!(shutdown);
-    // First ticks one period from now, not at once: a timer branch that is
-    // ready on the first pass of the select below would drop the event
-    // loop's first poll mid-connect, and rumqttc would open a second
-    // connection (seen in the broker's log).
     let every =
         |period: Duration| tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut tick = every(Duration::from_millis(250));
     let mut fleet_poll = every(FLEET_POLL);
-    let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     loop {
         tokio::select! {
@@ -344,32 +340,27 @@ pub async fn run_monitored(
                     intake.set_devices(keys);
                 }
             }
-            ev = events.poll() => {
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
                 // Take every event that is already there (up to the
                 // intake's batch bound), so a burst of updates is ingested
                 // in one transaction.
                 let mut next = Some(ev);
                 while let Some(ev) = next.take() {
-                    match ev {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            backoff = Duration::from_millis(100);
-                            intake.connected();
-                        }
+                    match ev.0 {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => intake.connected(),
                         Ok(Event::Incoming(Packet::Publish(p))) => intake.publish(&p.topic, &p.payload),
                         Ok(Event::Incoming(Packet::SubAck(_))) => monitor.live.lock().subscriptions += 1,
                         Ok(_) => {}
-                        Err(e) => {
+                        Err(_) => {
                             intake.disconnected();
                             io.apply(intake.take_outputs());
-                            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection lost");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
                             break;
                         }
                     }
                     io.apply(intake.take_outputs());
                     if !intake.batch_full() {
-                        next = events.poll().now_or_never();
+                        next = events.try_recv().ok();
                     }
                 }
                 let r = intake.flush(Instant::now());
@@ -380,6 +371,8 @@ pub async fn run_monitored(
     }
     drop(out_tx);
     publish_task.abort();
+    // Dropping the event loop closes the broker connection.
+    pump.abort();
     Ok(intake.stats().clone())
 }
 
@@ -403,6 +396,74 @@ fn state_health(monitor: &Monitor, r: Result<(), crate::state::StateError>, fail
             monitor.apply(MonitorEvent::StateError(Some(msg)));
         }
     }
+}
+
+/// Bytes of received payloads waiting for the service loop (the pump stops
+/// reading the broker beyond it, so TCP pushes back).
+pub const INCOMING_BYTES: usize = 64 << 20;
+/// Events waiting for the service loop: a whole batch.
+const INCOMING_EVENTS: usize = crate::intake::MAX_BATCH;
+
+/// An event with its share of [`INCOMING_BYTES`], given back when dropped.
+type Pumped = (
+    Result<Event, rumqttc::ConnectionError>,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+/// Polls rumqttc's event loop in a task of its own and hands the events
+/// over a bounded channel. `EventLoop::poll` is not cancel-safe while it
+/// connects (TCP, TLS and the CONNACK happen inside one poll): polled in a
+/// `select!` next to the 250 ms tick, every connect that took longer than
+/// a tick was dropped and begun again, so an aggregator whose broker was
+/// slow to answer (a reconnect storm's handshakes, a loaded host) never
+/// got back (found by the soak's load generator, which had the same
+/// pattern). A channel's `recv` is cancel-safe. The backoff after a
+/// connection error is here, where the retries happen.
+fn spawn_event_pump(
+    mut events: rumqttc::EventLoop,
+) -> (
+    tokio::sync::mpsc::Receiver<Pumped>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Pumped>(INCOMING_EVENTS);
+    let budget = Arc::new(tokio::sync::Semaphore::new(INCOMING_BYTES));
+    let task = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let ev = events.poll().await;
+            let bytes = match &ev {
+                Ok(Event::Incoming(Packet::Publish(p))) => p.payload.len().min(INCOMING_BYTES),
+                _ => 0,
+            };
+            let Ok(permit) = budget
+                .clone()
+                .acquire_many_owned(u32::try_from(bytes).unwrap_or(u32::MAX))
+                .await
+            else {
+                break;
+            };
+            let wait = match &ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection lost");
+                    let w = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    Some(w)
+                }
+                Ok(_) => None,
+            };
+            if tx.send((ev, permit)).await.is_err() {
+                break;
+            }
+            if let Some(w) = wait {
+                tokio::time::sleep(w).await;
+            }
+        }
+    });
+    (rx, task)
 }
 
 /// Messages waiting for the publishing task.

@@ -130,3 +130,73 @@ async fn updates_are_acked_and_a_signed_global_is_published() {
     assert_eq!((stats.accepted, stats.globals_published), (2, 1));
     assert!(stats.rejected >= 1);
 }
+
+/// A broker that takes 1.5 s to answer a new connection (a loaded host, a
+/// reconnect storm's queue of handshakes): a TCP relay on loopback that
+/// waits before it opens the upstream side.
+async fn slow_relay(upstream: u16, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay");
+    let port = listener.local_addr().expect("relay addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// The connect (TCP, then CONNACK) must survive the service loop's timers:
+/// rumqttc's `poll` is not cancel-safe while it connects, and the loop once
+/// polled it next to a 250 ms tick, so a broker slower than a tick was
+/// never reached and nothing was ever acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_slow_to_answer_the_connect_is_still_reached() {
+    let port = start_embedded_broker();
+    let relay = slow_relay(port, Duration::from_millis(1500)).await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = signing_key(9);
+    let cfg = ServiceConfig {
+        client_id: "dai-cloud-slow".into(),
+        signing_key: key.clone(),
+        ..service_config(relay, dir.path(), [("m", head_bytes(&head(&[3, 2], 3)))])
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(run(cfg, async move {
+        let _ = stop_rx.await;
+    }));
+    let mut edge = MqttProbe::connect(port, "edge-1", &["dai/v1/lab/dev/edge-1/ack"]).await;
+    let topic = "dai/v1/lab/dev/edge-1/update";
+    // As an edge does: the update again every 2 s until its ack comes (the
+    // aggregator subscribes only once it is connected).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut ack = None;
+    while ack.is_none() && tokio::time::Instant::now() < deadline {
+        edge.publish(topic, update("edge-1", "u1", 1, 0.5)).await;
+        if let Ok(Some(p)) = edge.next_publish(Duration::from_secs(2)).await {
+            let body = dai_protocol::signed::open(
+                dai_protocol::signed::Kind::Ack,
+                &key.verifying_key(),
+                "lab",
+                &p.topic,
+                &p.payload,
+            )
+            .expect("an ack signed by the aggregator");
+            ack = Some(Ack::from_bytes(body).expect("ack"));
+        }
+    }
+    let ack = ack.expect("no ack within 30 s: the aggregator never finished connecting");
+    assert_eq!(
+        (ack.update_id.as_str(), ack.status),
+        ("u1", AckStatus::Accepted)
+    );
+    let _ = stop_tx.send(());
+    let stats = service.await.expect("join").expect("service");
+    assert_eq!(stats.accepted, 1, "{stats:?}");
+}

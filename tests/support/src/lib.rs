@@ -454,15 +454,17 @@ impl MqttProbe {
     ) -> Result<MqttProbe, String> {
         let (client, mut events) = AsyncClient::new(Self::options(port, client_id, tls), 64);
         // Wait for the CONNACK first: a refusal shows here.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // One deadline for the whole wait, never a short timeout around
+        // `poll`: rumqttc connects (TCP, TLS, CONNACK) inside one poll, and
+        // a poll cancelled mid-connect starts the connect again, so a
+        // handshake slower than the timeout (a loaded machine) never ended.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if Instant::now() > deadline {
-                return Err("no CONNACK within 10 s".into());
-            }
-            match tokio::time::timeout(Duration::from_millis(200), events.poll()).await {
+            match tokio::time::timeout_at(deadline, events.poll()).await {
+                Err(_) => return Err("no CONNACK within 10 s".into()),
                 Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
                 Ok(Err(e)) => return Err(e.to_string()),
-                _ => {}
+                Ok(Ok(_)) => {}
             }
         }
         for topic in topics {
@@ -471,16 +473,14 @@ impl MqttProbe {
                 .await
                 .expect("subscribe");
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let mut subacks = 0;
         while subacks < topics.len() {
-            if Instant::now() > deadline {
-                return Err("no SUBACK within 10 s".into());
-            }
-            match tokio::time::timeout(Duration::from_millis(200), events.poll()).await {
+            match tokio::time::timeout_at(deadline, events.poll()).await {
+                Err(_) => return Err("no SUBACK within 10 s".into()),
                 Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subacks += 1,
                 Ok(Err(e)) => return Err(e.to_string()),
-                _ => {}
+                Ok(Ok(_)) => {}
             }
         }
         Ok(MqttProbe { client, events })
