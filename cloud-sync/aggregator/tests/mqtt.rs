@@ -19,6 +19,19 @@ fn update(device: &str, id: &str, samples: u64, v: f32) -> Vec<u8> {
         .encode()
 }
 
+/// The ack in `p`, which must carry the aggregator's signature.
+fn signed_ack(key: &ed25519_dalek::SigningKey, p: &rumqttc::Publish) -> Ack {
+    let body = dai_protocol::signed::open(
+        dai_protocol::signed::Kind::Ack,
+        &key.verifying_key(),
+        "lab",
+        &p.topic,
+        &p.payload,
+    )
+    .expect("an ack signed by the aggregator");
+    Ack::from_bytes(body).expect("ack")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updates_are_acked_and_a_signed_global_is_published() {
     let port = start_embedded_broker();
@@ -61,17 +74,7 @@ async fn updates_are_acked_and_a_signed_global_is_published() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while (acks.len() < 4 || global.is_none()) && tokio::time::Instant::now() < deadline {
         match edge.next_publish(Duration::from_millis(500)).await {
-            Ok(Some(p)) if p.topic.ends_with("/ack") => {
-                let body = dai_protocol::signed::open(
-                    dai_protocol::signed::Kind::Ack,
-                    &key.verifying_key(),
-                    "lab",
-                    &p.topic,
-                    &p.payload,
-                )
-                .expect("an ack signed by the aggregator");
-                acks.push(Ack::from_bytes(body).expect("ack"))
-            }
+            Ok(Some(p)) if p.topic.ends_with("/ack") => acks.push(signed_ack(&key, &p)),
             Ok(Some(p)) if p.topic.ends_with("/global") => global = Some(p.payload.to_vec()),
             Err(e) => panic!("client connection: {e}"),
             _ => {}
@@ -180,15 +183,7 @@ async fn a_broker_slow_to_answer_the_connect_is_still_reached() {
     while ack.is_none() && tokio::time::Instant::now() < deadline {
         edge.publish(topic, update("edge-1", "u1", 1, 0.5)).await;
         if let Ok(Some(p)) = edge.next_publish(Duration::from_secs(2)).await {
-            let body = dai_protocol::signed::open(
-                dai_protocol::signed::Kind::Ack,
-                &key.verifying_key(),
-                "lab",
-                &p.topic,
-                &p.payload,
-            )
-            .expect("an ack signed by the aggregator");
-            ack = Some(Ack::from_bytes(body).expect("ack"));
+            ack = Some(signed_ack(&key, &p));
         }
     }
     let ack = ack.expect("no ack within 30 s: the aggregator never finished connecting");
