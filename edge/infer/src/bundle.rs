@@ -180,6 +180,13 @@ pub struct Manifest {
     pub model: ModelFile,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
+    /// The model's licence, for models without a pinned `[source]` (a
+    /// user's own, written by `dai-models bundle --license`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license: Option<String>,
+    /// Where the model comes from (who made it, from what), likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preprocess: Option<Preprocess>,
     /// Trainable head: inference runs ONNX graph -> head.

@@ -4,8 +4,8 @@
 //! sets up logging and dispatches.
 
 use crate::{
-    Command, DigitsArgs, ExportArgs, ImuArgs, InspectArgs, PruneArgs, QuantizeArgs, ShardArgs,
-    TrainModel, ValidationSetArgs,
+    BundleArgs, Command, DigitsArgs, ExportArgs, ImuArgs, InspectArgs, PruneArgs, QuantizeArgs,
+    ShardArgs, TrainModel, ValidationSetArgs,
 };
 use anyhow::Context;
 
@@ -16,6 +16,7 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
         Command::Prune(args) => prune(args),
         Command::Export(args) => export(args),
         Command::Inspect(args) => inspect(args),
+        Command::Bundle(args) => bundle(args),
         Command::Shard(args) => shard(args),
         Command::ValidationSet(args) => validation_set(args),
         Command::Train {
@@ -136,6 +137,67 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("inspecting {}", a.model.display()))?;
+    print_report(&r, a.json, |r| r.table())
+}
+
+/// `--normalize MEAN,STD`, each one value or per-channel values joined by ':'.
+fn parse_normalize(s: &str) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+    let list = |part: &str| -> anyhow::Result<Vec<f32>> {
+        part.split(':')
+            .map(|v| {
+                v.trim()
+                    .parse::<f32>()
+                    .with_context(|| format!("--normalize {s:?}: {v:?} is not a number"))
+            })
+            .collect()
+    };
+    let (mean, std) = s
+        .split_once(',')
+        .with_context(|| format!("--normalize {s:?}: expected MEAN,STD, e.g. 0.5,0.5"))?;
+    let (mean, std) = (list(mean)?, list(std)?);
+    anyhow::ensure!(
+        mean.len() == std.len() || mean.len() == 1 || std.len() == 1,
+        "--normalize {s:?}: {} means but {} stds",
+        mean.len(),
+        std.len()
+    );
+    let n = mean.len().max(std.len());
+    let widen = |v: Vec<f32>| if v.len() == 1 { vec![v[0]; n] } else { v };
+    Ok((widen(mean), widen(std)))
+}
+
+fn bundle(a: BundleArgs) -> anyhow::Result<()> {
+    let labels = match &a.labels {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("--labels {}", p.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        None => Vec::new(),
+    };
+    let normalize = a.normalize.as_deref().map(parse_normalize).transpose()?;
+    let r = dai_models::make_bundle::bundle(
+        &a.model,
+        &dai_models::make_bundle::BundleOptions {
+            out: a.out.clone(),
+            name: a.name,
+            version: a.model_version,
+            description: a.description,
+            shapes: a.input_shape.into_iter().collect(),
+            labels,
+            normalize,
+            scale: a.scale,
+            channel_axis: a.channel_axis,
+            license: a.license,
+            origin: a.origin,
+            check_ort: a.check_ort.then_some(a.python),
+            tolerance: a.tolerance,
+            force: a.force,
+        },
+    )
+    .with_context(|| format!("bundling {}", a.model.display()))?;
     print_report(&r, a.json, |r| r.table())
 }
 

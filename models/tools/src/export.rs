@@ -458,7 +458,6 @@ fn check_onnxruntime(
     inputs: &[TensorSpec],
     rows: &[(Vec<Vec<f32>>, Vec<f32>)],
 ) -> Result<f32, String> {
-    use std::io::Write;
     let script = r#"
 import json, sys
 try:
@@ -483,35 +482,7 @@ print(json.dumps({"max_abs_diff": worst, "version": ort.__version__}))
             "onnx_name": i.onnx_name(), "dtype": i.dtype.to_string(), "shape": i.shape})).collect::<Vec<_>>(),
         "rows": rows.iter().map(|(i, e)| serde_json::json!({"inputs": i, "expected": e})).collect::<Vec<_>>(),
     });
-    let mut child = std::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("skipped: cannot run {python}: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(job.to_string().as_bytes())
-            .map_err(|e| format!("skipped: writing to {python}: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("skipped: {python}: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(text.trim()).map_err(|_| {
-        format!(
-            "skipped: {python} gave no result ({})",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("no output")
-        )
-    })?;
-    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-        return Err(format!("skipped: {e}"));
-    }
+    let v = crate::ort::python_json(python, script, &job).map_err(|e| format!("skipped: {e}"))?;
     v.get("max_abs_diff")
         .and_then(|d| d.as_f64())
         .map(|d| d as f32)

@@ -17,7 +17,13 @@ use tract_onnx::prelude::*;
 pub struct Io {
     pub name: String,
     pub dtype: String,
+    /// As the file declares it (symbolic names kept).
     pub shape: Vec<String>,
+    /// For outputs: the shape tract returned on the probe input (the
+    /// resolved input shapes), which is the truth where the declaration is
+    /// symbolic or wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probed: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +77,7 @@ fn io(v: &pb::ValueInfoProto) -> Io {
         name: v.name.clone(),
         dtype: proto::dtype_name(elem).to_string(),
         shape: names,
+        probed: None,
     }
 }
 
@@ -112,7 +119,7 @@ pub fn inspect_model(
     }
     let params_by_dtype: Vec<ParamGroup> = groups.into_values().collect();
     let (resolved, mut notes) = runner::input_specs(model, &opts.shapes)?;
-    let (tract, ivi) = tract_status(model, &resolved, opts.bench_runs);
+    let (tract, ivi, probed) = tract_status(model, &resolved, opts.bench_runs);
     let (flops, flops_by_op) = if tract.loads {
         match flops(model, &resolved, ivi) {
             Ok(f) => (Some(f.values().sum()), f),
@@ -137,7 +144,15 @@ pub fn inspect_model(
         params: params_by_dtype.iter().map(|p| p.params).sum(),
         params_by_dtype,
         inputs: proto::real_inputs(g).into_iter().map(io).collect(),
-        outputs: g.output.iter().map(io).collect(),
+        outputs: g
+            .output
+            .iter()
+            .enumerate()
+            .map(|(i, o)| Io {
+                probed: probed.as_ref().and_then(|p| p.get(i).cloned()),
+                ..io(o)
+            })
+            .collect(),
         resolved_inputs: resolved,
         flops,
         flops_by_op,
@@ -146,9 +161,17 @@ pub fn inspect_model(
     })
 }
 
+/// Output shapes of one run, when it ran.
+type Probed = Option<Vec<Vec<usize>>>;
+
 /// Can tract load and optimise the model (first as the file says, then
-/// ignoring its value_info shapes, which some exporters get wrong)?
-fn tract_status(model: &pb::ModelProto, specs: &[InputSpec], runs: usize) -> (TractStatus, bool) {
+/// ignoring its value_info shapes, which some exporters get wrong)? And the
+/// output shapes of one run on synthetic inputs.
+fn tract_status(
+    model: &pb::ModelProto,
+    specs: &[InputSpec],
+    runs: usize,
+) -> (TractStatus, bool, Probed) {
     let first = Runner::new(model, specs, false, None);
     let (result, ivi) = match first {
         Ok(r) => (Ok(r), false),
@@ -159,6 +182,10 @@ fn tract_status(model: &pb::ModelProto, specs: &[InputSpec], runs: usize) -> (Tr
     };
     match result {
         Ok(r) => {
+            let probed = runner::synthetic_inputs(specs, 1)
+                .and_then(|inputs| r.run(&inputs))
+                .ok()
+                .map(|outs| outs.iter().map(|t| t.shape().to_vec()).collect());
             let latency_ms = if runs > 0 {
                 runner::synthetic_inputs(specs, 1)
                     .and_then(|inputs| r.latency_ms(&inputs, runs))
@@ -175,6 +202,7 @@ fn tract_status(model: &pb::ModelProto, specs: &[InputSpec], runs: usize) -> (Tr
                     latency_ms,
                 },
                 ivi,
+                probed,
             )
         }
         Err(e) => {
@@ -189,6 +217,7 @@ fn tract_status(model: &pb::ModelProto, specs: &[InputSpec], runs: usize) -> (Tr
                     latency_ms: None,
                 },
                 false,
+                None,
             )
         }
     }
@@ -361,9 +390,12 @@ impl InspectReport {
         }
         let _ = writeln!(s, "outputs");
         for o in &self.outputs {
+            let ran = o.probed.as_ref().map_or(String::new(), |p| {
+                format!("  (returns {p:?} for the inputs checked)")
+            });
             let _ = writeln!(
                 s,
-                "  {:<24} {:<5} [{}]",
+                "  {:<24} {:<5} [{}]{ran}",
                 o.name,
                 o.dtype,
                 o.shape.join(", ")

@@ -8,6 +8,9 @@
 //!   exports the first layers as `backbone.onnx` and the rest as
 //!   `head.safetensors`, verifies the export in tract, and writes the
 //!   `digits` bundle with its test accuracy;
+//! - [`make_bundle`]: `dai-models bundle`, any ONNX file -> a served
+//!   bundle whose output shapes and batching flags were measured in tract
+//!   and checked through the daemon's loader (and [`ort`], onnxruntime);
 //! - [`train_imu`]: the sensor model (`imu-anomaly`) from simulated IMU
 //!   windows and the daemon's own window features.
 
@@ -16,7 +19,9 @@ pub mod calib;
 pub mod digits;
 pub mod export;
 pub mod inspect;
+pub mod make_bundle;
 pub mod onnx;
+pub mod ort;
 pub mod progress;
 pub mod proto;
 pub mod prune;

@@ -22,6 +22,9 @@ enum Command {
     Shard(ShardArgs),
     /// Operators, parameters, size, inputs/outputs, FLOPs, and whether tract runs it.
     Inspect(InspectArgs),
+    /// Any ONNX file -> a complete bundle (manifest with measured output
+    /// shapes and batching), verified through the daemon's loader.
+    Bundle(BundleArgs),
     /// int8 / f16 quantization, calibrated and verified in tract before it is written.
     Quantize(QuantizeArgs),
     /// Magnitude pruning (unstructured or channel-structured) with an accuracy/size report.
@@ -93,6 +96,61 @@ struct InspectArgs {
     /// Time this many runs in tract (median, 1 thread); 0 to skip.
     #[arg(long, default_value_t = 0)]
     bench: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct BundleArgs {
+    /// The ONNX file.
+    model: PathBuf,
+    /// The bundle directory to write.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Model name in the API (default: the file name).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long = "model-version", default_value = "1.0.0")]
+    model_version: String,
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Concrete shape for an input with symbolic axes, e.g. x=1x1x64x256
+    /// (repeatable); a symbolic axis 0 is the batch axis and needs none.
+    #[arg(long = "input-shape", value_parser = dai_models::runner::parse_shape_override)]
+    input_shape: Vec<(String, Vec<usize>)>,
+    /// A text file with one class label per line (as many as the first
+    /// output's last axis).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// MEAN,STD for u8 requests: x = (pixel * scale - mean) / std; each may
+    /// be one value or per-channel values joined by ':' (0.485:0.456:0.406).
+    #[arg(long)]
+    normalize: Option<String>,
+    /// Pixel scale before normalising.
+    #[arg(long, default_value_t = 1.0 / 255.0)]
+    scale: f32,
+    /// The channel axis of --normalize.
+    #[arg(long, default_value_t = 1)]
+    channel_axis: usize,
+    /// The model's licence (SPDX id), recorded in the manifest.
+    #[arg(long)]
+    license: Option<String>,
+    /// Where the model comes from, recorded in the manifest.
+    #[arg(long)]
+    origin: Option<String>,
+    /// Also run it in onnxruntime on the same probe input and compare.
+    #[arg(long)]
+    check_ort: bool,
+    /// Python with onnxruntime for --check-ort.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Largest allowed |onnxruntime - tract|.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f32,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    force: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,

@@ -153,6 +153,8 @@ pub(crate) fn trained_manifest(
         labels: b.labels,
         batching: true,
         dynamic_batching: true,
+        license: None,
+        origin: None,
         model: ModelFile {
             file: "backbone.onnx".into(),
             sha256: onnx_sha256,
