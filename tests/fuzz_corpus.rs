@@ -33,6 +33,7 @@ fn http_specs() -> [Vec<TensorSpec>; 2] {
         onnx_name: None,
         dtype,
         shape: shape.to_vec(),
+        dynamic: Vec::new(),
     };
     [
         vec![spec("x", DType::F32, &[1, 3, 4, 4])],

@@ -111,6 +111,11 @@ pub struct Metrics {
     pub model_info: Family<ModelVersion, Gauge>,
     pub profile_stage_seconds: Family<ModelStage, FGauge>,
     pub latency_p95_seconds: Family<ModelLabel, FGauge>,
+    /// tract plans a model holds (batch sizes x dynamic-axis sizes, bounded).
+    pub model_plans: Family<ModelLabel, Gauge>,
+    /// Plans built since load (a new size, or one evicted and needed again).
+    pub model_plan_builds: Family<ModelLabel, Gauge>,
+    pub model_plan_evictions: Family<ModelLabel, Gauge>,
     pub overloaded: Counter,
     pub samples: Family<ModelSource, Counter>,
     pub training_runs: Family<ModelOutcome, Counter>,
@@ -201,6 +206,9 @@ impl Metrics {
             memory_total_bytes: Gauge::default(),
             rss_bytes: Gauge::default(),
             model_info: Family::default(),
+            model_plans: Family::default(),
+            model_plan_builds: Family::default(),
+            model_plan_evictions: Family::default(),
             profile_stage_seconds: Family::default(),
             latency_p95_seconds: Family::default(),
             overloaded: Counter::default(),
@@ -324,6 +332,21 @@ impl Metrics {
             "model_info",
             "Models in the registry (1 per name, version, state)",
             self.model_info.clone(),
+        );
+        r.register(
+            "model_plans",
+            "tract plans held per model (batch and dynamic-axis sizes; at most dai_infer::model::MAX_PLANS)",
+            self.model_plans.clone(),
+        );
+        r.register(
+            "model_plan_builds",
+            "tract plans built per model since it loaded",
+            self.model_plan_builds.clone(),
+        );
+        r.register(
+            "model_plan_evictions",
+            "tract plans dropped per model (least recently used, over the bound)",
+            self.model_plan_evictions.clone(),
         );
         r.register(
             "profile_stage_seconds",

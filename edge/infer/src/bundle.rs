@@ -44,8 +44,27 @@ pub struct TensorSpec {
     pub onnx_name: Option<String>,
     pub dtype: DType,
     /// Per-request shape; with batching, axis 0 is the row count (usually 1).
+    /// A dynamic axis holds the size used where a request cannot say one
+    /// (raw bodies).
     pub shape: Vec<usize>,
+    /// Input axes a request may size within bounds (an OCR line's width, an
+    /// audio chunk's length): each size gets a plan of its own, cached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dynamic: Vec<DynamicAxis>,
 }
+
+/// One input axis served at any size in `min..=max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicAxis {
+    pub axis: usize,
+    pub min: usize,
+    pub max: usize,
+}
+
+/// The largest size a dynamic axis may declare (a request's bytes are
+/// bounded by the body limit as well).
+pub const MAX_DYNAMIC_SIZE: usize = 1 << 20;
 
 impl TensorSpec {
     pub fn onnx_name(&self) -> &str {
@@ -439,6 +458,44 @@ impl Manifest {
                 if specs[..i].iter().any(|o| o.name == s.name) {
                     return Err(format!("{kind}[{i}]: duplicate name {:?}", s.name));
                 }
+                self.check_dynamic(kind, i, s)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `dynamic` axes: inputs only, inside the shape, not the batch axis,
+    /// each once, `1 <= min <= shape[axis] <= max <= MAX_DYNAMIC_SIZE`; and
+    /// no dynamic batching (requests of different sizes cannot be merged).
+    fn check_dynamic(&self, kind: &str, i: usize, s: &TensorSpec) -> Result<(), String> {
+        if s.dynamic.is_empty() {
+            return Ok(());
+        }
+        let at = format!("{kind}[{i}] {:?}: dynamic", s.name);
+        if kind != "inputs" {
+            return Err(format!("{at}: only inputs have dynamic axes"));
+        }
+        if self.batching && self.dynamic_batching {
+            return Err(format!(
+                "{at}: needs dynamic_batching = false (requests of different sizes cannot be merged)"
+            ));
+        }
+        for (j, d) in s.dynamic.iter().enumerate() {
+            if d.axis >= s.shape.len() || (self.batching && d.axis == 0) {
+                return Err(format!(
+                    "{at}[{j}]: axis {} is not a non-batch axis of shape {:?}",
+                    d.axis, s.shape
+                ));
+            }
+            if s.dynamic[..j].iter().any(|o| o.axis == d.axis) {
+                return Err(format!("{at}[{j}]: axis {} listed twice", d.axis));
+            }
+            let size = s.shape[d.axis];
+            if d.min == 0 || d.min > size || size > d.max || d.max > MAX_DYNAMIC_SIZE {
+                return Err(format!(
+                    "{at}[{j}]: expected 1 <= min ({}) <= shape[{}] ({size}) <= max ({}) <= {MAX_DYNAMIC_SIZE}",
+                    d.min, d.axis, d.max
+                ));
             }
         }
         Ok(())

@@ -328,6 +328,7 @@ mod tests {
             onnx_name: None,
             dtype,
             shape: shape.to_vec(),
+            dynamic: Vec::new(),
         }
     }
 

@@ -6,6 +6,9 @@
 //! not at the first request). Batching models get further plans for batch
 //! sizes rounded up to a power of two, built on first use and kept; rows
 //! that do not fill a plan are zero-padded and dropped from the answer.
+//! Inputs with `dynamic` axes get a plan per size a request brings (tract
+//! optimises best for concrete shapes); the plans live in a bounded LRU
+//! ([`MAX_PLANS`]) whose builds and evictions are counted ([`PlanStats`]).
 
 use crate::bundle::{Bundle, Preprocess, TensorSpec};
 use crate::tensor::{DType, Data, TensorData};
@@ -15,6 +18,57 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 
 type Plan = Arc<TypedRunnableModel>;
+
+/// Plans one model keeps (batch sizes x dynamic sizes); the least recently
+/// used goes first. A plan holds tract's optimised copy of the graph.
+pub const MAX_PLANS: usize = 16;
+
+/// The plan cache's figures, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PlanStats {
+    pub cached: usize,
+    pub builds: u64,
+    pub hits: u64,
+    pub evictions: u64,
+}
+
+/// Plans by key (rows, then each dynamic axis's size in manifest order),
+/// least recently used first in `order`.
+#[derive(Debug, Default)]
+struct PlanCache {
+    map: HashMap<Vec<usize>, Plan>,
+    order: std::collections::VecDeque<Vec<usize>>,
+    stats: PlanStats,
+}
+
+impl PlanCache {
+    fn get(&mut self, key: &[usize]) -> Option<Plan> {
+        let plan = self.map.get(key)?.clone();
+        if let Some(pos) = self.order.iter().position(|k| k == key) {
+            let k = self.order.remove(pos);
+            self.order.extend(k);
+        }
+        self.stats.hits += 1;
+        Some(plan)
+    }
+
+    fn insert(&mut self, key: Vec<usize>, plan: Plan) {
+        self.stats.builds += 1;
+        if self.map.insert(key.clone(), plan).is_none() {
+            self.order.push_back(key);
+        }
+        while self.map.len() > MAX_PLANS {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                    self.stats.evictions += 1;
+                }
+                None => break,
+            }
+        }
+        self.stats.cached = self.map.len();
+    }
+}
 
 /// Why a model cannot be loaded or run.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -63,7 +117,7 @@ pub struct LoadedModel {
     /// Manifest input spec index -> position in tract's input list.
     input_order: Vec<usize>,
     graph: InferenceModel,
-    plans: Mutex<HashMap<usize, Plan>>,
+    plans: Mutex<PlanCache>,
     /// Estimated resident size (bytes) used against memory_limit_mb.
     pub estimated_bytes: u64,
     pub max_batch: usize,
@@ -179,10 +233,11 @@ impl LoadedModel {
             bundle,
             input_order,
             graph,
-            plans: Mutex::new(HashMap::new()),
+            plans: Mutex::new(PlanCache::default()),
             max_batch: max_batch.max(1),
         };
-        model.plan(1)?;
+        let sizes = model.default_sizes();
+        model.plan(1, &sizes)?;
         Ok(model)
     }
 
@@ -258,32 +313,81 @@ impl LoadedModel {
         self.bundle.manifest.batching
     }
 
-    /// Plan for `rows` request rows (rounded up to a power of two).
-    fn plan(&self, rows: usize) -> Result<(Plan, usize), ModelError> {
+    /// The plan cache's figures.
+    pub fn plan_stats(&self) -> PlanStats {
+        self.plans.lock().stats
+    }
+
+    /// Whether any input has dynamic axes.
+    pub fn has_dynamic_axes(&self) -> bool {
+        self.bundle
+            .manifest
+            .inputs
+            .iter()
+            .any(|s| !s.dynamic.is_empty())
+    }
+
+    /// The manifest's size of every dynamic axis, in manifest order.
+    fn default_sizes(&self) -> Vec<usize> {
+        self.bundle
+            .manifest
+            .inputs
+            .iter()
+            .flat_map(|s| s.dynamic.iter().map(|d| s.shape[d.axis]))
+            .collect()
+    }
+
+    /// The size of every dynamic axis in prepared `inputs` (manifest order).
+    fn sizes_of(&self, inputs: &[&TensorData]) -> Vec<usize> {
+        self.bundle
+            .manifest
+            .inputs
+            .iter()
+            .zip(inputs)
+            .flat_map(|(s, t)| {
+                s.dynamic
+                    .iter()
+                    .map(|d| t.shape.get(d.axis).copied().unwrap_or(0))
+            })
+            .collect()
+    }
+
+    /// Plan for `rows` request rows (rounded up to a power of two) at the
+    /// dynamic axes' `sizes`.
+    fn plan(&self, rows: usize, sizes: &[usize]) -> Result<(Plan, usize), ModelError> {
         let rows = if self.batching() {
             rows.next_power_of_two()
         } else {
             1
         };
-        if let Some(p) = self.plans.lock().get(&rows) {
-            return Ok((p.clone(), rows));
+        let mut key = Vec::with_capacity(1 + sizes.len());
+        key.push(rows);
+        key.extend_from_slice(sizes);
+        if let Some(p) = self.plans.lock().get(&key) {
+            return Ok((p, rows));
         }
-        let plan = self.build_plan(rows)?;
-        self.plans.lock().insert(rows, plan.clone());
+        let plan = self.build_plan(rows, sizes)?;
+        self.plans.lock().insert(key, plan.clone());
         Ok((plan, rows))
     }
 
-    fn build_plan(&self, rows: usize) -> Result<Plan, ModelError> {
+    fn build_plan(&self, rows: usize, sizes: &[usize]) -> Result<Plan, ModelError> {
         let err = |e: TractError| ModelError::Load {
             model: self.name().to_string(),
             path: self.bundle.model_path().display().to_string(),
             message: format!("optimising for batch {rows}: {e:#}"),
         };
         let mut g = self.graph.clone();
+        let mut sizes = sizes.iter();
         for (spec, &pos) in self.bundle.manifest.inputs.iter().zip(&self.input_order) {
             let mut shape = spec.shape.clone();
             if self.batching() {
                 shape[0] = rows;
+            }
+            for d in &spec.dynamic {
+                if let Some(&n) = sizes.next() {
+                    shape[d.axis] = n;
+                }
             }
             g.set_input_fact(pos, InferenceFact::dt_shape(tract_dt(spec.dtype), shape))
                 .map_err(err)?;
@@ -386,7 +490,7 @@ impl LoadedModel {
             model: self.name().to_string(),
             message,
         };
-        let (plan, plan_rows) = self.plan(rows)?;
+        let (plan, plan_rows) = self.plan(rows, &self.sizes_of(inputs))?;
         let mut tract_inputs: Vec<Option<TValue>> = vec![None; inputs.len()];
         for (t, &pos) in inputs.iter().zip(&self.input_order) {
             let padded;
@@ -429,19 +533,31 @@ fn check_shape(m: &LoadedModel, spec: &TensorSpec, t: &TensorData) -> Result<(),
             spec.dtype
         )));
     }
-    let ok = if m.batching() {
-        t.shape.len() == spec.shape.len() && t.shape[1..] == spec.shape[1..] && t.rows() >= 1
-    } else {
-        t.shape == spec.shape
+    // Every axis as the manifest says, except the batch axis (any row
+    // count) and dynamic axes (within their bounds).
+    let fits = |axis: usize, n: usize| {
+        if m.batching() && axis == 0 {
+            return n >= 1;
+        }
+        match spec.dynamic.iter().find(|d| d.axis == axis) {
+            Some(d) => (d.min..=d.max).contains(&n),
+            None => spec.shape.get(axis) == Some(&n),
+        }
     };
+    let ok =
+        t.shape.len() == spec.shape.len() && t.shape.iter().enumerate().all(|(a, &n)| fits(a, n));
     if !ok {
-        let expected = if m.batching() {
-            let mut s: Vec<String> = spec.shape.iter().map(|d| d.to_string()).collect();
-            s[0] = "N".into();
-            format!("[{}]", s.join(", "))
-        } else {
-            format!("{:?}", spec.shape)
-        };
+        let dims: Vec<String> = spec
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(a, d)| match spec.dynamic.iter().find(|x| x.axis == a) {
+                _ if m.batching() && a == 0 => "N".to_string(),
+                Some(x) => format!("{}..{}", x.min, x.max),
+                None => d.to_string(),
+            })
+            .collect();
+        let expected = format!("[{}]", dims.join(", "));
         return Err(ModelError::BadInput(format!(
             "input {:?}: shape {:?} but the model expects {expected}",
             spec.name, t.shape

@@ -57,6 +57,7 @@ fn inputs(rows: usize) -> impl Strategy<Value = Vec<(TensorSpec, TensorData)>> {
                                 onnx_name: None,
                                 dtype,
                                 shape: spec_shape,
+                                dynamic: Vec::new(),
                             },
                             TensorData::new(shape.clone(), d).expect("consistent"),
                         )

@@ -186,6 +186,7 @@ fn bundle(a: BundleArgs) -> anyhow::Result<()> {
             version: a.model_version,
             description: a.description,
             shapes: a.input_shape.into_iter().collect(),
+            dynamic: a.dynamic,
             labels,
             normalize,
             scale: a.scale,

@@ -119,6 +119,11 @@ struct BundleArgs {
     /// (repeatable); a symbolic axis 0 is the batch axis and needs none.
     #[arg(long = "input-shape", value_parser = dai_models::runner::parse_shape_override)]
     input_shape: Vec<(String, Vec<usize>)>,
+    /// Serve an input axis at any size within bounds: NAME:AXIS=MIN..MAX,
+    /// e.g. input1:3=16..1024 (repeatable; the probe runs at MIN unless
+    /// --input-shape says otherwise, and tract is run at both bounds).
+    #[arg(long, value_parser = parse_dynamic)]
+    dynamic: Vec<(String, usize, usize, usize)>,
     /// A text file with one class label per line (as many as the first
     /// output's last axis).
     #[arg(long)]
@@ -154,6 +159,16 @@ struct BundleArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `NAME:AXIS=MIN..MAX` of `bundle --dynamic`.
+fn parse_dynamic(s: &str) -> Result<(String, usize, usize, usize), String> {
+    let bad = || format!("--dynamic {s:?}: expected NAME:AXIS=MIN..MAX, e.g. input1:3=16..1024");
+    let (head, range) = s.rsplit_once('=').ok_or_else(bad)?;
+    let (name, axis) = head.rsplit_once(':').ok_or_else(bad)?;
+    let (min, max) = range.split_once("..").ok_or_else(bad)?;
+    let num = |v: &str| v.trim().parse::<usize>().map_err(|_| bad());
+    Ok((name.to_string(), num(axis)?, num(min)?, num(max)?))
 }
 
 #[derive(clap::Args, Debug)]

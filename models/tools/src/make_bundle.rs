@@ -13,7 +13,7 @@ use crate::ToolError;
 use crate::ort;
 use crate::proto;
 use crate::runner::{self, InputSpec, Runner, Tensor};
-use dai_infer::bundle::{Bundle, Manifest, ModelFile, Preprocess, TensorSpec};
+use dai_infer::bundle::{Bundle, DynamicAxis, Manifest, ModelFile, Preprocess, TensorSpec};
 use dai_infer::{DType, Data, TensorData};
 use dai_onnx::pb;
 use serde::Serialize;
@@ -28,6 +28,8 @@ pub struct BundleOptions {
     pub description: String,
     /// Concrete shapes for inputs with symbolic axes (beyond a batch axis 0).
     pub shapes: HashMap<String, Vec<usize>>,
+    /// Axes served at any size within bounds: (input, axis, min, max).
+    pub dynamic: Vec<(String, usize, usize, usize)>,
     pub labels: Vec<String>,
     /// Per-channel mean and std (one value = every channel) for u8 requests.
     pub normalize: Option<(Vec<f32>, Vec<f32>)>,
@@ -66,6 +68,8 @@ pub struct BundleReport {
     /// Per-row latency at batch 1 and batch 8, ms (when batching).
     pub per_row_ms: Option<(f64, f64)>,
     pub ignore_value_info: bool,
+    /// Dynamic axes run at both bounds in tract: "x axis 3 at 16 and 1024".
+    pub dynamic_checked: Vec<String>,
     /// max |daemon path - tract probe| on the probe input.
     pub max_abs_diff_daemon: f32,
     pub max_abs_diff_onnxruntime: Option<f32>,
@@ -133,8 +137,26 @@ pub fn unsupported_ops(g: &pb::GraphProto) -> BTreeMap<String, (String, usize)> 
 fn input_specs(
     model: &pb::ModelProto,
     shapes: &HashMap<String, Vec<usize>>,
+    dynamic: &[(String, usize, usize, usize)],
 ) -> Result<(Vec<InputSpec>, bool), ToolError> {
-    let (specs, _) = runner::input_specs(model, shapes)?;
+    let (mut specs, _) = runner::input_specs(model, shapes)?;
+    for (name, axis, min, _) in dynamic {
+        let spec = specs.iter_mut().find(|s| &s.name == name).ok_or_else(|| {
+            ToolError::Refused(format!("--dynamic {name}: the model has no input {name:?}"))
+        })?;
+        let rank = spec.shape.len();
+        let size = spec.shape.get_mut(*axis).filter(|_| *axis > 0).ok_or_else(|| {
+            ToolError::Refused(format!(
+                "--dynamic {name}:{axis}: input {name:?} has axes 1..{} besides the batch axis 0",
+                rank.saturating_sub(1)
+            ))
+        })?;
+        if !shapes.contains_key(name) {
+            *size = *min;
+        }
+    }
+    let is_dynamic =
+        |name: &str, axis: usize| dynamic.iter().any(|(n, a, _, _)| n == name && *a == axis);
     let mut batch_axis_symbolic = true;
     for v in proto::real_inputs(proto::graph(model)) {
         let (_, dims, names) = proto::value_shape(v);
@@ -144,7 +166,12 @@ fn input_specs(
         if shapes.contains_key(&v.name) {
             continue;
         }
-        if let Some(axis) = dims.iter().skip(1).position(Option::is_none) {
+        if let Some(axis) = dims
+            .iter()
+            .enumerate()
+            .skip(1)
+            .position(|(a, d)| d.is_none() && !is_dynamic(&v.name, a))
+        {
             let axis = axis + 1;
             let example: Vec<String> = dims
                 .iter()
@@ -248,6 +275,40 @@ fn measure_batching(
     Ok((true, Some((t1, t8))))
 }
 
+/// Run the model in tract with each dynamic axis at its minimum and at its
+/// maximum (the others at their probe sizes): a bound it cannot run at is
+/// refused here, not at a device's first request.
+fn check_dynamic(
+    model: &pb::ModelProto,
+    specs: &[InputSpec],
+    ivi: bool,
+    dynamic: &[(String, usize, usize, usize)],
+) -> Result<Vec<String>, ToolError> {
+    let mut checked = Vec::new();
+    for (name, axis, min, max) in dynamic {
+        if min > max || *min == 0 {
+            return Err(ToolError::Refused(format!(
+                "--dynamic {name}:{axis}={min}..{max}: expected 1 <= MIN <= MAX"
+            )));
+        }
+        for size in [*min, *max] {
+            let mut at = specs.to_vec();
+            if let Some(s) = at.iter_mut().find(|s| &s.name == name) {
+                s.shape[*axis] = size;
+            }
+            let ran = Runner::new(model, &at, ivi, None)
+                .and_then(|r| runner::synthetic_inputs(&at, 3).and_then(|inputs| r.run(&inputs)));
+            if let Err(e) = ran {
+                return Err(ToolError::Refused(format!(
+                    "--dynamic {name}:{axis}: the model does not run with axis {axis} = {size}: {e}"
+                )));
+            }
+        }
+        checked.push(format!("{name} axis {axis} at {min} and {max}"));
+    }
+    Ok(checked)
+}
+
 /// Convert a probe tensor for the daemon's API.
 fn to_tensordata(t: &Tensor, dtype: DType) -> Result<TensorData, ToolError> {
     let v = runner::values_f32(t)?;
@@ -287,7 +348,7 @@ pub fn bundle(file: &Path, opts: &BundleOptions) -> Result<BundleReport, ToolErr
             list.join(", ")
         )));
     }
-    let (specs, batch_symbolic) = input_specs(&model, &opts.shapes)?;
+    let (specs, batch_symbolic) = input_specs(&model, &opts.shapes, &opts.dynamic)?;
     let mut notes = Vec::new();
     let (runner, ivi) = match Runner::new(&model, &specs, false, None) {
         Ok(r) => (r, false),
@@ -313,7 +374,10 @@ pub fn bundle(file: &Path, opts: &BundleOptions) -> Result<BundleReport, ToolErr
         notes.push("batching off: the inputs' axis 0 is fixed by the file".into());
         (false, None)
     };
-    let dynamic_batching = per_row_ms.is_some_and(|(one, eight)| eight < 0.8 * one);
+    let dynamic_checked = check_dynamic(&model, &specs, ivi, &opts.dynamic)?;
+    // Requests of different sizes cannot be merged into one run.
+    let dynamic_batching =
+        opts.dynamic.is_empty() && per_row_ms.is_some_and(|(one, eight)| eight < 0.8 * one);
     check_labels(&opts.labels, &outputs)?;
     let manifest = manifest(
         opts,
@@ -353,6 +417,7 @@ pub fn bundle(file: &Path, opts: &BundleOptions) -> Result<BundleReport, ToolErr
         dynamic_batching,
         per_row_ms,
         ignore_value_info: ivi,
+        dynamic_checked,
         max_abs_diff_daemon,
         max_abs_diff_onnxruntime,
         onnxruntime,
@@ -426,6 +491,12 @@ fn manifest(
                 name,
                 dtype: dtype_of(s.elem, &format!("input {:?}", s.name))?,
                 shape: s.shape.clone(),
+                dynamic: opts
+                    .dynamic
+                    .iter()
+                    .filter(|(n, ..)| n == &s.name)
+                    .map(|&(_, axis, min, max)| DynamicAxis { axis, min, max })
+                    .collect(),
             })
         })
         .collect::<Result<Vec<_>, ToolError>>()?;
@@ -437,6 +508,7 @@ fn manifest(
                 name: o.name.clone(),
                 dtype: o.dtype,
                 shape: o.probed.clone(),
+                dynamic: Vec::new(),
             })
         })
         .collect::<Result<Vec<_>, ToolError>>()?;
@@ -627,6 +699,9 @@ impl BundleReport {
             "batching    {}; dynamic batching {}{timing}",
             self.batching, self.dynamic_batching
         );
+        for d in &self.dynamic_checked {
+            let _ = writeln!(s, "dynamic     {d}: runs");
+        }
         let _ = writeln!(
             s,
             "verified    daemon loader max |diff| {:.2e}; {}{}",

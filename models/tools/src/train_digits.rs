@@ -188,6 +188,7 @@ pub(crate) fn row_spec(name: &str, width: usize) -> TensorSpec {
         onnx_name: None,
         dtype: DType::F32,
         shape: vec![1, width],
+        dynamic: Vec::new(),
     }
 }
 

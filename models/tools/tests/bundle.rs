@@ -254,3 +254,96 @@ fn the_zoo_cnn_bundled_from_its_bare_onnx_file_answers_like_the_zoo_bundle() {
         .fold(0.0f32, f32::max);
     assert!(d < 1e-6, "bundled and zoo answers differ by {d}");
 }
+
+/// Load `dir` as the daemon does.
+fn load(dir: &Path) -> dai_infer::LoadedModel {
+    let bundle = dai_infer::Bundle::open(dir).expect("the daemon opens the bundle");
+    dai_infer::LoadedModel::load(bundle, 8).expect("the daemon loads it")
+}
+
+fn answer(m: &dai_infer::LoadedModel, shape: Vec<usize>, x: Vec<f32>) -> Result<Vec<f32>, String> {
+    let t = dai_infer::TensorData::new(shape, dai_infer::Data::F32(x)).expect("tensor");
+    let (prepared, rows) = m
+        .prepare(HashMap::from([("x".to_string(), t)]))
+        .map_err(|e| e.to_string())?;
+    let refs: Vec<_> = prepared.iter().collect();
+    let out = m.run(&refs, rows).map_err(|e| e.to_string())?;
+    match &out[0].data {
+        dai_infer::Data::F32(v) => Ok(v.clone()),
+        other => Err(format!("f32 expected, got {other:?}")),
+    }
+}
+
+#[test]
+fn a_dynamic_width_is_served_at_any_size_within_its_bounds_with_a_bounded_plan_cache() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("line.onnx");
+    make_model(&model, "Relu");
+    let out = tmp.path().join("line");
+    let r = json_cli(&[
+        "bundle",
+        model.to_str().expect("utf8"),
+        "-o",
+        out.to_str().expect("utf8"),
+        "--dynamic",
+        "x:2=4..64",
+        "--json",
+    ]);
+    assert_eq!(
+        r["dynamic_checked"],
+        serde_json::json!(["x axis 2 at 4 and 64"])
+    );
+    assert_eq!(r["dynamic_batching"], false);
+    let manifest = dai_infer::Bundle::read_manifest(&out).expect("manifest");
+    assert_eq!(manifest.inputs[0].shape, vec![1, 4, 4]);
+    assert_eq!(
+        manifest.inputs[0].dynamic,
+        vec![dai_infer::bundle::DynamicAxis {
+            axis: 2,
+            min: 4,
+            max: 64
+        }]
+    );
+
+    let m = load(&out);
+    for (rows, width) in [(1, 7), (3, 33), (1, 64), (2, 4)] {
+        let x: Vec<f32> = (0..rows * 4 * width)
+            .map(|i| ((i * 13) % 17) as f32 - 8.0)
+            .collect();
+        let y = answer(&m, vec![rows, 4, width], x.clone()).expect("served");
+        assert_eq!(y, expected(&x, width), "rows {rows} width {width}");
+    }
+    let e = answer(&m, vec![1, 4, 65], vec![0.0; 260]).expect_err("over the bound");
+    assert!(
+        e.contains("shape [1, 4, 65] but the model expects [N, 4, 4..64]"),
+        "{e}"
+    );
+    let e = answer(&m, vec![1, 3, 10], vec![0.0; 30]).expect_err("a fixed axis");
+    assert!(e.contains("[N, 4, 4..64]"), "{e}");
+
+    // More sizes than the cache holds: it stays bounded, answers stay right.
+    for width in 4..(5 + dai_infer::model::MAX_PLANS) {
+        answer(&m, vec![1, 4, width], vec![1.0; 4 * width]).expect("served");
+    }
+    let stats = m.plan_stats();
+    assert_eq!(stats.cached, dai_infer::model::MAX_PLANS);
+    assert!(stats.evictions >= 1, "{stats:?}");
+    let x: Vec<f32> = (0..28).map(|i| i as f32 - 14.0).collect();
+    assert_eq!(
+        answer(&m, vec![1, 4, 7], x.clone()).expect("served"),
+        expected(&x, 7)
+    );
+
+    // The manifest rules: dynamic axes cannot be merged by dynamic batching,
+    // and the default size must lie within the bounds.
+    let text = std::fs::read_to_string(out.join("manifest.toml")).expect("manifest");
+    let merged = text.replace("dynamic_batching = false", "dynamic_batching = true");
+    let e = dai_infer::bundle::parse_manifest(&merged).expect_err("refused");
+    assert!(e.contains("needs dynamic_batching = false"), "{e}");
+    let outside = text.replace("min = 4", "min = 5");
+    let e = dai_infer::bundle::parse_manifest(&outside).expect_err("refused");
+    assert!(
+        e.contains("expected 1 <= min (5) <= shape[2] (4) <= max (64)"),
+        "{e}"
+    );
+}

@@ -78,6 +78,19 @@ fn sync_gauges(app: &App) {
         }
     }
     for info in inference.runtime.models() {
+        if let Some(lm) = &info.model {
+            let label = metrics::ModelLabel {
+                model: info.name.clone(),
+            };
+            let p = lm.plan_stats();
+            m.model_plans.get_or_create(&label).set(p.cached as i64);
+            m.model_plan_builds
+                .get_or_create(&label)
+                .set(p.builds as i64);
+            m.model_plan_evictions
+                .get_or_create(&label)
+                .set(p.evictions as i64);
+        }
         if let Some(p95) = inference.stats.figures(&info.name).latency_ms.p95 {
             m.latency_p95_seconds
                 .get_or_create(&metrics::ModelLabel {
@@ -91,7 +104,13 @@ fn sync_gauges(app: &App) {
 fn specs_json(specs: &[dai_infer::TensorSpec]) -> Value {
     specs
         .iter()
-        .map(|s| json!({ "name": s.name, "dtype": s.dtype, "shape": s.shape }))
+        .map(|s| {
+            let mut v = json!({ "name": s.name, "dtype": s.dtype, "shape": s.shape });
+            if !s.dynamic.is_empty() {
+                v["dynamic"] = json!(s.dynamic);
+            }
+            v
+        })
         .collect()
 }
 
