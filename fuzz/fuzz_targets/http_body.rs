@@ -14,6 +14,7 @@ fn spec(name: &str, dtype: DType, shape: &[usize]) -> TensorSpec {
         onnx_name: None,
         dtype,
         shape: shape.to_vec(),
+        dynamic: Vec::new(),
     }
 }
 
