@@ -361,6 +361,9 @@ pub struct DaemonConfig {
     pub queue_capacity: usize,
     /// Largest request body, MiB.
     pub max_body_mb: u64,
+    /// Largest bundle archive `POST /v1/models` accepts, MiB; also the most
+    /// its files may unpack to.
+    pub max_upload_mb: u64,
     /// Requests with bodies over 1 MiB that may be read and run at once;
     /// more wait (up to 30 s, then 503). Bounds the memory of concurrent
     /// large requests under the unit's `MemoryMax=`.
@@ -391,6 +394,7 @@ impl Default for DaemonConfig {
             max_batch_wait_ms: 2,
             queue_capacity: 64,
             max_body_mb: 16,
+            max_upload_mb: 512,
             max_concurrent_bodies: 2,
             hot_reload_interval_sec: 2,
             resource_interval_sec: 2,

@@ -38,6 +38,7 @@
 pub mod error;
 pub mod handles;
 pub mod http;
+pub mod install;
 pub mod metrics;
 pub mod resources;
 pub mod sensors;
@@ -211,6 +212,15 @@ impl Daemon {
             store.clone(),
             sensors.events(),
         );
+        let installer = Arc::new(install::Installer::new(
+            &config.daemon.data_dir,
+            config.daemon.max_upload_mb * 1024 * 1024,
+        ));
+        installer.clean_incoming();
+        // Installed bundles load after the shipped ones, so an installed
+        // version replaces its namesake.
+        let mut dirs = dirs;
+        dirs.extend(installer.bundle_dirs());
         load_bundles(&config, dirs, &inference, &store).await;
         inference.refresh_model_info();
         let tr = training.clone();
@@ -226,6 +236,7 @@ impl Daemon {
             .set(dai_store::quarantine::quarantined(&config.daemon.data_dir).len() as i64);
         let app = Arc::new(http::App {
             heavy,
+            installer,
             store_quarantine,
             config,
             inference,

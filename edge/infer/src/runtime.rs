@@ -273,6 +273,41 @@ impl Runtime {
         }
     }
 
+    /// Load the bundle in `dir` without touching the registry: what an
+    /// install verifies (checksums, tract load, memory budget as if it
+    /// replaced its namesake) before anything switches. Blocking.
+    pub fn prepare(&self, dir: &Path) -> Result<Arc<LoadedModel>, String> {
+        let name = Bundle::read_manifest(dir).map_err(|e| e.to_string())?.name;
+        self.try_load(dir, &name)
+    }
+
+    /// Serve `model` (from [`Runtime::prepare`]) under its name, its bundle
+    /// watched at `dir` (hot reload) from now on; replaces its namesake.
+    pub fn install(&self, dir: &Path, model: Arc<LoadedModel>, load_ms: f64) -> LoadEvent {
+        let name = model.name().to_string();
+        let event = LoadEvent::Loaded {
+            name: name.clone(),
+            version: model.version().to_string(),
+            sha256: model.bundle.model_sha256.clone(),
+            dir: dir.to_path_buf(),
+            load_ms,
+        };
+        self.slots.write().insert(
+            name.clone(),
+            Slot {
+                dir: dir.to_path_buf(),
+                state: SlotState::Ready(model),
+                fingerprint: Fingerprint::of(dir),
+                loaded_at: SystemTime::now(),
+                reload_error: None,
+            },
+        );
+        if let Some(c) = &self.cache {
+            c.lock().invalidate_model(&name);
+        }
+        event
+    }
+
     fn try_load(&self, dir: &Path, name: &str) -> Result<Arc<LoadedModel>, String> {
         let bundle =
             Bundle::open_variant(dir, self.prefer_variant.as_deref()).map_err(|e| e.to_string())?;

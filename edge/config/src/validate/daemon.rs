@@ -52,6 +52,12 @@ pub(super) fn check(p: &mut Problems<'_>, d: &DaemonConfig) {
         "expected MiB in 1..=1024",
     );
     p.check(
+        (1..=4096).contains(&d.max_upload_mb),
+        "daemon.max_upload_mb",
+        d.max_upload_mb,
+        "expected MiB in 1..=4096",
+    );
+    p.check(
         (1..=64).contains(&d.max_concurrent_bodies),
         "daemon.max_concurrent_bodies",
         d.max_concurrent_bodies,

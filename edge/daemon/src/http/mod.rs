@@ -16,6 +16,9 @@
 //! - `POST /v1/models/{name}/train` ([`training`]): one training run now.
 //! - `GET /v1/models`, `GET /v1/models/{name}` ([`status`]): the registry
 //!   and manifests.
+//! - `POST /v1/models` ([`upload`]): a bundle archive (tar or tar.gz),
+//!   streamed to disk (at most `max_upload_mb`), verified, loaded next to
+//!   the others and persisted ([`crate::install`]); needs the API token.
 //! - `GET /v1/status` ([`status`]): live figures as JSON (what the status
 //!   page polls, and what snapshots store).
 //! - `GET /healthz`: the process answers; `GET /readyz`: 200 once a model
@@ -45,6 +48,7 @@ pub mod infer;
 mod oversize;
 pub mod status;
 pub mod training;
+pub mod upload;
 
 use crate::handles::{Inference, ShutdownFlag, StoreHandle};
 use crate::resources::Machine;
@@ -87,6 +91,8 @@ pub struct App {
     /// Permits for requests with large bodies (`daemon.max_concurrent_bodies`,
     /// [`oversize`]).
     pub heavy: Arc<tokio::sync::Semaphore>,
+    /// Where `POST /v1/models` installs bundles ([`crate::install`]).
+    pub installer: Arc<crate::install::Installer>,
     /// The corrupt store file moved aside at this start, if any.
     pub store_quarantine: Option<dai_store::Quarantine>,
 }
@@ -105,7 +111,7 @@ pub fn router(app: Arc<App>) -> Router {
     let api = guarded(
         Router::new()
             .route("/v1/status", get(status::status))
-            .route("/v1/models", get(status::models))
+            .route("/v1/models", get(status::models).post(upload::upload))
             .route("/v1/models/{name}", get(status::model_detail))
             .route("/v1/models/{name}/infer", post(infer::infer))
             .route("/v1/models/{name}/samples", post(training::samples))

@@ -35,7 +35,15 @@ pub(super) async fn limit_bodies(
     req: Request,
     next: Next,
 ) -> Response {
-    let limit = (app.config.daemon.max_body_mb * 1024 * 1024) as usize;
+    // A bundle upload streams to disk ([`super::upload`]): its own bound.
+    let upload = req.method() == axum::http::Method::POST && req.uri().path() == "/v1/models";
+    let (limit, key, mb) = if upload {
+        let mb = app.config.daemon.max_upload_mb;
+        ((mb * 1024 * 1024) as usize, "max_upload_mb", mb)
+    } else {
+        let mb = app.config.daemon.max_body_mb;
+        ((mb * 1024 * 1024) as usize, "max_body_mb", mb)
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -45,12 +53,9 @@ pub(super) async fn limit_bodies(
         let answer = super::ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!(
-                "request body of {len} bytes is larger than max_body_mb = {} MiB",
-                app.config.daemon.max_body_mb
-            ),
+            format!("request body of {len} bytes is larger than {key} = {mb} MiB"),
         );
-        if len <= limit.saturating_mul(MAX_DRAIN) {
+        if !upload && len <= limit.saturating_mul(MAX_DRAIN) {
             discard(req.into_body(), limit.saturating_mul(MAX_DRAIN)).await;
         }
         return answer.into_response();
