@@ -17,6 +17,7 @@ mod inference;
 mod lifecycle;
 mod memory_bound;
 mod metrics;
+mod model_publish;
 mod model_upload;
 mod mosquitto_acl;
 mod mosquitto_takeover;

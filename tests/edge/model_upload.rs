@@ -8,22 +8,8 @@ use crate::http_auth::{TOKEN, with_token};
 use crate::support::*;
 use serde_json::{Value, json};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// The zoo's digits bundle as version `version`, in `dir`.
-fn digits_v(dir: &Path, version: &str) -> PathBuf {
-    let b = copy_bundle("digits", dir);
-    let m = b.join("manifest.toml");
-    let text = std::fs::read_to_string(&m).expect("manifest");
-    assert!(text.contains("version = \"1.0.0\""), "zoo digits is 1.0.0");
-    std::fs::write(
-        &m,
-        text.replace("version = \"1.0.0\"", &format!("version = \"{version}\"")),
-    )
-    .expect("write manifest");
-    b
-}
 
 /// `tar -C BUNDLE -czf OUT .` (or without -z), the way a user packs one.
 fn pack(bundle: &Path, out: &Path, gzip: bool) -> Vec<u8> {
@@ -101,7 +87,7 @@ async fn an_uploaded_bundle_is_served_and_survives_a_restart() {
     assert_eq!(served_version(&d).await, "1.0.0");
 
     let archive = pack(
-        &digits_v(work.path(), "2.0.0"),
+        &digits_version(work.path(), "2.0.0", 0),
         &work.path().join("b.tgz"),
         true,
     );
@@ -131,7 +117,7 @@ async fn an_uploaded_bundle_is_served_and_survives_a_restart() {
     // A plain tar (no gzip) of version 3 replaces it again.
     let work3 = tempfile::tempdir().expect("tmp");
     let plain = pack(
-        &digits_v(work3.path(), "3.0.0"),
+        &digits_version(work3.path(), "3.0.0", 0),
         &work3.path().join("b.tar"),
         false,
     );
@@ -162,7 +148,11 @@ async fn bad_bundles_are_refused_and_the_old_version_keeps_serving() {
     })
     .await;
     let w = tempfile::tempdir().expect("tmp");
-    let good = pack(&digits_v(w.path(), "2.0.0"), &w.path().join("g.tar"), false);
+    let good = pack(
+        &digits_version(w.path(), "2.0.0", 0),
+        &w.path().join("g.tar"),
+        false,
+    );
     let (s, v) = upload(&open, good.clone(), None).await;
     assert_eq!(s, 403, "{v}");
     assert!(message(&v).contains("auth_token_file"), "{v}");
@@ -170,7 +160,7 @@ async fn bad_bundles_are_refused_and_the_old_version_keeps_serving() {
 
     // A tampered file: the head's bytes no longer match the manifest.
     let w = tempfile::tempdir().expect("tmp");
-    let b = digits_v(w.path(), "2.0.0");
+    let b = digits_version(w.path(), "2.0.0", 0);
     let head = b.join("head.safetensors");
     let mut bytes = std::fs::read(&head).expect("head");
     let last = bytes.len() - 1;
@@ -187,7 +177,7 @@ async fn bad_bundles_are_refused_and_the_old_version_keeps_serving() {
 
     // A model tract cannot load (checksum right, contents not ONNX).
     let w = tempfile::tempdir().expect("tmp");
-    let b = digits_v(w.path(), "2.0.0");
+    let b = digits_version(w.path(), "2.0.0", 0);
     let onnx = b.join("backbone.onnx");
     std::fs::remove_file(&onnx).expect("unlink");
     std::fs::write(&onnx, b"this is not an ONNX protobuf").expect("write");

@@ -583,6 +583,19 @@ fn only_the_aggregator_writes_globals_and_acks() {
         Payload::Retained("evil"),
     );
     b.publish_refused(&b.dev_a, "dev-a-pub", &ack_b, Payload::Message("forged"));
+    // Bundle offers and chunks are the aggregator's too.
+    b.publish_refused(
+        &b.dev_a,
+        "dev-a-pub",
+        &topic("model/digits/bundle"),
+        Payload::Retained("evil"),
+    );
+    b.publish_refused(
+        &b.dev_a,
+        "dev-a-pub",
+        &topic("dev/dev-b/chunk"),
+        Payload::Message("forged"),
+    );
 
     b.publish_ok(
         &b.aggregator,

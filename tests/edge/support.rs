@@ -254,6 +254,22 @@ pub fn copy_bundle(name: &str, dest: &Path) -> PathBuf {
     dst
 }
 
+/// The zoo's digits bundle copied into `dir` as version `version`, with a
+/// `notes.bin` of `pad` bytes when `pad > 0` (a bigger archive).
+pub fn digits_version(dir: &Path, version: &str, pad: usize) -> PathBuf {
+    let b = copy_bundle("digits", dir);
+    let m = b.join("manifest.toml");
+    let text = std::fs::read_to_string(&m).expect("manifest");
+    assert!(text.contains("version = \"1.0.0\""), "zoo digits is 1.0.0");
+    let text = text.replace("version = \"1.0.0\"", &format!("version = \"{version}\""));
+    std::fs::write(&m, text).expect("write manifest");
+    if pad > 0 {
+        let bytes: Vec<u8> = (0..pad).map(|i| (i * 7 % 253) as u8).collect();
+        std::fs::write(b.join("notes.bin"), bytes).expect("pad");
+    }
+    b
+}
+
 /// A silero-vad request whose audio is derived from `seed` (distinct inputs).
 pub fn silero_request(seed: u32) -> Value {
     let input: Vec<f32> = (0..576)

@@ -30,10 +30,13 @@
 //! - [`secure`]: a secure service from a fleet directory (identities,
 //!   the gated broker);
 //! - [`monitor`] and [`http`]: metrics, the status page, `/api/status`
-//!   and `/api/models`.
+//!   and `/api/models`;
+//! - [`publish`]: bundles offered to the fleet (`models publish`), stored
+//!   with their chunks in the state file; the intake signs the offers,
+//!   serves the chunks and records the devices' reports.
 //!
 //! The `dai-cloud` binary (`src/main.rs`, `src/cli.rs`): `keygen`, `run`,
-//! `models list|promote|rollback`.
+//! `models list|promote|rollback|publish|bundles`, `fleet`, `devices`.
 
 use dai_protocol::update::Update;
 
@@ -47,6 +50,7 @@ pub mod gate;
 pub mod http;
 pub mod intake;
 pub mod monitor;
+pub mod publish;
 pub mod secure;
 pub mod service;
 pub mod state;

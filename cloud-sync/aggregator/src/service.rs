@@ -494,6 +494,11 @@ impl Io<'_> {
                 }
                 Output::Ack { topic, payload, .. } => self.send(topic, false, payload),
                 Output::Global { topic, payload, .. } => self.send(topic, true, payload),
+                Output::Send {
+                    topic,
+                    retain,
+                    payload,
+                } => self.send(topic, retain, payload),
                 Output::Monitor(event) => self.monitor.apply(event),
             }
         }

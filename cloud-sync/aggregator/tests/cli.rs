@@ -162,3 +162,80 @@ fn an_auth_token_file_that_is_no_token_exits_64_naming_it() {
         );
     }
 }
+
+/// `models publish` on a state file: a bundle directory is checked and
+/// offered, a tampered one and a bad device name are refused with the
+/// reason, `models bundles` lists the (still empty) reports.
+#[test]
+fn models_publish_checks_the_bundle_and_offers_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("s.sqlite");
+    dai_cloud::state::State::open(&state).expect("state file");
+    let zoo = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/zoo/digits");
+    let bundle = dir.path().join("digits");
+    std::fs::create_dir(&bundle).expect("mkdir");
+    for f in [
+        "manifest.toml",
+        "head.safetensors",
+        "validation.safetensors",
+    ] {
+        std::fs::copy(format!("{zoo}/{f}"), bundle.join(f)).expect("copy");
+    }
+    let Ok(onnx) = std::fs::read(format!("{zoo}/backbone.onnx")) else {
+        panic!("models/zoo/digits/backbone.onnx missing (it is committed)");
+    };
+    std::fs::write(bundle.join("backbone.onnx"), &onnx).expect("onnx");
+    let publish = |extra: &[&str]| {
+        bin()
+            .args(["models", "--state"])
+            .arg(&state)
+            .arg("publish")
+            .arg(&bundle)
+            .args(extra)
+            .output()
+            .expect("publish")
+    };
+    let out = publish(&["--devices", "edge-0,edge-1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("digits 1.0.0") && text.contains("offered to edge-0, edge-1"),
+        "{text}"
+    );
+    let s = dai_cloud::state::State::open(&state).expect("state");
+    let offers = s.offers().expect("offers");
+    assert_eq!(offers.len(), 1);
+    assert_eq!(offers[0].targets.devices, ["edge-0", "edge-1"]);
+
+    let out = publish(&["--devices", "a/b"]);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "a bad device name is a usage error"
+    );
+
+    let mut bytes = onnx.clone();
+    bytes[10] ^= 1;
+    std::fs::write(bundle.join("backbone.onnx"), bytes).expect("tamper");
+    let out = publish(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("backbone.onnx") && err.contains("sha256"),
+        "{err}"
+    );
+
+    let out = bin()
+        .args(["models", "--state"])
+        .arg(&state)
+        .args(["bundles", "--json"])
+        .output()
+        .expect("bundles");
+    assert!(out.status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(rows, serde_json::json!([]), "no device reported yet");
+}

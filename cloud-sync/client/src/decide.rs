@@ -4,11 +4,12 @@
 //! without a broker.
 
 use dai_protocol::base::GlobalId;
+use dai_protocol::bundle::{Fetch, Offer};
 use dai_protocol::messages::Ack;
 use dai_protocol::signed::{self, Kind};
 use dai_protocol::topics::Topic;
 use ed25519_dalek::VerifyingKey;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest backoff factor between resends of one update (`2^6` = 64x the
 /// ack timeout).
@@ -69,6 +70,15 @@ pub(crate) enum Incoming {
     /// On a model's global topic; the payload is verified by the session
     /// (it needs the key and the version served).
     Global { model: String },
+    /// A bundle offer on `model`'s topic: verified (the aggregator's
+    /// signature for that topic) and parsed, or why not.
+    Offer {
+        model: String,
+        offer: Result<Offer, String>,
+    },
+    /// On the device's own chunk topic (checked against its offer by the
+    /// session).
+    Chunk,
     /// Anything else (a topic we did not subscribe to, or unparsable).
     Ignored,
 }
@@ -78,6 +88,8 @@ pub(crate) struct Trust<'a> {
     pub fleet: &'a str,
     /// This device's ack topic; an ack on any other is ignored.
     pub ack_topic: &'a str,
+    /// This device's chunk topic.
+    pub chunk_topic: &'a str,
     pub aggregator: &'a VerifyingKey,
 }
 
@@ -89,7 +101,97 @@ pub(crate) fn classify(topic: &str, payload: &[u8], trust: &Trust<'_>) -> Incomi
                 .map_err(|e| e.to_string()),
         ),
         Ok(Topic::Global { fleet, model }) if fleet == trust.fleet => Incoming::Global { model },
+        Ok(Topic::Bundle { fleet, model }) if fleet == trust.fleet => {
+            let offer = signed::open(Kind::Offer, trust.aggregator, trust.fleet, topic, payload)
+                .and_then(|body| Offer::from_bytes(body, &model))
+                .map_err(|e| e.to_string());
+            Incoming::Offer { model, offer }
+        }
+        Ok(Topic::Chunk { .. }) if topic == trust.chunk_topic => Incoming::Chunk,
         _ => Incoming::Ignored,
+    }
+}
+
+/// Chunks asked for at a time (each is at most 1 MiB).
+pub(crate) const WINDOW: u32 = 4;
+
+/// One bundle being fetched: which chunk comes next, how far the last
+/// fetch asked, when a chunk last came.
+#[derive(Debug, Clone)]
+pub(crate) struct Download {
+    pub offer: Offer,
+    pub next: u32,
+    asked_until: u32,
+    last_progress: Option<Instant>,
+}
+
+/// What to do with an arriving chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChunkVerdict {
+    /// The one expected next: check and take it.
+    Take,
+    /// A repeat or out of order (a fetch asked again): drop it.
+    Ignore,
+}
+
+impl Download {
+    pub fn new(offer: Offer, held: u32) -> Download {
+        Download {
+            offer,
+            next: held,
+            asked_until: held,
+            last_progress: None,
+        }
+    }
+
+    pub fn total(&self) -> u32 {
+        self.offer.chunks.len() as u32
+    }
+
+    pub fn complete(&self) -> bool {
+        self.next >= self.total()
+    }
+
+    /// The fetch to send now, if any: the next window once the last one
+    /// arrived, or the same window again when nothing came for `timeout`.
+    pub fn fetch_due(&mut self, now: Instant, timeout: Duration) -> Option<Fetch> {
+        if self.complete() {
+            return None;
+        }
+        let stalled = self
+            .last_progress
+            .is_none_or(|t| now.saturating_duration_since(t) >= timeout);
+        if self.next < self.asked_until && !stalled {
+            return None;
+        }
+        let count = WINDOW.min(self.total() - self.next);
+        self.asked_until = self.next + count;
+        self.last_progress = Some(now);
+        Some(Fetch {
+            sha256: self.offer.sha256.clone(),
+            from: self.next,
+            count,
+        })
+    }
+
+    pub fn verdict(&self, index: u32) -> ChunkVerdict {
+        if index == self.next && !self.complete() {
+            ChunkVerdict::Take
+        } else {
+            ChunkVerdict::Ignore
+        }
+    }
+
+    /// The expected chunk was taken.
+    pub fn advanced(&mut self, now: Instant) {
+        self.next += 1;
+        self.last_progress = Some(now);
+    }
+
+    /// The connection was lost: ask again on the next one.
+    pub fn reset(&mut self) {
+        self.asked_until = self.next;
+        self.last_progress = None;
     }
 }
 
@@ -99,6 +201,29 @@ mod tests {
     use dai_protocol::messages::AckStatus;
 
     const T: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_download_asks_window_by_window_and_again_when_stalled() {
+        let archive = vec![7u8; dai_protocol::bundle::CHUNK_BYTES * 5 + 1];
+        let offer = Offer::describe("m", "1", &archive, Default::default(), 0.0);
+        let mut d = Download::new(offer, 1);
+        let t0 = Instant::now();
+        let f = d.fetch_due(t0, T).expect("first fetch");
+        assert_eq!((f.from, f.count), (1, WINDOW));
+        assert!(d.fetch_due(t0, T).is_none(), "window outstanding");
+        assert_eq!(d.verdict(2), ChunkVerdict::Ignore, "out of order");
+        assert_eq!(d.verdict(1), ChunkVerdict::Take);
+        d.advanced(t0);
+        let again = d.fetch_due(t0 + T, T).expect("stalled: ask again");
+        assert_eq!((again.from, again.count), (2, WINDOW));
+        for i in 2..6 {
+            assert_eq!(d.verdict(i), ChunkVerdict::Take);
+            d.advanced(t0 + T);
+        }
+        assert!(d.complete());
+        assert!(d.fetch_due(t0 + T * 3, T).is_none());
+        assert_eq!(d.verdict(6), ChunkVerdict::Ignore);
+    }
 
     #[test]
     fn first_publish_is_always_due() {
@@ -182,9 +307,14 @@ mod tests {
         let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
         let forger = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
         let public = key.verifying_key();
+        let chunk_topic = topic(Topic::Chunk {
+            fleet: "f".into(),
+            device: "d".into(),
+        });
         let trust = Trust {
             fleet: "f",
             ack_topic: &ack_topic,
+            chunk_topic: &chunk_topic,
             aggregator: &public,
         };
         let bytes = ack.to_bytes();
@@ -230,5 +360,43 @@ mod tests {
             device: "d".into(),
         });
         assert!(matches!(classify(&status, b"", &trust), Incoming::Ignored));
+        // Bundle offers count only under the aggregator's signature for
+        // their own topic; chunks only on this device's topic.
+        let offer_topic = topic(Topic::Bundle {
+            fleet: "f".into(),
+            model: "m".into(),
+        });
+        let offer = Offer::describe("m", "2", b"archive", Default::default(), 0.0).to_bytes();
+        let good = signed::seal(Kind::Offer, &key, "f", &offer_topic, &offer);
+        match classify(&offer_topic, &good, &trust) {
+            Incoming::Offer { offer: Ok(o), .. } => assert_eq!(o.version, "2"),
+            other => panic!("{other:?}"),
+        }
+        for forged in [
+            offer.clone(),
+            signed::seal(Kind::Offer, &forger, "f", &offer_topic, &offer),
+            signed::seal(Kind::Ack, &key, "f", &offer_topic, &offer),
+            signed::seal(Kind::Offer, &key, "f", &global_topic, &offer),
+        ] {
+            assert!(
+                matches!(
+                    classify(&offer_topic, &forged, &trust),
+                    Incoming::Offer { offer: Err(_), .. }
+                ),
+                "forged offer accepted"
+            );
+        }
+        assert!(matches!(
+            classify(&chunk_topic, b"", &trust),
+            Incoming::Chunk
+        ));
+        let their_chunks = topic(Topic::Chunk {
+            fleet: "f".into(),
+            device: "e".into(),
+        });
+        assert!(matches!(
+            classify(&their_chunks, b"", &trust),
+            Incoming::Ignored
+        ));
     }
 }

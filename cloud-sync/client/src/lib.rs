@@ -18,6 +18,12 @@
 //!   applied only if newer in (epoch, version) order, so a new epoch's
 //!   version 1 replaces an old epoch's version 50; after each connect the device asks for newer
 //!   ones on `.../dev/{device}/want` (a cleared retained message heals);
+//! - bundle offers arrive retained on `.../model/{model}/bundle`, count
+//!   only if the aggregator signed them for that topic and target this
+//!   device; the chunks are fetched a few at a time on `.../dev/{d}/fetch`
+//!   (from what the edge already holds: resumable), arrive on
+//!   `.../dev/{d}/chunk`, are checked against the offer's chunk hashes and
+//!   handed to the edge, which reports on `.../dev/{d}/report`;
 //! - with [`UplinkConfig::tls`], the connection is mutual TLS (rustls,
 //!   ring; configs from `dai_trust::tls`);
 //! - a retained status heartbeat, with a last will saying "offline";
@@ -32,6 +38,7 @@ mod decide;
 mod session;
 
 use dai_protocol::base::GlobalId;
+use dai_protocol::bundle::{Offer, Report};
 use dai_protocol::global::GlobalModel;
 use dai_protocol::messages::{Ack, Status};
 use ed25519_dalek::VerifyingKey;
@@ -71,6 +78,29 @@ pub trait Edge: Send + Sync + 'static {
     fn events(&self, _max: usize) -> Vec<Vec<u8>> {
         Vec::new()
     }
+    /// Groups this device belongs to (bundle offers may target a group).
+    fn groups(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// A bundle offer signed by the aggregator and targeted at this
+    /// device: how many chunks the device already holds (the download
+    /// resumes there), or `None` when it wants none (done before).
+    fn bundle_offered(&self, _offer: &Offer) -> Option<u32> {
+        None
+    }
+    /// Chunk `index` of `offer`, already checked against the offer's list.
+    fn bundle_chunk(&self, _offer: &Offer, _index: u32, _data: &[u8]) -> Result<(), String> {
+        Err("this edge takes no bundles".into())
+    }
+    /// Every chunk of `offer` is held: verify and install it.
+    fn bundle_complete(&self, _offer: &Offer) {}
+    /// An offer on `model`'s topic was refused (`reason`: its signature
+    /// or contents).
+    fn bundle_refused(&self, _model: &str, _reason: &str) {}
+    /// Bundle reports waiting to be published (drained; at most `max`).
+    fn bundle_reports(&self, _max: usize) -> Vec<Report> {
+        Vec::new()
+    }
 }
 
 /// Uplink settings.
@@ -108,6 +138,11 @@ pub struct UplinkStats {
     pub republished: u64,
     /// Sensor events published.
     pub events: u64,
+    /// Bundle chunks received and taken.
+    pub bundle_chunks: u64,
+    /// Bundle offers refused (signature or contents) and chunks that did
+    /// not match their offer.
+    pub bundle_refused: u64,
 }
 
 fn backoff(cfg: &UplinkConfig, attempt: u32) -> Duration {

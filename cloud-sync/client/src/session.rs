@@ -4,7 +4,7 @@
 //! heartbeat) and connection loss. The decisions themselves are in
 //! [`crate::decide`]; this module only measures time and talks to rumqttc.
 
-use crate::decide::{self, GlobalVerdict, Incoming, Trust};
+use crate::decide::{self, ChunkVerdict, Download, GlobalVerdict, Incoming, Trust};
 use crate::{Edge, UplinkConfig, UplinkStats, backoff};
 use dai_protocol::base::GlobalId;
 use dai_protocol::messages::{Ack, AckStatus, Status, Want};
@@ -27,6 +27,9 @@ pub(crate) struct Topics {
     pub ack: String,
     pub event: String,
     pub want: String,
+    pub fetch: String,
+    pub chunk: String,
+    pub report: String,
 }
 
 impl Topics {
@@ -48,8 +51,23 @@ impl Topics {
             fleet: fleet.clone(),
             device: device.clone(),
         };
+        let fetch = Topic::Fetch {
+            fleet: fleet.clone(),
+            device: device.clone(),
+        };
+        let chunk = Topic::Chunk {
+            fleet: fleet.clone(),
+            device: device.clone(),
+        };
+        let report = Topic::Report {
+            fleet: fleet.clone(),
+            device: device.clone(),
+        };
         let want = Topic::Want { fleet, device };
         Some(Topics {
+            fetch: fetch.build().ok()?,
+            chunk: chunk.build().ok()?,
+            report: report.build().ok()?,
             status: status.build().ok()?,
             update: update.build().ok()?,
             ack: ack.build().ok()?,
@@ -106,6 +124,8 @@ pub(crate) struct Session {
     attempt: u32,
     /// `None`: no heartbeat on this connection yet, so one is due.
     last_heartbeat: Option<Instant>,
+    /// Bundles being fetched, by model name (a newer offer replaces one).
+    downloads: HashMap<String, Download>,
     pub stats: UplinkStats,
 }
 
@@ -127,6 +147,7 @@ impl Session {
             connected: false,
             attempt: 0,
             last_heartbeat: None,
+            downloads: HashMap::new(),
             stats: UplinkStats::default(),
         }
     }
@@ -141,6 +162,17 @@ impl Session {
         let _ = self
             .client
             .try_subscribe(&self.topics.ack, QoS::AtLeastOnce);
+        // Chunks first: the retained offers that follow start fetches.
+        let _ = self
+            .client
+            .try_subscribe(&self.topics.chunk, QoS::AtLeastOnce);
+        let _ = self.client.try_subscribe(
+            dai_protocol::topics::all_bundles(&self.cfg.fleet),
+            QoS::AtLeastOnce,
+        );
+        for d in self.downloads.values_mut() {
+            d.reset();
+        }
         for model in self.edge.models() {
             let topic = Topic::Global {
                 fleet: self.cfg.fleet.clone(),
@@ -174,6 +206,7 @@ impl Session {
         let trust = Trust {
             fleet: &self.cfg.fleet,
             ack_topic: &self.topics.ack,
+            chunk_topic: &self.topics.chunk,
             aggregator: &self.cfg.aggregator_key,
         };
         match decide::classify(topic, payload, &trust) {
@@ -184,6 +217,8 @@ impl Session {
                 tracing::warn!(error = %e, "ack refused; nothing deleted");
             }
             Incoming::Global { model } => self.on_global(&model, payload),
+            Incoming::Offer { model, offer } => self.on_offer(&model, offer),
+            Incoming::Chunk => self.on_chunk(payload),
             Incoming::Ignored => tracing::debug!(%topic, "ignored message"),
         }
     }
@@ -254,6 +289,104 @@ impl Session {
         }
     }
 
+    /// A bundle offer: refused unless the aggregator signed it; ignored
+    /// unless it targets this device; else fetched from what the edge
+    /// already holds.
+    fn on_offer(&mut self, model: &str, offer: Result<dai_protocol::bundle::Offer, String>) {
+        let offer = match offer {
+            Ok(o) => o,
+            Err(e) => {
+                self.stats.bundle_refused += 1;
+                tracing::warn!(%model, error = %e, "bundle offer refused");
+                self.edge.bundle_refused(model, &e);
+                return;
+            }
+        };
+        if !offer
+            .targets
+            .includes(&self.cfg.device, &self.edge.groups())
+        {
+            tracing::debug!(%model, "bundle offer for other devices");
+            return;
+        }
+        if self
+            .downloads
+            .get(model)
+            .is_some_and(|d| d.offer.sha256 == offer.sha256)
+        {
+            return;
+        }
+        let Some(held) = self.edge.bundle_offered(&offer) else {
+            self.downloads.remove(model);
+            return;
+        };
+        let d = Download::new(offer, held);
+        if d.complete() {
+            self.edge.bundle_complete(&d.offer);
+            return;
+        }
+        self.downloads.insert(model.to_string(), d);
+        self.fetch_due();
+    }
+
+    /// A chunk on this device's topic: taken if it is the next one of a
+    /// download and matches the offer's hash for it.
+    fn on_chunk(&mut self, payload: &[u8]) {
+        let chunk = match dai_protocol::bundle::Chunk::decode(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.bundle_refused += 1;
+                tracing::warn!(error = %e, "bundle chunk refused");
+                return;
+            }
+        };
+        let Some((model, d)) = self
+            .downloads
+            .iter_mut()
+            .find(|(_, d)| d.offer.sha256 == chunk.sha256)
+        else {
+            return;
+        };
+        if d.verdict(chunk.index) == ChunkVerdict::Ignore {
+            return;
+        }
+        if let Err(e) = d.offer.check_chunk(chunk.index, chunk.data) {
+            // Asked again when the window stalls.
+            self.stats.bundle_refused += 1;
+            tracing::warn!(%model, error = %e, "bundle chunk refused");
+            return;
+        }
+        if let Err(e) = self.edge.bundle_chunk(&d.offer, chunk.index, chunk.data) {
+            tracing::error!(%model, error = %e, "bundle chunk not kept; asking again later");
+            return;
+        }
+        self.stats.bundle_chunks += 1;
+        d.advanced(Instant::now());
+        if d.complete() {
+            let model = model.clone();
+            if let Some(d) = self.downloads.remove(&model) {
+                self.edge.bundle_complete(&d.offer);
+            }
+        } else {
+            self.fetch_due();
+        }
+    }
+
+    /// Fetches of every download that is due one.
+    fn fetch_due(&mut self) {
+        let now = Instant::now();
+        for d in self.downloads.values_mut() {
+            if let Some(f) = d.fetch_due(now, self.ack_timeout) {
+                let _ = self.client.try_publish(
+                    &self.topics.fetch,
+                    QoS::AtLeastOnce,
+                    false,
+                    f.to_bytes(),
+                );
+            }
+        }
+    }
+
     fn refuse_global(&mut self, model: &str, reason: &'static str) {
         self.stats.globals_refused += 1;
         self.edge.global_refused(model, reason);
@@ -264,6 +397,12 @@ impl Session {
         self.drain_outbox();
         self.publish_events();
         self.heartbeat();
+        self.fetch_due();
+        for r in self.edge.bundle_reports(PER_TICK) {
+            let _ =
+                self.client
+                    .try_publish(&self.topics.report, QoS::AtLeastOnce, false, r.to_bytes());
+        }
     }
 
     /// Publish outbox rows not in flight, and those whose ack is overdue.

@@ -16,6 +16,10 @@
 //!   fleet, model, version and epoch;
 //! - [`signed`]: the signed envelope of updates (device key) and acks
 //!   (aggregator key), bound to fleet and topic;
+//! - [`bundle`]: model bundles sent to devices: the aggregator's signed
+//!   offer (size, sha256, one sha256 per chunk, targets), a device's fetch
+//!   of chunks, the chunks, a device's report (downloading, verified,
+//!   loaded, failed);
 //! - [`messages`]: the JSON ack, status heartbeat and global request;
 //! - [`limits`]: the largest payload of each topic and which may be
 //!   retained (what the brokers' front doors enforce);
@@ -26,6 +30,7 @@
 //! says what was wrong; nothing here panics on input.
 
 pub mod base;
+pub mod bundle;
 pub mod crashpoint;
 pub mod dp;
 pub mod feedback;

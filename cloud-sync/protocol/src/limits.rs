@@ -9,7 +9,7 @@
 //! included.
 
 use crate::topics::Topic;
-use crate::{global, messages, update};
+use crate::{bundle, global, messages, update};
 
 /// Room for an envelope around a bounded body (magic, signature, slack).
 const ENVELOPE: usize = 1024;
@@ -37,14 +37,21 @@ pub fn max_payload(topic: &Topic) -> usize {
         Topic::Event { .. } => MAX_EVENT_BYTES,
         Topic::Want { .. } => messages::MAX_WANT_BYTES,
         Topic::Global { .. } => MAX_GLOBAL_BYTES,
+        Topic::Bundle { .. } => bundle::MAX_OFFER_BYTES + ENVELOPE,
+        Topic::Fetch { .. } => bundle::MAX_FETCH_BYTES,
+        Topic::Chunk { .. } => bundle::MAX_CHUNK_WIRE_BYTES,
+        Topic::Report { .. } => bundle::MAX_REPORT_BYTES,
     }
 }
 
-/// Only the heartbeat (a device's last word) and the globals (what a
-/// device connecting later needs) are retained; a retained update, ack,
-/// event or want would only be memory a client makes the broker keep.
+/// Only the heartbeat (a device's last word), the globals and the bundle
+/// offers (what a device connecting later needs) are retained; anything
+/// else retained would only be memory a client makes the broker keep.
 pub fn may_retain(topic: &Topic) -> bool {
-    matches!(topic, Topic::Status { .. } | Topic::Global { .. })
+    matches!(
+        topic,
+        Topic::Status { .. } | Topic::Global { .. } | Topic::Bundle { .. }
+    )
 }
 
 #[cfg(test)]
@@ -64,6 +71,13 @@ mod tests {
                 fleet: "f".into(),
                 model: "m".into(),
             },
+            Topic::Bundle {
+                fleet: "f".into(),
+                model: "m".into(),
+            },
+            dev(|fleet, device| Topic::Fetch { fleet, device }),
+            dev(|fleet, device| Topic::Chunk { fleet, device }),
+            dev(|fleet, device| Topic::Report { fleet, device }),
         ];
         for t in &topics {
             assert!(max_payload(t) <= MAX_MESSAGE_BYTES, "{t:?}");
@@ -88,8 +102,8 @@ mod tests {
         }
         assert_eq!(
             topics.iter().filter(|t| may_retain(t)).count(),
-            2,
-            "status and global only"
+            3,
+            "status, global and bundle offer only"
         );
     }
 }

@@ -27,6 +27,8 @@ pub enum Kind {
     Update,
     /// The aggregator's ack on `.../dev/{device}/ack`.
     Ack,
+    /// The aggregator's bundle offer on `.../model/{model}/bundle`.
+    Offer,
 }
 
 impl Kind {
@@ -34,6 +36,7 @@ impl Kind {
         match self {
             Kind::Update => b"DAIU1",
             Kind::Ack => b"DAIA1",
+            Kind::Offer => b"DAIO1",
         }
     }
 
@@ -41,6 +44,7 @@ impl Kind {
         match self {
             Kind::Update => b"dai/v1 update",
             Kind::Ack => b"dai/v1 ack",
+            Kind::Offer => b"dai/v1 bundle offer",
         }
     }
 
@@ -48,6 +52,7 @@ impl Kind {
         match self {
             Kind::Update => "update",
             Kind::Ack => "ack",
+            Kind::Offer => "bundle offer",
         }
     }
 }

@@ -35,6 +35,28 @@ pub enum Topic {
         fleet: String,
         model: String,
     },
+    /// The aggregator's signed offer of a model bundle
+    /// ([`crate::bundle::Offer`]), retained.
+    Bundle {
+        fleet: String,
+        model: String,
+    },
+    /// A device asks for chunks of an offered bundle
+    /// ([`crate::bundle::Fetch`]).
+    Fetch {
+        fleet: String,
+        device: String,
+    },
+    /// Chunks for one device ([`crate::bundle::Chunk`]).
+    Chunk {
+        fleet: String,
+        device: String,
+    },
+    /// A device's state of a bundle ([`crate::bundle::Report`]).
+    Report {
+        fleet: String,
+        device: String,
+    },
 }
 
 /// Is `s` a valid topic segment?
@@ -64,7 +86,10 @@ impl Topic {
             | Topic::Ack { fleet, device }
             | Topic::Status { fleet, device }
             | Topic::Event { fleet, device }
-            | Topic::Want { fleet, device } => {
+            | Topic::Want { fleet, device }
+            | Topic::Fetch { fleet, device }
+            | Topic::Chunk { fleet, device }
+            | Topic::Report { fleet, device } => {
                 check("fleet", fleet)?;
                 check("device", device)?;
                 let leaf = match self {
@@ -72,6 +97,9 @@ impl Topic {
                     Topic::Ack { .. } => "ack",
                     Topic::Event { .. } => "event",
                     Topic::Want { .. } => "want",
+                    Topic::Fetch { .. } => "fetch",
+                    Topic::Chunk { .. } => "chunk",
+                    Topic::Report { .. } => "report",
                     _ => "status",
                 };
                 format!("{PREFIX}/{fleet}/dev/{device}/{leaf}")
@@ -80,6 +108,11 @@ impl Topic {
                 check("fleet", fleet)?;
                 check("model", model)?;
                 format!("{PREFIX}/{fleet}/model/{model}/global")
+            }
+            Topic::Bundle { fleet, model } => {
+                check("fleet", fleet)?;
+                check("model", model)?;
+                format!("{PREFIX}/{fleet}/model/{model}/bundle")
             }
         })
     }
@@ -104,9 +137,12 @@ impl Topic {
                     "status" => Topic::Status { fleet, device },
                     "event" => Topic::Event { fleet, device },
                     "want" => Topic::Want { fleet, device },
+                    "fetch" => Topic::Fetch { fleet, device },
+                    "chunk" => Topic::Chunk { fleet, device },
+                    "report" => Topic::Report { fleet, device },
                     _ => {
                         return Err(bad(
-                            "expected update, ack, status, event or want after dev/{device}",
+                            "expected update, ack, status, event, want, fetch, chunk or report after dev/{device}",
                         ));
                     }
                 }
@@ -115,9 +151,13 @@ impl Topic {
                 fleet: fleet.to_string(),
                 model: model.to_string(),
             },
+            [fleet, "model", model, "bundle"] => Topic::Bundle {
+                fleet: fleet.to_string(),
+                model: model.to_string(),
+            },
             _ => {
                 return Err(bad(
-                    "expected {fleet}/dev/{device}/{update|ack|status|event|want} or {fleet}/model/{model}/global",
+                    "expected {fleet}/dev/{device}/{update|ack|status|event|want|fetch|chunk|report} or {fleet}/model/{model}/{global|bundle}",
                 ));
             }
         };
@@ -145,6 +185,18 @@ pub fn all_globals(fleet: &str) -> String {
     format!("{PREFIX}/{fleet}/model/+/global")
 }
 
+pub fn all_bundles(fleet: &str) -> String {
+    format!("{PREFIX}/{fleet}/model/+/bundle")
+}
+
+pub fn all_fetches(fleet: &str) -> String {
+    format!("{PREFIX}/{fleet}/dev/+/fetch")
+}
+
+pub fn all_reports(fleet: &str) -> String {
+    format!("{PREFIX}/{fleet}/dev/+/report")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +221,22 @@ mod tests {
                 model: "digits".into(),
             },
             Topic::Want {
+                fleet: "lab".into(),
+                device: "cam-01".into(),
+            },
+            Topic::Bundle {
+                fleet: "lab".into(),
+                model: "ocr".into(),
+            },
+            Topic::Fetch {
+                fleet: "lab".into(),
+                device: "cam-01".into(),
+            },
+            Topic::Chunk {
+                fleet: "lab".into(),
+                device: "cam-01".into(),
+            },
+            Topic::Report {
                 fleet: "lab".into(),
                 device: "cam-01".into(),
             },

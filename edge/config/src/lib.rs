@@ -181,6 +181,9 @@ pub struct CloudConfig {
     /// the aggregator's key. Empty: no identity (only an aggregator run
     /// with `--insecure-plaintext` takes this device's updates).
     pub bundle_dir: String,
+    /// Groups this device belongs to: `dai-cloud models publish --group`
+    /// sends a bundle to the devices of one group.
+    pub groups: Vec<String>,
     /// Transport security of the MQTT connection.
     pub tls: CloudTlsConfig,
     /// Local differential privacy on each uploaded update.
@@ -248,6 +251,7 @@ impl Default for CloudConfig {
             update_encoding: UpdateEncoding::Int8,
             max_outbox_rows: 1000,
             bundle_dir: String::new(),
+            groups: Vec::new(),
             tls: CloudTlsConfig::default(),
             local_dp: LocalDpConfig::default(),
         }

@@ -204,6 +204,17 @@ impl Daemon {
             inference.clone(),
             training.clone(),
         );
+        let installer = Arc::new(install::Installer::new(
+            &config.daemon.data_dir,
+            config.daemon.max_upload_mb * 1024 * 1024,
+        ));
+        installer.clean_incoming();
+        let downloads = install::download::Downloads::new(
+            installer.clone(),
+            inference.clone(),
+            store.clone(),
+            training.clone(),
+        );
         let uplink = uplink::Uplink::new(
             config.clone(),
             host.clone(),
@@ -211,12 +222,8 @@ impl Daemon {
             inference.clone(),
             store.clone(),
             sensors.events(),
+            downloads,
         );
-        let installer = Arc::new(install::Installer::new(
-            &config.daemon.data_dir,
-            config.daemon.max_upload_mb * 1024 * 1024,
-        ));
-        installer.clean_incoming();
         // Installed bundles load after the shipped ones, so an installed
         // version replaces its namesake.
         let mut dirs = dirs;

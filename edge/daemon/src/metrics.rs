@@ -143,6 +143,10 @@ pub struct Metrics {
     pub outbox_evicted: Counter,
     /// Outbox updates on a retired aggregator epoch, dropped.
     pub outbox_rebased: Counter,
+    /// Bundle chunks received from the aggregator and kept.
+    pub bundle_chunks: Counter,
+    /// Bundles from the aggregator by outcome (`loaded`, `failed`).
+    pub bundle_outcomes: Family<Outcome, Counter>,
     /// Corrupt store files moved aside (`dai.sqlite.corrupt-*` in the data
     /// dir, the newest kept).
     pub store_quarantined_files: Gauge,
@@ -235,6 +239,8 @@ impl Metrics {
             }),
             outbox_evicted: Counter::default(),
             outbox_rebased: Counter::default(),
+            bundle_chunks: Counter::default(),
+            bundle_outcomes: Family::default(),
             store_quarantined_files: Gauge::default(),
             evictions_seen: Mutex::new(0),
             registry: Registry::default(),
@@ -410,6 +416,16 @@ impl Metrics {
             "store_quarantined_files",
             "Corrupt store files moved aside at start (dai.sqlite.corrupt-* kept in the data dir); nonzero means a fresh store was started once",
             self.store_quarantined_files.clone(),
+        );
+        r.register(
+            "bundle_chunks",
+            "Chunks of bundles published by the aggregator, received, checked against the signed offer and kept (a resumed download does not fetch its chunks again)",
+            self.bundle_chunks.clone(),
+        );
+        r.register(
+            "bundle_outcomes",
+            "Bundles published by the aggregator, by outcome: loaded (serving) or failed (refused with a reason, the serving version unchanged)",
+            self.bundle_outcomes.clone(),
         );
         r.register(
             "outbox_rebased",

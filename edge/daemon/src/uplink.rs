@@ -30,6 +30,10 @@ pub struct DaemonEdge {
     inference: Inference,
     store: StoreHandle,
     events: EventQueue,
+    /// Bundles published to the fleet ([`crate::install::download`]).
+    downloads: crate::install::download::Downloads,
+    /// `cloud.groups`: offers may target a group.
+    groups: Vec<String>,
 }
 
 /// The uplink, ready to start.
@@ -49,7 +53,9 @@ impl Uplink {
         inference: Inference,
         store: StoreHandle,
         events: EventQueue,
+        downloads: crate::install::download::Downloads,
     ) -> Uplink {
+        let groups = config.cloud.groups.clone();
         Uplink {
             config,
             device,
@@ -58,6 +64,8 @@ impl Uplink {
                 inference,
                 store,
                 events,
+                downloads,
+                groups,
             },
         }
     }
@@ -203,6 +211,37 @@ pub fn bundle_device(config: &Config) -> Option<String> {
 }
 
 impl dai_sync::Edge for DaemonEdge {
+    fn groups(&self) -> Vec<String> {
+        self.groups.clone()
+    }
+
+    fn bundle_offered(&self, offer: &dai_protocol::bundle::Offer) -> Option<u32> {
+        self.downloads.offered(offer)
+    }
+
+    fn bundle_chunk(
+        &self,
+        offer: &dai_protocol::bundle::Offer,
+        index: u32,
+        data: &[u8],
+    ) -> Result<(), String> {
+        self.inference.metrics.bundle_chunks.inc();
+        self.downloads.chunk(offer, index, data)
+    }
+
+    fn bundle_complete(&self, offer: &dai_protocol::bundle::Offer) {
+        self.downloads.complete(offer);
+    }
+
+    fn bundle_refused(&self, model: &str, reason: &str) {
+        self.uplink_error("bundle_refused");
+        self.downloads.refused(model, reason);
+    }
+
+    fn bundle_reports(&self, max: usize) -> Vec<dai_protocol::bundle::Report> {
+        self.downloads.take_reports(max)
+    }
+
     fn uplink_error(&self, kind: &'static str) {
         self.inference
             .metrics

@@ -8,7 +8,8 @@
 //!   binds), then the status page and [`run_monitored`] until SIGINT/SIGTERM;
 //! - `models list|promote|rollback`: the version registry of a state file
 //!   (a running aggregator on the same file publishes a new version within
-//!   a second);
+//!   a second); `models publish|bundles` (`publish`): bundles offered to
+//!   the fleet through the same file, and the devices' reports;
 //! - `fleet init|broker-cert|crl`, `devices add|list|revoke`: fleet
 //!   identity ([`dai_trust`]): the fleet CA, the aggregator's key and
 //!   certificate, broker certificates, device bundles, the registry
@@ -36,6 +37,7 @@ use std::time::{Duration, SystemTime};
 
 mod fleet;
 mod models;
+mod publish;
 mod run;
 
 use fleet::{broker_cert, devices, fleet_crl, fleet_init};
@@ -281,6 +283,29 @@ enum ModelsAction {
     },
     /// Undo the newest version of MODEL: serve its parent's weights again.
     Rollback { model: String },
+    /// Send a model bundle (a directory, or its tar / tar.gz archive) to
+    /// the fleet, or to some devices: a running aggregator on the same
+    /// state file signs the offer and serves the chunks.
+    Publish {
+        bundle: PathBuf,
+        /// Only these devices (comma-separated names).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
+        /// Only the devices configured into this group (`cloud.groups`).
+        #[arg(long)]
+        group: Option<String>,
+        /// Wait up to this many seconds for every listed device (with
+        /// --devices) to report loaded or failed; exit 1 if one failed or
+        /// did not report.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// What each device reported about the bundles on offer.
+    Bundles {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Run the parsed command.

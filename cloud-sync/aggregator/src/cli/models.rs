@@ -27,6 +27,16 @@ pub(super) fn keygen(dir: &Path) -> anyhow::Result<()> {
 }
 
 pub(super) fn models(state: &Path, action: ModelsAction) -> anyhow::Result<()> {
+    match action {
+        ModelsAction::Publish {
+            bundle,
+            devices,
+            group,
+            wait,
+        } => return super::publish::publish(state, &bundle, devices, group, wait),
+        ModelsAction::Bundles { json } => return super::publish::bundles(state, json),
+        _ => {}
+    }
     if !state.is_file() {
         bail!(
             "{}: no such state file (pass --state, the file `dai-cloud run` writes)",
@@ -57,6 +67,7 @@ pub(super) fn models(state: &Path, action: ModelsAction) -> anyhow::Result<()> {
                 g.version, g.metrics["promoted_from"]
             );
         }
+        ModelsAction::Publish { .. } | ModelsAction::Bundles { .. } => {}
     }
     Ok(())
 }

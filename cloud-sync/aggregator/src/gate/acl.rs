@@ -112,12 +112,20 @@ impl Acl {
                     Topic::Update { fleet, device }
                     | Topic::Status { fleet, device }
                     | Topic::Event { fleet, device }
-                    | Topic::Want { fleet, device },
+                    | Topic::Want { fleet, device }
+                    | Topic::Fetch { fleet, device }
+                    | Topic::Report { fleet, device },
                 ),
             ) => *fleet == self.fleet && *device == self.name,
-            (Role::Aggregator, Ok(Topic::Ack { fleet, .. } | Topic::Global { fleet, .. })) => {
-                *fleet == self.fleet
-            }
+            (
+                Role::Aggregator,
+                Ok(
+                    Topic::Ack { fleet, .. }
+                    | Topic::Global { fleet, .. }
+                    | Topic::Bundle { fleet, .. }
+                    | Topic::Chunk { fleet, .. },
+                ),
+            ) => *fleet == self.fleet,
             _ => false,
         };
         let shown = || topic.chars().take(200).collect::<String>();
@@ -198,14 +206,19 @@ impl Acl {
         // A segment is a name or, where allowed, the single-level wildcard.
         let name_or_plus = |s: &str| s == "+" || valid_segment(s);
         match (self.role, parts.as_slice()) {
-            (_, [fleet, "model", model, "global"]) => *fleet == self.fleet && name_or_plus(model),
-            (Role::Device, [fleet, "dev", device, "ack"]) => {
+            (_, [fleet, "model", model, "global" | "bundle"]) => {
+                *fleet == self.fleet && name_or_plus(model)
+            }
+            (Role::Device, [fleet, "dev", device, "ack" | "chunk"]) => {
                 *fleet == self.fleet && *device == self.name
             }
             (Role::Aggregator, [fleet, "dev", device, leaf]) => {
                 *fleet == self.fleet
                     && name_or_plus(device)
-                    && matches!(*leaf, "update" | "status" | "event" | "want")
+                    && matches!(
+                        *leaf,
+                        "update" | "status" | "event" | "want" | "fetch" | "report"
+                    )
             }
             _ => false,
         }
@@ -236,7 +249,7 @@ mod tests {
         for id in ["b", "dai-cloud", "a-2", ""] {
             assert!(a.connect(id).is_err(), "{id}");
         }
-        for t in ["update", "status", "event", "want"] {
+        for t in ["update", "status", "event", "want", "fetch", "report"] {
             assert!(
                 a.publish(&format!("dai/v1/f/dev/a/{t}"), 10, false).is_ok(),
                 "{t}"
@@ -256,6 +269,9 @@ mod tests {
             "dai/v1/f/dev/a/ack",
             "dai/v1/f/dev/b/ack",
             "dai/v1/f/model/m/global",
+            "dai/v1/f/model/m/bundle",
+            "dai/v1/f/dev/a/chunk",
+            "dai/v1/f/dev/b/chunk",
             "dai/v1/f/dev/a/other",
             "x",
         ] {
@@ -263,8 +279,10 @@ mod tests {
         }
         for ok in [
             "dai/v1/f/dev/a/ack",
+            "dai/v1/f/dev/a/chunk",
             "dai/v1/f/model/m/global",
             "dai/v1/f/model/+/global",
+            "dai/v1/f/model/+/bundle",
         ] {
             assert!(a.subscribe(ok).is_ok(), "{ok}");
         }
@@ -276,6 +294,9 @@ mod tests {
             "dai/v1/f/dev/b/update",
             "dai/v1/f/dev/b/ack",
             "dai/v1/f/dev/+/ack",
+            "dai/v1/f/dev/b/chunk",
+            "dai/v1/f/dev/+/chunk",
+            "dai/v1/f/dev/+/fetch",
             "dai/v1/f/dev/a/update",
             "dai/v1/f/model/#",
             "dai/v1/g/model/m/global",

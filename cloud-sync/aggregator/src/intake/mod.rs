@@ -52,7 +52,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Filters subscribed on each broker session ([`Intake::connected`]).
-pub const SUBSCRIPTIONS: u64 = 4;
+pub const SUBSCRIPTIONS: u64 = 7;
 
 /// Most updates ingested in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -94,6 +94,13 @@ pub enum Output {
         version: u64,
         /// `dai_protocol::global::sign` of the version's head file (fleet,
         /// model, version and epoch signed).
+        payload: Vec<u8>,
+    },
+    /// Publish `payload` on `topic` (QoS 1): bundle offers (retained) and
+    /// chunks ([`bundles`]).
+    Send {
+        topic: String,
+        retain: bool,
         payload: Vec<u8>,
     },
     Monitor(MonitorEvent),
@@ -221,6 +228,14 @@ pub struct Intake {
     /// Each model's tensor layout (fixed for a model), which bounds how far
     /// an update may decompress and is checked before values are decoded.
     layouts: HashMap<String, Vec<(String, Vec<usize>)>>,
+    /// Bundle offers published by this session (name -> the signed offer):
+    /// a retained message that differs is healed like a global's.
+    offered: HashMap<String, Vec<u8>>,
+    /// The archive sha256 of each offer in `offered`; removed to publish
+    /// the offer again.
+    offered_sha: HashMap<String, String>,
+    /// Bundle chunks sent since the last tick ([`bundles::CHUNKS_PER_TICK`]).
+    chunks_sent: u32,
 }
 
 impl Intake {
@@ -250,6 +265,9 @@ impl Intake {
             signed: HashMap::new(),
             heal: Vec::new(),
             layouts: HashMap::new(),
+            offered: HashMap::new(),
+            offered_sha: HashMap::new(),
+            chunks_sent: 0,
         };
         for model in intake.model_names() {
             let layout = intake.state.model_layout(&model)?;
@@ -284,6 +302,9 @@ impl Intake {
             topics::all_status(&self.cfg.fleet),
             topics::all_wants(&self.cfg.fleet),
             topics::all_globals(&self.cfg.fleet),
+            topics::all_fetches(&self.cfg.fleet),
+            topics::all_reports(&self.cfg.fleet),
+            topics::all_bundles(&self.cfg.fleet),
         ] {
             self.outputs.push(Output::Subscribe(filter));
         }
@@ -296,6 +317,9 @@ impl Intake {
         if std::mem::replace(&mut self.ever_connected, true) {
             self.republish_current();
         }
+        // Offers too, retained for devices that connect later.
+        self.offered_sha.clear();
+        self.publish_offers();
     }
 
     /// The current signed global of every model that has one (version > 0).
@@ -338,6 +362,15 @@ impl Intake {
             }
             Ok(Topic::Global { fleet, model }) if fleet == self.cfg.fleet => {
                 self.retained_global(model, payload)
+            }
+            Ok(Topic::Fetch { fleet, device }) if fleet == self.cfg.fleet => {
+                self.fetch(&device, payload)
+            }
+            Ok(Topic::Report { fleet, device }) if fleet == self.cfg.fleet => {
+                self.bundle_report(&device, payload)
+            }
+            Ok(Topic::Bundle { fleet, model }) if fleet == self.cfg.fleet => {
+                self.retained_offer(&model, payload)
             }
             _ => tracing::warn!(%topic, "ignoring a message on an unexpected topic"),
         }
@@ -565,6 +598,10 @@ impl Intake {
     /// (promote, rollback).
     pub fn tick(&mut self, now: Instant) -> Result<(), StateError> {
         self.rate.refill(now);
+        self.chunks_sent = 0;
+        if self.connected {
+            self.publish_offers();
+        }
         if let Some(started) = self.round_started
             && now.saturating_duration_since(started) >= self.cfg.round_timeout
         {
@@ -786,6 +823,7 @@ impl Intake {
     }
 }
 
+mod bundles;
 mod rate;
 #[cfg(test)]
 mod tests;

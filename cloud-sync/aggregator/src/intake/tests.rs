@@ -182,7 +182,14 @@ fn the_broker_session_subscribes_and_counts_disconnects_once() {
             Output::Subscribe("dai/v1/lab/dev/+/status".into()),
             Output::Subscribe("dai/v1/lab/dev/+/want".into()),
             Output::Subscribe("dai/v1/lab/model/+/global".into()),
+            Output::Subscribe("dai/v1/lab/dev/+/fetch".into()),
+            Output::Subscribe("dai/v1/lab/dev/+/report".into()),
+            Output::Subscribe("dai/v1/lab/model/+/bundle".into()),
         ]
+    );
+    assert_eq!(
+        SUBSCRIPTIONS, 7,
+        "the count the service waits for is the filters above"
     );
     let monitor = Monitor::new();
     monitor.apply(MonitorEvent::BrokerConnected);
@@ -799,4 +806,111 @@ fn a_failed_state_write_acks_nothing_and_the_resend_is_taken_later() {
         ("u1", AckStatus::Accepted)
     );
     assert_eq!(i.state.seen_counts().expect("counts"), (1, 0));
+}
+
+/// A bundle added to the state file (by `models publish` in another
+/// process) is offered signed and retained on the next tick; fetches get
+/// their chunks within the per-tick budget; reports are recorded; an offer
+/// on the topic that is not ours is published again.
+#[test]
+fn bundles_are_offered_served_in_budget_and_reported() {
+    use dai_protocol::bundle::{CHUNK_BYTES, Chunk, Fetch, Offer, Report, ReportState};
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 2);
+    i.connected();
+    i.take_outputs();
+    let archive: Vec<u8> = (0..CHUNK_BYTES * 20).map(|n| (n % 241) as u8).collect();
+    let offer = Offer::describe("m", "7", &archive, Default::default(), 1.0);
+    let mut other = State::open(&dir.path().join("agg.sqlite")).expect("second handle");
+    other.add_bundle(&offer, &archive).expect("add");
+    i.tick(Instant::now()).expect("tick");
+    let topic = "dai/v1/lab/model/m/bundle";
+    let out = i.take_outputs();
+    let sent = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Send {
+                topic: t,
+                retain: true,
+                payload,
+            } if t == topic => Some(payload.clone()),
+            _ => None,
+        })
+        .expect("offer published retained");
+    let body = signed::open(Kind::Offer, &key().verifying_key(), "lab", topic, &sent)
+        .expect("signed by the aggregator");
+    assert_eq!(Offer::from_bytes(body, "m").expect("offer"), offer);
+    i.tick(Instant::now()).expect("tick");
+    assert!(i.take_outputs().is_empty(), "offered once");
+
+    // Three fetches of 8 chunks: the tick's budget of 16 is served.
+    for from in [0, 8, 16] {
+        let f = Fetch {
+            sha256: offer.sha256.clone(),
+            from,
+            count: 8,
+        };
+        i.publish("dai/v1/lab/dev/edge-1/fetch", &f.to_bytes());
+    }
+    let chunks: Vec<u32> = i
+        .take_outputs()
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                topic,
+                retain: false,
+                payload,
+            } if topic == "dai/v1/lab/dev/edge-1/chunk" => {
+                let c = Chunk::decode(payload).expect("chunk");
+                offer
+                    .check_chunk(c.index, c.data)
+                    .expect("the offer's chunk");
+                Some(c.index)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(chunks, (0..16).collect::<Vec<_>>());
+    i.tick(Instant::now()).expect("tick");
+    let f = Fetch {
+        sha256: offer.sha256.clone(),
+        from: 16,
+        count: 8,
+    };
+    i.publish("dai/v1/lab/dev/edge-1/fetch", &f.to_bytes());
+    assert_eq!(
+        i.take_outputs().len(),
+        4,
+        "chunks 16..20 after the next tick"
+    );
+
+    let r = Report {
+        name: "m".into(),
+        version: "7".into(),
+        sha256: offer.sha256.clone(),
+        state: ReportState::Loaded,
+        received: 20,
+        total: 20,
+        detail: String::new(),
+    };
+    i.publish("dai/v1/lab/dev/edge-1/report", &r.to_bytes());
+    let rows = other.bundle_reports().expect("reports");
+    assert_eq!(
+        (rows[0].device.as_str(), rows[0].state.as_str()),
+        ("edge-1", "loaded")
+    );
+
+    // Our own retained offer echoed back changes nothing; another one is
+    // replaced on the next tick.
+    i.publish(topic, &sent);
+    i.tick(Instant::now()).expect("tick");
+    assert!(i.take_outputs().is_empty());
+    i.publish(topic, b"DAIO1 forged");
+    i.tick(Instant::now()).expect("tick");
+    assert!(
+        i.take_outputs()
+            .iter()
+            .any(|o| matches!(o, Output::Send { topic: t, payload, .. } if t == topic && *payload == sent)),
+        "the offer is published again"
+    );
 }

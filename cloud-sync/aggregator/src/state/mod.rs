@@ -16,6 +16,8 @@
 //! State` block over the one connection.
 
 mod aggregate;
+mod bundles;
+pub use bundles::BundleReportRow;
 mod ingest;
 pub use ingest::Superseded;
 mod privacy;
@@ -296,6 +298,7 @@ impl State {
         // the update is stored, so the edge deletes its copy).
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(bundles::SCHEMA)?;
         retention::init_counts(&conn)?;
         for (table, column, def) in ADDED_COLUMNS {
             let present: bool = conn

@@ -27,6 +27,20 @@ pub(super) fn check(p: &mut Problems<'_>, k: &CloudConfig) {
         format_args!("{:?}", k.device_id),
         "expected empty (host name) or 1-64 characters of [A-Za-z0-9._-]",
     );
+    for (i, g) in k.groups.iter().enumerate() {
+        p.check(
+            topic_segment(g),
+            &format!("cloud.groups[{i}]"),
+            format_args!("{g:?}"),
+            "expected 1-64 characters of [A-Za-z0-9._-]",
+        );
+    }
+    p.check(
+        k.groups.len() <= 64,
+        "cloud.groups",
+        k.groups.len(),
+        "expected at most 64 groups",
+    );
     let key_ok = k.aggregator_public_key.len() == 64
         && k.aggregator_public_key
             .chars()

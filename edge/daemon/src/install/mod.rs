@@ -20,6 +20,7 @@
 //! bundle replaces a shipped one of the same name and survives restarts.
 
 pub mod archive;
+pub mod download;
 
 use dai_infer::bundle::{Bundle, BundleError};
 use dai_infer::{LoadEvent, Runtime};
@@ -95,6 +96,11 @@ impl Installer {
             lock: parking_lot::Mutex::new(()),
             seq: AtomicU64::new(0),
         }
+    }
+
+    /// `data_dir/models`.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     pub fn max_bytes(&self) -> u64 {
