@@ -41,6 +41,9 @@ pub struct BundleOptions {
     pub check_ort: Option<String>,
     pub tolerance: f32,
     pub force: bool,
+    /// Cut at this tensor into a backbone and a trainable head
+    /// ([`crate::head_split`]).
+    pub head: Option<String>,
 }
 
 /// One output as found by running the model.
@@ -334,6 +337,30 @@ fn data_f32(t: &TensorData) -> Vec<f32> {
 
 /// Make the bundle for `file` in `opts.out`.
 pub fn bundle(file: &Path, opts: &BundleOptions) -> Result<BundleReport, ToolError> {
+    let Some(tensor) = &opts.head else {
+        return bundle_graph(file, file, opts, None);
+    };
+    let original = proto::load(file)?;
+    let split = crate::head_split::split(&original, tensor)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp =
+        std::env::temp_dir().join(format!("dai-backbone-{}-{nanos}.onnx", std::process::id()));
+    proto::save(&split.backbone, &tmp)?;
+    let r = bundle_graph(&tmp, file, opts, Some((&original, &split)));
+    let _ = std::fs::remove_file(&tmp);
+    r
+}
+
+/// [`bundle`] of the graph in `file` (the backbone when `split`), named
+/// after `named`.
+fn bundle_graph(
+    file: &Path,
+    named: &Path,
+    opts: &BundleOptions,
+    split: Option<(&pb::ModelProto, &crate::head_split::Split)>,
+) -> Result<BundleReport, ToolError> {
     let model = proto::load(file)?;
     let g = proto::graph(&model);
     let missing = unsupported_ops(g);
@@ -378,18 +405,41 @@ pub fn bundle(file: &Path, opts: &BundleOptions) -> Result<BundleReport, ToolErr
     // Requests of different sizes cannot be merged into one run.
     let dynamic_batching =
         opts.dynamic.is_empty() && per_row_ms.is_some_and(|(one, eight)| eight < 0.8 * one);
-    check_labels(&opts.labels, &outputs)?;
+    match split {
+        Some((_, sp)) => check_head_labels(&opts.labels, sp)?,
+        None => check_labels(&opts.labels, &outputs)?,
+    }
     let manifest = manifest(
         opts,
-        file,
+        named,
         &specs,
         &outputs,
         batching,
         dynamic_batching,
         ivi,
     )?;
-    let (sha256, model_bytes) = write(opts, file, manifest)?;
-    let max_abs_diff_daemon = match verify_daemon(&opts.out, &probe, &probe_out) {
+    let (sha256, model_bytes) = write(opts, file, manifest, split.map(|(_, sp)| sp))?;
+    // With a head, the bundle answers what the whole original model does.
+    let (ort_file, expected) = match split {
+        Some((original, sp)) => {
+            let full = Runner::new(original, &specs, ivi, None)?.run(&probe)?;
+            let at = proto::graph(original)
+                .output
+                .iter()
+                .position(|o| o.name == sp.output)
+                .unwrap_or(0);
+            let want = full.get(at).cloned().ok_or_else(|| {
+                ToolError::Verify(format!("the model returned no {:?}", sp.output))
+            })?;
+            (named, Some((full, want)))
+        }
+        None => (file, None),
+    };
+    let verified = match &expected {
+        Some((_, want)) => verify_daemon_head(&opts.out, &probe, want),
+        None => verify_daemon(&opts.out, &probe, &probe_out),
+    };
+    let max_abs_diff_daemon = match verified {
         Ok(d) => d,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&opts.out);
@@ -398,7 +448,14 @@ pub fn bundle(file: &Path, opts: &BundleOptions) -> Result<BundleReport, ToolErr
     };
     let (max_abs_diff_onnxruntime, onnxruntime) = match &opts.check_ort {
         None => (None, "not checked (pass --check-ort)".into()),
-        Some(py) => match check_ort(py, file, &specs, &probe, &probe_out, opts.tolerance) {
+        Some(py) => match check_ort(
+            py,
+            ort_file,
+            &specs,
+            &probe,
+            expected.as_ref().map_or(&probe_out, |(full, _)| full),
+            opts.tolerance,
+        ) {
             Ok((d, version)) => (Some(d), format!("onnxruntime {version}")),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&opts.out);
@@ -408,7 +465,7 @@ pub fn bundle(file: &Path, opts: &BundleOptions) -> Result<BundleReport, ToolErr
     };
     Ok(BundleReport {
         dir: opts.out.display().to_string(),
-        name: opts.name.clone().unwrap_or_else(|| default_name(file)),
+        name: opts.name.clone().unwrap_or_else(|| default_name(named)),
         model_bytes,
         sha256,
         inputs: specs,
@@ -459,6 +516,19 @@ fn check_labels(labels: &[String], outputs: &[ProbedOutput]) -> Result<(), ToolE
             labels.len(),
             first.onnx_name,
             first.probed
+        )));
+    }
+    Ok(())
+}
+
+/// `--labels` name the head's outputs.
+fn check_head_labels(labels: &[String], sp: &crate::head_split::Split) -> Result<(), ToolError> {
+    let classes = sp.head.spec.outputs();
+    if !labels.is_empty() && labels.len() != classes {
+        return Err(ToolError::Refused(format!(
+            "--labels: {} labels, but the head after {:?} has {classes} outputs",
+            labels.len(),
+            sp.cut
         )));
     }
     Ok(())
@@ -561,7 +631,12 @@ fn manifest(
 }
 
 /// Copy the model in and write the manifest with its checksum.
-fn write(opts: &BundleOptions, file: &Path, mut m: Manifest) -> Result<(String, u64), ToolError> {
+fn write(
+    opts: &BundleOptions,
+    file: &Path,
+    mut m: Manifest,
+    split: Option<&crate::head_split::Split>,
+) -> Result<(String, u64), ToolError> {
     let io = |what: &Path, e: std::io::Error| ToolError::Io(format!("{}: {e}", what.display()));
     if opts.out.exists() {
         let non_empty = std::fs::read_dir(&opts.out)
@@ -584,6 +659,24 @@ fn write(opts: &BundleOptions, file: &Path, mut m: Manifest) -> Result<(String, 
     let (sha, bytes) =
         dai_infer::bundle::sha256_file(&dest).map_err(|e| ToolError::Io(format!("{e:#}")))?;
     m.model.sha256 = sha.clone();
+    if let Some(sp) = split {
+        let path = opts.out.join("head.safetensors");
+        let mut meta = HashMap::new();
+        meta.insert("cut_at".to_string(), sp.cut.clone());
+        sp.head
+            .save(&path, &meta)
+            .map_err(|e| ToolError::Io(format!("{}: {e}", path.display())))?;
+        let (head_sha, _) =
+            dai_infer::bundle::sha256_file(&path).map_err(|e| ToolError::Io(format!("{e:#}")))?;
+        m.head = Some(dai_infer::bundle::HeadRef {
+            file: "head.safetensors".into(),
+            sha256: head_sha,
+            input: api_name(&sp.cut),
+            output: api_name(&sp.output),
+            transform: sp.transform,
+            validation: None,
+        });
+    }
     let text = toml::to_string(&m).map_err(|e| ToolError::Runtime(e.to_string()))?;
     let path = Bundle::manifest_path(&opts.out);
     std::fs::write(&path, text).map_err(|e| io(&path, e))?;
@@ -614,6 +707,34 @@ fn verify_daemon(dir: &Path, probe: &[Tensor], probe_out: &[Tensor]) -> Result<f
         worst = worst.max(max_diff(&data_f32(o), &runner::values_f32(want)?));
     }
     Ok(worst)
+}
+
+/// Open the written head bundle as the daemon does and check that backbone
+/// + head answer what the whole model does (`want`).
+fn verify_daemon_head(dir: &Path, probe: &[Tensor], want: &Tensor) -> Result<f32, ToolError> {
+    let fail = |e: &dyn std::fmt::Display| ToolError::Verify(format!("the daemon's loader: {e}"));
+    let b = Bundle::open(dir).map_err(|e| fail(&format!("{e:#}")))?;
+    let m = dai_infer::LoadedModel::load(b, 8).map_err(|e| fail(&e))?;
+    let mut inputs = HashMap::new();
+    for (t, ms) in probe.iter().zip(&m.bundle.manifest.inputs) {
+        inputs.insert(ms.name.clone(), to_tensordata(t, ms.dtype)?);
+    }
+    let (prepared, rows) = m.prepare(inputs).map_err(|e| fail(&e))?;
+    let refs: Vec<&TensorData> = prepared.iter().collect();
+    let outs = m.run(&refs, rows).map_err(|e| fail(&e))?;
+    let (head_out, _) = m
+        .apply_head(&outs)
+        .map_err(|e| fail(&e))?
+        .ok_or_else(|| fail(&"the bundle has no head"))?;
+    let want_values = runner::values_f32(want)?;
+    if head_out.shape.iter().product::<usize>() != want_values.len() {
+        return Err(fail(&format!(
+            "head output shape {:?}, the whole model gave {:?}",
+            head_out.shape,
+            want.shape()
+        )));
+    }
+    Ok(max_diff(&data_f32(&head_out), &want_values))
 }
 
 /// Compare every output with onnxruntime's on the probe input.
