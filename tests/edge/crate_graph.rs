@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Layers, lowest first; a crate may depend only on crates of lower layers.
 const LAYERS: &[&[&str]] = &[
-    &["dai-head", "dai-store", "dai-onnx"],
+    &["dai-head", "dai-store", "dai-onnx", "dai-profile"],
     &[
         "dai-sensors",
         "dai-protocol",

@@ -25,6 +25,7 @@ mod nemesis;
 mod netns;
 mod partition;
 mod power_loss;
+mod profiling;
 mod robustness;
 mod sensors;
 mod support;

@@ -1,13 +1,15 @@
 //! The aggregator's HTTP side: the status page (`/`), its data
 //! (`/api/status`), the version registry (`/api/models`), OpenMetrics
-//! (`/metrics`), a liveness probe (`/healthz`) and a readiness probe
-//! (`/readyz`: the state file can be read).
+//! (`/metrics`), a liveness probe (`/healthz`), a readiness probe
+//! (`/readyz`: the state file can be read) and an on-demand CPU profile
+//! (`/debug/pprof/profile?seconds=N[&format=svg]`, [`dai_profile`]: pprof
+//! protobuf or a flamegraph, one at a time, at most 60 s).
 //!
 //! Read-only: the registry comes from the SQLite state file through a
 //! connection of its own (WAL lets it read while the service writes).
 //!
 //! Authentication ([`Access`], `dai-cloud run --auth-token-file`): with a
-//! token, `/api/*` needs `Authorization: Bearer TOKEN` (compared in
+//! token, `/api/*` and `/debug/pprof/profile` need `Authorization: Bearer TOKEN` (compared in
 //! constant time), else 401 with `WWW-Authenticate: Bearer`; the page,
 //! `/healthz`, `/readyz` and `/metrics` stay open (the page is static; its
 //! script asks for the token or takes it once from `/?token=`). A
@@ -144,7 +146,8 @@ pub fn router_with(
 ) -> Router {
     let api = Router::new()
         .route("/api/status", get(status))
-        .route("/api/models", get(models));
+        .route("/api/models", get(models))
+        .route("/debug/pprof/profile", get(profile));
     let api = match access {
         Access::Open => api,
         Access::Token(token) => api.route_layer(from_fn_with_state(token, require_token)),
@@ -160,6 +163,26 @@ pub fn router_with(
             state_path,
             fleet,
         })
+}
+
+/// A CPU profile of this process, taken on a blocking thread.
+async fn profile(axum::extract::RawQuery(query): axum::extract::RawQuery) -> Response {
+    let refuse = |e: dai_profile::ProfileError| {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(json!({ "error": e.to_string() }))).into_response()
+    };
+    let req = match dai_profile::Request::parse(query.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return refuse(e),
+    };
+    tracing::info!(seconds = req.seconds, "CPU profile requested");
+    match tokio::task::spawn_blocking(move || dai_profile::capture(&req)).await {
+        Ok(Ok(c)) => ([(header::CONTENT_TYPE, c.content_type)], c.body).into_response(),
+        Ok(Err(e)) => refuse(e),
+        Err(e) => refuse(dai_profile::ProfileError::Profiler(format!(
+            "the profiling thread failed: {e}"
+        ))),
+    }
 }
 
 async fn page() -> Response {

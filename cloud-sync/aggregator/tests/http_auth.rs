@@ -1,5 +1,5 @@
-//! The aggregator's HTTP side with `--auth-token-file`: `/api/*` needs the
-//! bearer token (401 with `WWW-Authenticate: Bearer` otherwise); the page,
+//! The aggregator's HTTP side with `--auth-token-file`: `/api/*` and the
+//! CPU profile (`/debug/pprof/profile`) need the bearer token (401 with `WWW-Authenticate: Bearer` otherwise); the page,
 //! `/healthz`, `/readyz` and `/metrics` stay open.
 
 use dai_cloud::http::{Access, router_with};
@@ -28,7 +28,11 @@ async fn api_needs_the_token_and_the_page_stays_open() {
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
     let client = reqwest::Client::new();
-    for path in ["/api/status", "/api/models"] {
+    for path in [
+        "/api/status",
+        "/api/models",
+        "/debug/pprof/profile?seconds=1",
+    ] {
         for auth in [
             None,
             Some("Bearer cloud-test-token-0123456788"),
@@ -72,6 +76,38 @@ async fn api_needs_the_token_and_the_page_stays_open() {
         .await
         .expect("json");
     assert_eq!(status["fleet"], "lab");
+    // The profile is pprof protobuf (decodes, has the CPU sample type);
+    // a bad duration is refused naming the parameter.
+    let r = client
+        .get(format!("{base}/debug/pprof/profile?seconds=1"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    let p = dai_profile::proto::decode(&r.bytes().await.expect("body")).expect("pprof protobuf");
+    let cpu = p.period_type.as_ref().expect("period type");
+    assert_eq!(
+        (
+            p.string_table[cpu.r#type as usize].as_str(),
+            p.string_table[cpu.unit as usize].as_str()
+        ),
+        ("cpu", "nanoseconds")
+    );
+    let r = client
+        .get(format!("{base}/debug/pprof/profile?seconds=600"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("seconds=\"600\"")),
+        "{body}"
+    );
     for path in ["/", "/?token=x", "/healthz", "/readyz", "/metrics"] {
         let r = client
             .get(format!("{base}{path}"))

@@ -134,6 +134,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         &dai_models::inspect::InspectOptions {
             shapes,
             bench_runs: a.bench,
+            profile_runs: a.profile,
         },
     )
     .with_context(|| format!("inspecting {}", a.model.display()))?;
@@ -196,6 +197,7 @@ fn bundle(a: BundleArgs) -> anyhow::Result<()> {
             check_ort: a.check_ort.then_some(a.python),
             tolerance: a.tolerance,
             force: a.force,
+            head: a.head,
         },
     )
     .with_context(|| format!("bundling {}", a.model.display()))?;

@@ -42,6 +42,9 @@ pub struct TractStatus {
     pub needs_ignore_value_info: bool,
     pub error: Option<String>,
     pub latency_ms: Option<f64>,
+    /// Per-operator times (`--profile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<crate::profile::Profile>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,6 +72,8 @@ pub struct InspectOptions {
     pub shapes: HashMap<String, Vec<usize>>,
     /// Time this many runs in tract (0: do not time).
     pub bench_runs: usize,
+    /// Profile this many runs node by node (0: do not profile).
+    pub profile_runs: usize,
 }
 
 fn io(v: &pb::ValueInfoProto) -> Io {
@@ -119,7 +124,7 @@ pub fn inspect_model(
     }
     let params_by_dtype: Vec<ParamGroup> = groups.into_values().collect();
     let (resolved, mut notes) = runner::input_specs(model, &opts.shapes)?;
-    let (tract, ivi, probed) = tract_status(model, &resolved, opts.bench_runs);
+    let (tract, ivi, probed) = tract_status(model, &resolved, opts.bench_runs, opts.profile_runs)?;
     let (flops, flops_by_op) = if tract.loads {
         match flops(model, &resolved, ivi) {
             Ok(f) => (Some(f.values().sum()), f),
@@ -171,7 +176,8 @@ fn tract_status(
     model: &pb::ModelProto,
     specs: &[InputSpec],
     runs: usize,
-) -> (TractStatus, bool, Probed) {
+    profile_runs: usize,
+) -> Result<(TractStatus, bool, Probed), ToolError> {
     let first = Runner::new(model, specs, false, None);
     let (result, ivi) = match first {
         Ok(r) => (Ok(r), false),
@@ -193,32 +199,43 @@ fn tract_status(
             } else {
                 None
             };
-            (
+            // Asked for and failing is an error, not a missing row.
+            let profile = if profile_runs > 0 {
+                Some(
+                    runner::synthetic_inputs(specs, 1)
+                        .and_then(|inputs| r.profile(&inputs, profile_runs))?,
+                )
+            } else {
+                None
+            };
+            Ok((
                 TractStatus {
                     loads: true,
                     optimises: true,
                     needs_ignore_value_info: ivi,
                     error: None,
                     latency_ms,
+                    profile,
                 },
                 ivi,
                 probed,
-            )
+            ))
         }
         Err(e) => {
             let msg = e.to_string();
             let loads = !msg.contains("parse the graph");
-            (
+            Ok((
                 TractStatus {
                     loads,
                     optimises: false,
                     needs_ignore_value_info: false,
                     error: Some(msg),
                     latency_ms: None,
+                    profile: None,
                 },
                 false,
                 None,
-            )
+            ))
         }
     }
 }
@@ -429,6 +446,9 @@ impl InspectReport {
         }
         if let Some(ms) = t.latency_ms {
             let _ = writeln!(s, "  latency: {ms:.3} ms (median, 1 thread)");
+        }
+        if let Some(p) = &t.profile {
+            s.push_str(&p.table());
         }
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");

@@ -11,6 +11,10 @@
 //! - [`make_bundle`]: `dai-models bundle`, any ONNX file -> a served
 //!   bundle whose output shapes and batching flags were measured in tract
 //!   and checked through the daemon's loader (and [`ort`], onnxruntime);
+//!   [`head_split`] cuts a model at a tensor into backbone + trainable head
+//!   for `bundle --head`;
+//! - [`inspect`]: `dai-models inspect`, what a file holds, whether tract
+//!   runs it, and ([`profile`]) where its time goes node by node;
 //! - [`train_imu`]: the sensor model (`imu-anomaly`) from simulated IMU
 //!   windows and the daemon's own window features.
 
@@ -18,10 +22,12 @@ pub mod bundle_io;
 pub mod calib;
 pub mod digits;
 pub mod export;
+pub mod head_split;
 pub mod inspect;
 pub mod make_bundle;
 pub mod onnx;
 pub mod ort;
+pub mod profile;
 pub mod progress;
 pub mod proto;
 pub mod prune;

@@ -96,6 +96,10 @@ struct InspectArgs {
     /// Time this many runs in tract (median, 1 thread); 0 to skip.
     #[arg(long, default_value_t = 0)]
     bench: usize,
+    /// Time every node of tract's optimised plan over this many runs and
+    /// show the time by operator and the slowest nodes; 0 to skip.
+    #[arg(long, default_value_t = 0)]
+    profile: usize,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -156,6 +160,10 @@ struct BundleArgs {
     /// Replace a non-empty output directory.
     #[arg(long)]
     force: bool,
+    /// Cut the model at this tensor: the graph up to it is the backbone,
+    /// the dense layers after it become a trainable head.safetensors.
+    #[arg(long)]
+    head: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,

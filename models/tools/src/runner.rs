@@ -208,6 +208,20 @@ impl Runner {
         Ok(outs.into_iter().map(|v| v.into_tensor()).collect())
     }
 
+    /// Per-node times over `runs` runs ([`crate::profile`]).
+    pub fn profile(
+        &self,
+        inputs: &[Tensor],
+        runs: usize,
+    ) -> Result<crate::profile::Profile, ToolError> {
+        let mut ordered: Vec<Option<TValue>> = vec![None; inputs.len()];
+        for (t, &pos) in inputs.iter().zip(&self.order) {
+            ordered[pos] = Some(t.clone().into_tvalue());
+        }
+        let ordered: Vec<TValue> = ordered.into_iter().flatten().collect();
+        crate::profile::profile(&self.plan, &ordered, runs)
+    }
+
     /// Median wall time of `runs` runs (after 3 untimed), in milliseconds.
     pub fn latency_ms(&self, inputs: &[Tensor], runs: usize) -> Result<f64, ToolError> {
         for _ in 0..3 {

@@ -191,6 +191,53 @@ fn inspect_reports_structure_and_runtime_support() {
     );
 }
 
+/// `inspect --profile`: tract's optimised plan of the zoo CNN timed node
+/// by node: every node of the plan counted once under its operator, the
+/// shares adding up, the slowest nodes listed slowest first, and the
+/// matrix products (what its convolutions become) among the operators.
+#[test]
+fn inspect_profile_times_the_plan_by_operator() {
+    let cls = zoo("pp-ocr-cls");
+    let r = json_cli(&[
+        "inspect",
+        cls.to_str().expect("utf8"),
+        "--profile",
+        "4",
+        "--json",
+    ]);
+    let p = &r["tract"]["profile"];
+    assert_eq!(p["runs"], 4, "{p}");
+    let by_op = p["by_op"].as_array().expect("by_op");
+    let share: f64 = by_op
+        .iter()
+        .map(|o| o["share"].as_f64().expect("share"))
+        .sum();
+    assert!((share - 1.0).abs() < 1e-6, "shares add up to 1: {share}");
+    assert!(
+        by_op
+            .iter()
+            .any(|o| o["op"].as_str().is_some_and(|n| n.contains("MatMul"))),
+        "{p}"
+    );
+    let nodes: u64 = by_op.iter().map(|o| o["nodes"].as_u64().expect("n")).sum();
+    assert!(nodes > 20, "a CNN plan has many nodes: {nodes}");
+    let top: Vec<f64> = p["top"]
+        .as_array()
+        .expect("top")
+        .iter()
+        .map(|n| n["ms"].as_f64().expect("ms"))
+        .collect();
+    assert_eq!(top.len(), 15);
+    assert!(top.windows(2).all(|w| w[0] >= w[1]), "{top:?}");
+    let (ok, table, err) = cli(&["inspect", cls.to_str().expect("utf8"), "--profile", "2"]);
+    assert!(ok, "{err}");
+    assert!(
+        table.contains("profile (tract's optimised plan, median of 2 runs"),
+        "{table}"
+    );
+    assert!(table.contains("slowest nodes"), "{table}");
+}
+
 #[test]
 fn quantized_cnn_transformer_and_mlp_agree_in_tract_and_onnxruntime() {
     let dir = tempfile::tempdir().expect("tmp");

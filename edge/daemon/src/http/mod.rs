@@ -24,6 +24,9 @@
 //! - `GET /healthz`: the process answers; `GET /readyz`: 200 once a model
 //!   is ready and while not shutting down, else 503 with the reason.
 //! - `GET /metrics`: Prometheus text format.
+//! - `GET /debug/pprof/profile?seconds=N[&format=svg]` ([`pprof`]): a CPU
+//!   profile of the daemon (pprof protobuf or flamegraph), behind the API
+//!   token, one at a time, at most 60 s.
 //! - `GET /`: the status page (`assets/status.html`).
 //!
 //! Errors are JSON `{"error": {"code", "message"}}` with a 4xx/5xx status
@@ -46,6 +49,7 @@
 pub mod auth;
 pub mod infer;
 mod oversize;
+mod pprof;
 pub mod status;
 pub mod training;
 pub mod upload;
@@ -116,7 +120,8 @@ pub fn router(app: Arc<App>) -> Router {
             .route("/v1/models/{name}/infer", post(infer::infer))
             .route("/v1/models/{name}/samples", post(training::samples))
             .route("/v1/models/{name}/train", post(training::train_now))
-            .route("/v1/feedback", post(training::feedback)),
+            .route("/v1/feedback", post(training::feedback))
+            .route("/debug/pprof/profile", get(pprof::profile)),
         auth::Guard::new(&tokens.api),
     );
     let metrics = guarded(
