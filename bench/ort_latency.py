@@ -11,9 +11,17 @@ are fed to the model (e.g. the fixtures written by tests/fixtures/make_reference
 other tensors in the file are ignored. `--outputs` names the ONNX outputs to
 fetch, so ORT computes the same subgraph as the runtime under test.
 
+With `--profile`, onnxruntime's own profiler (SessionOptions.enable_profiling)
+is on and the line also holds "profile": per-operator kernel time of the
+timed runs (the warm-up runs' events are dropped), by the kernel's op_name
+(after ORT's graph fusions, e.g. FusedConv), per run in ms:
+
+  "profile": {"runs": N, "run_ms": ..., "nodes_ms": ...,
+              "by_op": [{"op": ..., "nodes": ..., "ms": ..., "share": ...}, ...]}
+
 Usage:
   python3 bench/ort_latency.py --model PATH --inputs FILE.safetensors \
-      --outputs NAME[,NAME] --warmup N --iters N [--threads 1]
+      --outputs NAME[,NAME] --warmup N --iters N [--threads 1] [--profile]
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--warmup", required=True, type=non_negative_int, help="untimed runs before measuring")
     ap.add_argument("--iters", required=True, type=positive_int, help="timed runs")
     ap.add_argument("--threads", type=positive_int, default=1, help="intra-op threads (default 1)")
+    ap.add_argument("--profile", action="store_true", help="per-operator times from onnxruntime's profiler")
     return ap.parse_args(argv)
 
 
@@ -97,6 +106,11 @@ def run(args: argparse.Namespace) -> dict:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if args.profile:
+        import tempfile
+
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="dai-ort-profile-")) / "ort")
     try:
         session = ort.InferenceSession(str(args.model), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -122,14 +136,57 @@ def run(args: argparse.Namespace) -> dict:
     except Exception as e:
         raise BenchError(f"session.run failed: {e}") from e
 
+    profile = None
+    if args.profile:
+        trace = Path(session.end_profiling())
+        try:
+            profile = summarize_profile(json.loads(trace.read_text()), args.warmup, args.iters)
+        except (OSError, ValueError) as e:
+            raise BenchError(f"cannot read onnxruntime's profile {trace}: {e}") from e
+        finally:
+            trace.unlink(missing_ok=True)
     samples.sort()
-    return {
+    result = {
         "ort_version": ort.__version__,
         "iters": args.iters,
         "p50_ms": percentile_ms(samples, 50),
         "p95_ms": percentile_ms(samples, 95),
         "mean_ms": round(sum(samples) / len(samples) / 1e6, 4),
         "min_ms": round(samples[0] / 1e6, 4),
+    }
+    if profile is not None:
+        result["profile"] = profile
+    return result
+
+
+def summarize_profile(events: list, warmup: int, iters: int) -> dict:
+    """Kernel time by op_name over the timed runs (the last `iters` model_run spans)."""
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    if len(runs) < warmup + iters:
+        raise BenchError(f"onnxruntime's profile has {len(runs)} runs, expected {warmup + iters}")
+    timed = runs[warmup:warmup + iters]
+    spans = [(r["ts"], r["ts"] + r["dur"]) for r in timed]
+    by_op: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        ts = e["ts"]
+        if not any(a <= ts <= b for a, b in spans):
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        entry = by_op.setdefault(op, [set(), 0])
+        entry[0].add(e["name"])
+        entry[1] += e["dur"]
+    total_us = sum(v[1] for v in by_op.values())
+    rows = [{"op": op, "nodes": len(v[0]), "ms": round(v[1] / iters / 1e3, 4),
+             "share": (v[1] / total_us) if total_us else 0.0} for op, v in by_op.items()]
+    rows.sort(key=lambda r: (-r["ms"], r["op"]))
+    return {
+        "runs": iters,
+        "run_ms": round(float(np.median([r["dur"] for r in timed])) / 1e3, 4),
+        "nodes_ms": round(total_us / iters / 1e3, 4),
+        "by_op": rows,
     }
 
 
