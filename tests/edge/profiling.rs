@@ -59,7 +59,12 @@ async fn a_cpu_profile_of_the_working_daemon_behind_the_token() {
     let (profile, second, served) = tokio::join!(
         get("?seconds=2&frequency=250", Some(TOKEN)),
         async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Once the first capture holds the slot (the daemon runs in
+            // this process), not after a guessed delay.
+            let t = Instant::now();
+            while !dai_profile::running() && t.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             get("?seconds=1", Some(TOKEN)).await
         },
         load(&d, until),

@@ -154,6 +154,11 @@ impl Drop for Slot {
     }
 }
 
+/// Whether a capture is running in this process now.
+pub fn running() -> bool {
+    BUSY.load(Ordering::Acquire)
+}
+
 /// Profile the process for `req.seconds`. Blocks the calling thread.
 pub fn capture(req: &Request) -> Result<Captured, ProfileError> {
     let _slot = Slot::take()?;
@@ -262,14 +267,19 @@ mod tests {
 
     #[test]
     fn a_capture_samples_this_process_and_only_one_runs_at_once() {
-        let spin = std::thread::spawn(|| busy_for_profile_test(Duration::from_millis(2600)));
+        let spin = std::thread::spawn(|| busy_for_profile_test(Duration::from_millis(4000)));
         let req = Request {
             seconds: 1,
             frequency: 200,
             format: Format::Pprof,
         };
+        // The second asks once the first holds the slot (not after a
+        // guessed delay, which a loaded machine could outrun).
         let second = std::thread::spawn(|| {
-            std::thread::sleep(Duration::from_millis(300));
+            let t = std::time::Instant::now();
+            while !running() && t.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             capture(&Request::default()).map(|_| ())
         });
         let c = capture(&req).expect("captured");
