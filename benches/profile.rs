@@ -16,11 +16,11 @@
 //! DAI_BENCH_PROFILE_RUNS, default 50; DAI_PYTHON).
 
 mod common;
+use common::fixtures::{inputs as fixture_inputs, write_inputs};
 use common::{env_usize, median, repo, write_section};
 
 use dai_infer::tensor::{Data, TensorData};
 use dai_models::runner::{self, Runner};
-use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::path::Path;
@@ -31,37 +31,6 @@ const MODELS: &[&str] = &["pp-ocr-cls", "silero-vad", "minilm-l3"];
 /// Operators listed per runtime and model.
 const ROWS: usize = 8;
 
-/// One input: ONNX name, manifest name's data.
-struct Input {
-    onnx: String,
-    data: TensorData,
-}
-
-fn fixture_inputs(model: &str, bundle: &dai_infer::Bundle) -> Vec<Input> {
-    let bytes =
-        std::fs::read(repo().join(format!("tests/fixtures/{model}.safetensors"))).expect("fixture");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    bundle
-        .manifest
-        .inputs
-        .iter()
-        .map(|spec| {
-            let view = st
-                .tensor(&format!("in.{}", spec.name))
-                .expect("fixture input");
-            let data = Data::from_le_bytes(spec.dtype, view.data()).expect("decode");
-            let mut t = TensorData::new(view.shape().to_vec(), data).expect("tensor");
-            if bundle.manifest.batching {
-                t = t.slice_rows(0, 1).expect("row");
-            }
-            Input {
-                onnx: spec.onnx_name.clone().unwrap_or_else(|| spec.name.clone()),
-                data: t,
-            }
-        })
-        .collect()
-}
-
 fn tract_tensor(t: &TensorData) -> Tensor {
     let r = match &t.data {
         Data::F32(v) => Tensor::from_shape(&t.shape, v),
@@ -71,32 +40,6 @@ fn tract_tensor(t: &TensorData) -> Tensor {
         Data::I8(v) => Tensor::from_shape(&t.shape, v),
     };
     r.expect("tract tensor")
-}
-
-fn write_inputs(path: &Path, inputs: &[Input]) {
-    let owned: Vec<(String, Vec<u8>, Vec<usize>, Dtype)> = inputs
-        .iter()
-        .map(|i| {
-            let dt = match &i.data.data {
-                Data::F32(_) => Dtype::F32,
-                Data::I64(_) => Dtype::I64,
-                Data::I32(_) => Dtype::I32,
-                Data::U8(_) => Dtype::U8,
-                Data::I8(_) => Dtype::I8,
-            };
-            (
-                format!("in.{}", i.onnx),
-                i.data.data.to_le_bytes(),
-                i.data.shape.clone(),
-                dt,
-            )
-        })
-        .collect();
-    let views: Vec<(String, TensorView)> = owned
-        .iter()
-        .map(|(n, b, s, dt)| (n.clone(), TensorView::new(*dt, s.clone(), b).expect("view")))
-        .collect();
-    safetensors::serialize_to_file(views, None, path).expect("write inputs");
 }
 
 /// Per-operator mean ms per run, node counts, and the run time.
@@ -178,10 +121,20 @@ fn main() {
         let bundle = dai_infer::Bundle::open(&dir).expect("bundle");
         let r = dai_models::bundle_io::resolve_ref(&dir, vec![]).expect("resolve");
         let proto = dai_models::proto::load(&r.file).expect("model");
-        let inputs = fixture_inputs(name, &bundle);
+        // Keyed by ONNX name: what tract's runner and onnxruntime take.
+        let inputs: Vec<(String, TensorData)> = fixture_inputs(name, &bundle)
+            .into_iter()
+            .zip(&bundle.manifest.inputs)
+            .map(|((_, t), spec)| {
+                (
+                    spec.onnx_name.clone().unwrap_or_else(|| spec.name.clone()),
+                    t,
+                )
+            })
+            .collect();
         let shapes: HashMap<String, Vec<usize>> = inputs
             .iter()
-            .map(|i| (i.onnx.clone(), i.data.shape.clone()))
+            .map(|(n, t)| (n.clone(), t.shape.clone()))
             .collect();
         let (specs, _) = runner::input_specs(&proto, &shapes).expect("input specs");
         let outputs: Vec<String> = bundle
@@ -195,11 +148,11 @@ fn main() {
         let tensors: Vec<Tensor> = specs
             .iter()
             .map(|s| {
-                let i = inputs
+                let (_, t) = inputs
                     .iter()
-                    .find(|i| i.onnx == s.name)
+                    .find(|(n, _)| *n == s.name)
                     .expect("fixture for input");
-                tract_tensor(&i.data)
+                tract_tensor(t)
             })
             .collect();
         let inputs_file = tmp.path().join(format!("{name}.safetensors"));

@@ -5,6 +5,7 @@
 // Each benchmark uses the part it needs.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod flower;
 pub mod ingest;
 pub mod poison;

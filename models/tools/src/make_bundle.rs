@@ -683,9 +683,17 @@ fn write(
     Ok((sha, bytes))
 }
 
-/// Open the written bundle as the daemon does and run the probe through it.
-fn verify_daemon(dir: &Path, probe: &[Tensor], probe_out: &[Tensor]) -> Result<f32, ToolError> {
-    let fail = |e: &dyn std::fmt::Display| ToolError::Verify(format!("the daemon's loader: {e}"));
+fn daemon_failure(e: &dyn std::fmt::Display) -> ToolError {
+    ToolError::Verify(format!("the daemon's loader: {e}"))
+}
+
+/// Open the written bundle as the daemon does and run the probe through
+/// its backbone: the loaded model and its outputs.
+fn daemon_run(
+    dir: &Path,
+    probe: &[Tensor],
+) -> Result<(dai_infer::LoadedModel, Vec<TensorData>), ToolError> {
+    let fail = daemon_failure;
     let b = Bundle::open(dir).map_err(|e| fail(&format!("{e:#}")))?;
     let m = dai_infer::LoadedModel::load(b, 8).map_err(|e| fail(&e))?;
     let mut inputs = HashMap::new();
@@ -695,10 +703,16 @@ fn verify_daemon(dir: &Path, probe: &[Tensor], probe_out: &[Tensor]) -> Result<f
     let (prepared, rows) = m.prepare(inputs).map_err(|e| fail(&e))?;
     let refs: Vec<&TensorData> = prepared.iter().collect();
     let outs = m.run(&refs, rows).map_err(|e| fail(&e))?;
+    Ok((m, outs))
+}
+
+/// The daemon's outputs on the probe against tract's alone.
+fn verify_daemon(dir: &Path, probe: &[Tensor], probe_out: &[Tensor]) -> Result<f32, ToolError> {
+    let (_, outs) = daemon_run(dir, probe)?;
     let mut worst = 0.0f32;
     for (o, want) in outs.iter().zip(probe_out) {
         if o.shape != want.shape() {
-            return Err(fail(&format!(
+            return Err(daemon_failure(&format!(
                 "output shape {:?}, tract alone gave {:?}",
                 o.shape,
                 want.shape()
@@ -709,19 +723,11 @@ fn verify_daemon(dir: &Path, probe: &[Tensor], probe_out: &[Tensor]) -> Result<f
     Ok(worst)
 }
 
-/// Open the written head bundle as the daemon does and check that backbone
-/// + head answer what the whole model does (`want`).
+/// Backbone + head, as the daemon runs them, against what the whole model
+/// does (`want`).
 fn verify_daemon_head(dir: &Path, probe: &[Tensor], want: &Tensor) -> Result<f32, ToolError> {
-    let fail = |e: &dyn std::fmt::Display| ToolError::Verify(format!("the daemon's loader: {e}"));
-    let b = Bundle::open(dir).map_err(|e| fail(&format!("{e:#}")))?;
-    let m = dai_infer::LoadedModel::load(b, 8).map_err(|e| fail(&e))?;
-    let mut inputs = HashMap::new();
-    for (t, ms) in probe.iter().zip(&m.bundle.manifest.inputs) {
-        inputs.insert(ms.name.clone(), to_tensordata(t, ms.dtype)?);
-    }
-    let (prepared, rows) = m.prepare(inputs).map_err(|e| fail(&e))?;
-    let refs: Vec<&TensorData> = prepared.iter().collect();
-    let outs = m.run(&refs, rows).map_err(|e| fail(&e))?;
+    let fail = daemon_failure;
+    let (m, outs) = daemon_run(dir, probe)?;
     let (head_out, _) = m
         .apply_head(&outs)
         .map_err(|e| fail(&e))?
