@@ -268,3 +268,35 @@ async fn bad_bundles_are_refused_and_the_old_version_keeps_serving() {
     assert_eq!(models, 0, "no refused bundle installed");
     d.stop().await;
 }
+
+/// A refusal reaches a client still sending a large body: the daemon reads
+/// and drops it (bounded) before answering, instead of closing the
+/// connection under the client, which then saw a broken pipe, not the 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_reaches_a_client_still_sending_its_body() {
+    ensure_zoo();
+    let data = tempfile::tempdir().expect("tmp");
+    let mut config = test_config(data.path());
+    with_token(&mut config);
+    let d = TestDaemon::start_with(config, tempfile::tempdir().expect("unused")).await;
+    // Larger than the loopback socket buffers, so the client is mid-write
+    // when the answer comes.
+    let body: Vec<u8> = (0..6usize << 20).map(|i| (i * 7 % 253) as u8).collect();
+    for _ in 0..3 {
+        let (s, v) = upload(&d, body.clone(), None).await;
+        assert_eq!(s, 401, "no token: {v}");
+        let (s, v) = upload(&d, body.clone(), Some("wrong-token-0123456789")).await;
+        assert_eq!(s, 401, "wrong token: {v}");
+    }
+    d.stop().await;
+    assert!(incoming_is_empty(data.path()));
+
+    let open = TestDaemon::start(|c| {
+        c.daemon.models = vec!["digits".into()];
+        c.training.enabled = false;
+    })
+    .await;
+    let (s, v) = upload(&open, body, None).await;
+    assert_eq!(s, 403, "uploads off without a token: {v}");
+    open.stop().await;
+}

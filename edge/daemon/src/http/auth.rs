@@ -3,7 +3,8 @@
 //!
 //! A [`Guard`] holds the tokens a group of routes accepts; [`require`] is
 //! its middleware (`route_layer`), so it runs before a handler reads the
-//! body: a refused write stores nothing. Tokens are compared in constant
+//! body: a refused write stores nothing (the body is read and dropped,
+//! bounded, so a client still sending it reads the 401). Tokens are compared in constant
 //! time (`subtle`); only the length of a wrong token can show in timing.
 //! A refusal is 401 with `WWW-Authenticate: Bearer` and the usual JSON
 //! error. Nothing here logs a token or a query string (the status page's
@@ -82,6 +83,7 @@ pub async fn require(State(guard): State<Arc<Guard>>, req: Request, next: Next) 
         }
     };
     tracing::debug!(method = %req.method(), path = %req.uri().path(), why, "request refused");
+    super::oversize::discard(req.into_body(), super::oversize::REFUSED_DRAIN).await;
     unauthorized(why)
 }
 

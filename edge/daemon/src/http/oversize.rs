@@ -91,9 +91,16 @@ pub(super) async fn limit_bodies(
     resp
 }
 
+/// Most bytes of a refused (401, 403) body read before the answer.
+pub const REFUSED_DRAIN: usize = 8 << 20;
+
 /// Read and drop up to `max` bytes of `body` (frame by frame, never held),
-/// for at most [`DRAIN_TIMEOUT`].
-async fn discard(mut body: Body, max: usize) {
+/// for at most [`DRAIN_TIMEOUT`]. Every early answer to a request whose
+/// body may still be on its way (413, 503, 401, 403) drains first: hyper
+/// closes a connection whose body was not read, and a client still
+/// writing it would see a broken pipe instead of the answer. A body
+/// larger than `max` is cut, as before.
+pub(super) async fn discard(mut body: Body, max: usize) {
     let drain = async {
         let mut read = 0usize;
         while read <= max {

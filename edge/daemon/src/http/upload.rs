@@ -24,6 +24,7 @@ pub async fn upload(
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if app.config.http.tokens.api.is_none() {
+        super::oversize::discard(req.into_body(), super::oversize::REFUSED_DRAIN).await;
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "upload_disabled",
