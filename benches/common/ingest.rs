@@ -38,6 +38,7 @@ pub fn aggregator_config(
         devices: dai_cloud::auth::DeviceAuth::Unchecked,
         fleet_dir: None,
         tls: None,
+        tiers: Vec::new(),
     }
 }
 

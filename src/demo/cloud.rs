@@ -89,6 +89,7 @@ impl Cloud {
             devices: DeviceAuth::Unchecked,
             fleet_dir: None,
             tls: None,
+            tiers: Vec::new(),
         };
         // Signed updates from enrolled devices only; the registry is followed.
         secure.apply(&mut config);

@@ -30,6 +30,10 @@ pub enum Refusal {
     Unsigned,
     #[error("the signature is not device {0:?}'s for this fleet and topic")]
     Signature(String),
+    #[error(
+        "{0:?} is not one of this aggregator's tiers (--tier): its partial aggregates are not counted"
+    )]
+    NotATier(String),
 }
 
 impl Refusal {
@@ -41,6 +45,7 @@ impl Refusal {
             Refusal::Revoked(_) => "revoked",
             Refusal::Unsigned => "unsigned",
             Refusal::Signature(_) => "signature",
+            Refusal::NotATier(_) => "not_a_tier",
         }
     }
 }
@@ -107,6 +112,20 @@ impl DeviceAuth {
         topic: &str,
         payload: &'a [u8],
     ) -> Result<&'a [u8], Refusal> {
+        self.authenticate_kind(Kind::Update, expected_fleet, fleet, device, topic, payload)
+    }
+
+    /// [`DeviceAuth::authenticate`] for a signed message of `kind` (a
+    /// tier's partial aggregate is signed by its enrolled key the same way).
+    pub fn authenticate_kind<'a>(
+        &self,
+        kind: Kind,
+        expected_fleet: &str,
+        fleet: &str,
+        device: &str,
+        topic: &str,
+        payload: &'a [u8],
+    ) -> Result<&'a [u8], Refusal> {
         if fleet != expected_fleet {
             return Err(Refusal::Fleet {
                 expected: expected_fleet.to_string(),
@@ -114,7 +133,7 @@ impl DeviceAuth {
             });
         }
         match self {
-            DeviceAuth::Unchecked => Ok(match signed::parse(Kind::Update, payload) {
+            DeviceAuth::Unchecked => Ok(match signed::parse(kind, payload) {
                 Ok(sealed) => sealed.body,
                 Err(_) => payload,
             }),
@@ -126,7 +145,7 @@ impl DeviceAuth {
                 if enrolled.revoked {
                     return Err(Refusal::Revoked(device.to_string()));
                 }
-                let sealed = signed::parse(Kind::Update, payload).map_err(|_| Refusal::Unsigned)?;
+                let sealed = signed::parse(kind, payload).map_err(|_| Refusal::Unsigned)?;
                 sealed
                     .verify(&enrolled.key, fleet, topic)
                     .map_err(|_| Refusal::Signature(device.to_string()))

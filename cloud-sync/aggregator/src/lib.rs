@@ -113,6 +113,9 @@ pub enum Rejection {
     NoSamples,
     #[error("update id {0:?} was already received")]
     Duplicate(String),
+    /// A tier's partial aggregate that cannot be counted as it is.
+    #[error("partial aggregate refused: {0}")]
+    Tier(String),
 }
 
 impl Rejection {

@@ -79,6 +79,8 @@ pub struct ServiceConfig {
     /// Mutual TLS to the broker (an external one); `None` is plain TCP
     /// (the embedded broker's loopback side, or `--insecure-plaintext`).
     pub tls: Option<Arc<dai_trust::tls::ClientConfig>>,
+    /// Enrolled names whose partial aggregates are counted (`--tier`).
+    pub tiers: Vec<String>,
 }
 
 /// How often the fleet directory is checked for a changed registry.
@@ -279,6 +281,7 @@ pub async fn run_monitored(
             devices: cfg.devices.clone(),
         },
     )?;
+    intake.set_tiers(cfg.tiers.clone());
     let mut fleet_dir = cfg.fleet_dir.clone();
     let mut opts = MqttOptions::new(&cfg.client_id, &cfg.broker.host, cfg.broker.port);
     opts.set_keep_alive(Duration::from_secs(10));

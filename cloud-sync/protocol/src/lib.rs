@@ -20,6 +20,9 @@
 //!   offer (size, sha256, one sha256 per chunk, targets), a device's fetch
 //!   of chunks, the chunks, a device's report (downloading, verified,
 //!   loaded, failed);
+//! - [`partial`]: a tier's partial aggregate (weighted sums, total
+//!   weight, the contributors' update ids and devices), what intermediate
+//!   aggregators send upstream;
 //! - [`messages`]: the JSON ack, status heartbeat and global request;
 //! - [`limits`]: the largest payload of each topic and which may be
 //!   retained (what the brokers' front doors enforce);
@@ -37,6 +40,7 @@ pub mod feedback;
 pub mod global;
 pub mod limits;
 pub mod messages;
+pub mod partial;
 pub mod signed;
 pub mod topics;
 pub mod update;

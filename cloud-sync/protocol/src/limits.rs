@@ -9,7 +9,7 @@
 //! included.
 
 use crate::topics::Topic;
-use crate::{bundle, global, messages, update};
+use crate::{bundle, global, messages, partial, update};
 
 /// Room for an envelope around a bounded body (magic, signature, slack).
 const ENVELOPE: usize = 1024;
@@ -41,6 +41,7 @@ pub fn max_payload(topic: &Topic) -> usize {
         Topic::Fetch { .. } => bundle::MAX_FETCH_BYTES,
         Topic::Chunk { .. } => bundle::MAX_CHUNK_WIRE_BYTES,
         Topic::Report { .. } => bundle::MAX_REPORT_BYTES,
+        Topic::Partial { .. } => partial::MAX_PARTIAL_BYTES + ENVELOPE,
     }
 }
 
@@ -78,6 +79,7 @@ mod tests {
             dev(|fleet, device| Topic::Fetch { fleet, device }),
             dev(|fleet, device| Topic::Chunk { fleet, device }),
             dev(|fleet, device| Topic::Report { fleet, device }),
+            dev(|fleet, device| Topic::Partial { fleet, device }),
         ];
         for t in &topics {
             assert!(max_payload(t) <= MAX_MESSAGE_BYTES, "{t:?}");

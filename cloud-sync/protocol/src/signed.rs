@@ -29,6 +29,9 @@ pub enum Kind {
     Ack,
     /// The aggregator's bundle offer on `.../model/{model}/bundle`.
     Offer,
+    /// A tier's partial aggregate on `.../dev/{tier}/partial`
+    /// ([`crate::partial`]), signed by the tier's enrolled key.
+    Partial,
 }
 
 impl Kind {
@@ -37,6 +40,7 @@ impl Kind {
             Kind::Update => b"DAIU1",
             Kind::Ack => b"DAIA1",
             Kind::Offer => b"DAIO1",
+            Kind::Partial => b"DAIP1",
         }
     }
 
@@ -45,6 +49,7 @@ impl Kind {
             Kind::Update => b"dai/v1 update",
             Kind::Ack => b"dai/v1 ack",
             Kind::Offer => b"dai/v1 bundle offer",
+            Kind::Partial => b"dai/v1 partial aggregate",
         }
     }
 
@@ -53,6 +58,7 @@ impl Kind {
             Kind::Update => "update",
             Kind::Ack => "ack",
             Kind::Offer => "bundle offer",
+            Kind::Partial => "partial aggregate",
         }
     }
 }

@@ -57,6 +57,12 @@ pub enum Topic {
         fleet: String,
         device: String,
     },
+    /// A tier's partial aggregate ([`crate::partial`]); `device` is the
+    /// tier's enrolled name, its acks come on its `ack` topic.
+    Partial {
+        fleet: String,
+        device: String,
+    },
 }
 
 /// Is `s` a valid topic segment?
@@ -89,7 +95,8 @@ impl Topic {
             | Topic::Want { fleet, device }
             | Topic::Fetch { fleet, device }
             | Topic::Chunk { fleet, device }
-            | Topic::Report { fleet, device } => {
+            | Topic::Report { fleet, device }
+            | Topic::Partial { fleet, device } => {
                 check("fleet", fleet)?;
                 check("device", device)?;
                 let leaf = match self {
@@ -100,6 +107,7 @@ impl Topic {
                     Topic::Fetch { .. } => "fetch",
                     Topic::Chunk { .. } => "chunk",
                     Topic::Report { .. } => "report",
+                    Topic::Partial { .. } => "partial",
                     _ => "status",
                 };
                 format!("{PREFIX}/{fleet}/dev/{device}/{leaf}")
@@ -140,9 +148,10 @@ impl Topic {
                     "fetch" => Topic::Fetch { fleet, device },
                     "chunk" => Topic::Chunk { fleet, device },
                     "report" => Topic::Report { fleet, device },
+                    "partial" => Topic::Partial { fleet, device },
                     _ => {
                         return Err(bad(
-                            "expected update, ack, status, event, want, fetch, chunk or report after dev/{device}",
+                            "expected update, ack, status, event, want, fetch, chunk, report or partial after dev/{device}",
                         ));
                     }
                 }
@@ -157,7 +166,7 @@ impl Topic {
             },
             _ => {
                 return Err(bad(
-                    "expected {fleet}/dev/{device}/{update|ack|status|event|want|fetch|chunk|report} or {fleet}/model/{model}/{global|bundle}",
+                    "expected {fleet}/dev/{device}/{update|ack|status|event|want|fetch|chunk|report|partial} or {fleet}/model/{model}/{global|bundle}",
                 ));
             }
         };
@@ -191,6 +200,10 @@ pub fn all_bundles(fleet: &str) -> String {
 
 pub fn all_fetches(fleet: &str) -> String {
     format!("{PREFIX}/{fleet}/dev/+/fetch")
+}
+
+pub fn all_partials(fleet: &str) -> String {
+    format!("{PREFIX}/{fleet}/dev/+/partial")
 }
 
 pub fn all_reports(fleet: &str) -> String {

@@ -247,6 +247,7 @@ pub fn service_config<'a>(
         devices: dai_cloud::auth::DeviceAuth::Unchecked,
         fleet_dir: None,
         tls: None,
+        tiers: Vec::new(),
     }
 }
 

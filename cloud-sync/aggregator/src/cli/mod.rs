@@ -219,6 +219,12 @@ struct RunArgs {
     /// 0: no limit.
     #[arg(long, default_value_t = dai_cloud::state::DEFAULT_MAX_UPDATES_PER_MINUTE)]
     max_updates_per_minute: u32,
+    /// An enrolled name (`dai-cloud devices add NAME`) whose signed partial
+    /// aggregates this aggregator counts: an intermediate aggregator (a
+    /// site or intake tier) folding its devices' updates. Repeat for each;
+    /// a partial from any other name is refused.
+    #[arg(long, value_name = "NAME")]
+    tier: Vec<String>,
     /// Central differential privacy: the noise multiplier z. Each update is
     /// clipped to --dp-clip, the round averaged with equal weights and
     /// Gaussian noise of std z x clip / updates added (replaces --robust

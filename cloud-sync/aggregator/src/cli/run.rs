@@ -241,6 +241,7 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
         devices: DeviceAuth::Unchecked,
         fleet_dir: None,
         tls,
+        tiers: a.tier,
     };
     if let Some(s) = secure {
         s.apply(&mut cfg);

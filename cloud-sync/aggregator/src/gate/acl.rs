@@ -114,7 +114,10 @@ impl Acl {
                     | Topic::Event { fleet, device }
                     | Topic::Want { fleet, device }
                     | Topic::Fetch { fleet, device }
-                    | Topic::Report { fleet, device },
+                    | Topic::Report { fleet, device }
+                    // A tier is enrolled like a device; whether its
+                    // partials count is the root's `--tier` list.
+                    | Topic::Partial { fleet, device },
                 ),
             ) => *fleet == self.fleet && *device == self.name,
             (
@@ -217,7 +220,7 @@ impl Acl {
                     && name_or_plus(device)
                     && matches!(
                         *leaf,
-                        "update" | "status" | "event" | "want" | "fetch" | "report"
+                        "update" | "status" | "event" | "want" | "fetch" | "report" | "partial"
                     )
             }
             _ => false,

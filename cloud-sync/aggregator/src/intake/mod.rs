@@ -43,6 +43,7 @@ use crate::auth::{DeviceAuth, DeviceKeys, Refusal};
 use crate::monitor::{DeviceView, MonitorEvent, Outcome};
 use crate::state::{DUPLICATE_REASON, NewGlobal, Settings, State, StateError};
 use dai_protocol::messages::{Ack, AckStatus, Status, Want};
+use dai_protocol::partial::Partial;
 use dai_protocol::signed::{self, Kind};
 use dai_protocol::topics::{self, Topic};
 use dai_protocol::update::MAX_WIRE_BYTES;
@@ -52,7 +53,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Filters subscribed on each broker session ([`Intake::connected`]).
-pub const SUBSCRIPTIONS: u64 = 7;
+pub const SUBSCRIPTIONS: u64 = 8;
 
 /// Most updates ingested in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -125,6 +126,12 @@ pub struct ServiceStats {
     /// version it never made): acked `rebase`, the current global
     /// published again.
     pub rebased: u64,
+    /// Tiers' partial aggregates counted, and the updates they folded.
+    pub partials: u64,
+    pub partial_votes: u64,
+    /// Partial aggregates refused with an ack (already counted
+    /// contributors, a base or norm refused, undecodable).
+    pub partials_rejected: u64,
 }
 
 /// `"1.0.0"` (a bundle version: the shipped head) is global 0;
@@ -236,6 +243,18 @@ pub struct Intake {
     offered_sha: HashMap<String, String>,
     /// Bundle chunks sent since the last tick ([`bundles::CHUNKS_PER_TICK`]).
     chunks_sent: u32,
+    /// Enrolled names whose partial aggregates count ([`Intake::set_tiers`]).
+    tiers: Vec<String>,
+    /// Partial aggregates held for the next flush.
+    partials: Vec<IncomingPartial>,
+}
+
+/// A tier's partial aggregate as it arrived.
+#[derive(Debug)]
+struct IncomingPartial {
+    tier: String,
+    bytes: usize,
+    partial: Result<Partial, Undecodable>,
 }
 
 impl Intake {
@@ -268,6 +287,8 @@ impl Intake {
             offered: HashMap::new(),
             offered_sha: HashMap::new(),
             chunks_sent: 0,
+            tiers: Vec::new(),
+            partials: Vec::new(),
         };
         for model in intake.model_names() {
             let layout = intake.state.model_layout(&model)?;
@@ -305,6 +326,7 @@ impl Intake {
             topics::all_fetches(&self.cfg.fleet),
             topics::all_reports(&self.cfg.fleet),
             topics::all_bundles(&self.cfg.fleet),
+            topics::all_partials(&self.cfg.fleet),
         ] {
             self.outputs.push(Output::Subscribe(filter));
         }
@@ -341,6 +363,13 @@ impl Intake {
         self.monitor(MonitorEvent::BrokerLost { was_connected });
     }
 
+    /// The enrolled names (tiers: intermediate aggregators) whose partial
+    /// aggregates this aggregator counts; a partial from anyone else is
+    /// refused unacked.
+    pub fn set_tiers(&mut self, tiers: Vec<String>) {
+        self.tiers = tiers;
+    }
+
     /// The enrolled devices changed (an enrolment or a revocation in the
     /// fleet directory): from now on updates are checked against `keys`.
     pub fn set_devices(&mut self, keys: DeviceKeys) {
@@ -372,6 +401,7 @@ impl Intake {
             Ok(Topic::Bundle { fleet, model }) if fleet == self.cfg.fleet => {
                 self.retained_offer(&model, payload)
             }
+            Ok(Topic::Partial { fleet, device }) => self.partial(&fleet, device, topic, payload),
             _ => tracing::warn!(%topic, "ignoring a message on an unexpected topic"),
         }
     }
@@ -426,6 +456,106 @@ impl Intake {
             update,
             refusal,
         });
+    }
+
+    /// A tier's partial aggregate: only from a listed tier, signed by its
+    /// enrolled key for this topic, decoded against the model's layout and
+    /// held for the next flush.
+    fn partial(&mut self, fleet: &str, tier: String, topic: &str, payload: &[u8]) {
+        self.monitor(MonitorEvent::UpdateBytes(payload.len() as u64));
+        if fleet == self.cfg.fleet && !self.tiers.contains(&tier) {
+            return self.refuse(tier.clone(), payload.len(), &Refusal::NotATier(tier));
+        }
+        let body = match self.cfg.devices.authenticate_kind(
+            Kind::Partial,
+            &self.cfg.fleet,
+            fleet,
+            &tier,
+            topic,
+            payload,
+        ) {
+            Ok(body) => body,
+            Err(refusal) => return self.refuse(tier, payload.len(), &refusal),
+        };
+        let layouts = &self.layouts;
+        let mut partial =
+            Partial::decode_for_layout(body, |model| layouts.get(model).map(Vec::as_slice));
+        // Signed by the topic's tier, so the tier it names is its claim.
+        if let Ok(p) = &partial
+            && p.sum.meta.device != tier
+        {
+            partial = Err(Undecodable {
+                error: dai_protocol::ProtocolError::Metadata(format!(
+                    "the partial aggregate names tier {:?}, but was sent by {tier:?}",
+                    p.sum.meta.device
+                )),
+                meta: Some(Box::new(p.sum.meta.clone())),
+            });
+        }
+        if let Ok(p) = &partial {
+            self.batch_values += p.sum.tensors.iter().map(|t| t.values.len()).sum::<usize>();
+        }
+        self.partials.push(IncomingPartial {
+            tier,
+            bytes: payload.len(),
+            partial,
+        });
+    }
+
+    /// Record the held partial aggregates (one transaction each: a partial
+    /// weighs as much as many updates), ack each after its commit, and
+    /// return the models they added to.
+    fn flush_partials(&mut self, now: Instant) -> Result<Vec<String>, StateError> {
+        let mut touched = Vec::new();
+        for held in std::mem::take(&mut self.partials) {
+            let (ack, outcome) = match &held.partial {
+                Ok(p) => {
+                    let ack = self.state.ingest_partial(p, &self.cfg.settings, base_of)?;
+                    let outcome = if ack.reason.as_deref() == Some(DUPLICATE_REASON) {
+                        self.stats.duplicates += 1;
+                        Outcome::Duplicate
+                    } else if ack.status == AckStatus::Accepted {
+                        self.stats.partials += 1;
+                        self.stats.partial_votes += p.votes;
+                        tracing::info!(tier = %held.tier, partial = %ack.update_id, updates = p.votes, weight = p.weight, "partial aggregate counted");
+                        self.round_started.get_or_insert(now);
+                        if !touched.contains(&p.sum.meta.model) {
+                            touched.push(p.sum.meta.model.clone());
+                        }
+                        Outcome::Accepted
+                    } else {
+                        self.stats.partials_rejected += 1;
+                        if ack.status == AckStatus::Rebase {
+                            self.schedule_heal(p.sum.meta.model.clone());
+                        }
+                        tracing::warn!(tier = %held.tier, partial = %ack.update_id, reason = ?ack.reason, "partial aggregate refused");
+                        Outcome::Rejected
+                    };
+                    (ack, outcome)
+                }
+                Err(e) => {
+                    self.stats.partials_rejected += 1;
+                    let id = e.meta.as_ref().map(|m| m.update_id.clone());
+                    tracing::warn!(tier = %held.tier, bytes = held.bytes, partial = ?id, error = %e, "undecodable partial aggregate");
+                    let ack = Ack {
+                        update_id: id.unwrap_or_default(),
+                        status: AckStatus::Rejected,
+                        reason: Some(format!("undecodable partial aggregate: {e}")),
+                        round: None,
+                    };
+                    (ack, Outcome::Undecodable)
+                }
+            };
+            self.monitor(MonitorEvent::Update {
+                device: held.tier.clone(),
+                update_id: ack.update_id.clone(),
+                bytes: held.bytes,
+                outcome,
+                reason: ack.reason.clone(),
+            });
+            self.push_ack(&held.tier, ack);
+        }
+        Ok(touched)
     }
 
     /// Count, log and report an update refused before decoding (no ack).
@@ -493,7 +623,7 @@ impl Intake {
     /// size, so a burst of large updates is ingested in several
     /// transactions instead of being held in memory at once).
     pub fn batch_full(&self) -> bool {
-        self.batch.len() >= MAX_BATCH || self.batch_values >= MAX_BATCH_VALUES
+        self.batch.len() + self.partials.len() >= MAX_BATCH || self.batch_values >= MAX_BATCH_VALUES
     }
 
     /// Record the held updates in one transaction, ack each (only after the
@@ -501,7 +631,7 @@ impl Intake {
     /// touched if their strategy says so. A failed transaction drops the
     /// batch unacked; the edges send it again.
     pub fn flush(&mut self, now: Instant) -> Result<(), StateError> {
-        if self.batch.is_empty() {
+        if self.batch.is_empty() && self.partials.is_empty() {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.batch);
@@ -511,9 +641,12 @@ impl Intake {
             .filter(|b| b.refusal.is_none())
             .filter_map(|b| b.update.as_ref().ok())
             .collect();
-        let (acks, superseded) =
+        let (acks, superseded) = if decoded.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
             self.state
-                .ingest_batch_superseding(&decoded, &self.cfg.settings, base_of)?;
+                .ingest_batch_superseding(&decoded, &self.cfg.settings, base_of)?
+        };
         // The batch is committed; none of its acks is out yet.
         dai_protocol::crashpoint::hit("cloud-ingested");
         let mut acks = acks.into_iter();
@@ -581,6 +714,11 @@ impl Intake {
                 round: None,
             };
             self.push_ack(&s.device, ack);
+        }
+        for model in self.flush_partials(now)? {
+            if !touched.contains(&model) {
+                touched.push(model);
+            }
         }
         for model in touched {
             if let Some(g) = self.aggregate(&model, false)? {
@@ -827,5 +965,7 @@ mod bundles;
 mod rate;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tier_tests;
 #[cfg(test)]
 mod trust_tests;

@@ -185,10 +185,11 @@ fn the_broker_session_subscribes_and_counts_disconnects_once() {
             Output::Subscribe("dai/v1/lab/dev/+/fetch".into()),
             Output::Subscribe("dai/v1/lab/dev/+/report".into()),
             Output::Subscribe("dai/v1/lab/model/+/bundle".into()),
+            Output::Subscribe("dai/v1/lab/dev/+/partial".into()),
         ]
     );
     assert_eq!(
-        SUBSCRIPTIONS, 7,
+        SUBSCRIPTIONS, 8,
         "the count the service waits for is the filters above"
     );
     let monitor = Monitor::new();
@@ -335,6 +336,7 @@ fn valid_updates_are_acked_and_a_full_round_publishes_a_signed_global() {
             refused: BTreeMap::new(),
             superseded: 0,
             rebased: 0,
+            ..ServiceStats::default()
         }
     );
 }

@@ -50,12 +50,28 @@ impl State {
             return Ok(None);
         }
         let mut metrics = round_metrics(&rows, version);
+        let tiers = partial_weights(&tx, model)?;
+        if !tiers.is_empty() {
+            metrics["partials"] = tiers.len().into();
+            metrics["updates"] = (rows.len() - tiers.len()
+                + tiers.values().map(|&(_, v)| v as usize).sum::<usize>())
+            .into();
+        }
         let mut contribs: Vec<Contribution> = rows.into_iter().map(|(c, _)| c).collect();
-        let claims: Vec<u64> = contribs.iter().map(|c| c.sample_count).collect();
+        // The sample cap is the tiers' business for what they folded.
+        let direct = |c: &Contribution| !tiers.contains_key(&c.update_id);
+        let claims: Vec<u64> = contribs
+            .iter()
+            .filter(|c| direct(c))
+            .map(|c| c.sample_count)
+            .collect();
         let cap = settings.sample_cap.for_round(&claims);
         let mut capped = 0usize;
         if let Some(cap) = cap {
-            for c in contribs.iter_mut().filter(|c| c.sample_count > cap) {
+            for c in contribs
+                .iter_mut()
+                .filter(|c| direct(c) && c.sample_count > cap)
+            {
                 if settings.sample_cap != crate::state::SampleCap::Equal {
                     tracing::warn!(%model, update = %c.update_id, device = %c.device, claimed = c.sample_count, cap, "sample count above the round's cap; weighed at the cap");
                 }
@@ -71,6 +87,17 @@ impl State {
         // would exceed the budget: the transaction is dropped, so the
         // buffer stays as it was.
         let delta = match &settings.dp {
+            // Partials are refused under DP (`partials`), so none is here.
+            None if !tiers.is_empty() => {
+                let Some(delta) = tiered_mean(&contribs, &tiers, settings.strategy, version) else {
+                    return Ok(None);
+                };
+                metrics["clip_norm"] = serde_json::Value::Null;
+                metrics["aggregation"] =
+                    "weighted mean of partial aggregates and updates (robust options apply on the tiers)"
+                        .into();
+                delta
+            }
             None => {
                 let weights = weights(&contribs, settings.strategy, version);
                 let Some((delta, clip)) = aggregate(&contribs, &weights, &settings.aggregation)
@@ -235,6 +262,64 @@ fn round_metrics(rows: &[(Contribution, f64)], version: u64) -> serde_json::Valu
         "samples": samples,
         "mean_loss": mean_loss,
         "max_staleness": rows.iter().map(|(c, _)| version.saturating_sub(c.base_version)).max().unwrap_or(0),
+    })
+}
+
+/// (weight, votes) of each pending partial aggregate of `model`, by id.
+fn partial_weights(
+    tx: &rusqlite::Transaction<'_>,
+    model: &str,
+) -> Result<std::collections::HashMap<String, (f64, u64)>, StateError> {
+    let mut q = tx.prepare(
+        "SELECT update_id, weight, votes FROM pending WHERE model = ?1 AND weight IS NOT NULL",
+    )?;
+    let rows = q.query_map(params![model], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            (r.get::<_, f64>(1)?, r.get::<_, i64>(2)?.max(0) as u64),
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A round with partial aggregates: the weighted mean of every pending
+/// delta, a partial's mean weighing its total weight (so the result is the
+/// sum of the tiers' sums over the sum of their weights), a device's
+/// update its capped sample count; FedBuff's staleness discount on both.
+/// `None` when the weights add up to nothing.
+fn tiered_mean(
+    contribs: &[Contribution],
+    tiers: &std::collections::HashMap<String, (f64, u64)>,
+    strategy: Strategy,
+    version: u64,
+) -> Option<Vec<Vec<f32>>> {
+    let first = contribs.first()?;
+    let mut acc: Vec<Vec<f64>> = first.tensors.iter().map(|t| vec![0.0; t.len()]).collect();
+    let mut total = 0.0f64;
+    for c in contribs {
+        let w = tiers
+            .get(&c.update_id)
+            .map_or(c.sample_count as f64, |&(w, _)| w);
+        let w = match strategy {
+            Strategy::FedBuff { .. } => {
+                w * staleness_weight(version.saturating_sub(c.base_version))
+            }
+            Strategy::FedAvg { .. } => w,
+        };
+        if !(w.is_finite() && w > 0.0) {
+            continue;
+        }
+        total += w;
+        for (a, t) in acc.iter_mut().zip(&c.tensors) {
+            for (x, v) in a.iter_mut().zip(t) {
+                *x += w * f64::from(*v);
+            }
+        }
+    }
+    (total > 0.0).then(|| {
+        acc.into_iter()
+            .map(|a| a.into_iter().map(|x| (x / total) as f32).collect())
+            .collect()
     })
 }
 

@@ -190,20 +190,23 @@ impl State {
         Ok(ack)
     }
 
-    /// Distinct devices with a pending update of `model` (what closes a
-    /// FedAvg round: one device, one vote).
+    /// Distinct devices with a pending update of `model`, plus the updates
+    /// folded into pending partial aggregates (what closes a FedAvg round:
+    /// one device, one vote).
     pub fn pending_device_count(&self, model: &str) -> Result<usize, StateError> {
         Ok(self.conn.query_row(
-            "SELECT COUNT(DISTINCT device) FROM pending WHERE model = ?1",
+            "SELECT (SELECT COUNT(DISTINCT device) FROM pending WHERE model = ?1 AND weight IS NULL)
+                  + (SELECT COALESCE(SUM(votes), 0) FROM pending WHERE model = ?1 AND weight IS NOT NULL)",
             params![model],
             |r| r.get::<_, i64>(0),
         )? as usize)
     }
 
-    /// Accepted updates of `model` waiting for the next aggregation.
+    /// Accepted updates of `model` waiting for the next aggregation (a
+    /// partial aggregate counts the updates it folded).
     pub fn pending_count(&self, model: &str) -> Result<usize, StateError> {
         Ok(self.conn.query_row(
-            "SELECT COUNT(*) FROM pending WHERE model = ?1",
+            "SELECT COALESCE(SUM(votes), 0) FROM pending WHERE model = ?1",
             params![model],
             |r| r.get::<_, i64>(0),
         )? as usize)

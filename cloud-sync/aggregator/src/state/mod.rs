@@ -19,6 +19,7 @@ mod aggregate;
 mod bundles;
 pub use bundles::BundleReportRow;
 mod ingest;
+mod partials;
 pub use ingest::Superseded;
 mod privacy;
 pub use privacy::Spent;
@@ -276,6 +277,10 @@ CREATE TABLE IF NOT EXISTS versions (
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("pending", "loss", "REAL NOT NULL DEFAULT 0"),
     ("versions", "metrics", "TEXT NOT NULL DEFAULT '{}'"),
+    // A tier's partial aggregate ([`partials`]): the total weight of its
+    // mean (NULL for a device's update) and how many updates it folded.
+    ("pending", "weight", "REAL"),
+    ("pending", "votes", "INTEGER NOT NULL DEFAULT 1"),
 ];
 
 /// The newest version of a model and its head file (the same query in
