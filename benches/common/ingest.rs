@@ -39,6 +39,7 @@ pub fn aggregator_config(
         fleet_dir: None,
         tls: None,
         tiers: Vec::new(),
+        upstream: None,
     }
 }
 

@@ -90,6 +90,7 @@ impl Cloud {
             fleet_dir: None,
             tls: None,
             tiers: Vec::new(),
+            upstream: None,
         };
         // Signed updates from enrolled devices only; the registry is followed.
         secure.apply(&mut config);

@@ -54,6 +54,7 @@ pub mod publish;
 pub mod secure;
 pub mod service;
 pub mod state;
+pub mod upstream;
 pub mod validation;
 
 /// `e` and its sources, `outer: inner: innermost` (anyhow's `{:#}`), for

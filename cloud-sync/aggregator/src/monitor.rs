@@ -113,6 +113,8 @@ pub enum MonitorEvent {
         outcome: Outcome,
         reason: Option<String>,
     },
+    /// On a tier: partial aggregates waiting for the root's ack.
+    Outbox(u64),
     /// Updates of `model` waiting for the next aggregation.
     Pending {
         model: String,
@@ -160,6 +162,9 @@ pub struct LiveView {
     /// report cannot overflow it, only make the figure wrong).
     pub online: usize,
     pub outbox: u64,
+    /// On a tier: partial aggregates not yet acked upstream (`None` on a
+    /// root).
+    pub tier_outbox: Option<u64>,
 }
 
 /// Devices the live view holds (the status page's table; metrics count
@@ -192,6 +197,8 @@ pub struct Monitor {
     pub state_errors: Counter,
     /// Acks and globals dropped because the publish queue was full.
     pub publish_dropped: Counter,
+    /// On a tier: partial aggregates not yet acked upstream.
+    pub tier_outbox: Gauge,
     pub live: Mutex<LiveView>,
     pub started: Instant,
 }
@@ -230,6 +237,7 @@ impl Monitor {
             broker_disconnects: Counter::default(),
             state_errors: Counter::default(),
             publish_dropped: Counter::default(),
+            tier_outbox: Gauge::default(),
             live: Mutex::new(LiveView::default()),
             started: Instant::now(),
         };
@@ -305,6 +313,11 @@ impl Monitor {
             m.publish_dropped.clone(),
         );
         r.register(
+            "tier_outbox",
+            "On a site or intake tier: partial aggregates sent upstream and not yet acked by the root",
+            m.tier_outbox.clone(),
+        );
+        r.register(
             "state_errors",
             "State file transactions that failed (disk full, I/O): their updates were not acked and are sent again by the edges",
             m.state_errors.clone(),
@@ -363,6 +376,10 @@ impl Monitor {
                 });
             }
             MonitorEvent::Pending { model, count } => self.pending(&model, count),
+            MonitorEvent::Outbox(n) => {
+                self.tier_outbox.set(i64::try_from(n).unwrap_or(i64::MAX));
+                self.live.lock().tier_outbox = Some(n);
+            }
             MonitorEvent::Global {
                 model,
                 version,

@@ -81,6 +81,9 @@ pub struct ServiceConfig {
     pub tls: Option<Arc<dai_trust::tls::ClientConfig>>,
     /// Enrolled names whose partial aggregates are counted (`--tier`).
     pub tiers: Vec<String>,
+    /// Run as a tier: partial aggregates go up this link, globals come
+    /// down it (`--role site|intake --upstream`); `None`: a root.
+    pub upstream: Option<crate::upstream::UpstreamConfig>,
 }
 
 /// How often the fleet directory is checked for a changed registry.
@@ -282,6 +285,10 @@ pub async fn run_monitored(
         },
     )?;
     intake.set_tiers(cfg.tiers.clone());
+    if let Some(up) = &cfg.upstream {
+        intake.set_tier(up.tier.clone());
+    }
+    let mut link = cfg.upstream.as_ref().map(crate::upstream::Link::start);
     let mut fleet_dir = cfg.fleet_dir.clone();
     let mut opts = MqttOptions::new(&cfg.client_id, &cfg.broker.host, cfg.broker.port);
     opts.set_keep_alive(Duration::from_secs(10));
@@ -319,10 +326,12 @@ pub async fn run_monitored(
             }
         }
     });
+    let up = link.as_ref().map(|l| (l.client.clone(), l.out.clone()));
     let io = Io {
         client: &client,
         out: &out_tx,
         monitor: &monitor,
+        up: up.as_ref(),
     };
     io.apply(intake.take_outputs());
     tokio::pin!(shutdown);
@@ -342,6 +351,22 @@ pub async fn run_monitored(
                 if let Some(keys) = fleet_dir.as_mut().and_then(FleetWatch::poll) {
                     intake.set_devices(keys);
                 }
+            }
+            ev = crate::upstream::next(&mut link) => {
+                let Some((ev, _permit)) = ev else { break };
+                let r = match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        tracing::info!("upstream broker session up");
+                        intake.upstream_connected()
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => intake.upstream_publish(&p.topic, &p.payload),
+                    Ok(_) => Ok(()),
+                    Err(_) => {
+                        intake.upstream_disconnected();
+                        Ok(())
+                    }
+                };
+                state_health(&monitor, r, &mut failing);
             }
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
@@ -373,6 +398,7 @@ pub async fn run_monitored(
         io.apply(intake.take_outputs());
     }
     drop(out_tx);
+    drop(link);
     publish_task.abort();
     // Dropping the event loop closes the broker connection.
     pump.abort();
@@ -408,7 +434,7 @@ pub const INCOMING_BYTES: usize = 64 << 20;
 const INCOMING_EVENTS: usize = crate::intake::MAX_BATCH;
 
 /// An event with its share of [`INCOMING_BYTES`], given back when dropped.
-type Pumped = (
+pub(crate) type Pumped = (
     Result<Event, rumqttc::ConnectionError>,
     tokio::sync::OwnedSemaphorePermit,
 );
@@ -422,7 +448,7 @@ type Pumped = (
 /// got back (found by the soak's load generator, which had the same
 /// pattern). A channel's `recv` is cancel-safe. The backoff after a
 /// connection error is here, where the retries happen.
-fn spawn_event_pump(
+pub(crate) fn spawn_event_pump(
     mut events: rumqttc::EventLoop,
 ) -> (
     tokio::sync::mpsc::Receiver<Pumped>,
@@ -473,10 +499,10 @@ fn spawn_event_pump(
 pub const OUTGOING_CAPACITY: usize = 4096;
 
 /// A message for the publishing task.
-struct Outgoing {
-    topic: String,
-    retain: bool,
-    payload: Vec<u8>,
+pub(crate) struct Outgoing {
+    pub topic: String,
+    pub retain: bool,
+    pub payload: Vec<u8>,
 }
 
 /// Where the intake's outputs go.
@@ -484,6 +510,8 @@ struct Io<'a> {
     client: &'a AsyncClient,
     out: &'a tokio::sync::mpsc::Sender<Outgoing>,
     monitor: &'a Monitor,
+    /// The upstream link's client and publishing queue (a tier).
+    up: Option<&'a (AsyncClient, tokio::sync::mpsc::Sender<Outgoing>)>,
 }
 
 impl Io<'_> {
@@ -503,6 +531,35 @@ impl Io<'_> {
                     payload,
                 } => self.send(topic, retain, payload),
                 Output::Monitor(event) => self.monitor.apply(event),
+                Output::Upstream(u) => self.upstream(u),
+            }
+        }
+    }
+
+    fn upstream(&self, u: crate::intake::tier::Upstream) {
+        use crate::intake::tier::Upstream;
+        let Some((client, out)) = self.up else { return };
+        match u {
+            Upstream::Subscribe(filter) => {
+                if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                    tracing::error!(error = %e, "upstream subscribe failed");
+                }
+            }
+            // Dropped when full: it stays in the outbox and goes again on
+            // the next upstream session.
+            Upstream::Publish { topic, payload } => {
+                if out
+                    .try_send(Outgoing {
+                        topic,
+                        retain: false,
+                        payload,
+                    })
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "upstream queue full: partial stays in the outbox for the next session"
+                    );
+                }
             }
         }
     }

@@ -248,6 +248,7 @@ pub fn service_config<'a>(
         fleet_dir: None,
         tls: None,
         tiers: Vec::new(),
+        upstream: None,
     }
 }
 

@@ -39,6 +39,7 @@ mod fleet;
 mod models;
 mod publish;
 mod run;
+mod tier;
 
 use fleet::{broker_cert, devices, fleet_crl, fleet_init};
 use models::{keygen, models};
@@ -225,6 +226,22 @@ struct RunArgs {
     /// a partial from any other name is refused.
     #[arg(long, value_name = "NAME")]
     tier: Vec<String>,
+    /// root (makes and signs the globals), site (a site gateway's
+    /// aggregator: folds its devices' updates into signed partial
+    /// aggregates for --upstream and serves the root's globals on its own
+    /// broker) or intake (a replica on the root's broker doing the same
+    /// without forwarding globals).
+    #[arg(long, value_enum, default_value = "root")]
+    role: tier::Role,
+    /// A tier's upstream: the root's broker, host:port (mutual TLS with
+    /// --identity).
+    #[arg(long, value_name = "HOST:PORT")]
+    upstream: Option<String>,
+    /// A tier's identity: its device bundle from `dai-cloud devices add
+    /// NAME --out DIR` on the root's fleet (the root lists NAME with
+    /// --tier).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
     /// Central differential privacy: the noise multiplier z. Each update is
     /// clipped to --dp-clip, the round averaged with equal weights and
     /// Gaussian noise of std z x clip / updates added (replaces --robust

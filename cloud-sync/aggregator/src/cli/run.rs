@@ -216,6 +216,16 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
             a.max_sample_weight
         ))
     })?;
+    let upstream = super::tier::upstream_config(super::tier::TierFlags {
+        role: a.role,
+        upstream: a.upstream.as_deref(),
+        identity: a.identity.as_deref(),
+        fleet: &a.fleet,
+        tiers: &a.tier,
+        dp: a.dp_noise.is_some(),
+        server_optimizer: server_optimizer.is_some(),
+        validation: !a.validation.is_empty(),
+    })?;
     let mut cfg = ServiceConfig {
         fleet: a.fleet,
         broker: BrokerAddr { host, port },
@@ -242,6 +252,7 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
         fleet_dir: None,
         tls,
         tiers: a.tier,
+        upstream,
     };
     if let Some(s) = secure {
         s.apply(&mut cfg);

@@ -105,6 +105,8 @@ pub enum Output {
         payload: Vec<u8>,
     },
     Monitor(MonitorEvent),
+    /// For the upstream broker (a tier only, [`tier`]).
+    Upstream(tier::Upstream),
 }
 
 /// Figures of a finished run.
@@ -247,6 +249,8 @@ pub struct Intake {
     tiers: Vec<String>,
     /// Partial aggregates held for the next flush.
     partials: Vec<IncomingPartial>,
+    /// Set when this intake is a tier ([`tier`]).
+    tier: Option<tier::TierLink>,
 }
 
 /// A tier's partial aggregate as it arrived.
@@ -289,6 +293,7 @@ impl Intake {
             chunks_sent: 0,
             tiers: Vec::new(),
             partials: Vec::new(),
+            tier: None,
         };
         for model in intake.model_names() {
             let layout = intake.state.model_layout(&model)?;
@@ -603,6 +608,11 @@ impl Intake {
     /// would keep steering late joiners to a base this state cannot take,
     /// so ours (version 0 of this epoch) replaces it.
     fn retained_global(&mut self, model: String, payload: &[u8]) {
+        // An intake replica's broker is the root's: its globals are the
+        // root's business.
+        if self.tier.is_some() && self.forwarded(&model).is_none() {
+            return;
+        }
         let replace = match self.signed.get(&model) {
             Some(ours) => ours.as_slice() != payload,
             None => !payload.is_empty() && self.published.contains_key(&model),
@@ -844,6 +854,10 @@ impl Intake {
     }
 
     fn aggregate(&mut self, model: &str, force: bool) -> Result<Option<NewGlobal>, StateError> {
+        if self.tier.is_some() {
+            self.fold(model, force)?;
+            return Ok(None);
+        }
         // Only the duration is measured here; it is not an input to any
         // decision, so it does not need to come in from outside.
         let t = Instant::now();
@@ -931,6 +945,20 @@ impl Intake {
             fleet: self.cfg.fleet.clone(),
             model: model.to_string(),
         };
+        // A tier never signs a global: a site publishes the root's as it
+        // came, an intake replica nothing (the root publishes its own).
+        if self.tier.is_some() {
+            if let (Some(payload), Ok(topic)) = (self.forwarded(model), topic.build()) {
+                self.signed.insert(model.to_string(), payload.clone());
+                self.outputs.push(Output::Global {
+                    topic,
+                    model: model.to_string(),
+                    version,
+                    payload,
+                });
+            }
+            return;
+        }
         let head_file = match crate::state::signable_head(head_file, model, version) {
             Ok(h) => h,
             Err(e) => {
@@ -965,6 +993,7 @@ mod bundles;
 mod rate;
 #[cfg(test)]
 mod tests;
+pub mod tier;
 #[cfg(test)]
 mod tier_tests;
 #[cfg(test)]

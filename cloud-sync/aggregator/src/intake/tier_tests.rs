@@ -301,7 +301,7 @@ fn a_root_with_central_dp_refuses_partials_and_bounds_their_norm() {
             .reason
             .as_deref()
             .unwrap_or_default()
-            .contains("run DP on the tier"),
+            .contains("use local DP on the devices"),
         "{:?}",
         a[0].1
     );

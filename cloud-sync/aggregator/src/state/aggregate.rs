@@ -25,6 +25,41 @@ impl State {
         force: bool,
         adam: &mut Option<FedAdam>,
     ) -> Result<Option<NewGlobal>, StateError> {
+        Ok(
+            match self.close_round(model, settings, force, adam, None)? {
+                Some(Closed::Global(g)) => Some(g),
+                _ => None,
+            },
+        )
+    }
+
+    /// On a tier: fold the pending buffer of `model` into a partial
+    /// aggregate in the outbox (see [`super::tier`]) when the strategy
+    /// says so, instead of a new version. The robust options and clipping
+    /// apply here, where the individual updates are visible.
+    pub fn fold_partial(
+        &mut self,
+        model: &str,
+        settings: &Settings,
+        force: bool,
+        tier: &str,
+    ) -> Result<Option<super::tier::Outgoing>, StateError> {
+        Ok(
+            match self.close_round(model, settings, force, &mut None, Some(tier))? {
+                Some(Closed::Partial(p)) => Some(p),
+                _ => None,
+            },
+        )
+    }
+
+    fn close_round(
+        &mut self,
+        model: &str,
+        settings: &Settings,
+        force: bool,
+        adam: &mut Option<FedAdam>,
+        fold: Option<&str>,
+    ) -> Result<Option<Closed>, StateError> {
         let pending = self.pending_count(model)?;
         let due = match settings.strategy {
             // A round closes on distinct devices, not updates.
@@ -134,6 +169,18 @@ impl State {
                 delta
             }
         };
+        if let Some(tier) = fold {
+            let total: f64 = contribs
+                .iter()
+                .map(|c| weight_of(c, &tiers, settings.strategy, version))
+                .filter(|w| w.is_finite() && *w > 0.0)
+                .sum();
+            let out =
+                super::tier::to_outbox(&tx, tier, &layout, &delta, total, &contribs, &metrics)?;
+            tx.execute("DELETE FROM pending WHERE model = ?1", params![model])?;
+            tx.commit()?;
+            return Ok(Some(Closed::Partial(out)));
+        }
         let saved_adam = adam.clone();
         let head = apply_delta(&head_file, model, &delta, adam)?;
         if let Some(v) = &settings.validation
@@ -176,15 +223,21 @@ impl State {
         )?;
         tx.execute("DELETE FROM pending WHERE model = ?1", params![model])?;
         tx.commit()?;
-        Ok(Some(NewGlobal {
+        Ok(Some(Closed::Global(NewGlobal {
             model: model.to_string(),
             version: new_version,
             parent: version,
             head_file: new_file,
             contributors,
             metrics,
-        }))
+        })))
     }
+}
+
+/// What closing a round made.
+enum Closed {
+    Global(NewGlobal),
+    Partial(super::tier::Outgoing),
 }
 
 /// The pending updates of `layout`'s model in arrival order, each with
@@ -297,15 +350,7 @@ fn tiered_mean(
     let mut acc: Vec<Vec<f64>> = first.tensors.iter().map(|t| vec![0.0; t.len()]).collect();
     let mut total = 0.0f64;
     for c in contribs {
-        let w = tiers
-            .get(&c.update_id)
-            .map_or(c.sample_count as f64, |&(w, _)| w);
-        let w = match strategy {
-            Strategy::FedBuff { .. } => {
-                w * staleness_weight(version.saturating_sub(c.base_version))
-            }
-            Strategy::FedAvg { .. } => w,
-        };
+        let w = weight_of(c, tiers, strategy, version);
         if !(w.is_finite() && w > 0.0) {
             continue;
         }
@@ -321,6 +366,23 @@ fn tiered_mean(
             .map(|a| a.into_iter().map(|x| (x / total) as f32).collect())
             .collect()
     })
+}
+
+/// One pending delta's weight in a round: a partial's total weight, an
+/// update's (capped) sample count; FedBuff's staleness discount on both.
+fn weight_of(
+    c: &Contribution,
+    tiers: &std::collections::HashMap<String, (f64, u64)>,
+    strategy: Strategy,
+    version: u64,
+) -> f64 {
+    let w = tiers
+        .get(&c.update_id)
+        .map_or(c.sample_count as f64, |&(w, _)| w);
+    match strategy {
+        Strategy::FedBuff { .. } => w * staleness_weight(version.saturating_sub(c.base_version)),
+        Strategy::FedAvg { .. } => w,
+    }
 }
 
 /// Sample counts, discounted by staleness for FedBuff.

@@ -24,6 +24,7 @@ pub use ingest::Superseded;
 mod privacy;
 pub use privacy::Spent;
 mod retention;
+pub mod tier;
 pub use retention::{KEEP_HEADS, Pruned};
 mod versions;
 pub use versions::signable_head;
@@ -52,6 +53,8 @@ pub enum StateError {
     AlreadyCurrent { model: String, version: u64 },
     #[error("version {version} of {model:?} has no parent to roll back to")]
     NoParent { model: String, version: u64 },
+    #[error("partial aggregate: {0}")]
+    Partial(String),
     #[error("the state file is damaged: {0}")]
     Corrupt(String),
     #[error(
@@ -304,6 +307,7 @@ impl State {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(bundles::SCHEMA)?;
+        conn.execute_batch(tier::SCHEMA)?;
         retention::init_counts(&conn)?;
         for (table, column, def) in ADDED_COLUMNS {
             let present: bool = conn

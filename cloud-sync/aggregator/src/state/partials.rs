@@ -17,7 +17,8 @@
 //! contributors really sent what the tier says. It trusts the tiers it
 //! lists (`--tier`), as the tiers trust nothing but their devices'
 //! signatures. Central DP needs the individual updates, so a root with
-//! DP refuses partials: DP runs on the first tier.
+//! DP refuses partials (and a tier refuses `--dp-noise`: it would need an
+//! accountant of what it sent up); local DP on the devices still applies.
 
 use super::{CURRENT_SQL, DUPLICATE_REASON, Settings, State, StateError, now};
 use crate::{Limits, Rejection, validate};
@@ -125,7 +126,7 @@ impl State {
         let m = &p.sum.meta;
         if settings.dp.is_some() {
             return Ok(Err(Rejection::Tier(
-                "this aggregator adds central DP, which needs the individual updates: run DP on the tier (--dp-noise there)".into(),
+                "this aggregator adds central DP, which needs the individual updates a partial hides: run the root without --dp-noise and use local DP on the devices (edge `privacy:`)".into(),
             )));
         }
         let mut counted = Vec::new();

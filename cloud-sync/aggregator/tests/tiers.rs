@@ -1,0 +1,243 @@
+//! Tiers through the real `dai-cloud` binary: a site aggregator
+//! (`--role site`) with its own broker folds its devices' updates into a
+//! signed partial aggregate, keeps it in its SQLite outbox while the root
+//! is away (across a SIGKILL), and sends it when the root comes; the root
+//! (`--tier site-1`) counts the devices once each, and the site forwards
+//! the root's signed global to its devices byte for byte.
+
+use dai_protocol::messages::{Ack, AckStatus};
+use dai_protocol::signed::{self, Kind};
+use dai_testkit::{
+    MqttProbe, aggregator_public, bundle_key, bundle_tls, free_port, head_bytes, make_fleet,
+    wait_for_port, zero_head,
+};
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const FLEET: &str = "lab";
+
+struct Proc {
+    child: Child,
+    http: u16,
+}
+
+impl Proc {
+    fn start(args: &[String], broker: u16) -> Proc {
+        let http = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_dai-cloud"))
+            .arg("run")
+            .args(args)
+            .args(["--http", &format!("127.0.0.1:{http}")])
+            .env(
+                "DAI_LOG",
+                std::env::var("DAI_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .spawn()
+            .expect("dai-cloud run");
+        wait_for_port(http, Duration::from_secs(30), "dai-cloud http");
+        wait_for_port(broker, Duration::from_secs(30), "dai-cloud broker");
+        Proc { child, http }
+    }
+
+    fn kill9(mut self) {
+        let ok = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let _ = self.child.wait();
+    }
+
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.http))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Poll `name` until it equals `want` (bounded).
+    async fn wait_metric(&self, name: &str, want: f64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.metric(name).await;
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} is {got:?}, expected {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn common(fleet_dir: &Path, head: &Path, state: &Path, listen: u16) -> Vec<String> {
+    [
+        "--fleet",
+        FLEET,
+        "--fleet-dir",
+        &fleet_dir.display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{listen}"),
+        "--state",
+        &state.display().to_string(),
+        "--model",
+        &format!("m={}", head.display()),
+        "--min-updates",
+        "3",
+        // Exact arithmetic: plain mean, one device one vote.
+        "--robust",
+        "mean",
+        "--clip-norm",
+        "off",
+        "--round-timeout-sec",
+        "600",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Send `device`'s update (every value `v`) to the site until its ack
+/// comes, as an edge resends an unacked update; returns the ack.
+async fn deliver(site: u16, bundles: &Path, device: &str, id: &str, v: f32) -> Ack {
+    let dir = bundles.join(device);
+    let ack_topic = format!("dai/v1/{FLEET}/dev/{device}/ack");
+    let mut probe = MqttProbe::connect_tls(site, device, &[&ack_topic], bundle_tls(&dir)).await;
+    let topic = format!("dai/v1/{FLEET}/dev/{device}/update");
+    let body = dai_testkit::update(id)
+        .device(device)
+        .model("m")
+        .sizes(&[3, 2])
+        .samples(10)
+        .value(v)
+        .encode();
+    let wire = signed::seal(Kind::Update, &bundle_key(&dir), FLEET, &topic, &body);
+    let agg = aggregator_public(&bundles.join("fleet"));
+    for _ in 0..20 {
+        probe.publish(&topic, wire.clone()).await;
+        if let Some(p) = probe.wait_for(&ack_topic, Duration::from_secs(2)).await {
+            let ack =
+                signed::open(Kind::Ack, &agg, FLEET, &p.topic, &p.payload).expect("a signed ack");
+            return Ack::from_bytes(ack).expect("ack");
+        }
+    }
+    panic!("{device}: no ack from the site");
+}
+
+/// The retained global of `m` on the broker at `port`, as `device` sees it.
+async fn global(port: u16, bundles: &Path, device: &str, version: u64) -> Vec<u8> {
+    let filter = format!("dai/v1/{FLEET}/model/m/global");
+    let agg = aggregator_public(&bundles.join("fleet"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let mut probe =
+            MqttProbe::connect_tls(port, device, &[&filter], bundle_tls(&bundles.join(device)))
+                .await;
+        if let Some(p) = probe.wait_for(&filter, Duration::from_secs(3)).await {
+            let g = dai_protocol::global::verify(&p.payload, &agg, FLEET, "m").expect("signed");
+            if g.version == version {
+                return p.payload.to_vec();
+            }
+        }
+    }
+    panic!("no global {version} on port {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_folds_its_devices_into_one_partial_the_root_counts_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fleet = make_fleet(tmp.path(), FLEET, &["dev-a", "dev-b", "dev-c", "site-1"]);
+    let head = tmp.path().join("m.safetensors");
+    std::fs::write(&head, head_bytes(&zero_head(&[3, 2]))).expect("head");
+    let (root_port, site_port) = (free_port(), free_port());
+    let mut site_args = common(&fleet, &head, &tmp.path().join("site.sqlite"), site_port);
+    site_args.extend(
+        [
+            "--role",
+            "site",
+            "--upstream",
+            &format!("127.0.0.1:{root_port}"),
+            "--identity",
+            &tmp.path().join("site-1").display().to_string(),
+        ]
+        .map(String::from),
+    );
+    // The root is not there yet: the site takes its devices' updates
+    // anyway, and folds the round into its outbox.
+    let site = Proc::start(&site_args, site_port);
+    for (device, id, v) in [
+        ("dev-a", "ua", 1.0),
+        ("dev-b", "ub", 2.0),
+        ("dev-c", "uc", 6.0),
+    ] {
+        let ack = deliver(site_port, tmp.path(), device, id, v).await;
+        assert_eq!(
+            (ack.update_id.as_str(), ack.status),
+            (id, AckStatus::Accepted)
+        );
+    }
+    site.wait_metric("dai_cloud_tier_outbox", 1.0, Duration::from_secs(30))
+        .await;
+    // A power cut on the site: the partial is on disk.
+    site.kill9();
+    let site = Proc::start(&site_args, site_port);
+    // A redelivered update is still a duplicate there (its id was kept).
+    let again = deliver(site_port, tmp.path(), "dev-a", "ua", 1.0).await;
+    assert_eq!(
+        again.reason.as_deref(),
+        Some("duplicate delivery; counted once")
+    );
+
+    let mut root_args = common(&fleet, &head, &tmp.path().join("root.sqlite"), root_port);
+    root_args.extend(["--tier", "site-1"].map(String::from));
+    let root = Proc::start(&root_args, root_port);
+    // Three votes from one partial close the root's round of 3.
+    root.wait_metric(
+        "dai_cloud_global_version{model=\"m\"}",
+        1.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    site.wait_metric("dai_cloud_tier_outbox", 0.0, Duration::from_secs(30))
+        .await;
+    // The site's devices get the root's global, forwarded byte for byte.
+    let from_root = global(root_port, tmp.path(), "dev-a", 1).await;
+    let from_site = global(site_port, tmp.path(), "dev-b", 1).await;
+    assert_eq!(
+        from_root, from_site,
+        "the site forwards the root's global verbatim"
+    );
+    let agg = aggregator_public(&fleet);
+    let g = dai_protocol::global::verify(&from_site, &agg, FLEET, "m").expect("signed");
+    let (h, _) = dai_head::Head::from_bytes(&g.head_file).expect("head");
+    // (1 + 2 + 6) / 3: each device one vote, counted once.
+    for w in h.params.weights.iter().flatten() {
+        assert!((w - 3.0).abs() < 1e-5, "{w}");
+    }
+    drop(root);
+    drop(site);
+    let out = Command::new(env!("CARGO_BIN_EXE_dai-cloud"))
+        .args(["models", "list", "--json", "--state"])
+        .arg(tmp.path().join("root.sqlite"))
+        .output()
+        .expect("models list");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v[1]["metrics"]["updates"], 3, "{v}");
+    assert_eq!(v[1]["metrics"]["partials"], 1, "{v}");
+}
