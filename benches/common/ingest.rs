@@ -40,6 +40,7 @@ pub fn aggregator_config(
         tls: None,
         tiers: Vec::new(),
         upstream: None,
+        share_group: None,
     }
 }
 

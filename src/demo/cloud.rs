@@ -91,6 +91,7 @@ impl Cloud {
             tls: None,
             tiers: Vec::new(),
             upstream: None,
+            share_group: None,
         };
         // Signed updates from enrolled devices only; the registry is followed.
         secure.apply(&mut config);

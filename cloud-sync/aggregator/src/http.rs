@@ -316,6 +316,10 @@ async fn status(Extract(s): Extract<Shared>) -> Response {
         "uptime_sec": s.monitor.started.elapsed().as_secs(),
         "broker": live.broker,
         "broker_connected": live.broker_connected,
+        // Subscriptions acknowledged on this broker session.
+        "subscriptions": live.subscriptions,
+        // A tier: partials not yet acked upstream (null on a root).
+        "tier_outbox": live.tier_outbox,
         // While state writes fail (disk full, I/O): what SQLite said.
         "state_error": live.state_error,
         "strategy": live.strategy,

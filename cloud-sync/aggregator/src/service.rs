@@ -84,6 +84,8 @@ pub struct ServiceConfig {
     /// Run as a tier: partial aggregates go up this link, globals come
     /// down it (`--role site|intake --upstream`); `None`: a root.
     pub upstream: Option<crate::upstream::UpstreamConfig>,
+    /// Updates through this MQTT shared-subscription group (`--share-group`).
+    pub share_group: Option<String>,
 }
 
 /// How often the fleet directory is checked for a changed registry.
@@ -285,6 +287,7 @@ pub async fn run_monitored(
         },
     )?;
     intake.set_tiers(cfg.tiers.clone());
+    intake.set_share_group(cfg.share_group.clone());
     if let Some(up) = &cfg.upstream {
         intake.set_tier(up.tier.clone());
     }

@@ -241,3 +241,121 @@ async fn a_site_folds_its_devices_into_one_partial_the_root_counts_once() {
     assert_eq!(v[1]["metrics"]["updates"], 3, "{v}");
     assert_eq!(v[1]["metrics"]["partials"], 1, "{v}");
 }
+
+/// `/api/status` of `p`.
+async fn status(p: &Proc) -> serde_json::Value {
+    match reqwest::get(format!("http://127.0.0.1:{}/api/status", p.http)).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// Wait until `p` has `n` subscriptions acknowledged (bounded).
+async fn subscribed(p: &Proc, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(p).await["subscriptions"].as_u64().unwrap_or(0) < n {
+        assert!(
+            Instant::now() < deadline,
+            "never subscribed: {}",
+            status(p).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intake_replicas_share_the_updates_through_mosquitto() {
+    if std::env::var("DAI_MOSQUITTO_PORT").is_err() {
+        eprintln!(
+            "SKIPPED intake_replicas_share_the_updates_through_mosquitto: needs the mosquitto binary; set DAI_MOSQUITTO_PORT (.ci/run installs it)"
+        );
+        return;
+    }
+    let devices = ["d1", "d2", "d3", "d4", "d5", "d6"];
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut names: Vec<&str> = devices.to_vec();
+    names.extend(["intake-1", "intake-2"]);
+    let fleet = make_fleet(tmp.path(), FLEET, &names);
+    let mosquitto = dai_testkit::SecureMosquitto::start(&fleet, FLEET).expect("mosquitto");
+    let broker = format!("127.0.0.1:{}", mosquitto.port);
+    let head = tmp.path().join("m.safetensors");
+    std::fs::write(&head, head_bytes(&zero_head(&[3, 2]))).expect("head");
+    let args = |state: &str, extra: &[&str]| {
+        let mut a = common(&fleet, &head, &tmp.path().join(state), free_port());
+        a.extend(["--broker", &broker, "--share-group", "agg"].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    // The root takes its share too, and six votes close its round.
+    let mut root_args = args("root.sqlite", &["--tier", "intake-1", "--tier", "intake-2"]);
+    let at = root_args
+        .iter()
+        .position(|a| a == "--min-updates")
+        .expect("flag");
+    root_args[at + 1] = "6".into();
+    let root = Proc::start(&root_args, mosquitto.port);
+    let mut replicas = Vec::new();
+    for name in ["intake-1", "intake-2"] {
+        let mut a = args(
+            &format!("{name}.sqlite"),
+            &["--role", "intake", "--upstream", &broker],
+        );
+        a.extend([
+            "--identity".to_string(),
+            tmp.path().join(name).display().to_string(),
+        ]);
+        // Each update is its own round on a replica.
+        let at = a.iter().position(|x| x == "--min-updates").expect("flag");
+        a[at + 1] = "1".into();
+        replicas.push(Proc::start(&a, mosquitto.port));
+    }
+    subscribed(&root, dai_cloud::intake::SUBSCRIPTIONS).await;
+    for r in &replicas {
+        subscribed(r, 1).await;
+    }
+    for (n, device) in devices.iter().enumerate() {
+        let ack = deliver(
+            mosquitto.port,
+            tmp.path(),
+            device,
+            &format!("u{n}"),
+            n as f32,
+        )
+        .await;
+        assert_eq!(ack.status, AckStatus::Accepted, "{device}: {ack:?}");
+    }
+    root.wait_metric(
+        "dai_cloud_global_version{model=\"m\"}",
+        1.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    for r in &replicas {
+        r.wait_metric("dai_cloud_tier_outbox", 0.0, Duration::from_secs(30))
+            .await;
+    }
+    let g = global(mosquitto.port, tmp.path(), "d1", 1).await;
+    let agg = aggregator_public(&fleet);
+    let g = dai_protocol::global::verify(&g, &agg, FLEET, "m").expect("signed by the root");
+    let (h, _) = dai_head::Head::from_bytes(&g.head_file).expect("head");
+    // (0 + 1 + ... + 5) / 6, each device once, whoever took its update.
+    for w in h.params.weights.iter().flatten() {
+        assert!((w - 2.5).abs() < 1e-5, "{w}");
+    }
+    drop(replicas);
+    drop(root);
+    let out = Command::new(env!("CARGO_BIN_EXE_dai-cloud"))
+        .args(["models", "list", "--json", "--state"])
+        .arg(tmp.path().join("root.sqlite"))
+        .output()
+        .expect("models list");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v[1]["metrics"]["updates"], 6, "{v}");
+    // Mosquitto hands a shared subscription's messages out in turn: the
+    // replicas took some of the six (the root alone would make no
+    // partial).
+    assert!(
+        v[1]["metrics"]["partials"].as_u64().unwrap_or(0) >= 1,
+        "{v}"
+    );
+}

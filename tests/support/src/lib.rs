@@ -249,6 +249,7 @@ pub fn service_config<'a>(
         tls: None,
         tiers: Vec::new(),
         upstream: None,
+        share_group: None,
     }
 }
 

@@ -242,6 +242,13 @@ struct RunArgs {
     /// --tier).
     #[arg(long, value_name = "DIR")]
     identity: Option<PathBuf>,
+    /// Take updates through the MQTT shared subscription
+    /// `$share/GROUP/dai/v1/{fleet}/dev/+/update`, so the broker gives each
+    /// update to one member of GROUP: the root and its `--role intake`
+    /// replicas all name the same group. Needs an external broker that has
+    /// shared subscriptions (Mosquitto, EMQX; not the embedded one).
+    #[arg(long, value_name = "GROUP")]
+    share_group: Option<String>,
     /// Central differential privacy: the noise multiplier z. Each update is
     /// clipped to --dp-clip, the round averaged with equal weights and
     /// Gaussian noise of std z x clip / updates added (replaces --robust

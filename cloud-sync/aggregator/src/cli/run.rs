@@ -225,6 +225,8 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
         dp: a.dp_noise.is_some(),
         server_optimizer: server_optimizer.is_some(),
         validation: !a.validation.is_empty(),
+        share_group: a.share_group.as_deref(),
+        embedded: a.broker.is_none(),
     })?;
     let mut cfg = ServiceConfig {
         fleet: a.fleet,
@@ -253,6 +255,7 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
         tls,
         tiers: a.tier,
         upstream,
+        share_group: a.share_group,
     };
     if let Some(s) = secure {
         s.apply(&mut cfg);

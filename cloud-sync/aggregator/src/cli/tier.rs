@@ -37,10 +37,35 @@ pub struct TierFlags<'a> {
     pub dp: bool,
     pub server_optimizer: bool,
     pub validation: bool,
+    pub share_group: Option<&'a str>,
+    /// The embedded broker (no `--broker`).
+    pub embedded: bool,
 }
 
 /// `None` for a root; the upstream link of a site or intake tier.
 pub fn upstream_config(f: TierFlags<'_>) -> anyhow::Result<Option<UpstreamConfig>> {
+    if let Some(g) = f.share_group {
+        if !dai_protocol::topics::valid_segment(g) {
+            return Err(usage(format!(
+                "--share-group {g:?}: expected 1-64 characters of [A-Za-z0-9._-]"
+            ))
+            .into());
+        }
+        if f.embedded {
+            return Err(usage(
+                "--share-group needs --broker: the embedded broker (rumqttd) has no shared \
+                 subscriptions; run Mosquitto (deploy/mosquitto) or EMQX",
+            )
+            .into());
+        }
+    }
+    if f.role == Role::Intake && f.share_group.is_none() {
+        return Err(usage(
+            "--role intake needs --share-group GROUP (the same on the root and every replica): \
+             without it each replica and the root would all receive every update",
+        )
+        .into());
+    }
     if f.role == Role::Root {
         if f.upstream.is_some() || f.identity.is_some() {
             return Err(usage("--upstream and --identity are for --role site or intake").into());

@@ -251,6 +251,9 @@ pub struct Intake {
     partials: Vec<IncomingPartial>,
     /// Set when this intake is a tier ([`tier`]).
     tier: Option<tier::TierLink>,
+    /// The MQTT shared-subscription group updates are taken in
+    /// ([`Intake::set_share_group`]).
+    share_group: Option<String>,
 }
 
 /// A tier's partial aggregate as it arrived.
@@ -294,6 +297,7 @@ impl Intake {
             tiers: Vec::new(),
             partials: Vec::new(),
             tier: None,
+            share_group: None,
         };
         for model in intake.model_names() {
             let layout = intake.state.model_layout(&model)?;
@@ -323,8 +327,18 @@ impl Intake {
     pub fn connected(&mut self) {
         self.connected = true;
         self.monitor(MonitorEvent::BrokerConnected);
+        let updates = match &self.share_group {
+            Some(g) => format!("$share/{g}/{}", topics::all_updates(&self.cfg.fleet)),
+            None => topics::all_updates(&self.cfg.fleet),
+        };
+        // An intake replica takes its share of the updates and nothing
+        // else: heartbeats, wants, bundles and partials are the root's.
+        if self.tier.as_ref().is_some_and(|t| !t.cfg.forward_globals) {
+            self.outputs.push(Output::Subscribe(updates));
+            return;
+        }
         for filter in [
-            topics::all_updates(&self.cfg.fleet),
+            updates,
             topics::all_status(&self.cfg.fleet),
             topics::all_wants(&self.cfg.fleet),
             topics::all_globals(&self.cfg.fleet),
@@ -366,6 +380,15 @@ impl Intake {
     pub fn disconnected(&mut self) {
         let was_connected = std::mem::replace(&mut self.connected, false);
         self.monitor(MonitorEvent::BrokerLost { was_connected });
+    }
+
+    /// Take updates through the MQTT shared subscription
+    /// `$share/{group}/dai/v1/{fleet}/dev/+/update`: the broker gives each
+    /// update to one member of the group (the root and its intake
+    /// replicas), never to all. Needs a broker that has them (Mosquitto,
+    /// EMQX; not the embedded rumqttd).
+    pub fn set_share_group(&mut self, group: Option<String>) {
+        self.share_group = group;
     }
 
     /// The enrolled names (tiers: intermediate aggregators) whose partial
