@@ -88,6 +88,9 @@ pub struct ServiceConfig {
     pub share_group: Option<String>,
 }
 
+/// How long a stopping tier waits for the root to ack what it folded.
+pub const TIER_DRAIN: Duration = Duration::from_secs(20);
+
 /// How often the fleet directory is checked for a changed registry.
 pub const FLEET_POLL: Duration = Duration::from_secs(1);
 
@@ -343,9 +346,32 @@ pub async fn run_monitored(
     let mut tick = every(Duration::from_millis(250));
     let mut fleet_poll = every(FLEET_POLL);
     let mut failing = false;
+    let mut drain_until: Option<Instant> = None;
     loop {
+        if let Some(until) = drain_until {
+            let left = intake.outbox_len().unwrap_or(0);
+            if left == 0 || Instant::now() >= until {
+                if left > 0 {
+                    tracing::warn!(
+                        outbox = left,
+                        "stopping with partials not acked upstream: they stay in the state file for the next start"
+                    );
+                }
+                break;
+            }
+        }
         tokio::select! {
-            _ = &mut shutdown => break,
+            // A tier does not leave with updates it acked: it folds its
+            // open rounds and waits (bounded) for the root's acks.
+            _ = &mut shutdown, if drain_until.is_none() => {
+                if !intake.is_tier() {
+                    break;
+                }
+                let r = intake.drain(Instant::now());
+                state_health(&monitor, r, &mut failing);
+                tracing::info!(outbox = intake.outbox_len().unwrap_or(0), "stopping: sending the open rounds upstream first");
+                drain_until = Some(Instant::now() + TIER_DRAIN);
+            }
             _ = tick.tick() => {
                 let r = intake.tick(Instant::now());
                 state_health(&monitor, r, &mut failing);

@@ -49,6 +49,23 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, and the exit status within 30 s.
+    fn term(mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     async fn metric(&self, name: &str) -> Option<f64> {
         let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.http))
             .await
@@ -230,8 +247,24 @@ async fn a_site_folds_its_devices_into_one_partial_the_root_counts_once() {
     for w in h.params.weights.iter().flatten() {
         assert!((w - 3.0).abs() < 1e-5, "{w}");
     }
+    // Two updates of the next round (of 3), then the site is stopped (a
+    // scale-down, a maintenance): it sends the open round up before it
+    // exits, so nothing it acked stays behind.
+    for (device, id) in [("dev-a", "ua2"), ("dev-b", "ub2")] {
+        let ack = deliver(site_port, tmp.path(), device, id, 1.0).await;
+        assert_eq!(
+            (ack.update_id.as_str(), ack.status),
+            (id, AckStatus::Accepted)
+        );
+    }
+    assert!(site.term().success(), "the site stops cleanly");
+    root.wait_metric(
+        "dai_cloud_pending_updates{model=\"m\"}",
+        2.0,
+        Duration::from_secs(30),
+    )
+    .await;
     drop(root);
-    drop(site);
     let out = Command::new(env!("CARGO_BIN_EXE_dai-cloud"))
         .args(["models", "list", "--json", "--state"])
         .arg(tmp.path().join("root.sqlite"))

@@ -249,6 +249,11 @@ struct RunArgs {
     /// shared subscriptions (Mosquitto, EMQX; not the embedded one).
     #[arg(long, value_name = "GROUP")]
     share_group: Option<String>,
+    /// A tier's MQTT client id upstream; default its identity's name (what
+    /// the embedded broker's gate requires). Replicas sharing one identity
+    /// on Mosquitto each need their own (e.g. the pod name).
+    #[arg(long, value_name = "ID")]
+    upstream_client_id: Option<String>,
     /// Central differential privacy: the noise multiplier z. Each update is
     /// clipped to --dp-clip, the round averaged with equal weights and
     /// Gaussian noise of std z x clip / updates added (replaces --robust

@@ -226,6 +226,7 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
         server_optimizer: server_optimizer.is_some(),
         validation: !a.validation.is_empty(),
         share_group: a.share_group.as_deref(),
+        upstream_client_id: a.upstream_client_id.as_deref(),
         embedded: a.broker.is_none(),
     })?;
     let mut cfg = ServiceConfig {

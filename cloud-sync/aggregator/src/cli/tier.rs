@@ -38,6 +38,7 @@ pub struct TierFlags<'a> {
     pub server_optimizer: bool,
     pub validation: bool,
     pub share_group: Option<&'a str>,
+    pub upstream_client_id: Option<&'a str>,
     /// The embedded broker (no `--broker`).
     pub embedded: bool,
 }
@@ -145,7 +146,7 @@ pub fn upstream_config(f: TierFlags<'_>) -> anyhow::Result<Option<UpstreamConfig
         tls: Some(std::sync::Arc::new(tls)),
         // The gate takes a device certificate only with its own name as
         // the client id.
-        client_id: name.clone(),
+        client_id: f.upstream_client_id.unwrap_or(&name).to_string(),
         tier: TierConfig {
             key: bundle.key.signing_key().clone(),
             root: bundle.aggregator_public_key,

@@ -136,6 +136,27 @@ impl Intake {
         Ok(())
     }
 
+    /// Whether this intake is a tier.
+    pub fn is_tier(&self) -> bool {
+        self.tier.is_some()
+    }
+
+    /// Stopping (a scale-down, a drain): close every open round now, so
+    /// what this tier acked goes up before it exits; the service then
+    /// waits, bounded, for [`Intake::outbox_len`] to reach 0.
+    pub fn drain(&mut self, now: std::time::Instant) -> Result<(), StateError> {
+        self.flush(now)?;
+        for model in self.model_names() {
+            self.fold(&model, true)?;
+        }
+        Ok(())
+    }
+
+    /// Partials the root has not acked yet.
+    pub fn outbox_len(&self) -> Result<usize, StateError> {
+        Ok(self.state.outbox()?.len())
+    }
+
     fn partial_acked(&mut self, ack: &Ack) -> Result<(), StateError> {
         let known = self.state.partial_acked(&ack.update_id)?;
         match (ack.status, known) {
