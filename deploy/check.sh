@@ -90,6 +90,34 @@ for v in $K8S_VERSIONS; do
         kubernetes-validate --strict --quiet -k "$v" "$WORK/kustomized.yaml"
 done
 
+# The large-fleet variant (deploy/k8s-emqx: EMQX in place of Mosquitto):
+# its own manifests, and the overlay's build (its JSON patches `test` the
+# argument they replace, so a changed Deployment fails here).
+mapfile -t emqx < <(ls "$D"/k8s-emqx/*.yaml | grep -v '/kustomization.yaml$')
+run "k8s-emqx: kubectl kustomize $D/k8s-emqx" sh -c "kubectl kustomize '$D/k8s-emqx' >'$WORK/emqx.yaml'"
+for v in $K8S_VERSIONS; do
+    run_silent "k8s-emqx: kubernetes-validate --strict -k $v (${#emqx[@]} files, and the overlay's $(grep -c '^kind:' "$WORK/emqx.yaml") objects)" \
+        kubernetes-validate --strict --quiet -k "$v" "${emqx[@]}" "$WORK/emqx.yaml"
+done
+run "k8s-emqx: no Mosquitto object left, every broker address is emqx:8883" \
+    sh -c "! grep -q 'mosquitto' '$WORK/emqx.yaml' || { grep -n 'mosquitto' '$WORK/emqx.yaml' | grep -v '^[0-9]*: *#'; exit 1; }"
+run "k8s-emqx: the EMQX ACL has every topic of $D/mosquitto/acl (fleet default, %u as \${username})" \
+    python3 - "$D" <<'PY'
+import re, sys, yaml
+d = sys.argv[1]
+acl = yaml.safe_load(open(f"{d}/k8s-emqx/emqx-configmap.yaml"))["data"]["acl.conf"]
+quoted = set(re.findall(r'"([^"]+)"', acl))
+missing = []
+for line in open(f"{d}/mosquitto/acl"):
+    parts = line.split()
+    if len(parts) == 3 and parts[0] in ("pattern", "topic"):
+        t = parts[2].replace("@FLEET@", "default").replace("%u", "${username}")
+        if t not in quoted:
+            missing.append(t)
+if missing:
+    sys.exit(f"missing from the EMQX acl.conf: {missing}")
+PY
+
 # --- Mosquitto --------------------------------------------------------------
 # The ConfigMap carries copies of deploy/mosquitto/mosquitto.conf and of the
 # ACL rendered for the fleet "default"; they must not drift.
