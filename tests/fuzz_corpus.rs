@@ -97,6 +97,18 @@ fn accepts(target: &str, data: &[u8]) -> bool {
                 || codec::decode_raw(specs, true, data).is_ok()
         }),
         "onnx" => dai_onnx::decode(data).is_ok(),
+        "partial" => {
+            let layout = [
+                ("layers.0.bias".to_string(), vec![32]),
+                ("layers.0.weight".to_string(), vec![32, 64]),
+                ("layers.1.bias".to_string(), vec![10]),
+                ("layers.1.weight".to_string(), vec![10, 32]),
+            ];
+            dai_protocol::partial::Partial::decode_for_layout(data, |m| {
+                (m == "digits").then_some(&layout[..])
+            })
+            .is_ok()
+        }
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -110,6 +122,7 @@ const TARGETS: &[&str] = &[
     "edge_config",
     "http_body",
     "onnx",
+    "partial",
 ];
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -159,6 +172,34 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             u.encode().expect("encode"),
         ));
     }
+    // A tier's partial: the sums of three updates and who sent them.
+    let partial = dai_protocol::partial::Partial {
+        sum: Update {
+            meta: UpdateMeta {
+                device: "site-1".into(),
+                model: "digits".into(),
+                base_version: "partial+g3@e1764660000123".into(),
+                update_id: "p-site-1-0011223344556677".into(),
+                sample_count: 192,
+                loss: 0.29,
+                encoding: Encoding::F32,
+            },
+            tensors: dai_protocol::update::head_tensors(&head.spec, &delta),
+        },
+        weight: 3.0,
+        votes: 3,
+        contributors: (1..=3)
+            .map(|i| dai_protocol::partial::Contributor {
+                update_id: format!("edge-{i}:digits:7"),
+                device: format!("edge-{i}"),
+            })
+            .collect(),
+    };
+    out.push((
+        "partial",
+        "seed-digits-3".into(),
+        partial.encode().expect("encode"),
+    ));
     let mut md = std::collections::HashMap::new();
     md.insert("model".to_string(), "digits".to_string());
     md.insert("version".to_string(), "3".to_string());
