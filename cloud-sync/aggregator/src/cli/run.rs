@@ -222,7 +222,6 @@ fn service_config(a: RunArgs) -> anyhow::Result<(ServiceConfig, SocketAddr, Embe
         identity: a.identity.as_deref(),
         fleet: &a.fleet,
         tiers: &a.tier,
-        dp: a.dp_noise.is_some(),
         server_optimizer: server_optimizer.is_some(),
         validation: !a.validation.is_empty(),
         share_group: a.share_group.as_deref(),

@@ -34,7 +34,6 @@ pub struct TierFlags<'a> {
     pub identity: Option<&'a Path>,
     pub fleet: &'a str,
     pub tiers: &'a [String],
-    pub dp: bool,
     pub server_optimizer: bool,
     pub validation: bool,
     pub share_group: Option<&'a str>,
@@ -84,11 +83,6 @@ pub fn upstream_config(f: TierFlags<'_>) -> anyhow::Result<Option<UpstreamConfig
             !f.tiers.is_empty(),
             "--tier",
             "a tier folding other tiers' partials is not supported: list every tier on the root",
-        ),
-        (
-            f.dp,
-            "--dp-noise",
-            "central DP on a tier would need its own accountant of what it sent up; use local DP on the devices (edge `privacy:`)",
         ),
         (
             f.server_optimizer,

@@ -220,6 +220,7 @@ impl Intake {
             self.stats.partials += 1;
             self.stats.partial_votes += out.votes;
             self.round_started = None;
+            self.push_privacy(model);
             if self.tier.as_ref().is_some_and(|t| t.connected) {
                 self.send_partial(&out);
             }

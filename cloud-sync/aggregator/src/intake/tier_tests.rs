@@ -301,7 +301,7 @@ fn a_root_with_central_dp_refuses_partials_and_bounds_their_norm() {
             .reason
             .as_deref()
             .unwrap_or_default()
-            .contains("use local DP on the devices"),
+            .contains("run DP on the tiers"),
         "{:?}",
         a[0].1
     );
@@ -326,5 +326,90 @@ fn a_root_with_central_dp_refuses_partials_and_bounds_their_norm() {
             .contains("exceeds the bound"),
         "{:?}",
         a[0].1
+    );
+}
+
+/// A tier intake of `site-1` (key 5) under `dp`, FedAvg rounds of 2.
+fn dp_tier(dir: &std::path::Path, dp: DpSettings) -> Intake {
+    let mut i = intake(dir, 2, Some(dp));
+    i.set_tier(tier::TierConfig {
+        name: "site-1".into(),
+        key: SigningKey::from_bytes(&[5; 32]),
+        root: agg_key().verifying_key(),
+        forward_globals: true,
+    });
+    i
+}
+
+fn device_update(i: &mut Intake, id: &str, v: f32) {
+    let mut d = upd(id, "1.0.0", 10, v);
+    d.meta.device = "a".into();
+    let topic = "dai/v1/lab/dev/a/update";
+    let wire = signed::seal(
+        Kind::Update,
+        &SigningKey::from_bytes(&[1; 32]),
+        "lab",
+        topic,
+        &d.encode().expect("encode"),
+    );
+    i.publish(topic, &wire);
+}
+
+#[test]
+fn a_tier_noises_its_partials_and_accounts_each_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let dp = DpSettings {
+        noise_multiplier: 1.0,
+        clip_norm: 0.5,
+        delta: 1e-5,
+        target_epsilon: None,
+    };
+    let mut i = dp_tier(dir.path(), dp);
+    let now = Instant::now();
+    // Two updates of one device supersede each other: round timeout then.
+    device_update(&mut i, "u1", 3.0);
+    i.flush(now).expect("flush");
+    i.tick(now + Duration::from_secs(61)).expect("tick");
+    let outbox = i.state.outbox().expect("outbox");
+    assert_eq!(outbox.len(), 1, "the round went into the outbox");
+    let layout = i.layouts.get("m").cloned().expect("layout");
+    let p = Partial::decode_for_layout(&outbox[0].body, |_| Some(layout.as_slice()))
+        .expect("a partial");
+    // Equal weights under DP: the weight is the count; the update (norm
+    // 3 x sqrt(6)) was clipped to 0.5 before the noise.
+    assert_eq!((p.weight, p.votes), (1.0, 1));
+    assert_eq!(p.contributors[0].update_id, "u1");
+    let spent = i.state.privacy_spent("m").expect("spent");
+    assert_eq!(spent.rounds, 1, "the release is accounted");
+    assert!(spent.epsilon(1e-5).is_finite());
+    // The tier published nothing of its own: no global, no signature.
+    assert!(
+        !i.take_outputs()
+            .iter()
+            .any(|o| matches!(o, Output::Global { .. })),
+        "a tier never signs a global"
+    );
+}
+
+#[test]
+fn a_tier_past_its_privacy_budget_sends_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let dp = DpSettings {
+        noise_multiplier: 0.3,
+        clip_norm: 0.5,
+        delta: 1e-5,
+        target_epsilon: Some(0.01),
+    };
+    let mut i = dp_tier(dir.path(), dp);
+    let now = Instant::now();
+    device_update(&mut i, "u1", 1.0);
+    i.flush(now).expect("flush");
+    i.tick(now + Duration::from_secs(61)).expect("tick");
+    assert!(i.state.outbox().expect("outbox").is_empty());
+    assert_eq!(i.state.privacy_spent("m").expect("spent").rounds, 0);
+    assert_eq!(
+        i.state.pending_count("m").expect("pending"),
+        1,
+        "kept, not released"
     );
 }

@@ -170,11 +170,19 @@ impl State {
             }
         };
         if let Some(tier) = fold {
-            let total: f64 = contribs
-                .iter()
-                .map(|c| weight_of(c, &tiers, settings.strategy, version))
-                .filter(|w| w.is_finite() && *w > 0.0)
-                .sum();
+            // A DP round is an equal-weight mean: it weighs its count. The
+            // release is accounted here, in the transaction that makes it.
+            let total: f64 = match &settings.dp {
+                Some(dp) => {
+                    super::retention::add_dp_round(&tx, model, dp.noise_multiplier)?;
+                    contribs.len() as f64
+                }
+                None => contribs
+                    .iter()
+                    .map(|c| weight_of(c, &tiers, settings.strategy, version))
+                    .filter(|w| w.is_finite() && *w > 0.0)
+                    .sum(),
+            };
             let out =
                 super::tier::to_outbox(&tx, tier, &layout, &delta, total, &contribs, &metrics)?;
             tx.execute("DELETE FROM pending WHERE model = ?1", params![model])?;

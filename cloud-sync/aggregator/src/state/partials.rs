@@ -16,9 +16,10 @@
 //! combined the updates it folded (it sees only the sum), nor that the
 //! contributors really sent what the tier says. It trusts the tiers it
 //! lists (`--tier`), as the tiers trust nothing but their devices'
-//! signatures. Central DP needs the individual updates, so a root with
-//! DP refuses partials (and a tier refuses `--dp-noise`: it would need an
-//! accountant of what it sent up); local DP on the devices still applies.
+//! signatures. Central DP needs the individual updates, so it runs on the
+//! tiers (each accounts its own releases) and a root with DP refuses
+//! partials; the root's combination of noised partials is post-processing
+//! of them and spends nothing more.
 
 use super::{CURRENT_SQL, DUPLICATE_REASON, Settings, State, StateError, now};
 use crate::{Limits, Rejection, validate};
@@ -126,7 +127,7 @@ impl State {
         let m = &p.sum.meta;
         if settings.dp.is_some() {
             return Ok(Err(Rejection::Tier(
-                "this aggregator adds central DP, which needs the individual updates a partial hides: run the root without --dp-noise and use local DP on the devices (edge `privacy:`)".into(),
+                "this aggregator adds central DP, which needs the individual updates a partial hides: run DP on the tiers (--dp-noise there), where the updates are visible".into(),
             )));
         }
         let mut counted = Vec::new();

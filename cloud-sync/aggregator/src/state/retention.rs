@@ -77,6 +77,30 @@ pub(super) fn contributed(contributors: &str, metrics: &serde_json::Value) -> bo
     listed || metrics["updates"].as_u64().is_some_and(|n| n > 0)
 }
 
+/// A tier's DP round (a partial aggregate it released, noised): composed
+/// into the same summary as deleted version rows, since a tier writes no
+/// version rows of its own (`tier`). In the caller's transaction.
+pub(super) fn add_dp_round(
+    tx: &rusqlite::Transaction<'_>,
+    model: &str,
+    z: f64,
+) -> Result<(), StateError> {
+    let mut folded = dp_folded(tx, model)?;
+    match folded.noised.iter_mut().find(|(f, _)| *f == z) {
+        Some((_, n)) => *n += 1,
+        None => folded.noised.push((z, 1)),
+    }
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![
+            folded_key(model),
+            serde_json::to_string(&folded).unwrap_or_default()
+        ],
+    )?;
+    Ok(())
+}
+
 impl State {
     /// Apply the retention rules above to `model`, in one transaction.
     pub fn prune(&mut self, model: &str, max_staleness: u64) -> Result<Pruned, StateError> {
