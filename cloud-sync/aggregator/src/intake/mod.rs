@@ -770,6 +770,7 @@ impl Intake {
     pub fn tick(&mut self, now: Instant) -> Result<(), StateError> {
         self.rate.refill(now);
         self.chunks_sent = 0;
+        self.resend_unacked(now)?;
         if self.connected {
             self.publish_offers();
         }

@@ -55,7 +55,14 @@ pub(super) struct TierLink {
     /// The root's signed global last adopted, per model (what a site
     /// forwards and heals its retained message with).
     pub root_signed: std::collections::HashMap<String, Vec<u8>>,
+    /// When each outbox partial was last sent ([`RESEND_AFTER`]).
+    pub sent: std::collections::HashMap<String, std::time::Instant>,
 }
+
+/// An outbox partial without an ack this long after it was sent goes
+/// again, as an edge's outbox does: a bridge or a broker restart on the
+/// way may have dropped it while this session stayed up.
+pub const RESEND_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Intake {
     /// Run as a tier from now on (before the first message).
@@ -64,6 +71,7 @@ impl Intake {
             cfg,
             connected: false,
             root_signed: Default::default(),
+            sent: Default::default(),
         });
     }
 
@@ -230,8 +238,40 @@ impl Intake {
         Ok(())
     }
 
+    /// The periodic timer, on a tier: send again what waited too long.
+    pub(super) fn resend_unacked(&mut self, now: std::time::Instant) -> Result<(), StateError> {
+        if !self.tier.as_ref().is_some_and(|t| t.connected) {
+            return Ok(());
+        }
+        let outbox = self.state.outbox()?;
+        if let Some(t) = self.tier.as_mut() {
+            t.sent
+                .retain(|id, _| outbox.iter().any(|o| &o.partial_id == id));
+        }
+        for out in outbox {
+            let due = self
+                .tier
+                .as_ref()
+                .and_then(|t| t.sent.get(&out.partial_id))
+                .is_none_or(|at| now.saturating_duration_since(*at) >= RESEND_AFTER);
+            if due {
+                tracing::info!(partial = %out.partial_id, "no ack from upstream yet; sending the partial again");
+                self.send_partial(&out);
+                if let Some(t) = self.tier.as_mut() {
+                    t.sent.insert(out.partial_id.clone(), now);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn send_partial(&mut self, out: &Outgoing) {
-        let Some(t) = self.tier.as_ref() else { return };
+        let Some(t) = self.tier.as_mut() else { return };
+        // The send time only paces [`Intake::resend_unacked`] (which
+        // stamps its own `now`); it decides nothing else.
+        t.sent
+            .insert(out.partial_id.clone(), std::time::Instant::now());
+        let t = &*t;
         let topic = Topic::Partial {
             fleet: self.cfg.fleet.clone(),
             device: t.cfg.name.clone(),

@@ -413,3 +413,54 @@ fn a_tier_past_its_privacy_budget_sends_nothing() {
         "kept, not released"
     );
 }
+
+#[test]
+fn an_unacked_partial_goes_again_and_an_acked_one_never() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut i = intake(dir.path(), 1, None);
+    i.set_tier(tier::TierConfig {
+        name: "site-1".into(),
+        key: SigningKey::from_bytes(&[5; 32]),
+        root: agg_key().verifying_key(),
+        forward_globals: true,
+    });
+    i.upstream_connected().expect("connected");
+    let now = Instant::now();
+    device_update(&mut i, "u1", 1.0);
+    i.flush(now).expect("flush");
+    let sent = |out: &[Output]| {
+        out.iter()
+            .filter(|o| matches!(o, Output::Upstream(tier::Upstream::Publish { .. })))
+            .count()
+    };
+    assert_eq!(sent(&i.take_outputs()), 1, "folded and sent");
+    i.tick(now + Duration::from_secs(5)).expect("tick");
+    assert_eq!(sent(&i.take_outputs()), 0, "not again before RESEND_AFTER");
+    i.tick(now + tier::RESEND_AFTER + Duration::from_secs(1))
+        .expect("tick");
+    assert_eq!(sent(&i.take_outputs()), 1, "no ack: sent again");
+    // The root's ack (signed for the tier's ack topic) empties the outbox.
+    let id = i.state.outbox().expect("outbox")[0].partial_id.clone();
+    let topic = "dai/v1/lab/dev/site-1/ack";
+    let ack = Ack {
+        update_id: id,
+        status: AckStatus::Accepted,
+        reason: None,
+        round: Some(1),
+    };
+    let wire = signed::seal(Kind::Ack, &agg_key(), "lab", topic, &ack.to_bytes());
+    // An ack signed by anyone else changes nothing.
+    let forged = signed::seal(
+        Kind::Ack,
+        &SigningKey::from_bytes(&[6; 32]),
+        "lab",
+        topic,
+        &ack.to_bytes(),
+    );
+    i.upstream_publish(topic, &forged).expect("forged");
+    assert_eq!(i.state.outbox().expect("outbox").len(), 1);
+    i.upstream_publish(topic, &wire).expect("ack");
+    assert!(i.state.outbox().expect("outbox").is_empty());
+    i.tick(now + tier::RESEND_AFTER * 3).expect("tick");
+    assert_eq!(sent(&i.take_outputs()), 0, "acked: never again");
+}
