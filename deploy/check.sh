@@ -135,6 +135,12 @@ if "@FLEET@" in acl or bad:
 PY
 run "mosquitto: render.sh refuses fleet names that are not topic segments" \
     sh -c "! sh '$D/mosquitto/render.sh' 'a/b' 2>/dev/null && ! sh '$D/mosquitto/render.sh' '#' 2>/dev/null && ! sh '$D/mosquitto/render.sh' '' 2>/dev/null"
+run "mosquitto: render-bridge.sh fills every placeholder and refuses bad names and addresses" \
+    sh -c "out=\$(sh '$D/mosquitto/render-bridge.sh' default site-1 cloud.example:8883) && ! printf '%s' \"\$out\" | grep -q @ \
+        && printf '%s' \"\$out\" | grep -q '^topic dai/v1/default/dev/site-1/partial out 1\$' \
+        && ! sh '$D/mosquitto/render-bridge.sh' default 'a/b' x:1 2>/dev/null \
+        && ! sh '$D/mosquitto/render-bridge.sh' default site '#:1' 2>/dev/null \
+        && ! sh '$D/mosquitto/render-bridge.sh' default site nohostport 2>/dev/null"
 # Mosquitto has no config test mode: start it on the shipped config (its
 # file paths pointed at a scratch directory, the listener at a free
 # loopback port) with throwaway Ed25519 certificates and an empty CRL

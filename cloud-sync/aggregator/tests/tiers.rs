@@ -392,3 +392,112 @@ async fn intake_replicas_share_the_updates_through_mosquitto() {
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_behind_a_bridge_keeps_working_through_an_uplink_cut() {
+    if std::env::var("DAI_MOSQUITTO_PORT").is_err() {
+        eprintln!(
+            "SKIPPED a_site_behind_a_bridge_keeps_working_through_an_uplink_cut: needs the mosquitto binary; set DAI_MOSQUITTO_PORT (.ci/run installs it)"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fleet = make_fleet(tmp.path(), FLEET, &["dev-a", "dev-b", "dev-c", "site-1"]);
+    let mut cloud = dai_testkit::SecureMosquitto::start(&fleet, FLEET).expect("mosquitto");
+    // The shipped bridge, rendered for this site, its files where the
+    // test keeps the site's bundle.
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/mosquitto/render-bridge.sh");
+    let out = Command::new("sh")
+        .arg(&script)
+        .args([FLEET, "site-1", &format!("127.0.0.1:{}", cloud.port)])
+        .output()
+        .expect("render-bridge.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bridge = String::from_utf8(out.stdout).expect("utf-8").replace(
+        "/etc/mosquitto/dai/site/",
+        &format!("{}/", tmp.path().join("site-1").display()),
+    );
+    let site_broker =
+        dai_testkit::SecureMosquitto::start_with(&fleet, FLEET, &bridge).expect("site mosquitto");
+    let head = tmp.path().join("m.safetensors");
+    std::fs::write(&head, head_bytes(&zero_head(&[3, 2]))).expect("head");
+    let mut root_args = common(&fleet, &head, &tmp.path().join("root.sqlite"), free_port());
+    root_args.extend(
+        [
+            "--broker",
+            &format!("127.0.0.1:{}", cloud.port),
+            "--tier",
+            "site-1",
+        ]
+        .map(String::from),
+    );
+    let root = Proc::start(&root_args, cloud.port);
+    let local = format!("127.0.0.1:{}", site_broker.port);
+    let mut site_args = common(&fleet, &head, &tmp.path().join("site.sqlite"), free_port());
+    site_args.extend(
+        [
+            "--role",
+            "site",
+            "--broker",
+            &local,
+            "--upstream",
+            &local,
+            "--identity",
+            &tmp.path().join("site-1").display().to_string(),
+        ]
+        .map(String::from),
+    );
+    let site = Proc::start(&site_args, site_broker.port);
+    let round = |ids: [&'static str; 3], v: f32| {
+        let (dir, port) = (tmp.path().to_path_buf(), site_broker.port);
+        async move {
+            for (device, id) in ["dev-a", "dev-b", "dev-c"].into_iter().zip(ids) {
+                let ack = deliver(port, &dir, device, id, v).await;
+                assert_eq!(
+                    (ack.update_id.as_str(), ack.status),
+                    (id, AckStatus::Accepted)
+                );
+            }
+        }
+    };
+    round(["a1", "b1", "c1"], 1.0).await;
+    root.wait_metric(
+        "dai_cloud_global_version{model=\"m\"}",
+        1.0,
+        Duration::from_secs(90),
+    )
+    .await;
+    // The site's devices see the root's global through the bridge.
+    global(site_broker.port, tmp.path(), "dev-a", 1).await;
+
+    // The uplink is cut: the site keeps taking and acking updates, and
+    // folds the round into its outbox.
+    cloud.kill();
+    round(["a2", "b2", "c2"], 2.0).await;
+    site.wait_metric("dai_cloud_tier_outbox", 1.0, Duration::from_secs(30))
+        .await;
+    // Back: the partial crosses (the bridge's queue, or the site's resend),
+    // the root counts it, and its global comes down to the site.
+    cloud.restart();
+    root.wait_metric(
+        "dai_cloud_global_version{model=\"m\"}",
+        2.0,
+        Duration::from_secs(120),
+    )
+    .await;
+    site.wait_metric("dai_cloud_tier_outbox", 0.0, Duration::from_secs(60))
+        .await;
+    let g = global(site_broker.port, tmp.path(), "dev-b", 2).await;
+    let agg = aggregator_public(&fleet);
+    let g = dai_protocol::global::verify(&g, &agg, FLEET, "m").expect("the root's signature");
+    let (h, _) = dai_head::Head::from_bytes(&g.head_file).expect("head");
+    // v1 = 1.0, then + 2.0: each round's three devices once.
+    for w in h.params.weights.iter().flatten() {
+        assert!((w - 3.0).abs() < 1e-5, "{w}");
+    }
+}

@@ -553,6 +553,12 @@ impl SecureMosquitto {
         Self::start_at(fleet_dir, fleet, "127.0.0.1", free_port(), None)
     }
 
+    /// [`SecureMosquitto::start`] with `extra` appended to its config (a
+    /// site's bridge to a cloud broker).
+    pub fn start_with(fleet_dir: &Path, fleet: &str, extra: &str) -> Option<SecureMosquitto> {
+        Self::start_full(fleet_dir, fleet, "127.0.0.1", free_port(), None, extra)
+    }
+
     /// Listening on `host:port`, inside the network namespace `netns`
     /// when given (ready once its log says it runs: the port is not
     /// reachable from here).
@@ -562,6 +568,17 @@ impl SecureMosquitto {
         host: &str,
         port: u16,
         netns: Option<&str>,
+    ) -> Option<SecureMosquitto> {
+        Self::start_full(fleet_dir, fleet, host, port, netns, "")
+    }
+
+    fn start_full(
+        fleet_dir: &Path,
+        fleet: &str,
+        host: &str,
+        port: u16,
+        netns: Option<&str>,
+        extra: &str,
     ) -> Option<SecureMosquitto> {
         let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
@@ -593,6 +610,7 @@ impl SecureMosquitto {
         // cannot read the 0600 key in a 0700 temp dir; as anyone else this
         // line has no effect.
         conf.push_str("user root\n");
+        conf.push_str(extra);
         let conf_path = dir.path().join("mosquitto.conf");
         std::fs::write(&conf_path, conf).expect("conf");
         let mut m = SecureMosquitto {
